@@ -1,0 +1,1 @@
+"""dodo-segment: sync Dodo Payments to Segment through a DuckDB warehouse."""
