@@ -1,0 +1,171 @@
+"""Resolve the job's settings: CLI flags win, then environment variables, then `.dlt/*.toml`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dlt
+
+from pipelines.settings import BASE_URLS
+
+DEFAULT_WAREHOUSE = "dodo_segment.duckdb"
+DEFAULT_SEGMENT_HOST = "https://api.segment.io"
+
+# Contract variables (README "Configuration"): env name -> dlt config/secrets path.
+ENV_TO_DLT: dict[str, str] = {
+    "DODO_PAYMENTS_API_KEY": "sources.dodo.api_key",
+    "DODO_PAYMENTS_ENVIRONMENT": "sources.dodo.environment",
+    "DODO_PAYMENTS_BASE_URL": "sources.dodo.base_url",
+    "DODO_SEGMENT_DB": "warehouse.path",
+    "SEGMENT_WRITE_KEY": "segment.write_key",
+    "SEGMENT_HOST": "segment.host",
+}
+SECRET_PATHS = frozenset({"sources.dodo.api_key", "segment.write_key"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How the extract talks to Dodo and how far back it reads."""
+
+    api_key: str = field(repr=False)
+    environment: str
+    base_url: str
+    requests_per_minute: float
+    lookback_days: float
+    customers_full_refresh_hours: float
+    subscriptions_full_sweep_hours: float
+    max_pages_per_query: int
+    page_size: int
+    backfill_start: datetime
+    timeout_seconds: float
+    max_retries: int
+    rows_per_load: int
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Where and how the emitter sends to Segment."""
+
+    write_key: str = field(repr=False)
+    host: str
+    excluded_fields: tuple[str, ...]
+    max_events_per_second: float | None
+    event_catalog: str
+    max_retries: int
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Every setting of one invocation."""
+
+    warehouse_path: str
+    extract: ExtractConfig
+    segment: SegmentConfig
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values, for scrubbing output."""
+        return tuple(s for s in (self.extract.api_key, self.segment.write_key) if s)
+
+
+def _from_files(path: str, secret: bool) -> Any:
+    accessor = dlt.secrets if secret else dlt.config
+    try:
+        return accessor.get(path)
+    except Exception:  # a malformed toml is reported by dlt itself on the next access
+        return None
+
+
+def lookup(path: str, flags: Mapping[str, Any] | None = None, default: Any = None) -> Any:
+    """One setting by its dlt path (`sources.dodo.lookback_days`): flag, then env, then files."""
+    if flags and flags.get(path) is not None:
+        return flags[path]
+    for env_name, dlt_path in ENV_TO_DLT.items():
+        if dlt_path == path and os.environ.get(env_name):
+            return os.environ[env_name]
+    value = _from_files(path, path in SECRET_PATHS)
+    return default if value is None else value
+
+
+def _number(path: str, flags: Mapping[str, Any] | None, default: float) -> float:
+    value = lookup(path, flags, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path} must be a number, got {value!r}") from exc
+
+
+def _datetime(path: str, flags: Mapping[str, Any] | None, default: str) -> datetime:
+    value = lookup(path, flags, default)
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"{path} must be an ISO date, got {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
+    """Resolve every setting; flags are keyed by dlt path, e.g. {"warehouse.path": "x.duckdb"}."""
+    environment = str(lookup("sources.dodo.environment", flags, "live_mode"))
+    if environment not in BASE_URLS:
+        raise ConfigError(
+            f"DODO_PAYMENTS_ENVIRONMENT must be live_mode or test_mode, got {environment!r}"
+        )
+    base_url = str(lookup("sources.dodo.base_url", flags, BASE_URLS[environment]))
+    excluded = lookup(
+        "segment.excluded_fields", flags, os.environ.get("DODO_SEGMENT_EXCLUDED_FIELDS", "")
+    )
+    if isinstance(excluded, str):
+        excluded = [f.strip() for f in excluded.split(",") if f.strip()]
+    rate = lookup("segment.max_events_per_second", flags, None)
+    extract = ExtractConfig(
+        api_key=str(lookup("sources.dodo.api_key", flags, "") or ""),
+        environment=environment,
+        base_url=base_url,
+        requests_per_minute=_number("sources.dodo.requests_per_minute", flags, 100),
+        lookback_days=_number("sources.dodo.lookback_days", flags, 3),
+        customers_full_refresh_hours=_number(
+            "sources.dodo.customers_full_refresh_hours", flags, 24
+        ),
+        subscriptions_full_sweep_hours=_number(
+            "sources.dodo.subscriptions_full_sweep_hours", flags, 24
+        ),
+        max_pages_per_query=int(_number("sources.dodo.max_pages_per_query", flags, 50)),
+        page_size=int(_number("sources.dodo.page_size", flags, 100)),
+        backfill_start=_datetime("sources.dodo.backfill_start", flags, "2020-01-01T00:00:00Z"),
+        timeout_seconds=_number("sources.dodo.timeout_seconds", flags, 60),
+        max_retries=int(_number("sources.dodo.max_retries", flags, 8)),
+        rows_per_load=int(_number("sources.dodo.rows_per_load", flags, 250_000)),
+    )
+    segment = SegmentConfig(
+        write_key=str(lookup("segment.write_key", flags, "") or ""),
+        host=str(lookup("segment.host", flags, DEFAULT_SEGMENT_HOST)),
+        excluded_fields=tuple(excluded),
+        max_events_per_second=float(rate) if rate not in (None, "", 0, "0") else None,
+        event_catalog=str(
+            lookup("events.catalog", flags, os.environ.get("DODO_SEGMENT_EVENT_CATALOG", "default"))
+        ),
+        max_retries=int(_number("segment.max_retries", flags, 6)),
+        timeout_seconds=_number("segment.timeout_seconds", flags, 15),
+    )
+    warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
+    return AppConfig(warehouse_path=warehouse, extract=extract, segment=segment)
+
+
+def pipeline_dir(warehouse_path: str) -> Path:
+    """The dlt pipeline folder that belongs to a warehouse (beside it, owner-only)."""
+    if warehouse_path.startswith("md:"):
+        return Path(".dodo_segment_motherduck.dlt").resolve()
+    return Path(warehouse_path).expanduser().resolve().with_name(Path(warehouse_path).name + ".dlt")

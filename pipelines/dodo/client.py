@@ -1,0 +1,210 @@
+"""HTTP client for the Dodo Payments API: bearer auth, 0-based paging, retries and a request budget."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import requests
+
+from pipelines.settings import ENDPOINTS, MAX_PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class DodoApiError(RuntimeError):
+    """The API failed in a way retries did not fix."""
+
+
+class DodoAuthError(DodoApiError):
+    """The API refused the key (401/403)."""
+
+
+class WindowOverflow(Exception):
+    """A query filled every page up to the per-query page limit: its window must be split."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How hard and how fast the client may talk to the API."""
+
+    base_url: str
+    api_key: str
+    environment: str = "live_mode"
+    page_size: int = MAX_PAGE_SIZE
+    max_pages_per_query: int = 50
+    requests_per_minute: float = 100.0  # 0 = no client-side limit
+    timeout_seconds: float = 60.0
+    max_retries: int = 8
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    max_retry_after_seconds: float = 300.0
+
+    def __repr__(self) -> str:  # never print the key
+        return f"ClientSettings(base_url={self.base_url!r}, environment={self.environment!r})"
+
+
+def format_timestamp(value: datetime) -> str:
+    """ISO-8601 UTC with microseconds, the form the list filters accept."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _RateLimiter:
+    """Spaces requests evenly so a run never exceeds the configured requests per minute."""
+
+    def __init__(self, per_minute: float) -> None:
+        self._interval = 60.0 / per_minute if per_minute > 0 else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self._interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            delay = self._next - now
+            self._next = max(now, self._next) + self._interval
+        if delay > 0:
+            time.sleep(delay)
+
+
+class DodoClient:
+    """A thin, counted, retrying client over the list endpoints."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self.requests_by_resource: Counter[str] = Counter()
+        self.retries_by_resource: Counter[str] = Counter()
+        self._limiter = _RateLimiter(settings.requests_per_minute)
+        self._session = requests.Session()
+        self._session.headers.update(
+            {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
+        )
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self._session.close()
+
+    def get_page(self, resource: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Fetch one page of a list endpoint, retrying transient failures."""
+        url = self.settings.base_url.rstrip("/") + ENDPOINTS[resource]
+        attempt = 0
+        while True:
+            self._limiter.wait()
+            self.requests_by_resource[resource] += 1
+            try:
+                response = self._session.get(
+                    url, params=dict(params), timeout=self.settings.timeout_seconds
+                )
+                status = response.status_code
+                if status == 200:
+                    return _parse_items(response.content, resource)
+                if status in (401, 403):
+                    raise DodoAuthError(self._auth_message(status))
+                if status not in RETRYABLE_STATUSES:
+                    raise DodoApiError(
+                        f"Dodo API answered {status} for GET {ENDPOINTS[resource]}: "
+                        f"{_error_text(response.content)}"
+                    )
+                reason = f"HTTP {status}"
+                retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason, retry_after = type(exc).__name__, None
+            except _MalformedPage as exc:
+                reason, retry_after = str(exc), None
+            attempt += 1
+            if attempt > self.settings.max_retries:
+                raise DodoApiError(
+                    f"Dodo API kept failing on GET {ENDPOINTS[resource]} ({reason}) after "
+                    f"{self.settings.max_retries} retries"
+                )
+            self.retries_by_resource[resource] += 1
+            delay = self._backoff(attempt, retry_after)
+            log.warning(
+                "Dodo API %s on %s; retry %d/%d in %.1fs",
+                reason,
+                ENDPOINTS[resource],
+                attempt,
+                self.settings.max_retries,
+                delay,
+            )
+            time.sleep(delay)
+
+    def list_query(
+        self, resource: str, filters: Mapping[str, Any], *, allow_overflow: bool = False
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Page through one query from page 0 until a short or empty page.
+
+        Raises WindowOverflow when the query fills the per-query page limit (deep pages are
+        capped server-side, so the caller must narrow the window) unless allow_overflow is set.
+        """
+        size = self.settings.page_size
+        for page_number in range(self.settings.max_pages_per_query):
+            items = self.get_page(
+                resource, {**filters, "page_size": size, "page_number": page_number}
+            )
+            if items:
+                yield items
+            if len(items) < size:
+                return
+        if not allow_overflow:
+            raise WindowOverflow(resource)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.settings.max_retry_after_seconds)
+        base = self.settings.backoff_base_seconds * (2 ** (attempt - 1))
+        return min(base, self.settings.backoff_max_seconds) * random.uniform(0.5, 1.0)
+
+    def _auth_message(self, status: int) -> str:
+        return (
+            f"Dodo API refused the key (HTTP {status}) for {self.settings.environment} at "
+            f"{self.settings.base_url}: check DODO_PAYMENTS_API_KEY (and "
+            f"DODO_PAYMENTS_ENVIRONMENT: live and test mode have separate keys)"
+        )
+
+
+class _MalformedPage(Exception):
+    """A 200 response whose body is not the expected JSON list."""
+
+
+def _parse_items(body: bytes, resource: str) -> list[dict[str, Any]]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _MalformedPage(f"malformed JSON from {ENDPOINTS[resource]}") from exc
+    items = document.get("items") if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        raise _MalformedPage(f"no 'items' list in the response of {ENDPOINTS[resource]}")
+    return items
+
+
+def _retry_after_seconds(header: str | None) -> float | None:
+    if not header:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(header)
+        if parsed is None:
+            return None
+        return max(0.0, (parsed - datetime.now(UTC)).total_seconds())
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        document = orjson.loads(body)
+        return f"{document.get('code', '')} {document.get('message', '')}".strip()[:200]
+    except (orjson.JSONDecodeError, AttributeError):
+        return body[:200].decode("utf-8", "replace")

@@ -1,0 +1,249 @@
+"""Extract + load: run the Dodo source into the warehouse's dodo_raw schema and keep status history."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dlt
+import duckdb
+
+from pipelines.config import AppConfig, pipeline_dir
+from pipelines.dodo import FULL_SWEEP_RESOURCES, ExtractPlan, dodo_source
+from pipelines.dodo.client import ClientSettings, DodoClient
+from pipelines.settings import (
+    DISPUTE_HISTORY_TABLE,
+    NON_TERMINAL_STATUSES,
+    PRIMARY_KEYS,
+    RAW_DATASET,
+    REJECTED_RECORDS_TABLE,
+    RESOURCES,
+    STATUS_FIELDS,
+    SUBSCRIPTION_HISTORY_TABLE,
+)
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "dodo_segment"
+MAX_LOADS_PER_RUN = 1000
+
+SUBSCRIPTION_HISTORY_SQL = f"""
+create table if not exists {RAW_DATASET}.{SUBSCRIPTION_HISTORY_TABLE} (
+    subscription_id varchar not null, observed_at timestamptz not null, status varchar,
+    product_id varchar, quantity bigint, cancel_at_next_billing_date boolean,
+    paused_at timestamptz, cancelled_at timestamptz
+);
+insert into {RAW_DATASET}.{SUBSCRIPTION_HISTORY_TABLE}
+with latest as (
+    select * from {RAW_DATASET}.{SUBSCRIPTION_HISTORY_TABLE}
+    qualify row_number() over (partition by subscription_id order by observed_at desc) = 1
+)
+select s.subscription_id, s._synced_at, s.status, s.product_id, s.quantity,
+       s.cancel_at_next_billing_date, s.paused_at, s.cancelled_at
+from {RAW_DATASET}.subscriptions as s
+left join latest as h using (subscription_id)
+where h.subscription_id is null
+   or s.status is distinct from h.status
+   or s.product_id is distinct from h.product_id
+   or s.quantity is distinct from h.quantity
+   or s.cancel_at_next_billing_date is distinct from h.cancel_at_next_billing_date
+   or s.paused_at is distinct from h.paused_at
+   or s.cancelled_at is distinct from h.cancelled_at;
+"""
+
+DISPUTE_HISTORY_SQL = f"""
+create table if not exists {RAW_DATASET}.{DISPUTE_HISTORY_TABLE} (
+    dispute_id varchar not null, observed_at timestamptz not null,
+    dispute_status varchar, dispute_stage varchar
+);
+insert into {RAW_DATASET}.{DISPUTE_HISTORY_TABLE}
+with latest as (
+    select * from {RAW_DATASET}.{DISPUTE_HISTORY_TABLE}
+    qualify row_number() over (partition by dispute_id order by observed_at desc) = 1
+)
+select d.dispute_id, d._synced_at, d.dispute_status, d.dispute_stage
+from {RAW_DATASET}.disputes as d
+left join latest as h using (dispute_id)
+where h.dispute_id is null
+   or d.dispute_status is distinct from h.dispute_status
+   or d.dispute_stage is distinct from h.dispute_stage;
+"""
+
+
+@dataclass
+class ExtractResult:
+    """What one extract+load did: rows per table, API requests per resource, timings."""
+
+    rows_loaded: dict[str, int] = field(default_factory=dict)
+    api_requests: dict[str, int] = field(default_factory=dict)
+    api_retries: dict[str, int] = field(default_factory=dict)
+    rejected_records: int = 0
+    loads: int = 0
+    recovered: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_rows(self) -> int:
+        """Rows loaded into the raw tables (rejected records not counted)."""
+        return sum(n for t, n in self.rows_loaded.items() if t in RESOURCES)
+
+
+def make_pipeline(warehouse_path: str) -> dlt.Pipeline:
+    """The dlt pipeline that loads dodo_raw in the given warehouse; its folder sits beside it."""
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    destination: Any = (
+        dlt.destinations.motherduck(warehouse_path)
+        if warehouse_path.startswith("md:")
+        else dlt.destinations.duckdb(str(warehouse_path))
+    )
+    return dlt.pipeline(
+        pipeline_name=PIPELINE_NAME,
+        destination=destination,
+        dataset_name=RAW_DATASET,
+        pipelines_dir=str(pipeline_dir(warehouse_path)),
+    )
+
+
+def recover_pending(warehouse_path: str) -> str | None:
+    """Discard a load left unfinished by a crashed or failed run and rewind its state.
+
+    The warehouse is the truth: the unloaded package is dropped together with the local
+    pipeline folder, so the incremental state is restored from the warehouse on the next run
+    and the rows of the lost package are extracted again. Returns what was done, or None.
+    """
+    folder = pipeline_dir(warehouse_path)
+    if not folder.exists():
+        return None
+    pipeline = make_pipeline(warehouse_path)
+    if not pipeline.has_pending_data:
+        return None
+    packages = len(pipeline.list_extracted_load_packages()) + len(
+        pipeline.list_normalized_load_packages()
+    )
+    shutil.rmtree(folder / PIPELINE_NAME, ignore_errors=True)
+    return (
+        f"discarded {packages} unfinished load package(s) from an earlier run and rewound the "
+        "incremental state to the warehouse; their rows are read again"
+    )
+
+
+def _known_non_terminal(warehouse_path: str) -> dict[str, list[tuple[str, datetime]]]:
+    """Objects the warehouse holds in a status that can still change."""
+    known: dict[str, list[tuple[str, datetime]]] = {}
+    if not warehouse_path.startswith("md:") and not os.path.exists(warehouse_path):
+        return known
+    with duckdb.connect(warehouse_path, read_only=True) as con:
+        tables = {
+            r[0]
+            for r in con.execute(
+                "select table_name from information_schema.tables where table_schema = ?",
+                [RAW_DATASET],
+            ).fetchall()
+        }
+        for resource, statuses in NON_TERMINAL_STATUSES.items():
+            if resource not in tables:
+                continue
+            key, status = PRIMARY_KEYS[resource], STATUS_FIELDS[resource]
+            rows = con.execute(
+                f'select "{key}", created_at from "{RAW_DATASET}"."{resource}" '
+                f'where "{status}" in (select unnest(?::varchar[]))',
+                [list(statuses)],
+            ).fetchall()
+            known[resource] = [(r[0], r[1]) for r in rows]
+    return known
+
+
+def record_history(warehouse_path: str) -> None:
+    """Append the subscription and dispute states this sync saw for the first time."""
+    with duckdb.connect(warehouse_path) as con:
+        tables = {
+            r[0]
+            for r in con.execute(
+                "select table_name from information_schema.tables where table_schema = ?",
+                [RAW_DATASET],
+            ).fetchall()
+        }
+        if "subscriptions" in tables:
+            con.execute(SUBSCRIPTION_HISTORY_SQL)
+        if "disputes" in tables:
+            con.execute(DISPUTE_HISTORY_SQL)
+
+
+def run_extract(
+    config: AppConfig,
+    full_refresh: frozenset[str] = frozenset(),
+    resources: tuple[str, ...] = RESOURCES,
+    run_started_at: datetime | None = None,
+) -> ExtractResult:
+    """Extract every resource from the API and load it into dodo_raw, as many loads as needed."""
+    result = ExtractResult()
+    started = time.monotonic()
+    result.recovered = recover_pending(config.warehouse_path)
+    if result.recovered:
+        log.warning("%s", result.recovered)
+    xc = config.extract
+    client = DodoClient(
+        ClientSettings(
+            base_url=xc.base_url,
+            api_key=xc.api_key,
+            environment=xc.environment,
+            page_size=xc.page_size,
+            max_pages_per_query=xc.max_pages_per_query,
+            requests_per_minute=xc.requests_per_minute,
+            timeout_seconds=xc.timeout_seconds,
+            max_retries=xc.max_retries,
+        )
+    )
+    plan = ExtractPlan(
+        client=client,
+        run_started_at=(run_started_at or datetime.now(UTC)).replace(microsecond=0),
+        backfill_start=xc.backfill_start,
+        lookback=timedelta(days=xc.lookback_days),
+        full_sweep_max_age={
+            "customers": timedelta(hours=xc.customers_full_refresh_hours),
+            "subscriptions": timedelta(hours=xc.subscriptions_full_sweep_hours),
+        },
+        full_refresh=full_refresh,
+        rows_per_load=xc.rows_per_load,
+        known_non_terminal=_known_non_terminal(config.warehouse_path),
+    )
+    assert set(FULL_SWEEP_RESOURCES) <= set(plan.full_sweep_max_age)
+    rows: Counter[str] = Counter()
+    timings: Counter[str] = Counter()
+    pipeline = make_pipeline(config.warehouse_path)
+    pending = tuple(resources)
+    try:
+        while pending and result.loads < MAX_LOADS_PER_RUN:
+            source = dodo_source(plan, pending)
+            pipeline.extract(source, loader_file_format="parquet")
+            pipeline.normalize()
+            pipeline.load()
+            result.loads += 1
+            trace = pipeline.last_trace
+            for step in trace.steps:
+                timings[step.step] += (step.finished_at - step.started_at).total_seconds()
+            normalize_info = trace.last_normalize_info
+            if normalize_info:
+                rows.update(normalize_info.row_counts)
+            plan.full_refresh = frozenset()  # a resumed sweep continues from its saved cursor
+            states = pipeline.state.get("sources", {}).get("dodo", {}).get("resources", {})
+            pending = tuple(r for r in pending if states.get(r, {}).get("more"))
+            if pending:
+                log.info("backfill continues in another load for: %s", ", ".join(pending))
+    finally:
+        client.close()
+        result.api_requests = dict(client.requests_by_resource)
+        result.api_retries = dict(client.retries_by_resource)
+    t0 = time.monotonic()
+    record_history(config.warehouse_path)
+    timings["history"] += time.monotonic() - t0
+    result.rows_loaded = {t: n for t, n in rows.items() if not t.startswith("_dlt")}
+    result.rejected_records = rows.get(REJECTED_RECORDS_TABLE, 0)
+    result.seconds = {**timings, "total": time.monotonic() - started}
+    return result

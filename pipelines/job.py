@@ -1,0 +1,252 @@
+"""One run of the job: extract -> load -> models -> data tests -> emit, with honest exit codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pipelines import warehouse
+from pipelines.config import AppConfig, ConfigError
+from pipelines.dodo.client import DodoApiError, DodoAuthError
+from pipelines.extract import ExtractResult, run_extract
+from pipelines.logs import scrub
+from pipelines.settings import RESOURCES
+
+log = logging.getLogger("dodo_segment")
+
+
+class ExitCode(IntEnum):
+    """The job's exit codes (documented in the README)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    REJECTED_OR_QUARANTINED = 3
+    DATA_TEST_FAILED = 4
+
+
+def package_version() -> str:
+    """The installed dodo-segment version."""
+    try:
+        return version("dodo-segment")
+    except PackageNotFoundError:
+        return "dev"
+
+
+@dataclass
+class RunOptions:
+    """What `dodo-segment run` was asked to do."""
+
+    dry_run: bool = False
+    events_since: datetime | None = None
+    full_refresh: frozenset[str] = frozenset()
+    skip_emit: bool = False
+    only_emit: bool = False
+    command: str = "run"
+
+
+@dataclass
+class RunReport:
+    """Figures of one run, as stored in segment_sync.runs and shown by `status`."""
+
+    run_id: str
+    started_at: datetime
+    command: str = "run"
+    outcome: str = "running"
+    exit_code: int | None = None
+    extract: ExtractResult | None = None
+    models_seconds: float | None = None
+    data_test_seconds: float | None = None
+    quarantined: int = 0
+    data_test_errors: list[str] = field(default_factory=list)
+    identifies_sent: int = 0
+    tracks_sent: int = 0
+    skipped_backlog: int = 0
+    rejected: int = 0
+    pending: int | None = None
+    emit_seconds: float | None = None
+    error: str | None = None
+    preview: Any = None
+
+    def as_row(self) -> dict[str, Any]:
+        """The row written to segment_sync.runs."""
+        finished = datetime.now(UTC) if self.outcome != "running" else None
+        return {
+            "run_id": self.run_id,
+            "command": self.command,
+            "started_at": self.started_at,
+            "finished_at": finished,
+            "duration_seconds": (finished - self.started_at).total_seconds() if finished else None,
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "rows_loaded": self.extract.rows_loaded if self.extract else {},
+            "api_requests": self.extract.api_requests if self.extract else {},
+            "identifies_sent": self.identifies_sent,
+            "tracks_sent": self.tracks_sent,
+            "skipped_backlog": self.skipped_backlog,
+            "rejected": self.rejected,
+            "quarantined": self.quarantined,
+            "pending": self.pending,
+            "error": self.error,
+        }
+
+
+def new_run_id(now: datetime) -> str:
+    """A sortable, unique run id."""
+    return now.strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def check_ready(config: AppConfig, options: RunOptions) -> None:
+    """Refuse a run whose configuration cannot work, before touching anything."""
+    if not options.only_emit:
+        if not config.extract.api_key:
+            raise ConfigError(
+                "DODO_PAYMENTS_API_KEY is not set: export it (a read-only key is enough) or put "
+                "it in .dlt/secrets.toml under [sources.dodo] api_key"
+            )
+    if not options.skip_emit and not options.dry_run and not config.segment.write_key:
+        raise ConfigError(
+            "SEGMENT_WRITE_KEY is not set: export your Segment source's write key, or run with "
+            "--skip-emit to only extract and model"
+        )
+    unknown = set(options.full_refresh) - set(RESOURCES)
+    if unknown:
+        raise ConfigError(
+            f"unknown resource for --full-refresh: {', '.join(sorted(unknown))} "
+            f"(choose from {', '.join(RESOURCES)})"
+        )
+
+
+def _save(config: AppConfig, report: RunReport) -> None:
+    try:
+        with warehouse.connect(config.warehouse_path) as con:
+            warehouse.record_run(con, report.as_row())
+    except warehouse.WarehouseError as exc:
+        log.error("could not record the run in the warehouse: %s", exc)
+
+
+def run_job(config: AppConfig, options: RunOptions) -> RunReport:
+    """Run every step; never raises for an expected failure, the report says what happened."""
+    started = datetime.now(UTC)
+    report = RunReport(run_id=new_run_id(started), started_at=started, command=options.command)
+    try:
+        warehouse.prepare(config.warehouse_path, package_version())
+        _save(config, report)
+        if not options.only_emit:
+            t0 = time.monotonic()
+            log.info("extract: reading the Dodo Payments API at %s", config.extract.base_url)
+            report.extract = run_extract(config, full_refresh=options.full_refresh)
+            log.info(
+                "extract: loaded %d rows in %.1fs with %d API requests (%s)",
+                report.extract.total_rows,
+                time.monotonic() - t0,
+                sum(report.extract.api_requests.values()),
+                ", ".join(f"{k} {v}" for k, v in sorted(report.extract.rows_loaded.items())),
+            )
+            if report.extract.rejected_records:
+                log.warning(
+                    "extract: %d malformed record(s) set aside in dodo_raw.rejected_records",
+                    report.extract.rejected_records,
+                )
+        blocked = _run_models(config, report)
+        if blocked:
+            report.outcome, report.exit_code = "data_test_failed", ExitCode.DATA_TEST_FAILED
+        elif not options.skip_emit:
+            _emit(config, options, report)
+        if report.exit_code is None:
+            flagged = report.rejected or report.quarantined
+            if report.extract and report.extract.rejected_records:
+                flagged = True
+            report.outcome = "finished_with_rejections" if flagged else "success"
+            report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
+    except ConfigError as exc:
+        report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
+    except (DodoAuthError, DodoApiError, warehouse.WarehouseError) as exc:
+        report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
+    except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
+        log.exception("run failed")
+        report.outcome, report.exit_code = "failed", ExitCode.FAILED
+        report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if report.error:
+        report.error = scrub(report.error)
+    if not isinstance(report.error, str) or "warehouse" not in report.error:
+        _save(config, report)  # a busy or unreadable warehouse cannot take the record
+    return report
+
+
+def _run_models(config: AppConfig, report: RunReport) -> bool:
+    """Build the SQL models and run the data tests; True when an error test blocks emission."""
+    from pipelines.transform import run_models
+
+    t0 = time.monotonic()
+    with warehouse.connect(config.warehouse_path) as con:
+        result = run_models(con, event_catalog=config.segment.event_catalog)
+    report.models_seconds = time.monotonic() - t0
+    report.quarantined = sum(result.quarantined.values())
+    report.data_test_errors = [str(e) for e in result.errors]
+    for name, count in result.quarantined.items():
+        if count:
+            log.warning("data test %s: %d row(s) quarantined (not emitted)", name, count)
+    for error in report.data_test_errors:
+        log.error("data test failed: %s", error)
+    log.info("models: built in %.1fs", report.models_seconds)
+    if result.emission_blocked:
+        report.error = "an error-severity data test failed; nothing was emitted"
+    return bool(result.emission_blocked)
+
+
+def emit_settings(config: AppConfig) -> Any:
+    """The emitter's settings from the job's configuration."""
+    from pipelines.emit import EmitSettings
+
+    sc = config.segment
+    return EmitSettings(
+        write_key=sc.write_key,
+        host=sc.host,
+        excluded_fields=sc.excluded_fields,
+        max_events_per_second=sc.max_events_per_second,
+        max_retries=sc.max_retries,
+        timeout=sc.timeout_seconds,
+    )
+
+
+def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
+    from pipelines.emit import emit, preview
+
+    t0 = time.monotonic()
+    with warehouse.connect(config.warehouse_path) as con:
+        if options.dry_run:
+            report.preview = preview(con, emit_settings(config), events_since=options.events_since)
+            return
+        result = emit(
+            con, emit_settings(config), run_id=report.run_id, events_since=options.events_since
+        )
+    report.emit_seconds = time.monotonic() - t0
+    report.identifies_sent = result.identifies_sent
+    report.tracks_sent = result.tracks_sent
+    report.skipped_backlog = result.skipped_backlog
+    report.rejected = result.rejected
+    report.pending = result.pending
+    log.info(
+        "emit: %d identify and %d track call(s) delivered in %.1fs, %d pending, %d rejected",
+        result.identifies_sent,
+        result.tracks_sent,
+        report.emit_seconds,
+        result.pending,
+        result.rejected,
+    )
+    if result.skipped_backlog:
+        log.info(
+            "emit: first sync: %d historical event(s) recorded as skipped, not sent "
+            "(send them with --events-since DATE)",
+            result.skipped_backlog,
+        )
+    if result.failed:
+        report.outcome, report.exit_code = "failed", ExitCode.FAILED
+        report.error = result.error or "Segment did not accept the events; they stay pending"

@@ -1,0 +1,159 @@
+"""The warehouse file: opening it safely, its schema version, and the run history table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from pipelines.settings import SYNC_SCHEMA, WAREHOUSE_SCHEMA_VERSION
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot be used as it is; the message says why and what to do."""
+
+
+class WarehouseBusy(WarehouseError):
+    """Another process holds the warehouse file."""
+
+
+RUNS_DDL = f"""
+create schema if not exists {SYNC_SCHEMA};
+create table if not exists {SYNC_SCHEMA}.runs (
+    run_id varchar primary key,
+    command varchar,
+    started_at timestamptz,
+    finished_at timestamptz,
+    duration_seconds double,
+    outcome varchar,
+    exit_code integer,
+    rows_loaded json,
+    api_requests json,
+    identifies_sent bigint,
+    tracks_sent bigint,
+    skipped_backlog bigint,
+    rejected bigint,
+    quarantined bigint,
+    pending bigint,
+    error varchar
+);
+create table if not exists {SYNC_SCHEMA}.warehouse_meta (
+    schema_version integer not null,
+    written_by varchar,
+    updated_at timestamptz
+);
+"""
+
+# Each migration brings a warehouse from version N-1 to N. Version 1 is the first release.
+MIGRATIONS: dict[int, str] = {1: RUNS_DDL}
+
+
+def _classify(exc: Exception, path: str) -> WarehouseError:
+    text = str(exc)
+    if "lock" in text.lower() or "Conflicting lock" in text:
+        return WarehouseBusy(
+            f"the warehouse {path} is in use by another process; wait for it or run "
+            "'dodo-segment status' to see the run in progress"
+        )
+    if "newer version" in text or "older version" in text:
+        return WarehouseError(
+            f"{path} was written by a different DuckDB storage version: upgrade dodo-segment "
+            "(and its duckdb) to open it"
+        )
+    return WarehouseError(
+        f"cannot open the warehouse {path}: {text.splitlines()[0][:200]} (if the file is "
+        "damaged, restore it from a backup or point DODO_SEGMENT_DB at a new path; the job "
+        "never overwrites it)"
+    )
+
+
+@contextmanager
+def connect(path: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse, turning DuckDB's errors into one clear line."""
+    if read_only and not path.startswith("md:") and not os.path.exists(path):
+        raise WarehouseError(f"no warehouse at {path} yet: run 'dodo-segment run' first")
+    try:
+        con = duckdb.connect(path, read_only=read_only)
+    except (duckdb.Error, OSError) as exc:
+        raise _classify(exc, path) from None
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version recorded in the warehouse (0 for a new or pre-versioning file)."""
+    exists = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+        [SYNC_SCHEMA, "warehouse_meta"],
+    ).fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = con.execute(f"select max(schema_version) from {SYNC_SCHEMA}.warehouse_meta").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def prepare(path: str, version: str) -> int:
+    """Check the warehouse's schema version and migrate an older one in place.
+
+    A warehouse written by a newer release is refused untouched. Returns the version found.
+    """
+    with connect(path) as con:
+        found = schema_version(con)
+        if found > WAREHOUSE_SCHEMA_VERSION:
+            raise WarehouseError(
+                f"{path} has warehouse schema version {found}, newer than this dodo-segment "
+                f"({version}, schema {WAREHOUSE_SCHEMA_VERSION}) understands: upgrade "
+                "dodo-segment; the file was not changed"
+            )
+        for target in range(found + 1, WAREHOUSE_SCHEMA_VERSION + 1):
+            con.execute("begin")
+            con.execute(MIGRATIONS[target])
+            con.execute(
+                f"insert into {SYNC_SCHEMA}.warehouse_meta values (?, ?, ?)",
+                [target, f"dodo-segment {version}", datetime.now(UTC)],
+            )
+            con.execute("commit")
+        return found
+
+
+def record_run(con: duckdb.DuckDBPyConnection, run: dict[str, Any]) -> None:
+    """Insert or update one row of segment_sync.runs."""
+    columns = [
+        "run_id", "command", "started_at", "finished_at", "duration_seconds", "outcome",
+        "exit_code", "rows_loaded", "api_requests", "identifies_sent", "tracks_sent",
+        "skipped_backlog", "rejected", "quarantined", "pending", "error",
+    ]  # fmt: skip
+    values = [
+        json.dumps(run.get(c)) if c in ("rows_loaded", "api_requests") else run.get(c)
+        for c in columns
+    ]
+    placeholders = ", ".join("?" for _ in columns)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    con.execute(
+        f"insert into {SYNC_SCHEMA}.runs ({', '.join(columns)}) values ({placeholders}) "
+        f"on conflict (run_id) do update set {updates}",
+        values,
+    )
+
+
+def recent_runs(con: duckdb.DuckDBPyConnection, limit: int = 10) -> list[dict[str, Any]]:
+    """The last runs, newest first, as plain dicts."""
+    cursor = con.execute(
+        f"select * from {SYNC_SCHEMA}.runs order by started_at desc limit ?",
+        [limit],
+    )
+    names = [d[0] for d in cursor.description]
+    rows = []
+    for row in cursor.fetchall():
+        item = dict(zip(names, row, strict=True))
+        for key in ("rows_loaded", "api_requests"):
+            item[key] = json.loads(item[key]) if item[key] else {}
+        rows.append(item)
+    return rows
