@@ -1,0 +1,113 @@
+"""`dodo-segment doctor`: check configuration and reachability without changing anything."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from pipelines import lock, warehouse
+from pipelines.config import AppConfig
+from pipelines.job import ExitCode
+from pipelines.logs import scrub
+from pipelines.settings import ENDPOINTS, WAREHOUSE_SCHEMA_VERSION
+
+Check = Callable[[AppConfig], tuple[bool, str]]
+
+
+def check_dodo(config: AppConfig) -> tuple[bool, str]:
+    """The API key is accepted by Dodo (one GET of one customer)."""
+    xc = config.extract
+    if not xc.api_key:
+        return False, "DODO_PAYMENTS_API_KEY is not set (export it or set [sources.dodo] api_key)"
+    url = xc.base_url.rstrip("/") + ENDPOINTS["customers"]
+    try:
+        response = requests.get(
+            url,
+            params={"page_size": 1, "page_number": 0},
+            headers={"Authorization": f"Bearer {xc.api_key}"},
+            timeout=min(xc.timeout_seconds, 15),
+        )
+    except requests.RequestException as exc:
+        return False, f"cannot reach {xc.base_url}: {type(exc).__name__} (check the URL and network)"
+    if response.status_code in (401, 403):
+        return False, (
+            f"{xc.base_url} refused the key (HTTP {response.status_code}): check "
+            f"DODO_PAYMENTS_API_KEY for {xc.environment}"
+        )
+    if response.status_code != 200:
+        return False, f"{xc.base_url} answered HTTP {response.status_code}"
+    return True, f"Dodo API at {xc.base_url} ({xc.environment}) accepts the key"
+
+
+def check_segment(config: AppConfig) -> tuple[bool, str]:
+    """The Segment host answers (Segment accepts any key with 200, so this checks the host only)."""
+    sc = config.segment
+    if not sc.write_key:
+        return False, "SEGMENT_WRITE_KEY is not set (needed to emit; --skip-emit runs without it)"
+    try:
+        response = requests.post(
+            sc.host.rstrip("/") + "/v1/batch",
+            json={"batch": []},
+            auth=(sc.write_key, ""),
+            timeout=min(sc.timeout_seconds, 15),
+        )
+    except requests.RequestException as exc:
+        return False, f"cannot reach Segment host {sc.host}: {type(exc).__name__}"
+    if response.status_code >= 500:
+        return False, f"Segment host {sc.host} answered HTTP {response.status_code}"
+    return True, (
+        f"Segment host {sc.host} reachable (HTTP {response.status_code}); Segment accepts any "
+        "write key, so confirm delivery in the source's debugger"
+    )
+
+
+def check_warehouse(config: AppConfig) -> tuple[bool, str]:
+    """The warehouse opens (or its folder is writable for a new one) and its version fits."""
+    path = config.warehouse_path
+    if path.startswith("md:"):
+        return True, f"warehouse {path} is a MotherDuck database (not checked offline)"
+    if not os.path.exists(path):
+        folder = Path(path).expanduser().resolve().parent
+        if os.access(folder, os.W_OK):
+            return True, f"warehouse {path} does not exist yet; {folder} is writable"
+        return False, f"warehouse folder {folder} is not writable"
+    if not os.access(path, os.W_OK):
+        return False, f"warehouse {path} is not writable"
+    try:
+        with warehouse.connect(path, read_only=True) as con:
+            found = warehouse.schema_version(con)
+    except warehouse.WarehouseError as exc:
+        return False, str(exc)
+    if found > WAREHOUSE_SCHEMA_VERSION:
+        return False, f"warehouse {path} has schema version {found}, newer than this release"
+    return True, f"warehouse {path} opens (schema version {found or 'new'})"
+
+
+def check_lock(config: AppConfig) -> tuple[bool, str]:
+    """No run holds the lock (or say which one does)."""
+    holder = lock.is_locked(config.warehouse_path)
+    if holder is None:
+        return True, "run lock is free"
+    held = f" for {holder.held_seconds:.0f}s" if holder.held_seconds is not None else ""
+    return False, f"a run holds the lock{held} (pid {holder.pid}, {holder.command})"
+
+
+CHECKS: tuple[tuple[str, Check], ...] = (
+    ("dodo", check_dodo),
+    ("segment", check_segment),
+    ("warehouse", check_warehouse),
+    ("lock", check_lock),
+)
+
+
+def run_doctor(config: AppConfig) -> int:
+    """Run every check, print one line each; exit 0 when all pass, else 1."""
+    ok_all = True
+    for name, check in CHECKS:
+        ok, message = check(config)
+        ok_all &= ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name:<9} {scrub(message)}")
+    return int(ExitCode.OK if ok_all else ExitCode.FAILED)

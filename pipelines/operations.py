@@ -1,0 +1,94 @@
+"""Operator commands around emission: preview, resend and traits recompute."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from pipelines import warehouse
+from pipelines.config import AppConfig, ConfigError
+from pipelines.job import ExitCode, RunReport, emit_settings, new_run_id, package_version
+from pipelines.logs import scrub
+
+log = logging.getLogger("dodo_segment")
+
+
+def print_preview(preview: Any) -> None:
+    """Print the counts and sample messages of a preview, exactly as they would be sent."""
+    print(
+        f"Would send {preview.identify_count} identify and {preview.track_count} track call(s)"
+        + (
+            f"; {preview.skipped_backlog} historical event(s) would be recorded as skipped"
+            if getattr(preview, "skipped_backlog", 0)
+            else ""
+        )
+    )
+    for title, samples in (("identify", preview.identify_samples), ("track", preview.track_samples)):
+        for message in samples:
+            print(f"  {title}: {json.dumps(message, default=str, ensure_ascii=False)}")
+
+
+def show_preview(config: AppConfig, events_since: datetime | None, sample: int) -> int:
+    """`dodo-segment preview`: read-only look at the outboxes against the ledger."""
+    from pipelines.emit import preview
+
+    with warehouse.connect(config.warehouse_path, read_only=True) as con:
+        print_preview(preview(con, emit_settings(config), events_since=events_since, sample=sample))
+    return int(ExitCode.OK)
+
+
+def _require_key(config: AppConfig) -> None:
+    if not config.segment.write_key:
+        raise ConfigError("SEGMENT_WRITE_KEY is not set: export your Segment source's write key")
+
+
+def _finish(config: AppConfig, report: RunReport, result: Any) -> int:
+    report.identifies_sent = result.identifies_sent
+    report.tracks_sent = result.tracks_sent
+    report.rejected = result.rejected
+    report.pending = result.pending
+    if result.failed:
+        report.outcome, report.exit_code = "failed", ExitCode.FAILED
+        report.error = scrub(result.error or "Segment did not accept the messages")
+    elif result.rejected:
+        report.outcome, report.exit_code = "finished_with_rejections", ExitCode.REJECTED_OR_QUARANTINED
+    else:
+        report.outcome, report.exit_code = "success", ExitCode.OK
+    with warehouse.connect(config.warehouse_path) as con:
+        warehouse.record_run(con, report.as_row())
+    print(
+        f"{report.command}: {result.identifies_sent} identify and {result.tracks_sent} track "
+        f"call(s) delivered, {result.rejected} rejected"
+    )
+    if report.error:
+        print(f"dodo-segment: {report.error}", file=sys.stderr)
+    return int(report.exit_code)
+
+
+def resend(config: AppConfig, since: datetime, event: str | None) -> int:
+    """`dodo-segment resend`: send events from a date again, with their original messageIds."""
+    from pipelines.emit import resend as resend_events
+
+    _require_key(config)
+    warehouse.prepare(config.warehouse_path, package_version())
+    now = datetime.now(UTC)
+    report = RunReport(run_id=new_run_id(now), started_at=now, command="resend")
+    with warehouse.connect(config.warehouse_path) as con:
+        result = resend_events(con, emit_settings(config), report.run_id, since=since, event=event)
+    return _finish(config, report, result)
+
+
+def recompute_traits(config: AppConfig, customer_ids: list[str] | None) -> int:
+    """`dodo-segment traits recompute`: identify again regardless of the stored trait hash."""
+    from pipelines.emit import recompute_traits as send_identifies
+
+    _require_key(config)
+    warehouse.prepare(config.warehouse_path, package_version())
+    now = datetime.now(UTC)
+    report = RunReport(run_id=new_run_id(now), started_at=now, command="traits recompute")
+    with warehouse.connect(config.warehouse_path) as con:
+        result = send_identifies(con, emit_settings(config), report.run_id, customer_ids)
+    return _finish(config, report, result)

@@ -1,0 +1,308 @@
+"""The Dodo API simulator over HTTP: schema-valid pages, paging, filters, auth, faults, time."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from pipelines.sandbox.business import Business, generate_business
+from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
+from pipelines.sandbox.simulator import DodoSimulator
+from pipelines.settings import ENDPOINTS, PRIMARY_KEYS
+
+SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+SPEC_PATH = SPEC_PATH / "dodopayments-openapi.json"
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+LIST_SCHEMAS = {
+    "payments": "GetPaymentsListResponse",
+    "subscriptions": "GetSubscriptionsListResponse",
+    "customers": "GetCustomersListResponse",
+    "refunds": "GetRefundsListResponse",
+    "disputes": "GetDisputesListResponse",
+    "products": "GetProductsListResponse",
+    "balance_ledger": "ListBalanceLedgerEntriesResponse",
+}
+
+
+@pytest.fixture(scope="module")
+def business() -> Business:
+    return generate_business(seed=7, customers=300, now=NOW)
+
+
+@pytest.fixture(scope="module")
+def sim(business: Business) -> Iterator[DodoSimulator]:
+    with DodoSimulator(business) as server:
+        yield server
+
+
+@pytest.fixture()
+def api(sim: DodoSimulator) -> Iterator[requests.Session]:
+    sim.clear_faults()
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {sim.api_key}"
+    yield session
+    session.close()
+
+
+def get(api: requests.Session, sim: DodoSimulator, resource: str, **params: Any) -> Any:
+    response = api.get(sim.base_url + ENDPOINTS[resource], params=params, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def all_items(api: requests.Session, sim: DodoSimulator, resource: str, **params: Any) -> list:
+    items: list = []
+    for page in range(sim.page_cap):
+        chunk = get(api, sim, resource, page_size=100, page_number=page, **params)["items"]
+        items += chunk
+        if len(chunk) < 100:
+            return items
+    raise AssertionError("window too large for the page cap")
+
+
+@pytest.fixture(scope="module")
+def validator_for() -> Any:
+    if not SPEC_PATH.exists():
+        pytest.skip(f"OpenAPI spec not found at {SPEC_PATH}")
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    spec = json.loads(SPEC_PATH.read_text())
+    registry = Registry().with_resource("urn:dodo", Resource(spec, DRAFT202012))
+
+    def make(name: str) -> Draft202012Validator:
+        schema = {"$ref": f"urn:dodo#/components/schemas/{name}"}
+        return Draft202012Validator(schema, registry=registry)
+
+    return make
+
+
+FILTERS = {
+    "payments": [{}, {"status": "succeeded"}, {"currency": "JPY"}],
+    "subscriptions": [{}, {"status": "active"}, {"status": "cancelled"}],
+    "customers": [{}, {"created_at_gte": "2026-01-01T00:00:00Z"}],
+    "refunds": [{}, {"status": "succeeded"}],
+    "disputes": [{}, {"dispute_status": "dispute_won"}],
+    "products": [{}, {"archived": "true"}, {"recurring": "false"}],
+    "balance_ledger": [{}, {"event_type": "refund"}, {"currency": "KWD"}],
+}
+
+
+@pytest.mark.parametrize("resource", list(LIST_SCHEMAS))
+def test_every_endpoint_validates_against_the_openapi_schema(
+    api: requests.Session, sim: DodoSimulator, validator_for: Any, resource: str
+) -> None:
+    validator = validator_for(LIST_SCHEMAS[resource])
+    for params in FILTERS[resource]:
+        for page in range(3):
+            body = get(api, sim, resource, page_size=100, page_number=page, **params)
+            assert set(body) == {"items"}
+            errors = [e.message for e in validator.iter_errors(body)][:3]
+            assert not errors, (resource, params, errors)
+
+
+def test_paging_is_zero_based_without_gaps_or_overlap(
+    api: requests.Session, sim: DodoSimulator, business: Business
+) -> None:
+    assert len(get(api, sim, "payments")["items"]) == 10  # default page_size
+    window = {"created_at_gte": "2026-03-01T00:00:00Z", "created_at_lte": "2026-09-01T00:00:00Z"}
+    ids = [p["payment_id"] for p in all_items(api, sim, "payments", **window)]
+    expected = {
+        p["payment_id"]
+        for p in business.payments
+        if "2026-03-01T00:00:00Z" <= p["created_at"] <= "2026-09-01T00:00:00Z"
+    }
+    assert len(ids) == len(set(ids)) == len(expected) > 100
+    assert set(ids) == expected
+    first = get(api, sim, "payments", page_size=5, page_number=0, **window)["items"]
+    assert first == get(api, sim, "payments", page_size=5, **window)["items"]
+
+
+def test_order_is_stable_and_not_creation_order(api: requests.Session, sim: DodoSimulator) -> None:
+    one = [p["payment_id"] for p in all_items(api, sim, "payments")]
+    two = [p["payment_id"] for p in all_items(api, sim, "payments")]
+    assert one == two
+    created = [p["created_at"] for p in get(api, sim, "payments", page_size=100)["items"]]
+    assert created != sorted(created) and created != sorted(created, reverse=True)
+
+
+def test_deep_pages_are_silently_empty(api: requests.Session, sim: DodoSimulator) -> None:
+    sim.page_cap = 3
+    try:
+        assert len(get(api, sim, "payments", page_size=10, page_number=2)["items"]) == 10
+        assert get(api, sim, "payments", page_size=10, page_number=3) == {"items": []}
+    finally:
+        sim.page_cap = 100
+    assert len(get(api, sim, "payments", page_size=10, page_number=3)["items"]) == 10
+
+
+def test_created_at_filters_are_inclusive_and_accept_offsets(
+    api: requests.Session, sim: DodoSimulator, business: Business
+) -> None:
+    stamp = business.payments[len(business.payments) // 2]["created_at"]
+    exact = get(api, sim, "payments", created_at_gte=stamp, created_at_lte=stamp)["items"]
+    assert stamp in {p["created_at"] for p in exact}
+    gte = {p["payment_id"] for p in all_items(api, sim, "payments", created_at_gte=stamp)}
+    assert gte == {p["payment_id"] for p in business.payments if p["created_at"] >= stamp}
+    offset = get(api, sim, "customers", created_at_gte="2026-01-01T02:00:00+02:00")["items"]
+    assert all(c["created_at"] >= "2026-01-01T00:00:00" for c in offset)
+
+
+def test_filters(api: requests.Session, sim: DodoSimulator, business: Business) -> None:
+    customer_id = business.subscriptions[0]["customer"]["customer_id"]
+    for item in all_items(api, sim, "payments", customer_id=customer_id):
+        assert item["customer"]["customer_id"] == customer_id
+    archived = all_items(api, sim, "products", archived="true")
+    live = all_items(api, sim, "products")
+    assert (
+        archived
+        and live
+        and not {p["product_id"] for p in archived} & {p["product_id"] for p in live}
+    )
+    assert {p["is_recurring"] for p in all_items(api, sim, "products", recurring="true")} == {True}
+    refund = next(r for r in business.refunds if r["status"] == "succeeded")
+    ledger = all_items(api, sim, "balance_ledger", reference_object_id=refund["refund_id"])
+    assert [e["event_type"] for e in ledger] == ["refund"]
+    stages = {d["dispute_stage"] for d in all_items(api, sim, "disputes", dispute_stage="dispute")}
+    assert stages == {"dispute"}
+    response = api.get(sim.base_url + "/payments", params={"page_size": 101})
+    assert response.status_code == 422 and set(response.json()) == {"code", "message"}
+    assert get(api, sim, "payments", unknown_param="x", page_size=1)["items"]
+
+
+def test_auth_and_key_revocation(api: requests.Session, sim: DodoSimulator) -> None:
+    assert requests.get(sim.base_url + "/payments", timeout=5).status_code == 401
+    wrong = requests.get(
+        sim.base_url + "/payments", headers={"Authorization": "Bearer nope"}, timeout=5
+    )
+    assert wrong.status_code == 401 and wrong.json()["code"] == "UNAUTHORIZED"
+    old, sim.api_key = sim.api_key, "rotated"
+    try:
+        assert api.get(sim.base_url + "/payments", timeout=5).status_code == 401
+    finally:
+        sim.api_key = old
+
+
+def test_business_contains_the_promised_cases(business: Business) -> None:
+    payments = business.payments
+    currencies = Counter(p["currency"] for p in payments)
+    assert currencies["JPY"] and currencies["KWD"] and currencies["INR"]
+    by_customer: dict[str, set[str]] = {}
+    for p in payments:
+        by_customer.setdefault(p["customer"]["customer_id"], set()).add(p["currency"])
+    assert any(len(c) >= 2 for c in by_customer.values())
+    statuses = {s["status"] for s in business.subscriptions}
+    assert statuses >= {"pending", "active", "on_hold", "paused", "cancelled", "failed", "expired"}
+    assert any(
+        s["trial_period_days"] > 0 and s["status"] == "active" for s in business.subscriptions
+    )
+    renewals = Counter(p["subscription_id"] for p in payments if p["status"] == "succeeded")
+    assert max(renewals[s["subscription_id"]] for s in business.subscriptions) >= 4
+    assert any(s["cancel_at_next_billing_date"] for s in business.subscriptions)
+    assert all(s["cancelled_at"] for s in business.subscriptions if s["status"] == "cancelled")
+    assert any(r["is_partial"] and r["status"] == "succeeded" for r in business.refunds)
+    assert {r["status"] for r in business.refunds} == {"succeeded", "pending", "review", "failed"}
+    assert {p["refund_status"] for p in payments} == {None, "partial", "full"}
+    assert all(isinstance(d["amount"], str) for d in business.disputes)
+    assert {p["status"] for p in payments} >= {"processing", "failed", "requires_payment_method"}
+    jpy = next(p for p in payments if p["currency"] == "JPY" and p["status"] == "succeeded")
+    entry = next(
+        e for e in business.balance_ledger if e["reference_object_id"] == jpy["payment_id"]
+    )
+    assert entry["amount"] == jpy["total_amount"]
+    assert entry["usd_equivalent_amount"] == round(jpy["total_amount"] * 0.67)
+    succeeded = {p["payment_id"] for p in payments if p["status"] == "succeeded"}
+    booked = {
+        e["reference_object_id"] for e in business.balance_ledger if e["event_type"] == "payment"
+    }
+    assert succeeded == booked
+    for resource, pk in PRIMARY_KEYS.items():
+        ids = [item[pk] for item in business.tables[resource].items]
+        assert len(ids) == len(set(ids)), resource
+
+
+def test_generation_is_deterministic() -> None:
+    one = generate_business(seed=3, customers=40, now=NOW)
+    two = generate_business(seed=3, customers=40, now=NOW)
+    assert one.payments == two.payments and one.subscriptions == two.subscriptions
+
+
+def test_advance_time_changes_the_business() -> None:
+    biz = generate_business(seed=11, customers=120, now=NOW)
+    with DodoSimulator(biz) as sim:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {sim.api_key}"
+        before = len(all_items(session, sim, "payments"))
+        summary = biz.advance_time(days=3, seed=1)
+        for key in ("cancelled", "cancel_at_next_billing_date", "on_hold", "paused"):
+            assert len(summary[key]) == 1, key
+        for key in ("resumed", "plan_changed", "payments_succeeded", "refunds_succeeded"):
+            assert len(summary[key]) == 1, key
+        assert summary["disputes_resolved"] and summary["new_customers"] and summary["renewals"]
+        assert biz.now == datetime(2026, 11, 4, tzinfo=UTC)
+        after = all_items(session, sim, "payments")
+        assert len(after) == before + len(summary["created"]["payments"])
+        assert set(summary["renewals"]) <= set(summary["created"]["payments"])
+        subs = {s["subscription_id"]: s for s in all_items(session, sim, "subscriptions")}
+        assert subs[summary["cancelled"][0]]["status"] == "cancelled"
+        assert subs[summary["cancelled"][0]]["cancelled_at"]
+        assert subs[summary["on_hold"][0]]["status"] == "on_hold"
+        assert subs[summary["resumed"][0]]["status"] == "active"
+        assert subs[summary["paused"][0]]["paused_at"]
+        refund = biz.get("refunds", summary["refunds_succeeded"][0])
+        assert refund["status"] == "succeeded"
+        customer = summary["new_customers"][0]
+        biz.change_customer_email(customer, "new@example.com")
+        found = get(session, sim, "customers", email="new@example.com")["items"]
+        assert [c["customer_id"] for c in found] == [customer]
+        paused_id = summary["paused"][0]
+        assert paused_id in {s["subscription_id"] for s in get_all_paused(session, sim)}
+        biz.set_subscription_status(paused_id, "active")
+        assert paused_id not in {s["subscription_id"] for s in get_all_paused(session, sim)}
+
+
+def get_all_paused(session: requests.Session, sim: DodoSimulator) -> list:
+    return all_items(session, sim, "subscriptions", status="paused")
+
+
+def test_fault_injection(api: requests.Session, sim: DodoSimulator) -> None:
+    url = sim.base_url + "/payments"
+    fault = sim.inject_fault(path="/payments", status=429, retry_after=1, times=2)
+    sim.inject_fault(path="/payments", status=503)
+    first, second = api.get(url), api.get(url)
+    assert first.status_code == second.status_code == 429 and first.headers["Retry-After"] == "1"
+    assert first.json()["code"] == "TOO_MANY_REQUESTS"
+    assert api.get(url).status_code == 503 and api.get(url).status_code == 200
+    assert fault.hits == 2
+    sim.inject_fault(path="/payments", kind="malformed_json")
+    with pytest.raises(ValueError):
+        api.get(url).json()
+    sim.inject_fault(path="/payments", kind="reset")
+    with pytest.raises(requests.exceptions.RequestException):
+        api.get(url)
+    sim.inject_fault(path="/payments", kind="timeout", delay=0.5)
+    with pytest.raises(requests.exceptions.Timeout):
+        api.get(url, timeout=0.2)
+    sim.inject_fault(path="/payments", mutate=drop_field("payment_id"))
+    assert all("payment_id" not in p for p in api.get(url).json()["items"])
+    sim.inject_fault(path="/payments", mutate=set_field("status", "teleported", first_only=True))
+    assert api.get(url).json()["items"][0]["status"] == "teleported"
+    sim.inject_fault(path="/customers", mutate=huge_metadata(40))
+    assert len(api.get(sim.base_url + "/customers").content) > 40_000
+    page0 = api.get(url, params={"page_size": 10}).json()["items"]
+    sim.inject_fault(path="/payments", mutate=shift_page(1), match=lambda q: "page_number" in q)
+    page1 = api.get(url, params={"page_size": 10, "page_number": 1}).json()["items"]
+    assert page1[0] == page0[-1]
+    assert api.get(url).json()["items"][0]["status"] != "teleported"  # faults are consumed
+    counts = sim.request_counts_by_endpoint()
+    assert counts["/payments"] >= 12
+    sim.reset_counts()
+    assert sim.request_counts_by_endpoint() == {}
