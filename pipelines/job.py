@@ -17,6 +17,7 @@ from pipelines.dodo.client import DodoApiError, DodoAuthError
 from pipelines.extract import ExtractResult, run_extract
 from pipelines.logs import scrub
 from pipelines.settings import RESOURCES
+from pipelines.transform import ModelError, run_models
 
 log = logging.getLogger("dodo_segment")
 
@@ -167,7 +168,7 @@ def run_job(config: AppConfig, options: RunOptions) -> RunReport:
             report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
     except ConfigError as exc:
         report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
-    except (DodoAuthError, DodoApiError, warehouse.WarehouseError) as exc:
+    except (DodoAuthError, DodoApiError, warehouse.WarehouseError, ModelError) as exc:
         report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
     except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
         log.exception("run failed")
@@ -182,8 +183,6 @@ def run_job(config: AppConfig, options: RunOptions) -> RunReport:
 
 def _run_models(config: AppConfig, report: RunReport) -> bool:
     """Build the SQL models and run the data tests; True when an error test blocks emission."""
-    from pipelines.transform import run_models
-
     t0 = time.monotonic()
     with warehouse.connect(config.warehouse_path) as con:
         result = run_models(con, event_catalog=config.segment.event_catalog)

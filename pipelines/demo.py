@@ -1,0 +1,113 @@
+"""`dodo-segment demo`: the whole job against the embedded sandbox, twice, with a summary."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pipelines.config import load_config, pipeline_dir
+from pipelines.job import ExitCode, RunOptions, RunReport, run_job
+from pipelines.lock import lock_path
+from pipelines.sandbox.business import generate_business
+from pipelines.sandbox.collector import SegmentCollector
+from pipelines.sandbox.simulator import DodoSimulator
+
+log = logging.getLogger("dodo_segment")
+
+DEMO_API_KEY = "sandbox_api_key"
+DEMO_WRITE_KEY = "sandbox_write_key"
+
+
+def _fresh(path: str) -> None:
+    """The demo always starts from an empty warehouse (it is demo data, never a user's file)."""
+    for candidate in (Path(path), Path(path + ".wal"), lock_path(path)):
+        candidate.unlink(missing_ok=True)
+    shutil.rmtree(pipeline_dir(path), ignore_errors=True)
+
+
+def _print_run(title: str, report: RunReport, collector: SegmentCollector, before: int) -> None:
+    extract = report.extract
+    print(f"\n== {title} ({report.outcome}, exit code {report.exit_code})")
+    if extract:
+        loaded = ", ".join(f"{k} {v}" for k, v in sorted(extract.rows_loaded.items()) if v)
+        print(f"   loaded {extract.total_rows} rows: {loaded}")
+        print(
+            f"   API requests: {sum(extract.api_requests.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(extract.api_requests.items()))})"
+        )
+    print(
+        f"   sent to Segment: {report.identifies_sent} identify, {report.tracks_sent} track"
+        + (f"; {report.skipped_backlog} older events recorded as skipped" if report.skipped_backlog else "")
+    )
+    received = collector.tracks()[before:]
+    by_event: dict[str, int] = {}
+    for message in received:
+        by_event[message["event"]] = by_event.get(message["event"], 0) + 1
+    if by_event:
+        print("   events: " + ", ".join(f"{n} {e}" for e, n in sorted(by_event.items())))
+    if report.error:
+        print(f"   error: {report.error}")
+
+
+def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
+    """Start the sandbox, run the job, advance time, run again; print what happened."""
+    started = time.monotonic()
+    _fresh(db_path)
+    wall = datetime.now(UTC).replace(microsecond=0)
+    business = generate_business(seed=7, now=wall - timedelta(days=7))
+    with DodoSimulator(business, api_key=DEMO_API_KEY) as simulator, SegmentCollector(
+        write_key=DEMO_WRITE_KEY
+    ) as collector:
+        config = load_config(
+            {
+                "warehouse.path": db_path,
+                "sources.dodo.api_key": DEMO_API_KEY,
+                "sources.dodo.base_url": simulator.base_url,
+                "sources.dodo.environment": "test_mode",
+                "sources.dodo.requests_per_minute": 0,
+                "segment.write_key": DEMO_WRITE_KEY,
+                "segment.host": collector.base_url,
+            }
+        )
+        print(
+            f"Sandbox: Dodo API simulator at {simulator.base_url} "
+            f"({', '.join(f'{n} {k}' for k, n in business.counts().items())})"
+        )
+        print(f"         Segment collector at {collector.base_url}; warehouse {db_path}")
+        since = business.now - timedelta(days=days_of_events)
+        first = run_job(config, RunOptions(events_since=since, command="demo"))
+        _print_run(
+            f"Run 1: first sync, sending events of the last {days_of_events} days",
+            first,
+            collector,
+            0,
+        )
+        changes = business.advance_time(until=wall)
+        print(
+            f"\n-- a week passes in the simulator: {len(changes['new_payments'])} new payments, "
+            f"{len(changes['renewals'])} renewals, {len(changes['cancelled'])} cancellations, "
+            f"{len(changes['on_hold'])} holds, {len(changes['plan_changed'])} plan changes"
+        )
+        before = len(collector.tracks())
+        second = run_job(config, RunOptions(command="demo"))
+        _print_run("Run 2: incremental sync, only what changed", second, collector, before)
+        stats = collector.stats()
+    print(
+        f"\nThe collector received {len(collector.identifies())} identify and "
+        f"{len(collector.tracks())} track calls in {stats.get('requests', '?')} requests "
+        f"({time.monotonic() - started:.1f}s in all)."
+    )
+    print(
+        "\nNext, try:\n"
+        f"  .venv/bin/dodo-segment status --db {db_path}\n"
+        f"  .venv/bin/dodo-segment preview --db {db_path}\n"
+        f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{db_path}', read_only=True)"
+        ".sql('select * from analytics.customer_traits order by total_spent_usd desc nulls last limit 5'))\"\n"
+        "  make notebooks    (revenue, MRR, cohorts and sync health on this warehouse)\n"
+        "  make test"
+    )
+    worst = max(int(first.exit_code or 0), int(second.exit_code or 0))
+    return ExitCode.OK if worst == ExitCode.REJECTED_OR_QUARANTINED else worst

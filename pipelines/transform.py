@@ -1,0 +1,259 @@
+"""Build the SQL models of `sql/` into the `analytics` schema, in dependency order, with data tests."""
+
+from __future__ import annotations
+
+import graphlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from pipelines import settings
+from pipelines.data_tests import (
+    DataTest,
+    DataTestResult,
+    load_data_tests,
+    reset_quarantine,
+    run_data_test,
+    save_data_test_results,
+)
+
+SQL_DIR: Path = Path(__file__).resolve().parent.parent / "sql"
+"""Default location of the models: `sql/staging`, `sql/marts`, `sql/segment`, `sql/macros.sql`."""
+
+LAYERS: tuple[str, ...] = ("staging", "marts", "segment")
+SCHEMA = settings.ANALYTICS_SCHEMA
+EVENT_CATALOGS: tuple[str, ...] = ("default", "ecommerce")
+
+_DUCKDB_TYPES = {
+    "text": "VARCHAR",
+    "bigint": "BIGINT",
+    "bool": "BOOLEAN",
+    "timestamp": "TIMESTAMPTZ",
+    "json": "JSON",
+}
+
+HISTORY_COLUMNS: dict[str, dict[str, str]] = {
+    settings.SUBSCRIPTION_HISTORY_TABLE: {
+        "subscription_id": "text",
+        "observed_at": "timestamp",
+        "status": "text",
+        "product_id": "text",
+        "quantity": "bigint",
+        "cancel_at_next_billing_date": "bool",
+        "paused_at": "timestamp",
+        "cancelled_at": "timestamp",
+    },
+    settings.DISPUTE_HISTORY_TABLE: {
+        "dispute_id": "text",
+        "observed_at": "timestamp",
+        "dispute_status": "text",
+        "dispute_stage": "text",
+    },
+}
+"""Columns of the append-only history tables (docs/architecture.md)."""
+
+OPTIONAL_SOURCE_COLUMNS: dict[str, dict[str, str]] = {"payments": {"charge_type": "text"}}
+"""API fields newer than the contract that the models use when present (NULL otherwise)."""
+
+_REFERENCE = re.compile(rf"\b{SCHEMA}\.([a-z_][a-z0-9_]*)\b", re.IGNORECASE)
+_HEADER = re.compile(r"^\s*--\s*([a-z_]+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
+
+
+class ModelError(RuntimeError):
+    """A model (or macro file) failed to build: names the file and carries DuckDB's message."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Model:
+    """One SQL model: a SELECT in `sql/<layer>/<name>.sql`, built as `analytics.<name>`."""
+
+    name: str
+    path: Path
+    layer: str
+    materialized: str
+    depends_on: tuple[str, ...]
+    sql: str
+
+
+@dataclass
+class BuiltModel:
+    """A model built in this run and how long it took."""
+
+    name: str
+    materialized: str
+    seconds: float
+
+
+@dataclass
+class TransformResult:
+    """Outcome of `run_models`: what was built, the data tests, and whether emission may go."""
+
+    models: list[BuiltModel] = field(default_factory=list)
+    tests: list[DataTestResult] = field(default_factory=list)
+    errors: list[DataTestResult] = field(default_factory=list)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    emission_blocked: bool = False
+    seconds: float = 0.0
+
+
+def _headers(sql: str) -> dict[str, str]:
+    """`-- key: value` lines at the top of a file (before the first non-comment line)."""
+    headers: dict[str, str] = {}
+    for line in sql.splitlines():
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("--"):
+            break
+        match = _HEADER.match(line)
+        if match:
+            headers.setdefault(match.group(1).lower(), match.group(2))
+    return headers
+
+
+def _strip_comments(sql: str) -> str:
+    return re.sub(r"--[^\n]*", "", sql)
+
+
+def list_models(sql_dir: Path | None = None) -> list[Model]:
+    """Models of `sql_dir` (default `sql/`) in dependency order (topologically sorted)."""
+    sql_dir = Path(sql_dir or SQL_DIR)
+    found: dict[str, tuple[Path, str, str]] = {}
+    for layer in LAYERS:
+        for path in sorted((sql_dir / layer).glob("*.sql")):
+            if path.name.endswith(".tests.sql"):
+                continue
+            if path.stem in found:
+                raise ModelError(path, f"duplicate model name {path.stem!r}")
+            found[path.stem] = (path, layer, path.read_text())
+
+    models: dict[str, Model] = {}
+    for name, (path, layer, sql) in found.items():
+        headers = _headers(sql)
+        declared = {d.strip() for d in headers.get("depends_on", "").split(",") if d.strip()}
+        referenced = {ref.lower() for ref in _REFERENCE.findall(_strip_comments(sql))}
+        depends_on = tuple(sorted(((referenced | declared) & found.keys()) - {name}))
+        materialized = headers.get("materialized", "view" if layer == "staging" else "table")
+        if materialized not in ("view", "table"):
+            raise ModelError(path, f"unknown materialization {materialized!r}")
+        models[name] = Model(name, path, layer, materialized, depends_on, sql)
+
+    sorter = graphlib.TopologicalSorter({m.name: m.depends_on for m in models.values()})
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as exc:
+        raise ModelError(sql_dir, f"dependency cycle between models: {exc.args[1]}") from exc
+    ordered: list[Model] = []
+    layer_rank = {layer: rank for rank, layer in enumerate(LAYERS)}
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=lambda n: (layer_rank[models[n].layer], n))
+        for name in ready:
+            ordered.append(models[name])
+            sorter.done(name)
+    return ordered
+
+
+def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create absent raw tables (empty, contract columns) and the `analytics.source_<table>()`
+    table macros that staging reads: the raw table plus any contract column it lacks (as NULL)."""
+    raw = settings.RAW_DATASET
+    con.execute(f"create schema if not exists {raw}")
+    con.execute(f"create schema if not exists {SCHEMA}")
+    contracts = {
+        table: {**columns, settings.SYNCED_AT_COLUMN: "timestamp"}
+        for table, columns in settings.RAW_COLUMNS.items()
+    }
+    contracts.update(HISTORY_COLUMNS)
+    for table, columns in contracts.items():
+        typed = ", ".join(f'"{col}" {_DUCKDB_TYPES[kind]}' for col, kind in columns.items())
+        con.execute(f"create table if not exists {raw}.{table} ({typed})")
+        every = {**columns, **OPTIONAL_SOURCE_COLUMNS.get(table, {})}
+        empty = ", ".join(
+            f'cast(null as {_DUCKDB_TYPES[kind]}) as "{col}"' for col, kind in every.items()
+        )
+        con.execute(
+            f"create or replace macro {SCHEMA}.source_{table}() as table "
+            f"select {empty} where false "
+            f"union all by name select * from {raw}.{table}"
+        )
+
+
+def _build(con: duckdb.DuckDBPyConnection, model: Model) -> None:
+    body = model.sql.strip().rstrip(";")
+    kind = "view" if model.materialized == "view" else "table"
+    # drop a stale object of the other kind (a model switched materialization)
+    other = "table" if kind == "view" else "view"
+    existing = con.execute(
+        "select table_type from information_schema.tables "
+        "where table_schema = ? and table_name = ?",
+        [SCHEMA, model.name],
+    ).fetchone()
+    if existing and (existing[0] == "VIEW") == (other == "view"):
+        con.execute(f"drop {other} {SCHEMA}.{model.name} cascade")
+    con.execute(f"create or replace {kind} {SCHEMA}.{model.name} as\n{body}\n")
+
+
+def run_models(
+    con: duckdb.DuckDBPyConnection,
+    event_catalog: str = "default",
+    sql_dir: Path | None = None,
+) -> TransformResult:
+    """Build macros, models and data tests of `sql_dir` into `analytics`.
+
+    A model that fails raises `ModelError` and nothing after it runs. Each model's data tests run
+    right after it (before downstream models), so warn tests quarantine rows before the outboxes
+    are built; a failing error test sets `emission_blocked`.
+    """
+    if event_catalog not in EVENT_CATALOGS:
+        raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
+    sql_dir = Path(sql_dir or SQL_DIR)
+    started = time.perf_counter()
+    models = list_models(sql_dir)
+    tests_by_model: dict[str, list[DataTest]] = {}
+    for test in load_data_tests(sql_dir, {m.name for m in models}):
+        tests_by_model.setdefault(test.model, []).append(test)
+
+    previous_tz = con.execute("select current_setting('TimeZone')").fetchone()
+    con.execute("set TimeZone = 'UTC'")  # month/day arithmetic of the marts is in UTC
+    con.execute("set variable event_catalog = ?", [event_catalog])
+    try:
+        ensure_raw_tables(con)
+        macros = sql_dir / "macros.sql"
+        if macros.exists():
+            try:
+                con.execute(macros.read_text())
+            except duckdb.Error as exc:
+                raise ModelError(macros, str(exc)) from exc
+        run_at = reset_quarantine(con)
+
+        result = TransformResult()
+        for model in models:
+            t0 = time.perf_counter()
+            try:
+                _build(con, model)
+            except duckdb.Error as exc:
+                raise ModelError(model.path, str(exc)) from exc
+            result.models.append(
+                BuiltModel(model.name, model.materialized, time.perf_counter() - t0)
+            )
+            for test in tests_by_model.get(model.name, []):
+                outcome = run_data_test(con, test, run_at)
+                result.tests.append(outcome)
+                if outcome.failures and test.severity == "error":
+                    result.errors.append(outcome)
+                if outcome.quarantined:
+                    result.quarantined[test.name] = outcome.quarantined
+        result.emission_blocked = bool(result.errors)
+        save_data_test_results(con, result.tests, run_at)
+    finally:
+        if previous_tz:
+            con.execute("set TimeZone = ?", [previous_tz[0]])
+    result.seconds = time.perf_counter() - started
+    return result

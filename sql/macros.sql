@@ -1,0 +1,46 @@
+-- Macros shared by the models. Created (schema `analytics`, persistent, so views that use them
+-- also work from other connections such as the notebooks) before any model is built.
+
+-- ISO 4217 minor-unit exponent: 0 for zero-decimal currencies, 3 for three-decimal ones, else 2.
+create or replace macro analytics.currency_exponent(currency) as
+    case
+        when upper(currency) in (
+            'BIF', 'CLP', 'DJF', 'GNF', 'ISK', 'JPY', 'KMF', 'KRW', 'PYG',
+            'RWF', 'UGX', 'UYI', 'VND', 'VUV', 'XAF', 'XOF', 'XPF'
+        ) then 0
+        when upper(currency) in ('BHD', 'IQD', 'JOD', 'KWD', 'LYD', 'OMR', 'TND') then 3
+        else 2
+    end;
+
+-- Integer minor units -> major units (DOUBLE), rounded to the currency's exponent.
+create or replace macro analytics.to_major(amount_minor, currency) as
+    round(
+        cast(amount_minor as double) / pow(10, analytics.currency_exponent(currency)),
+        analytics.currency_exponent(currency)
+    );
+
+-- ISO-8601 UTC string with milliseconds, independent of the session time zone.
+create or replace macro analytics.iso_utc(ts) as
+    strftime(timezone('UTC', ts), '%Y-%m-%dT%H:%M:%S.%gZ');
+
+-- Stable event id: hash of the kind of fact and its immutable keys (never of the event name).
+create or replace macro analytics.event_id(fact_kind, fact_key) as
+    md5(fact_kind || ':' || fact_key);
+
+-- Months per billing interval, to normalise a recurring amount to a month.
+create or replace macro analytics.months_per_interval(interval_name) as
+    case lower(interval_name)
+        when 'day' then 1 / 30.4375
+        when 'week' then 12 / 52
+        when 'month' then 1.0
+        when 'year' then 12.0
+    end;
+
+-- The billing interval as a DuckDB INTERVAL (count x unit).
+create or replace macro analytics.billing_interval(interval_name, interval_count) as
+    case lower(interval_name)
+        when 'day' then to_days(cast(interval_count as integer))
+        when 'week' then to_days(cast(7 * interval_count as integer))
+        when 'month' then to_months(cast(interval_count as integer))
+        when 'year' then to_years(cast(interval_count as integer))
+    end;

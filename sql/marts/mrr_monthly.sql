@@ -1,0 +1,166 @@
+-- MRR per customer per month (USD), with the movement classified mrr-playbook style.
+-- Definition: each succeeded, non-zero subscription payment covers the service period
+-- [paid_at, paid_at + payment_frequency_count x payment_frequency_interval) of its
+-- subscription and contributes its USD amount / (months in that period) (Day = 1/30.4375,
+-- Week = 12/52, Month = 1, Year = 12 months). A customer's MRR for a month is the sum over the
+-- payments whose period covers the last instant of the month (for the current month: as_of).
+-- USD amount: the ledger's usd_equivalent_amount of the payment; else the amount itself for USD;
+-- else the amount at the rate implied by the latest ledger payment in that currency.
+-- Rows: every month from the customer's first month with MRR up to as_of, except months where
+-- both mrr_usd and previous_mrr_usd are 0 (inactive between a churn and a reactivation).
+-- movement, first match wins: new (first month), churn (mrr 0, previous > 0), reactivation
+-- (previous 0, mrr > 0), expansion (mrr > previous), contraction (mrr < previous), unchanged.
+with payments as (
+    select * from analytics.stg_payments
+),
+
+subscriptions as (
+    select * from analytics.int_subscriptions
+),
+
+ledger as (
+    select * from analytics.int_ledger_by_object
+),
+
+as_of as (
+    select as_of, cast(date_trunc('month', timezone('UTC', as_of)) as date) as as_of_month
+    from analytics.int_as_of
+),
+
+currency_rates as (
+    select
+        payment_currency as currency,
+        arg_max(
+            (payment_usd_cents / 100.0)
+            / analytics.to_major(payment_amount_minor, payment_currency),
+            payment_entry_at
+        ) as usd_rate
+    from ledger
+    where payment_amount_minor > 0 and payment_usd_cents is not null
+    group by payment_currency
+),
+
+service_periods as (
+    select
+        payments.payment_id,
+        payments.customer_id,
+        payments.subscription_id,
+        payments.created_at as period_start,
+        payments.created_at + analytics.billing_interval(
+            subscriptions.payment_frequency_interval,
+            greatest(coalesce(subscriptions.payment_frequency_count, 1), 1)
+        ) as period_end,
+        coalesce(
+            ledger.payment_usd_cents / 100.0,
+            case when payments.currency = 'USD' then payments.amount end,
+            payments.amount * currency_rates.usd_rate
+        ) / (
+            analytics.months_per_interval(subscriptions.payment_frequency_interval)
+            * greatest(coalesce(subscriptions.payment_frequency_count, 1), 1)
+        ) as monthly_usd
+    from payments
+    inner join subscriptions on subscriptions.subscription_id = payments.subscription_id
+    left join ledger on ledger.object_id = payments.payment_id
+    left join currency_rates on currency_rates.currency = payments.currency
+    where payments.status = 'succeeded'
+      and payments.amount_minor > 0
+      and subscriptions.payment_frequency_interval in ('day', 'week', 'month', 'year')
+),
+
+covered_months as (
+    select
+        service_periods.customer_id,
+        service_periods.subscription_id,
+        service_periods.monthly_usd,
+        cast(covered.month as date) as month
+    from service_periods
+    cross join as_of
+    cross join lateral (
+        select unnest(generate_series(
+            date_trunc('month', timezone('UTC', service_periods.period_start)),
+            date_trunc('month', timezone('UTC', least(service_periods.period_end, as_of.as_of))),
+            interval 1 month
+        )) as month
+    ) as covered
+    -- the month's sample point: its last instant, or as_of for the current month
+    cross join lateral (
+        select least(timezone('UTC', covered.month + interval 1 month), as_of.as_of) as cutoff
+    ) as sample
+    where service_periods.period_start < sample.cutoff
+      and service_periods.period_end >= sample.cutoff
+),
+
+customer_month_mrr as (
+    select
+        customer_id,
+        month,
+        sum(monthly_usd) as mrr_usd,
+        count(distinct subscription_id) as subscriptions
+    from covered_months
+    where customer_id is not null
+    group by customer_id, month
+),
+
+customer_spine as (
+    select
+        first_months.customer_id,
+        cast(unnest(generate_series(
+            first_months.first_month, as_of.as_of_month, interval 1 month
+        )) as date) as month
+    from (
+        select customer_id, min(month) as first_month
+        from customer_month_mrr
+        group by customer_id
+    ) as first_months
+    cross join as_of
+),
+
+monthly as (
+    select
+        customer_spine.month,
+        customer_spine.customer_id,
+        round(coalesce(customer_month_mrr.mrr_usd, 0), 2) as mrr_usd,
+        coalesce(customer_month_mrr.subscriptions, 0) as subscriptions
+    from customer_spine
+    left join customer_month_mrr
+        on customer_month_mrr.customer_id = customer_spine.customer_id
+        and customer_month_mrr.month = customer_spine.month
+),
+
+with_previous as (
+    select
+        *,
+        lag(mrr_usd) over (partition by customer_id order by month) as lagged_mrr_usd
+    from monthly
+),
+
+final as (
+    select
+        month,
+        customer_id,
+        mrr_usd,
+        coalesce(lagged_mrr_usd, 0) as previous_mrr_usd,
+        round(mrr_usd - coalesce(lagged_mrr_usd, 0), 2) as mrr_change_usd,
+        case
+            when lagged_mrr_usd is null then 'new'
+            when mrr_usd = 0 and lagged_mrr_usd > 0 then 'churn'
+            when lagged_mrr_usd = 0 and mrr_usd > 0 then 'reactivation'
+            when mrr_usd > lagged_mrr_usd then 'expansion'
+            when mrr_usd < lagged_mrr_usd then 'contraction'
+            else 'unchanged'
+        end as movement,
+        subscriptions
+    from with_previous
+    where mrr_usd > 0 or coalesce(lagged_mrr_usd, 0) > 0
+)
+
+select
+    month,
+    customer_id,
+    mrr_usd,
+    previous_mrr_usd,
+    mrr_change_usd,
+    movement,
+    subscriptions
+from final
+order by month, customer_id

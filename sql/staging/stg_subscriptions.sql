@@ -1,0 +1,40 @@
+-- One row per subscription (current state). Intervals lower-cased (day, week, month, year).
+-- recurring_amount = recurring_pre_tax_amount in major units of `currency`.
+with source as (
+    select * from analytics.source_subscriptions()
+),
+
+final as (
+    select
+        cast(subscription_id as varchar) as subscription_id,
+        cast(created_at as timestamptz) as created_at,
+        lower(status) as status,
+        product_id,
+        product_name,
+        cast(quantity as bigint) as quantity,
+        upper(currency) as currency,
+        cast(recurring_pre_tax_amount as bigint) as recurring_amount_minor,
+        analytics.to_major(recurring_pre_tax_amount, currency) as recurring_amount,
+        tax_inclusive,
+        lower(payment_frequency_interval) as payment_frequency_interval,
+        cast(payment_frequency_count as bigint) as payment_frequency_count,
+        lower(subscription_period_interval) as subscription_period_interval,
+        cast(subscription_period_count as bigint) as subscription_period_count,
+        cast(next_billing_date as timestamptz) as next_billing_date,
+        cast(previous_billing_date as timestamptz) as previous_billing_date,
+        cast(cancelled_at as timestamptz) as cancelled_at,
+        coalesce(cancel_at_next_billing_date, false) as cancel_at_next_billing_date,
+        cast(paused_at as timestamptz) as paused_at,
+        coalesce(cast(trial_period_days as bigint), 0) as trial_period_days,
+        cast(trial_amount as bigint) as trial_amount_minor,
+        on_demand,
+        customer__customer_id as customer_id,
+        customer__email as customer_email,
+        customer__name as customer_name,
+        discount_id,
+        metadata,
+        cast(_synced_at as timestamptz) as synced_at
+    from source
+)
+
+select * from final

@@ -1,0 +1,123 @@
+"""Shared fixtures: an isolated environment and the embedded sandbox (simulator + collector)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.config import AppConfig, load_config
+from pipelines.sandbox.business import Business, generate_business
+from pipelines.sandbox.collector import SegmentCollector
+from pipelines.sandbox.simulator import DodoSimulator
+
+API_KEY = "test_dodo_key_5f1c2a9e"
+WRITE_KEY = "test_write_key_8b3d7e01"
+CONTRACT_ENV = (
+    "DODO_PAYMENTS_API_KEY",
+    "DODO_PAYMENTS_ENVIRONMENT",
+    "DODO_PAYMENTS_BASE_URL",
+    "DODO_SEGMENT_DB",
+    "SEGMENT_WRITE_KEY",
+    "SEGMENT_HOST",
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No user config leaks in: fresh cwd (no .dlt/), no contract variables, no telemetry."""
+    for name in CONTRACT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith(("SOURCES__", "SEGMENT__", "EVENTS__", "WAREHOUSE__")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
+    monkeypatch.chdir(tmp_path)
+
+
+@dataclass
+class Sandbox:
+    """A running simulator and collector, plus the settings that point the job at them."""
+
+    business: Business
+    simulator: DodoSimulator
+    collector: SegmentCollector
+    db: str
+    wall: datetime
+
+    def flags(self, **overrides: Any) -> dict[str, Any]:
+        """Job settings (by dlt path) aimed at this sandbox, with fast retries."""
+        flags: dict[str, Any] = {
+            "warehouse.path": self.db,
+            "sources.dodo.api_key": API_KEY,
+            "sources.dodo.base_url": self.simulator.base_url,
+            "sources.dodo.environment": "test_mode",
+            "sources.dodo.requests_per_minute": 0,
+            "sources.dodo.max_retries": 4,
+            "sources.dodo.timeout_seconds": 5,
+            "segment.write_key": WRITE_KEY,
+            "segment.host": self.collector.base_url,
+            "segment.max_retries": 2,
+            "segment.timeout_seconds": 5,
+        }
+        flags.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return flags
+
+    def config(self, **overrides: Any) -> AppConfig:
+        """An AppConfig for this sandbox."""
+        return load_config(self.flags(**overrides))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for driving the real CLI as a subprocess against this sandbox."""
+        env = {k: v for k, v in os.environ.items() if k not in CONTRACT_ENV}
+        env.update(
+            {
+                "DODO_PAYMENTS_API_KEY": API_KEY,
+                "DODO_PAYMENTS_BASE_URL": self.simulator.base_url,
+                "DODO_PAYMENTS_ENVIRONMENT": "test_mode",
+                "DODO_SEGMENT_DB": self.db,
+                "SEGMENT_WRITE_KEY": WRITE_KEY,
+                "SEGMENT_HOST": self.collector.base_url,
+                "SOURCES__DODO__REQUESTS_PER_MINUTE": "0",
+                "SOURCES__DODO__MAX_RETRIES": "3",
+                "SOURCES__DODO__TIMEOUT_SECONDS": "5",
+                "SEGMENT__MAX_RETRIES": "2",
+                "SEGMENT__TIMEOUT_SECONDS": "5",
+                "RUNTIME__DLTHUB_TELEMETRY": "false",
+            }
+        )
+        env.update(extra)
+        return env
+
+
+def make_sandbox(tmp_path: Path, customers: int = 120, page_cap: int = 100) -> Iterator[Sandbox]:
+    """Start a sandbox whose business ends a week ago, so advance_time can bring it to now."""
+    wall = datetime.now(UTC).replace(microsecond=0)
+    business = generate_business(seed=11, customers=customers, now=wall - timedelta(days=7))
+    with (
+        DodoSimulator(business, api_key=API_KEY, page_cap=page_cap) as simulator,
+        SegmentCollector(write_key=WRITE_KEY) as collector,
+    ):
+        yield Sandbox(business, simulator, collector, str(tmp_path / "warehouse.duckdb"), wall)
+
+
+@pytest.fixture()
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    """A small business (120 customers) behind a simulator, and an empty collector."""
+    yield from make_sandbox(tmp_path)
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the installed `dodo-segment` console script as a subprocess."""
+    exe = Path(sys.executable).with_name("dodo-segment")
+    return subprocess.run(
+        [str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )

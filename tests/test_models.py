@@ -1,0 +1,380 @@
+"""SQL models on the hand-worked fixture warehouse: every value checked against hand arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipelines.transform import ModelError, TransformResult, list_models, run_models
+from tests.fixtures.hand_worked import EXPECTED, build_hand_worked_warehouse
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[duckdb.DuckDBPyConnection, TransformResult]:
+    path = tmp_path_factory.mktemp("hand") / "warehouse.duckdb"
+    build_hand_worked_warehouse(path)
+    con = duckdb.connect(str(path))
+    result = run_models(con)
+    yield con, result
+    con.close()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    path = tmp_path / "warehouse.duckdb"
+    build_hand_worked_warehouse(path)
+    con = duckdb.connect(str(path))
+    yield con
+    con.close()
+
+
+def _event_ids(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], str]:
+    rows = con.execute("select fact_kind, object_id, event_id from analytics.lifecycle_events")
+    return {(kind, obj): event_id for kind, obj, event_id in rows.fetchall()}
+
+
+def _props(con: duckdb.DuckDBPyConnection, event: str, object_id: str) -> dict:
+    row = con.execute(
+        "select properties from analytics.lifecycle_events where event = ? and object_id = ?",
+        [event, object_id],
+    ).fetchone()
+    assert row is not None, (event, object_id)
+    return json.loads(row[0])
+
+
+# --- lifecycle events -------------------------------------------------------------------------
+
+
+def test_event_counts_per_type(built) -> None:
+    con, result = built
+    counts = dict(
+        con.execute("select event, count(*) from analytics.lifecycle_events group by 1").fetchall()
+    )
+    assert counts == EXPECTED["event_counts"]
+    assert sum(counts.values()) == EXPECTED["events_total"] == 49
+    assert not result.emission_blocked
+
+
+def test_amounts_in_major_units_per_currency_exponent(built) -> None:
+    con, _ = built
+    # 1500 JPY minor = 1500 JPY (exponent 0); 12345 KWD fils = 12.345 (exponent 3)
+    assert _props(con, "Payment Completed", "pay_jpy1")["amount"] == 1500
+    kwd = _props(con, "Payment Completed", "pay_kwd1")
+    assert kwd["amount"] == 12.345 and kwd["revenue"] == 12.345 and kwd["currency"] == "KWD"
+    assert _props(con, "Payment Completed", "pay_m_usd")["amount"] == 120.5  # 12050 cents
+    # the raw JSON text has numbers, never strings
+    raw = con.execute(
+        "select properties::varchar from analytics.lifecycle_events where object_id = 'pay_kwd1' "
+        "and event = 'Payment Completed'"
+    ).fetchone()[0]
+    assert '"amount":12.345' in raw
+
+
+def test_partial_refund(built) -> None:
+    con, _ = built
+    props = _props(con, "Payment Refunded", "ref_kwd1")
+    # 2345 fils = 2.345 KWD, owned by the refunded payment's customer
+    assert props == {
+        "refund_id": "ref_kwd1",
+        "payment_id": "pay_kwd1",
+        "amount": 2.345,
+        "currency": "KWD",
+        "reason": "damaged",
+        "is_partial": True,
+    }
+    owner = con.execute(
+        "select customer_id from analytics.lifecycle_events where object_id = 'ref_kwd1'"
+    ).fetchone()[0]
+    assert owner == "cus_kwd"
+
+
+def test_subscription_renewed_three_times_and_started_once(built) -> None:
+    con, _ = built
+    renewed = dict(
+        con.execute(
+            "select properties ->> 'subscription_id', count(*) from analytics.lifecycle_events "
+            "where event = 'Subscription Renewed' group by 1"
+        ).fetchall()
+    )
+    assert renewed == EXPECTED["renewed_by_subscription"]
+    payments = [
+        r[0]
+        for r in con.execute(
+            "select object_id from analytics.lifecycle_events where event = 'Subscription "
+            "Renewed' and properties ->> 'subscription_id' = 'sub_renew' order by occurred_at"
+        ).fetchall()
+    ]
+    assert payments == ["pay_r2", "pay_r3", "pay_r4"]  # pay_r1 is the first payment
+    started = con.execute(
+        "select count(*) from analytics.lifecycle_events "
+        "where event = 'Subscription Started' and object_id = 'sub_renew'"
+    ).fetchone()[0]
+    assert started == 1
+
+
+def test_trial_started_and_ended_converted(built) -> None:
+    con, _ = built
+    started = _props(con, "Trial Started", "sub_trial")
+    # 2024-04-01 + 14 days = 2024-04-15
+    assert started["trial_start_date"] == "2024-04-01T00:00:00.000Z"
+    assert started["trial_end_date"] == "2024-04-15T00:00:00.000Z"
+    assert started["trial_plan_name"] == "Pro"
+    ended = _props(con, "Trial Ended", "sub_trial")
+    assert ended["converted"] is True  # pay_t1 at 2024-04-15 00:00
+
+
+def test_cancellation_at_period_end(built) -> None:
+    con, _ = built
+    rows = con.execute(
+        "select event, occurred_at from analytics.lifecycle_events "
+        "where object_id = 'sub_cancel' and event like 'Subscription Cancel%' order by occurred_at"
+    ).fetchall()
+    assert [(e, ts.isoformat()) for e, ts in rows] == [
+        ("Subscription Cancellation Scheduled", "2024-06-01T00:00:00+00:00"),  # seen at S2
+        ("Subscription Cancelled", "2024-06-01T12:00:00+00:00"),  # cancelled_at
+    ]
+    assert _props(con, "Subscription Cancelled", "sub_cancel")["cancel_at_next_billing"] is True
+
+
+def test_plan_change_and_hold_then_resume_across_syncs(built) -> None:
+    con, _ = built
+    assert _props(con, "Subscription Plan Changed", "sub_plan") == {
+        "subscription_id": "sub_plan",
+        "previous_status": "active",
+        "status": "active",
+        "previous_product_id": "pdt_basic",
+        "product_id": "pdt_pro",
+        "previous_quantity": 1,
+        "quantity": 2,
+    }
+    hold = con.execute(
+        "select event, occurred_at, properties ->> 'previous_status' "
+        "from analytics.lifecycle_events where object_id = 'sub_hold' "
+        "and event in ('Subscription On Hold', 'Subscription Resumed') order by occurred_at"
+    ).fetchall()
+    assert [(e, ts.date(), prev) for e, ts, prev in hold] == [
+        ("Subscription On Hold", date(2024, 6, 1), "active"),
+        ("Subscription Resumed", date(2024, 6, 30), "on_hold"),
+    ]
+
+
+def test_dispute_opened_then_won_between_syncs(built) -> None:
+    con, _ = built
+    assert _props(con, "Dispute Opened", "dp_1")["amount"] == 1500  # "1500" JPY string
+    won = _props(con, "Dispute Won", "dp_1")
+    assert won["previous_status"] == "dispute_opened" and won["status"] == "dispute_won"
+
+
+def test_unknown_customer_is_listed_and_quarantined(built) -> None:
+    con, result = built
+    assert result.quarantined == {"lifecycle_events_unknown_customer": 1}
+    test = next(t for t in result.tests if t.name == "lifecycle_events_unknown_customer")
+    assert test.failures == 1 and test.sample[0]["object_id"] == "pay_ghost"
+    quarantined = con.execute(
+        "select test_name, key_kind, key from analytics.quarantined_rows"
+    ).fetchall()
+    ghost_id = con.execute(
+        "select event_id from analytics.lifecycle_events where object_id = 'pay_ghost'"
+    ).fetchone()[0]
+    assert quarantined == [("lifecycle_events_unknown_customer", "event_id", ghost_id)]
+    outbox = con.execute("select count(*) from analytics.track_outbox").fetchone()[0]
+    assert outbox == EXPECTED["track_outbox_rows"] == 48
+    assert not con.execute(
+        "select 1 from analytics.track_outbox where event_id = ?", [ghost_id]
+    ).fetchall()
+
+
+def test_track_outbox_ready_to_send(built) -> None:
+    con, _ = built
+    rows = con.execute("select event_id, user_id, properties from analytics.track_outbox")
+    for event_id, user_id, properties in rows.fetchall():
+        assert len(event_id) <= 100 and user_id
+        assert None not in json.loads(properties).values()
+
+
+# --- customer traits and identify outbox ------------------------------------------------------
+
+
+def test_customer_traits(built) -> None:
+    con, _ = built
+    cursor = con.execute("select * from analytics.customer_traits")
+    columns = [d[0] for d in cursor.description]
+    traits = {row[0]: dict(zip(columns, row, strict=True)) for row in cursor.fetchall()}
+    assert len(traits) == 10
+    for customer_id, expected in EXPECTED["traits"].items():
+        actual = traits[customer_id]
+        for key, value in expected.items():
+            got = actual[key]
+            if key == "total_spent_by_currency":
+                got = json.loads(got)
+            elif key in ("customer_since", "last_payment_date") and got is not None:
+                got = got.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            assert got == value, (customer_id, key)
+
+
+def test_identify_outbox_traits(built) -> None:
+    con, _ = built
+    rows = {
+        user_id: (json.loads(traits), traits_hash)
+        for user_id, traits, traits_hash in con.execute(
+            "select * from analytics.identify_outbox"
+        ).fetchall()
+    }
+    nopay, _ = rows["cus_nopay"]
+    assert "customer_since" not in nopay and "currency" not in nopay  # nulls omitted
+    assert nopay["createdAt"] == "2024-03-01T00:00:00.000Z"
+    multi, multi_hash = rows["cus_multi"]
+    assert multi["total_spent"] == 140.5 and multi["currency"] == "USD"
+    assert multi["total_spent_by_currency"] == {"JPY": 3000, "USD": 120.5}
+    assert len(multi_hash) == 32
+    jpy, _ = rows["cus_jpy"]
+    assert jpy["phone"] == "+81 3 0000 0000" and "total_spent_usd" not in jpy
+
+
+# --- revenue metrics --------------------------------------------------------------------------
+
+
+def test_revenue_daily(built) -> None:
+    con, _ = built
+    rows = {
+        (str(d), cur): (gross, refunds, net, payments, gross_usd)
+        for d, cur, gross, refunds, net, payments, gross_usd in con.execute(
+            "select date, currency, gross, refunds, net, payments, gross_usd "
+            "from analytics.revenue_daily"
+        ).fetchall()
+    }
+    for key, expected in EXPECTED["revenue_daily"].items():
+        assert rows[key] == expected, key
+
+
+def test_mrr_monthly_movements(built) -> None:
+    con, _ = built
+    rows = {
+        (customer, str(month)): (mrr, previous, movement)
+        for month, customer, mrr, previous, movement in con.execute(
+            "select month, customer_id, mrr_usd, previous_mrr_usd, movement "
+            "from analytics.mrr_monthly"
+        ).fetchall()
+    }
+    for key, expected in EXPECTED["mrr_monthly"].items():
+        assert rows[key] == expected, key
+    per_customer = dict(
+        con.execute("select customer_id, count(*) from analytics.mrr_monthly group by 1").fetchall()
+    )
+    for customer, count in EXPECTED["mrr_monthly_rows"].items():
+        assert per_customer[customer] == count, customer
+    june = con.execute(
+        "select round(sum(mrr_usd), 2) from analytics.mrr_monthly where month = '2024-06-01'"
+    ).fetchone()[0]
+    assert june == EXPECTED["mrr_total_2024_06"]  # 20 + 100 + 30.33 + 10 + 20
+
+
+# --- stability of event ids -------------------------------------------------------------------
+
+
+def test_rebuild_gives_byte_identical_event_ids(fresh) -> None:
+    run_models(fresh)
+    first = fresh.execute("select event_id from analytics.lifecycle_events order by 1").fetchall()
+    run_models(fresh)
+    second = fresh.execute("select event_id from analytics.lifecycle_events order by 1").fetchall()
+    assert first == second and len(first) == 49
+
+
+def test_mutable_fields_do_not_change_event_ids(fresh) -> None:
+    run_models(fresh)
+    before = _event_ids(fresh)
+    fresh.execute(
+        "update dodo_raw.customers set email = 'new@example.jp' where customer_id = 'cus_jpy'"
+    )
+    fresh.execute(
+        "update dodo_raw.payments set customer__email = 'new@example.jp' where customer__customer_id = 'cus_jpy'"
+    )
+    fresh.execute(
+        "update dodo_raw.payments set refund_status = 'partial' where payment_id = 'pay_kwd1'"
+    )
+    run_models(fresh)
+    after = _event_ids(fresh)
+    assert after == before
+    email = fresh.execute(
+        "select traits ->> 'email' from analytics.identify_outbox where user_id = 'cus_jpy'"
+    ).fetchone()[0]
+    assert email == "new@example.jp"
+
+
+def test_catalog_switch_keeps_event_ids(fresh) -> None:
+    run_models(fresh, event_catalog="default")
+    default_ids = _event_ids(fresh)
+    run_models(fresh, event_catalog="ecommerce")
+    assert _event_ids(fresh) == default_ids
+    order = _props(fresh, "Order Completed", "pay_r1")
+    assert order == {
+        "order_id": "pay_r1",
+        "total": 10.0,
+        "revenue": 10.0,
+        "currency": "USD",
+        "products": [{"product_id": "pdt_basic", "quantity": 1}],
+    }
+    assert "products" not in _props(fresh, "Order Completed", "pay_jpy1")  # no subscription
+    refund = _props(fresh, "Order Refunded", "ref_kwd1")
+    assert refund == {"order_id": "pay_kwd1", "total": 2.345, "currency": "KWD"}
+    names = {r[0] for r in fresh.execute("select event from analytics.track_outbox").fetchall()}
+    assert "Payment Completed" not in names and "Order Completed" in names
+
+
+# --- runner -----------------------------------------------------------------------------------
+
+
+def test_models_are_ordered_by_their_references() -> None:
+    order = [m.name for m in list_models(SQL_DIR)]
+    position = {name: i for i, name in enumerate(order)}
+    for model in list_models(SQL_DIR):
+        for dependency in model.depends_on:
+            assert position[dependency] < position[model.name]
+    assert position["lifecycle_events"] < position["track_outbox"]
+    assert position["customer_traits"] < position["identify_outbox"]
+
+
+def test_empty_warehouse_builds(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "empty.duckdb"))
+    result = run_models(con)
+    assert not result.emission_blocked
+    assert con.execute("select count(*) from analytics.track_outbox").fetchone()[0] == 0
+
+
+def test_broken_model_raises_model_error_naming_the_file(fresh, tmp_path: Path) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_dir)
+    broken = sql_dir / "marts" / "revenue_daily.sql"
+    broken.write_text(broken.read_text().replace("select\n    date,", "selec\n    date,", 1))
+    with pytest.raises(ModelError) as excinfo:
+        run_models(fresh, sql_dir=sql_dir)
+    assert excinfo.value.path == broken
+    assert "revenue_daily.sql" in str(excinfo.value) and "syntax" in str(excinfo.value).lower()
+
+
+def test_failing_error_test_blocks_emission(fresh, tmp_path: Path) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_dir)
+    tests_file = sql_dir / "marts" / "customer_traits.tests.sql"
+    tests_file.write_text(
+        tests_file.read_text()
+        + "\n-- test: customer_traits_always_fails\n-- severity: error\n"
+        + "select customer_id from analytics.customer_traits where customer_id = 'cus_jpy'\n"
+    )
+    result = run_models(fresh, sql_dir=sql_dir)
+    assert result.emission_blocked
+    assert [e.name for e in result.errors] == ["customer_traits_always_fails"]
+    status = fresh.execute(
+        "select status from analytics.data_test_results where test_name = ?",
+        ["customer_traits_always_fails"],
+    ).fetchone()[0]
+    assert status == "fail"
