@@ -283,5 +283,14 @@ def _run(config: Any, options: RunOptions) -> int:
     return int(report.exit_code if report.exit_code is not None else ExitCode.FAILED)
 
 
+def entry() -> None:
+    """Console-script entry: exit without interpreter teardown noise from native extensions."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -49,6 +49,8 @@ class ExtractConfig:
     timeout_seconds: float
     max_retries: int
     rows_per_load: int
+    as_of: datetime | None = None
+    """Read the API as of this time instead of now (replays, and the sandbox's own clock)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,9 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         timeout_seconds=_number("sources.dodo.timeout_seconds", flags, 60),
         max_retries=int(_number("sources.dodo.max_retries", flags, 8)),
         rows_per_load=int(_number("sources.dodo.rows_per_load", flags, 250_000)),
+        as_of=_datetime("sources.dodo.as_of", flags, "")
+        if lookup("sources.dodo.as_of", flags)
+        else None,
     )
     segment = SegmentConfig(
         write_key=str(lookup("segment.write_key", flags, "") or ""),

@@ -202,7 +202,7 @@ def run_extract(
     )
     plan = ExtractPlan(
         client=client,
-        run_started_at=(run_started_at or datetime.now(UTC)).replace(microsecond=0),
+        run_started_at=(run_started_at or xc.as_of or datetime.now(UTC)).replace(microsecond=0),
         backfill_start=xc.backfill_start,
         lookback=timedelta(days=xc.lookback_days),
         full_sweep_max_age={

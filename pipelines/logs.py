@@ -70,5 +70,6 @@ def setup_logging(log_format: str = "text", verbose: bool = False) -> None:
     for name in ("dlt", "segment", "urllib3", "backoff", "analytics"):
         noisy = logging.getLogger(name)
         noisy.handlers[:] = []
+        noisy.filters[:] = [_ScrubbingFilter()]
         noisy.propagate = True
         noisy.setLevel(logging.INFO if verbose else logging.WARNING)

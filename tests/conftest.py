@@ -67,6 +67,8 @@ class Sandbox:
             "segment.host": self.collector.base_url,
             "segment.max_retries": 2,
             "segment.timeout_seconds": 5,
+            # the sandbox's clock: a run reads the business as of its simulated "now"
+            "sources.dodo.as_of": self.business.now.isoformat(),
         }
         flags.update({k.replace("__", "."): v for k, v in overrides.items()})
         return flags
@@ -91,6 +93,7 @@ class Sandbox:
                 "SOURCES__DODO__TIMEOUT_SECONDS": "5",
                 "SEGMENT__MAX_RETRIES": "2",
                 "SEGMENT__TIMEOUT_SECONDS": "5",
+                "SOURCES__DODO__AS_OF": self.business.now.isoformat(),
                 "RUNTIME__DLTHUB_TELEMETRY": "false",
             }
         )
