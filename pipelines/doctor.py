@@ -31,7 +31,10 @@ def check_dodo(config: AppConfig) -> tuple[bool, str]:
             timeout=min(xc.timeout_seconds, 15),
         )
     except requests.RequestException as exc:
-        return False, f"cannot reach {xc.base_url}: {type(exc).__name__} (check the URL and network)"
+        return (
+            False,
+            f"cannot reach {xc.base_url}: {type(exc).__name__} (check the URL and network)",
+        )
     if response.status_code in (401, 403):
         return False, (
             f"{xc.base_url} refused the key (HTTP {response.status_code}): check "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -13,10 +14,12 @@ from typing import Any
 
 import dlt
 import duckdb
+from dlt.pipeline.exceptions import PipelineStepFailed
 
 from pipelines.config import AppConfig, pipeline_dir
-from pipelines.dodo import FULL_SWEEP_RESOURCES, ExtractPlan, dodo_source
-from pipelines.dodo.client import ClientSettings, DodoClient
+from pipelines.dodo import ExtractPlan, dodo_source
+from pipelines.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.logs import quiet_dlt
 from pipelines.settings import (
     DISPUTE_HISTORY_TABLE,
     NON_TERMINAL_STATUSES,
@@ -97,6 +100,7 @@ class ExtractResult:
 def make_pipeline(warehouse_path: str) -> dlt.Pipeline:
     """The dlt pipeline that loads dodo_raw in the given warehouse; its folder sits beside it."""
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    quiet_dlt()
     destination: Any = (
         dlt.destinations.motherduck(warehouse_path)
         if warehouse_path.startswith("md:")
@@ -159,6 +163,39 @@ def _known_non_terminal(warehouse_path: str) -> dict[str, list[tuple[str, dateti
     return known
 
 
+REJECTED_RECORDS_SQL = f"""
+create table if not exists {RAW_DATASET}.{REJECTED_RECORDS_TABLE} (
+    resource varchar not null, reason varchar not null, record_json varchar not null,
+    record_hash varchar not null, rejected_at timestamptz not null,
+    primary key (resource, record_hash)
+)
+"""
+
+
+def store_rejected(warehouse_path: str, rejected: list[dict[str, Any]]) -> int:
+    """Keep the items the extract set aside (idempotent: a re-read item is stored once)."""
+    if not rejected:
+        return 0
+    rows = [
+        (
+            r["resource"],
+            r["reason"],
+            r["record_json"],
+            hashlib.sha256(r["record_json"].encode()).hexdigest(),
+            r["rejected_at"],
+        )
+        for r in rejected
+    ]
+    with duckdb.connect(warehouse_path) as con:
+        con.execute(f"create schema if not exists {RAW_DATASET}")
+        con.execute(REJECTED_RECORDS_SQL)
+        con.executemany(
+            f"insert into {RAW_DATASET}.{REJECTED_RECORDS_TABLE} values (?, ?, ?, ?, ?) on conflict do nothing",
+            rows,
+        )
+    return len(rows)
+
+
 def record_history(warehouse_path: str) -> None:
     """Append the subscription and dispute states this sync saw for the first time."""
     with duckdb.connect(warehouse_path) as con:
@@ -175,18 +212,25 @@ def record_history(warehouse_path: str) -> None:
             con.execute(DISPUTE_HISTORY_SQL)
 
 
-def run_extract(
+def _step(step: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a dlt step; surface our own API errors instead of dlt's wrapper around them."""
+    try:
+        return step(*args, **kwargs)
+    except PipelineStepFailed as exc:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, DodoApiError):
+                raise cause from None
+            cause = getattr(cause, "exception", None) or cause.__cause__ or cause.__context__
+        raise
+
+
+def build_plan(
     config: AppConfig,
     full_refresh: frozenset[str] = frozenset(),
-    resources: tuple[str, ...] = RESOURCES,
     run_started_at: datetime | None = None,
-) -> ExtractResult:
-    """Extract every resource from the API and load it into dodo_raw, as many loads as needed."""
-    result = ExtractResult()
-    started = time.monotonic()
-    result.recovered = recover_pending(config.warehouse_path)
-    if result.recovered:
-        log.warning("%s", result.recovered)
+) -> ExtractPlan:
+    """Decide what this run reads: clock, lookback, sweeps, and the objects still open."""
     xc = config.extract
     client = DodoClient(
         ClientSettings(
@@ -200,7 +244,7 @@ def run_extract(
             max_retries=xc.max_retries,
         )
     )
-    plan = ExtractPlan(
+    return ExtractPlan(
         client=client,
         run_started_at=(run_started_at or xc.as_of or datetime.now(UTC)).replace(microsecond=0),
         backfill_start=xc.backfill_start,
@@ -213,17 +257,37 @@ def run_extract(
         rows_per_load=xc.rows_per_load,
         known_non_terminal=_known_non_terminal(config.warehouse_path),
     )
-    assert set(FULL_SWEEP_RESOURCES) <= set(plan.full_sweep_max_age)
+
+
+def run_extract(
+    config: AppConfig,
+    full_refresh: frozenset[str] = frozenset(),
+    resources: tuple[str, ...] = RESOURCES,
+    run_started_at: datetime | None = None,
+) -> ExtractResult:
+    """Extract every resource from the API and load it into dodo_raw, as many loads as needed."""
+    result = ExtractResult()
+    started = time.monotonic()
+    result.recovered = recover_pending(config.warehouse_path)
+    if result.recovered:
+        log.warning("%s", result.recovered)
+    plan = build_plan(config, full_refresh, run_started_at)
+    client = plan.client
     rows: Counter[str] = Counter()
     timings: Counter[str] = Counter()
     pipeline = make_pipeline(config.warehouse_path)
+    pipeline.sync_destination()  # a lost local folder: state and schema come back from the warehouse
     pending = tuple(resources)
     try:
         while pending and result.loads < MAX_LOADS_PER_RUN:
             source = dodo_source(plan, pending)
-            pipeline.extract(source, loader_file_format="parquet")
-            pipeline.normalize()
-            pipeline.load()
+            _step(pipeline.extract, source, loader_file_format="parquet")
+            # Stored before the load: if the load fails, the rewound state re-reads them and
+            # the insert is idempotent, so a set-aside item is never lost.
+            result.rejected_records += store_rejected(config.warehouse_path, plan.rejected)
+            plan.rejected.clear()
+            _step(pipeline.normalize)
+            _step(pipeline.load)
             result.loads += 1
             trace = pipeline.last_trace
             for step in trace.steps:
@@ -244,6 +308,5 @@ def run_extract(
     record_history(config.warehouse_path)
     timings["history"] += time.monotonic() - t0
     result.rows_loaded = {t: n for t, n in rows.items() if not t.startswith("_dlt")}
-    result.rejected_records = rows.get(REJECTED_RECORDS_TABLE, 0)
     result.seconds = {**timings, "total": time.monotonic() - started}
     return result

@@ -36,6 +36,20 @@ class _ScrubbingFilter(logging.Filter):
         return "when merging arrow schema with dlt schema" not in message
 
 
+class _ArrowHintNoise(logging.Filter):
+    """dlt warns on every page that our JSON columns arrive as Arrow strings: expected, silenced."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "when merging arrow schema with dlt schema" not in record.getMessage()
+
+
+def quiet_dlt() -> None:
+    """Drop dlt's per-page warning about JSON hints on Arrow string columns."""
+    dlt_logger = logging.getLogger("dlt")
+    if not any(isinstance(f, _ArrowHintNoise) for f in dlt_logger.filters):
+        dlt_logger.addFilter(_ArrowHintNoise())
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers."""
 

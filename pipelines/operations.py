@@ -26,7 +26,10 @@ def print_preview(preview: Any) -> None:
             else ""
         )
     )
-    for title, samples in (("identify", preview.identify_samples), ("track", preview.track_samples)):
+    for title, samples in (
+        ("identify", preview.identify_samples),
+        ("track", preview.track_samples),
+    ):
         for message in samples:
             print(f"  {title}: {json.dumps(message, default=str, ensure_ascii=False)}")
 
@@ -54,7 +57,10 @@ def _finish(config: AppConfig, report: RunReport, result: Any) -> int:
         report.outcome, report.exit_code = "failed", ExitCode.FAILED
         report.error = scrub(result.error or "Segment did not accept the messages")
     elif result.rejected:
-        report.outcome, report.exit_code = "finished_with_rejections", ExitCode.REJECTED_OR_QUARANTINED
+        report.outcome, report.exit_code = (
+            "finished_with_rejections",
+            ExitCode.REJECTED_OR_QUARANTINED,
+        )
     else:
         report.outcome, report.exit_code = "success", ExitCode.OK
     with warehouse.connect(config.warehouse_path) as con:

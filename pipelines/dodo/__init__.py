@@ -16,13 +16,9 @@ from pipelines.dodo.windows import ONE_MICROSECOND, walk_windows
 from pipelines.settings import (
     NON_TERMINAL_STATUSES,
     PRIMARY_KEYS,
-    REJECTED_RECORDS_TABLE,
     RESOURCES,
     STATUS_FILTER_PARAMS,
 )
-
-FULL_SWEEP_RESOURCES = ("customers", "subscriptions")
-"""Resources that are periodically re-read whole: they change without a new created_at."""
 
 
 @dataclass
@@ -38,6 +34,8 @@ class ExtractPlan:
     rows_per_load: int = 250_000
     known_non_terminal: dict[str, list[tuple[str, datetime]]] = field(default_factory=dict)
     """Objects the warehouse holds in a non-terminal status: (primary key, created_at)."""
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    """Items set aside during extraction; the extract step stores them before loading."""
 
 
 def _parse(value: str | None) -> datetime | None:
@@ -48,11 +46,7 @@ def _page_out(resource: str, items: list[dict[str, Any]], plan: ExtractPlan, **o
     table, rejected = to_arrow(resource, items, plan.run_started_at, overrides or None)
     if table is not None:
         yield table
-    if rejected:
-        yield dlt.mark.with_hints(
-            rejected,
-            dlt.mark.make_hints(table_name=REJECTED_RECORDS_TABLE, write_disposition="append"),
-        )
+    plan.rejected.extend(rejected)
 
 
 def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:

@@ -1,0 +1,239 @@
+"""The emitter's state in the warehouse (`segment_sync`): delivery ledger, identify hashes, rejects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+_SCHEMA = (
+    "CREATE SCHEMA IF NOT EXISTS segment_sync",
+    """CREATE TABLE IF NOT EXISTS segment_sync.delivered_events (
+        event_id VARCHAR PRIMARY KEY,
+        run_id VARCHAR NOT NULL,
+        status VARCHAR NOT NULL CHECK (status IN ('delivered', 'skipped')),
+        delivered_at TIMESTAMPTZ NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS segment_sync.identify_state (
+        user_id VARCHAR PRIMARY KEY,
+        traits_hash VARCHAR NOT NULL,
+        sent_at TIMESTAMPTZ NOT NULL,
+        run_id VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS segment_sync.rejected_messages (
+        message_id VARCHAR,
+        kind VARCHAR NOT NULL,
+        user_id VARCHAR,
+        reason VARCHAR NOT NULL,
+        payload JSON,
+        rejected_at TIMESTAMPTZ NOT NULL,
+        run_id VARCHAR NOT NULL
+    )""",
+)
+
+# Tracks a normal run sends: never delivered nor rejected, plus (with events_since) skipped
+# backlog from that date. Parameters: since, since.
+_RUN_TRACKS = """
+    FROM analytics.track_outbox o
+    LEFT JOIN segment_sync.delivered_events d ON d.event_id = o.event_id
+    WHERE o.event_id IS NOT NULL
+      AND (d.event_id IS NULL
+           OR (d.status = 'skipped' AND $since::TIMESTAMPTZ IS NOT NULL AND o.occurred_at >= $since))
+      AND NOT EXISTS (SELECT 1 FROM segment_sync.rejected_messages r
+                      WHERE r.kind = 'track' AND r.message_id = o.event_id)
+"""
+# Tracks a resend sends: everything from `since` (optionally one event name), whatever its state.
+_RESEND_TRACKS = """
+    FROM analytics.track_outbox o
+    WHERE o.event_id IS NOT NULL AND o.occurred_at >= $since
+      AND ($event::VARCHAR IS NULL OR o.event = $event)
+"""
+_TRACK_COLUMNS = (
+    "SELECT o.event_id, o.user_id, o.event, epoch_us(o.occurred_at), o.properties::VARCHAR"
+)
+
+
+def ensure_sync_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the `segment_sync` tables the emitter owns (not `runs`, which the CLI owns)."""
+    cur = con.cursor()
+    for statement in _SCHEMA:
+        cur.execute(statement)
+
+
+def is_first_sync(con: duckdb.DuckDBPyConnection) -> bool:
+    """True when nothing was ever recorded: no ledger row (delivered or skipped), no identify."""
+    row = (
+        con.cursor()
+        .execute(
+            """SELECT NOT EXISTS (SELECT 1 FROM segment_sync.delivered_events)
+              AND NOT EXISTS (SELECT 1 FROM segment_sync.identify_state)"""
+        )
+        .fetchone()
+    )
+    return bool(row and row[0])
+
+
+def record_skipped_backlog(
+    con: duckdb.DuckDBPyConnection, run_id: str, before: datetime | None
+) -> int:
+    """Record the outbox backlog (all of it, or what occurred before `before`) as skipped."""
+    cur = con.cursor()
+    cur.execute(
+        """INSERT INTO segment_sync.delivered_events
+           SELECT DISTINCT o.event_id, $run_id, 'skipped', current_timestamp
+           FROM analytics.track_outbox o
+           WHERE o.event_id IS NOT NULL
+             AND ($before::TIMESTAMPTZ IS NULL OR o.occurred_at < $before)
+           ON CONFLICT DO NOTHING""",
+        {"run_id": run_id, "before": before},
+    )
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def count_tracks(
+    con: duckdb.DuckDBPyConnection,
+    since: datetime | None,
+    resend_event: str | None = None,
+    resend: bool = False,
+) -> int:
+    """How many tracks a run (or a resend) would send."""
+    if resend:
+        sql, params = "SELECT count(*)" + _RESEND_TRACKS, {"since": since, "event": resend_event}
+    else:
+        sql, params = "SELECT count(*)" + _RUN_TRACKS, {"since": since}
+    row = con.cursor().execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def iter_tracks(
+    con: duckdb.DuckDBPyConnection,
+    since: datetime | None,
+    resend_event: str | None = None,
+    resend: bool = False,
+    chunk: int = 5000,
+) -> Iterator[tuple[Any, ...]]:
+    """Stream (event_id, user_id, event, occurred_at_us, properties_json) rows, oldest first.
+
+    Runs on its own cursor so ledger writes on other cursors do not discard the result.
+    """
+    if resend:
+        sql = _TRACK_COLUMNS + _RESEND_TRACKS + " ORDER BY o.occurred_at, o.event_id"
+        params: dict[str, Any] = {"since": since, "event": resend_event}
+    else:
+        sql = _TRACK_COLUMNS + _RUN_TRACKS + " ORDER BY o.occurred_at, o.event_id"
+        params = {"since": since}
+    cur = con.cursor()
+    cur.execute(sql, params)
+    while rows := cur.fetchmany(chunk):
+        yield from rows
+
+
+def iter_identify_rows(
+    con: duckdb.DuckDBPyConnection, customer_ids: Sequence[str] | None = None, chunk: int = 5000
+) -> Iterator[tuple[str, str | None, str | None]]:
+    """Stream (user_id, traits_json, last_sent_hash) for every (or the named) customer."""
+    cur = con.cursor()
+    cur.execute(
+        """SELECT o.user_id, o.traits::VARCHAR, s.traits_hash
+           FROM analytics.identify_outbox o
+           LEFT JOIN segment_sync.identify_state s ON s.user_id = o.user_id
+           WHERE o.user_id IS NOT NULL
+             AND ($ids::VARCHAR[] IS NULL OR list_contains($ids::VARCHAR[], o.user_id))
+           ORDER BY o.user_id""",
+        {"ids": list(customer_ids) if customer_ids is not None else None},
+    )
+    while rows := cur.fetchmany(chunk):
+        yield from rows
+
+
+def rejected_identify_ids(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """messageIds of identifies rejected before (the same traits are not retried automatically)."""
+    rows = (
+        con.cursor()
+        .execute("SELECT message_id FROM segment_sync.rejected_messages WHERE kind = 'identify'")
+        .fetchall()
+    )
+    return {r[0] for r in rows if r[0] is not None}
+
+
+def mark_delivered(con: duckdb.DuckDBPyConnection, run_id: str, event_ids: Sequence[str]) -> None:
+    """Record tracks Segment accepted (one statement; skipped rows become delivered)."""
+    if not event_ids:
+        return
+    batch = pa.table({"event_id": list(dict.fromkeys(event_ids))})
+    _insert_from(
+        con,
+        "delivered_batch",
+        batch,
+        """INSERT INTO segment_sync.delivered_events
+           SELECT event_id, $run_id, 'delivered', current_timestamp FROM delivered_batch
+           ON CONFLICT (event_id) DO UPDATE SET
+               status = 'delivered', run_id = excluded.run_id, delivered_at = excluded.delivered_at""",
+        {"run_id": run_id},
+    )
+
+
+def save_identify_state(
+    con: duckdb.DuckDBPyConnection, run_id: str, sent: Sequence[tuple[str, str]]
+) -> None:
+    """Record the hash of the traits Segment accepted, per customer (user_id, traits_hash)."""
+    if not sent:
+        return
+    latest = dict(sent)
+    batch = pa.table({"user_id": list(latest), "traits_hash": list(latest.values())})
+    _insert_from(
+        con,
+        "identify_batch",
+        batch,
+        """INSERT INTO segment_sync.identify_state
+           SELECT user_id, traits_hash, current_timestamp, $run_id FROM identify_batch
+           ON CONFLICT (user_id) DO UPDATE SET
+               traits_hash = excluded.traits_hash, sent_at = excluded.sent_at,
+               run_id = excluded.run_id""",
+        {"run_id": run_id},
+    )
+
+
+def record_rejected(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    rejected: Sequence[tuple[str | None, str, str | None, str, str]],
+) -> None:
+    """Append rejected messages: (message_id, kind, user_id, reason, payload_json)."""
+    if not rejected:
+        return
+    cols = list(zip(*rejected, strict=True))
+    batch = pa.table(
+        {
+            "message_id": pa.array(cols[0], pa.string()),
+            "kind": pa.array(cols[1], pa.string()),
+            "user_id": pa.array(cols[2], pa.string()),
+            "reason": pa.array(cols[3], pa.string()),
+            "payload": pa.array(cols[4], pa.string()),
+        }
+    )
+    _insert_from(
+        con,
+        "rejected_batch",
+        batch,
+        """INSERT INTO segment_sync.rejected_messages
+           SELECT message_id, kind, user_id, reason, payload::JSON, current_timestamp, $run_id
+           FROM rejected_batch""",
+        {"run_id": run_id},
+    )
+
+
+def _insert_from(
+    con: duckdb.DuckDBPyConnection, name: str, batch: pa.Table, sql: str, params: dict[str, Any]
+) -> None:
+    """Run one INSERT ... SELECT over an Arrow table registered under `name`."""
+    cur = con.cursor()
+    cur.register(name, batch)
+    try:
+        cur.execute(sql, params)
+    finally:
+        cur.unregister(name)

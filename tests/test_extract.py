@@ -1,0 +1,261 @@
+"""Extract + load against the Dodo API simulator over HTTP, checked against the simulator's truth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipelines.config import pipeline_dir
+from pipelines.dodo import dodo_source
+from pipelines.dodo.client import ClientSettings, DodoClient, format_timestamp
+from pipelines.extract import build_plan, make_pipeline, run_extract
+from pipelines.sandbox.faults import set_field
+from pipelines.settings import PRIMARY_KEYS, RESOURCES
+from tests.conftest import API_KEY, Sandbox, make_sandbox, run_cli
+
+
+def warehouse_ids(db: str, resource: str) -> list[str]:
+    with duckdb.connect(db, read_only=True) as con:
+        key = PRIMARY_KEYS[resource]
+        return [r[0] for r in con.execute(f'select "{key}" from dodo_raw."{resource}"').fetchall()]
+
+
+def truth_ids(sandbox: Sandbox, resource: str) -> set[str]:
+    return {item[PRIMARY_KEYS[resource]] for item in getattr(sandbox.business, resource)}
+
+
+def assert_matches_truth(sandbox: Sandbox) -> None:
+    for resource in RESOURCES:
+        loaded = warehouse_ids(sandbox.db, resource)
+        assert len(loaded) == len(set(loaded)), f"duplicate rows in {resource}"
+        assert set(loaded) == truth_ids(sandbox, resource), resource
+
+
+def test_full_extract_loads_every_row_of_every_resource(sandbox: Sandbox) -> None:
+    result = run_extract(sandbox.config())
+    assert_matches_truth(sandbox)
+    assert result.rows_loaded["payments"] == len(sandbox.business.payments)
+    assert sum(result.api_requests.values()) == sum(
+        sandbox.simulator.request_counts_by_endpoint().values()
+    )
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        # money stays in integer minor units; metadata is one JSON column
+        types = dict(
+            con.execute(
+                "select column_name, data_type from duckdb_columns() where schema_name = 'dodo_raw' and table_name = 'payments'"
+            ).fetchall()
+        )
+        assert types["total_amount"] == "BIGINT"
+        assert types["metadata"] == "JSON"
+        assert types["created_at"] == "TIMESTAMP WITH TIME ZONE"
+        jpy = con.execute(
+            "select total_amount from dodo_raw.payments where currency = 'JPY' limit 1"
+        ).fetchone()
+        assert jpy is not None
+        archived = con.execute(
+            "select count(*) from dodo_raw.products where is_archived"
+        ).fetchone()[0]
+        assert archived == len(sandbox.business.archived_product_ids) > 0
+
+
+@pytest.mark.parametrize("rows", [100, 101, 250])
+def test_paging_crosses_page_boundaries_exactly(sandbox: Sandbox, rows: int) -> None:
+    moment = sandbox.business.now - timedelta(days=1, seconds=7)
+    added = {c["customer_id"] for c in sandbox.business.add_customers(rows, at=moment)}
+    client = DodoClient(ClientSettings(base_url=sandbox.simulator.base_url, api_key=API_KEY))
+    stamp = format_timestamp(moment)
+    pages = list(client.list_query("customers", {"created_at_gte": stamp, "created_at_lte": stamp}))
+    got = [item["customer_id"] for page in pages for item in page]
+    assert len(got) == rows and set(got) == added
+    # 0-based: pages 0..n, the last one short or empty (100 rows -> a second, empty page)
+    assert client.requests_by_resource["customers"] == rows // 100 + 1
+    numbers = [int(q["page_number"]) for p, q in sandbox.simulator.requests if p == "/customers"]
+    assert numbers == list(range(rows // 100 + 1))
+
+
+def test_windows_shrink_below_the_servers_paging_cap(tmp_path: Path) -> None:
+    # The server caps paging at 3 pages; the extract may read 2 per query: windows must split.
+    for sandbox in make_sandbox(tmp_path, page_cap=3):
+        run_extract(sandbox.config(**{"sources.dodo.max_pages_per_query": 2}))
+        assert len(sandbox.business.payments) > 300  # more than one query could ever return
+        assert_matches_truth(sandbox)
+        deepest = max(int(q.get("page_number", 0)) for _, q in sandbox.simulator.requests)
+        assert deepest <= 1
+
+
+def test_second_run_reads_only_the_lookback_window_and_open_objects(sandbox: Sandbox) -> None:
+    config = sandbox.config()
+    first = run_extract(config)
+    cursor = first_run_start = sandbox.business.now.replace(microsecond=0)
+    sandbox.simulator.reset_counts()
+    second = run_extract(config)
+    lookback_start = cursor - timedelta(days=config.extract.lookback_days)
+    for path, query in sandbox.simulator.requests:
+        if path == "/products":
+            continue
+        status_filter = query.get("status") or query.get("dispute_status")
+        exact = query.get("created_at_gte") == query.get("created_at_lte")
+        if not status_filter and not exact:
+            assert query["created_at_gte"] >= format_timestamp(lookback_start), (path, query)
+    assert sum(second.api_requests.values()) < sum(first.api_requests.values())
+    assert first_run_start  # a no-change rerun loads nothing new
+    assert_matches_truth(sandbox)
+
+
+def test_status_changes_are_picked_up_whatever_their_age(sandbox: Sandbox) -> None:
+    config = sandbox.config()
+    run_extract(config)
+    old = [p for p in sandbox.business.payments if p["status"] == "succeeded"][0]
+    processing = sandbox.business.add_payments(
+        1, "processing", at=sandbox.business.now - timedelta(days=40)
+    )[0]
+    run_extract(config)  # the old processing payment is now known to the warehouse
+    sandbox.business.set_payment_status(processing["payment_id"], "succeeded")
+    run_extract(config)
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        status = con.execute(
+            "select status from dodo_raw.payments where payment_id = ?", [processing["payment_id"]]
+        ).fetchone()
+        assert status == ("succeeded",)
+        assert con.execute(
+            "select count(*) from dodo_raw.payments where payment_id = ?", [old["payment_id"]]
+        ).fetchone() == (1,)
+
+
+def test_subscription_transitions_are_kept_as_history(sandbox: Sandbox) -> None:
+    def sync(hours_later: int) -> None:
+        as_of = (sandbox.business.now + timedelta(hours=hours_later)).isoformat()
+        run_extract(sandbox.config(**{"sources.dodo.as_of": as_of}))
+
+    sync(0)
+    active = next(s for s in sandbox.business.subscriptions if s["status"] == "active")
+    sandbox.business.set_subscription_status(active["subscription_id"], "on_hold")
+    sync(1)
+    sandbox.business.set_subscription_status(active["subscription_id"], "active")
+    sync(2)
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        history = con.execute(
+            "select status from dodo_raw.subscription_history where subscription_id = ? order by observed_at",
+            [active["subscription_id"]],
+        ).fetchall()
+        per_sub = con.execute(
+            "select max(n) from (select count(*) n from dodo_raw.subscription_history group by subscription_id)"
+        ).fetchone()
+    assert [h[0] for h in history] == ["active", "on_hold", "active"]
+    assert per_sub[0] == 3  # nothing else gained history rows
+
+
+def test_rate_limits_and_server_errors_are_survived_without_loss(sandbox: Sandbox) -> None:
+    sim = sandbox.simulator
+    sim.inject_fault(path="/payments", status=429, retry_after=0.2, times=3)
+    sim.inject_fault(path="/payments", status=429, times=1)  # no Retry-After: backoff
+    for status in (500, 502, 503):
+        sim.inject_fault(path="/payments", status=status, times=1)
+    result = run_extract(sandbox.config(**{"sources.dodo.max_retries": 8}))
+    assert result.api_retries["payments"] == 7
+    assert_matches_truth(sandbox)
+
+
+def test_unknown_fields_and_enum_values_are_loaded_not_fatal(sandbox: Sandbox) -> None:
+    new_field = set_field("loyalty_tier", "gold")
+    new_enum = set_field("status", "partially_refunded_v2", first_only=True)
+    sandbox.simulator.inject_fault(
+        path="/payments",
+        mutate=lambda items, ctx: new_enum(new_field(items, ctx), ctx),
+        times=10_000,
+    )
+    run_extract(sandbox.config())
+    assert_matches_truth(sandbox)
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        assert (
+            con.execute(
+                "select count(*) from dodo_raw.payments where loyalty_tier = 'gold'"
+            ).fetchone()[0]
+            > 0
+        )
+        assert (
+            con.execute(
+                "select count(*) from dodo_raw.payments where status = 'partially_refunded_v2'"
+            ).fetchone()[0]
+            > 0
+        )
+
+
+def test_an_item_missing_its_key_is_set_aside_and_reported(sandbox: Sandbox) -> None:
+    def drop_first_refund_id(items: list, _context: object) -> list:
+        if items:
+            items[0].pop("refund_id")
+        return items
+
+    sandbox.simulator.inject_fault(path="/refunds", mutate=drop_first_refund_id, times=10_000)
+    result = run_extract(sandbox.config())
+    assert result.rejected_records > 0
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        reasons = con.execute(
+            "select distinct resource, reason from dodo_raw.rejected_records"
+        ).fetchall()
+        loaded = con.execute("select count(*) from dodo_raw.refunds").fetchone()[0]
+    assert reasons == [("refunds", "missing refund_id")]
+    assert loaded + result.rejected_records == len(sandbox.business.refunds)
+
+
+def test_a_failed_load_is_cleaned_and_its_rows_read_again(sandbox: Sandbox) -> None:
+    config = sandbox.config()
+    run_extract(config)
+    new = sandbox.business.add_payments(30, at=sandbox.business.now - timedelta(hours=1))
+    # The next load fails for real: another process holds the warehouse while dlt loads.
+    pipeline = make_pipeline(config.warehouse_path)
+    pipeline.extract(dodo_source(build_plan(config)), loader_file_format="parquet")
+    pipeline.normalize()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({config.warehouse_path!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match="(?i)lock"):
+            pipeline.load()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pipeline.has_pending_data  # the state was advanced locally, the rows never landed
+    result = run_extract(config)
+    assert result.recovered and "rewound" in result.recovered
+    assert {p["payment_id"] for p in new} <= set(warehouse_ids(config.warehouse_path, "payments"))
+    assert_matches_truth(sandbox)
+
+
+def test_state_is_restored_from_the_warehouse_when_the_local_folder_is_gone(
+    sandbox: Sandbox,
+) -> None:
+    config = sandbox.config()
+    first = run_extract(config)
+    import shutil
+
+    shutil.rmtree(pipeline_dir(config.warehouse_path))
+    second = run_extract(config)
+    assert sum(second.api_requests.values()) < sum(first.api_requests.values()) / 2
+    assert_matches_truth(sandbox)
+
+
+def test_bad_key_gives_one_line_error_and_nonzero_exit(sandbox: Sandbox) -> None:
+    env = sandbox.env(DODO_PAYMENTS_API_KEY="sk_wrong_key_123456")
+    started = time.monotonic()
+    result = run_cli("run", "--skip-emit", env=env)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dodo-segment:")]
+    assert len(lines) == 1 and "DODO_PAYMENTS_API_KEY" in lines[0] and "test_mode" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "sk_wrong_key_123456" not in result.stderr + result.stdout
+    assert time.monotonic() - started < 60  # no retries on 401
+
+
+def test_telemetry_is_off_by_default(sandbox: Sandbox) -> None:
+    pipeline = make_pipeline(sandbox.db)
+    assert pipeline.run_context.runtime_config.dlthub_telemetry is False
