@@ -36,7 +36,8 @@ soak: install
 	DODO_SEGMENT_SOAK_KILLS=200 $(BIN)/python -m pytest -q tests/test_reliability.py -k kill
 
 notebooks: install
-	$(BIN)/jupyter lab notebooks/ 2>/dev/null || $(BIN)/python -m jupyter notebook notebooks/
+	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks,lab]"
+	$(BIN)/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) demo.duckdb demo.duckdb.* .pytest_cache

@@ -4,40 +4,22 @@
 -- subscription and contributes its USD amount / (months in that period) (Day = 1/30.4375,
 -- Week = 12/52, Month = 1, Year = 12 months). A customer's MRR for a month is the sum over the
 -- payments whose period covers the last instant of the month (for the current month: as_of).
--- USD amount: the ledger's usd_equivalent_amount of the payment; else the amount itself for USD;
--- else the amount at the rate implied by the latest ledger payment in that currency.
+-- USD amount: analytics.int_payments_usd (ledger USD equivalent, else the latest ledger rate).
 -- Rows: every month from the customer's first month with MRR up to as_of, except months where
 -- both mrr_usd and previous_mrr_usd are 0 (inactive between a churn and a reactivation).
 -- movement, first match wins: new (first month), churn (mrr 0, previous > 0), reactivation
 -- (previous 0, mrr > 0), expansion (mrr > previous), contraction (mrr < previous), unchanged.
 with payments as (
-    select * from analytics.stg_payments
+    select * from analytics.int_payments_usd
 ),
 
 subscriptions as (
     select * from analytics.int_subscriptions
 ),
 
-ledger as (
-    select * from analytics.int_ledger_by_object
-),
-
 as_of as (
     select as_of, cast(date_trunc('month', timezone('UTC', as_of)) as date) as as_of_month
     from analytics.int_as_of
-),
-
-currency_rates as (
-    select
-        payment_currency as currency,
-        arg_max(
-            (payment_usd_cents / 100.0)
-            / analytics.to_major(payment_amount_minor, payment_currency),
-            payment_entry_at
-        ) as usd_rate
-    from ledger
-    where payment_amount_minor > 0 and payment_usd_cents is not null
-    group by payment_currency
 ),
 
 service_periods as (
@@ -50,20 +32,13 @@ service_periods as (
             subscriptions.payment_frequency_interval,
             greatest(coalesce(subscriptions.payment_frequency_count, 1), 1)
         ) as period_end,
-        coalesce(
-            ledger.payment_usd_cents / 100.0,
-            case when payments.currency = 'USD' then payments.amount end,
-            payments.amount * currency_rates.usd_rate
-        ) / (
+        payments.amount_usd / (
             analytics.months_per_interval(subscriptions.payment_frequency_interval)
             * greatest(coalesce(subscriptions.payment_frequency_count, 1), 1)
         ) as monthly_usd
     from payments
     inner join subscriptions on subscriptions.subscription_id = payments.subscription_id
-    left join ledger on ledger.object_id = payments.payment_id
-    left join currency_rates on currency_rates.currency = payments.currency
-    where payments.status = 'succeeded'
-      and payments.amount_minor > 0
+    where payments.amount_minor > 0
       and subscriptions.payment_frequency_interval in ('day', 'week', 'month', 'year')
 ),
 

@@ -1,0 +1,46 @@
+-- Succeeded payments with their amount in USD, the one place this rule lives:
+-- the ledger's usd_equivalent_amount of the payment; else the amount itself for USD; else the
+-- amount at the rate implied by the latest ledger payment in that currency (NULL when the ledger
+-- has no payment in that currency). Read by mrr_monthly and the cohort notebook.
+with payments as (
+    select * from analytics.stg_payments
+),
+
+ledger as (
+    select * from analytics.int_ledger_by_object
+),
+
+currency_rates as (
+    select
+        payment_currency as currency,
+        arg_max(
+            (payment_usd_cents / 100.0)
+            / analytics.to_major(payment_amount_minor, payment_currency),
+            payment_entry_at
+        ) as usd_rate
+    from ledger
+    where payment_amount_minor > 0 and payment_usd_cents is not null
+    group by payment_currency
+),
+
+final as (
+    select
+        payments.payment_id,
+        payments.customer_id,
+        payments.subscription_id,
+        payments.created_at,
+        payments.amount_minor,
+        payments.amount,
+        payments.currency,
+        coalesce(
+            ledger.payment_usd_cents / 100.0,
+            case when payments.currency = 'USD' then payments.amount end,
+            payments.amount * currency_rates.usd_rate
+        ) as amount_usd
+    from payments
+    left join ledger on ledger.object_id = payments.payment_id
+    left join currency_rates on currency_rates.currency = payments.currency
+    where payments.status = 'succeeded'
+)
+
+select * from final

@@ -1,0 +1,295 @@
+"""The notebooks in notebooks/, executed top to bottom on a sandbox warehouse and on the
+hand-worked fixture warehouse, whose figures must agree with the hand arithmetic."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import jupytext
+import nbformat
+import pytest
+
+from pipelines import analysis, warehouse
+from pipelines.emit import EmitSettings, emit
+from pipelines.job import RunOptions, run_job
+from pipelines.sandbox.collector import SegmentCollector
+from pipelines.transform import run_models
+from tests.conftest import REPO, WRITE_KEY, make_sandbox
+from tests.fixtures.hand_worked import (
+    CUSTOMERS,
+    EXPECTED,
+    PAYMENTS,
+    SUBSCRIPTIONS,
+    build_hand_worked_warehouse,
+)
+
+NOTEBOOKS = REPO / "notebooks"
+HAND_RUN_ID = "20240630T000000Z-handwork"
+
+
+def execute_all(db: Path, workdir: Path, parameters: dict[str, dict[str, Any]] | None = None):
+    """Execute every notebook on `db` (in parallel: mostly kernel start-up); figures or error."""
+
+    def one(name: str) -> dict[str, Any] | BaseException:
+        try:
+            notebook = analysis.execute_notebook(
+                NOTEBOOKS / f"{name}.ipynb",
+                env={"DODO_SEGMENT_DB": str(db), "MPLBACKEND": "Agg"},
+                cwd=workdir,
+                parameters=(parameters or {}).get(name),
+            )
+            return analysis.read_figures(notebook)
+        except BaseException as exc:  # reported by the test of that notebook
+            return exc
+
+    with ThreadPoolExecutor(max_workers=len(analysis.NOTEBOOKS)) as pool:
+        return dict(zip(analysis.NOTEBOOKS, pool.map(one, analysis.NOTEBOOKS), strict=True))
+
+
+def figures_of(results: dict[str, Any], name: str) -> dict[str, Any]:
+    result = results[name]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+# --- the sandbox warehouse: every notebook runs -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two runs of the job on the sandbox (first sync with recent events, then a week later)."""
+    tmp = tmp_path_factory.mktemp("sandbox")
+    sandboxes = make_sandbox(tmp, customers=80)
+    sandbox = next(sandboxes)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp)
+            config = sandbox.config()
+            business = sandbox.business
+            first = run_job(
+                replace(config, extract=replace(config.extract, as_of=business.now)),
+                RunOptions(events_since=business.now - timedelta(days=60)),
+            )
+            assert first.exit_code in (0, 3), first.error
+            business.advance_time(until=sandbox.wall)
+            second = run_job(config, RunOptions())
+            assert second.exit_code in (0, 3), second.error
+    finally:
+        sandboxes.close()
+    return execute_all(Path(sandbox.db), tmp)
+
+
+@pytest.mark.parametrize("name", analysis.NOTEBOOKS)
+def test_notebook_runs_on_the_sandbox_warehouse(sandbox_results, name: str) -> None:
+    figures = figures_of(sandbox_results, name)  # raises the failing cell's error
+    assert figures["is_demo"] is False
+
+
+def test_sandbox_figures_are_plausible(sandbox_results) -> None:
+    revenue = figures_of(sandbox_results, "01_revenue_overview")
+    assert revenue["succeeded_payments"] > 0 and 0 < revenue["payment_success_rate"] <= 1
+    mrr = figures_of(sandbox_results, "02_subscriptions_mrr")
+    assert max(mrr["mrr_by_month"].values()) > 0
+    cohorts = figures_of(sandbox_results, "03_retention_cohorts")
+    assert all(row[0] == 1.0 for row in cohorts["logo_retention"].values())  # month 0 is 100 %
+    sync = figures_of(sandbox_results, "04_segment_sync_health")
+    assert sync["runs"] == 2 and sync["tracks_sent_total"] > 0 and sync["pending_tracks"] == 0
+
+
+# --- the hand-worked warehouse: figures agree with the hand arithmetic --------------------------
+
+
+@pytest.fixture(scope="module")
+def hand_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The fixture warehouse, its models, one emitter run to the sandbox collector, its run row."""
+    tmp = tmp_path_factory.mktemp("hand")
+    db = tmp / "warehouse.duckdb"
+    build_hand_worked_warehouse(db)
+    warehouse.prepare(str(db), "test")
+    con = duckdb.connect(str(db))
+    try:
+        run_models(con)
+        with SegmentCollector(WRITE_KEY) as collector:
+            settings = EmitSettings(write_key=WRITE_KEY, host=collector.base_url, max_retries=1)
+            started = datetime(2024, 6, 30, tzinfo=UTC)
+            result = emit(con, settings, HAND_RUN_ID, events_since=datetime(2020, 1, 1, tzinfo=UTC))
+        warehouse.record_run(
+            con,
+            {
+                "run_id": HAND_RUN_ID,
+                "command": "run",
+                "started_at": started,
+                "finished_at": started + timedelta(seconds=3),
+                "duration_seconds": 3.0,
+                "outcome": "success",
+                "exit_code": 0,
+                "identifies_sent": result.identifies_sent,
+                "tracks_sent": result.tracks_sent,
+                "skipped_backlog": result.skipped_backlog,
+                "rejected": result.rejected,
+                "quarantined": 1,
+                "pending": result.pending,
+            },
+        )
+    finally:
+        con.close()
+    return execute_all(db, tmp, parameters={"04_segment_sync_health": {"CUSTOMER_ID": "cus_renew"}})
+
+
+def test_revenue_overview_matches_the_fixture(hand_results) -> None:
+    figures = figures_of(hand_results, "01_revenue_overview")
+    daily = EXPECTED["revenue_daily"]
+    # KWD in January: 12.345 paid - 2.345 refunded = 10.000 (cus_kwd's total_spent)
+    kwd_january = sum(
+        v[2] for (day, cur), v in daily.items() if cur == "KWD" and day[:7] == "2024-01"
+    )
+    assert figures["net_by_month_currency"]["2024-01|KWD"] == pytest.approx(kwd_january)
+    assert kwd_january == pytest.approx(EXPECTED["traits"]["cus_kwd"]["total_spent"])
+    # February in USD from the ledger: 120.50 (pay_m_usd) + 20.00 (pay_m_jpy) = cus_multi's USD
+    assert figures["net_usd_by_month"]["2024-02"] == pytest.approx(
+        EXPECTED["traits"]["cus_multi"]["total_spent_usd"]
+    )
+    assert figures["top_customer"] == "cus_multi"  # the only customer with ledger rows
+    succeeded = sum(1 for p in PAYMENTS if p[2] == "succeeded")
+    failed = sum(1 for p in PAYMENTS if p[2] == "failed")
+    assert (
+        figures["succeeded_payments"] == succeeded == EXPECTED["event_counts"]["Payment Completed"]
+    )
+    assert figures["payment_success_rate"] == pytest.approx(
+        succeeded / (succeeded + failed), abs=1e-6
+    )
+    assert figures["refund_rate"] == pytest.approx(1 / succeeded, abs=1e-6)  # ref_kwd1
+    assert figures["dispute_rate"] == pytest.approx(1 / succeeded, abs=1e-6)  # dp_1
+
+
+def test_subscriptions_mrr_matches_the_fixture(hand_results) -> None:
+    figures = figures_of(hand_results, "02_subscriptions_mrr")
+    assert figures["mrr_by_month"]["2024-06"] == pytest.approx(EXPECTED["mrr_total_2024_06"])
+    movements: dict[str, dict[str, float]] = {}
+    for (_customer, month), (mrr, previous, movement) in EXPECTED["mrr_monthly"].items():
+        if movement != "unchanged":
+            entry = movements.setdefault(f"{month[:7]}|{movement}", {"customers": 0, "usd": 0.0})
+            entry["customers"] += 1
+            entry["usd"] += mrr - previous
+    # every month's movements as worked out by hand: e.g. June = contraction (cus_back 25 -> 20)
+    # and churn (cus_cancel 5 -> 0); January = new (cus_back 15)
+    assert figures["movements"].keys() == movements.keys()
+    for key, expected in movements.items():
+        assert figures["movements"][key]["customers"] == expected["customers"], key
+        assert figures["movements"][key]["usd"] == pytest.approx(expected["usd"]), key
+    assert figures["waterfall_month"] == "2024-05"  # June is the as-of month
+    assert figures["subscriptions_by_status"] == dict(Counter(s[2] for s in SUBSCRIPTIONS))
+    assert EXPECTED["trial_ended_converted"] is True
+    assert (figures["trials_ended"], figures["trials_converted"]) == (1, 1)
+    assert figures["trial_conversion_rate"] == 1.0
+
+
+def test_retention_cohorts_match_the_fixture(hand_results) -> None:
+    figures = figures_of(hand_results, "03_retention_cohorts")
+    known = {c[0] for c in CUSTOMERS}
+    first_paid: dict[str, str] = {}
+    for payment in sorted(PAYMENTS, key=lambda p: p[1]):
+        if payment[2] == "succeeded" and payment[5] in known:
+            first_paid.setdefault(payment[5], payment[1][:7])
+    # Jan: jpy, kwd, back; Feb: multi, plan; Mar: renew; Apr: trial; May: cancel, hold
+    assert figures["cohort_sizes"] == dict(Counter(first_paid.values()))
+    assert figures["cohort_sizes"]["2024-01"] == 3
+    # January cohort, month 1 (Feb): only cus_jpy pays (cus_back's MRR churned, cus_kwd is gone);
+    # month 2 (Mar): only cus_back (renewed; cus_jpy's payment failed)
+    january = figures["logo_retention"]["2024-01"]
+    assert january[:3] == pytest.approx([1.0, 1 / 3, 1 / 3], abs=1e-6)
+    # cus_plan's yearly plan keeps the February cohort at 50 % with no further payments
+    assert figures["logo_retention"]["2024-02"][1:5] == pytest.approx([0.5] * 4, abs=1e-6)
+    assert len(january) == 6 and figures["logo_retention"]["2024-05"][2:] == [None] * 4
+
+
+def test_segment_sync_health_matches_the_fixture(hand_results) -> None:
+    figures = figures_of(hand_results, "04_segment_sync_health")
+    latest = figures["latest_run"]
+    assert figures["runs"] == 1 and latest["run_id"] == HAND_RUN_ID
+    assert latest["identifies_sent"] == len(CUSTOMERS)  # first sync: every customer
+    assert latest["tracks_sent"] == EXPECTED["track_outbox_rows"]  # 48, backlog sent from 2020
+    assert figures["delivered_total"] == EXPECTED["track_outbox_rows"]
+    assert (figures["pending_tracks"], figures["pending_identifies"]) == (0, 0)
+    assert figures["quarantined_now"] == 1  # pay_ghost's event (unknown customer)
+    assert figures["customer_id"] == "cus_renew"
+    for trait in ("total_spent", "mrr", "subscription_status", "active_subscriptions"):
+        assert figures["customer_traits"][trait] == EXPECTED["traits"]["cus_renew"][trait]
+    # 4 Payment Completed + 3 Subscription Renewed + 1 Subscription Started, all delivered
+    renewals = EXPECTED["renewed_by_subscription"]["sub_renew"]
+    assert figures["customer_events_by_state"] == {"delivered": 4 + renewals + 1}
+    # the latest: pay_r4 on 2024-06-10, sent as Payment Completed and Subscription Renewed
+    assert sorted(figures["customer_last_events"][:2]) == [
+        "Payment Completed",
+        "Subscription Renewed",
+    ]
+
+
+# --- the files themselves and the path rule ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", analysis.NOTEBOOKS)
+def test_committed_notebook_has_no_outputs_and_matches_its_pair(name: str) -> None:
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, name
+    paired = jupytext.read(NOTEBOOKS / f"{name}.py")
+    assert [c.source for c in notebook.cells] == [c.source for c in paired.cells], (
+        f"{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py`"
+    )
+
+
+def test_rendered_charts_are_committed() -> None:
+    for image in ("mrr_waterfall.png", "cohort_heatmap.png"):
+        assert (NOTEBOOKS / "images" / image).stat().st_size > 10_000, image
+
+
+@pytest.fixture
+def demo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield analysis.demo_cache_path()
+
+
+def test_path_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_cache: Path) -> None:
+    work = tmp_path / "repo" / "notebooks"
+    work.mkdir(parents=True)
+    # nothing anywhere: the demo warehouse, to be built in the cache
+    choice = analysis.choose_warehouse(work)
+    assert choice.is_demo and choice.path == str(demo_cache)
+    # a `make demo` warehouse beside the notebooks folder
+    (work.parent / "demo.duckdb").touch()
+    assert analysis.choose_warehouse(work) == analysis.WarehouseChoice(
+        str(work.parent / "demo.duckdb"), True, "demo warehouse"
+    )
+    # the job's default path wins over demo data
+    (work.parent / "dodo_segment.duckdb").touch()
+    choice = analysis.choose_warehouse(work)
+    assert not choice.is_demo and choice.path == str(work.parent / "dodo_segment.duckdb")
+    # DODO_SEGMENT_DB wins over everything; pointing at nothing is an error, not demo data
+    monkeypatch.setenv("DODO_SEGMENT_DB", str(tmp_path / "elsewhere.duckdb"))
+    with pytest.raises(FileNotFoundError, match="DODO_SEGMENT_DB"):
+        analysis.choose_warehouse(work)
+    (tmp_path / "elsewhere.duckdb").touch()
+    assert analysis.choose_warehouse(work).path == str(tmp_path / "elsewhere.duckdb")
+
+
+def test_demo_banner_and_read_only(tmp_path: Path, demo_cache: Path, capsys) -> None:
+    demo_cache.parent.mkdir(parents=True)
+    build_hand_worked_warehouse(demo_cache)
+    with duckdb.connect(str(demo_cache)) as con:
+        run_models(con)
+    wh = analysis.open_warehouse()
+    assert wh.is_demo and "DEMO DATA" in capsys.readouterr().out
+    assert "DEMO DATA" in wh.source_note()
+    assert wh.scalar("select count(*) from analytics.customer_traits") == len(CUSTOMERS)
+    with pytest.raises(duckdb.Error, match="read-only"):
+        wh.query("create table analytics.scratch (x int)")
