@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from pipelines import lock, status, warehouse
-from pipelines.config import ConfigError, load_config
-from pipelines.job import ExitCode, RunOptions, check_ready, package_version, run_job
-from pipelines.logs import register_secrets, scrub, setup_logging
+from pipelines import lock
+from pipelines.logs import complain, register_secrets, say, setup_logging
 from pipelines.settings import RESOURCES
+
+# The job, its configuration (dlt) and the steps are imported once the arguments are valid:
+# `--help` and argument errors answer at once.
+if TYPE_CHECKING:
+    from pipelines.config import AppConfig
+    from pipelines.job import RunOptions
 
 log = logging.getLogger("dodo_segment")
 
@@ -26,12 +31,34 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment demo       the whole job against an embedded sandbox (no keys needed)
   dodo-segment status     the last runs and what is pending
   dodo-segment doctor     check keys, hosts, warehouse and lock without changing anything
+  dodo-segment preview    what the next run would send, without sending
+  dodo-segment resend     send events again with their original messageIds
+  dodo-segment traits recompute   send identify again after a trait definition changed
+  dodo-segment transform  build the SQL models and run the data tests only
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
-SEGMENT_HOST), then .dlt/config.toml and .dlt/secrets.toml. Exit codes: 0 success (or a skipped
-overlapping run), 1 failure, 2 usage or configuration error, 3 finished with rejected messages
-or quarantined rows, 4 an error data test failed so nothing was emitted.
+SEGMENT_HOST), then .dlt/config.toml and .dlt/secrets.toml.
+
+Exit codes: 0 success (or skipped because another run is in progress), 1 failure (what was
+delivered stays delivered, the rest is pending), 2 usage or configuration error, 3 finished
+with newly rejected messages or quarantined rows (see status), 4 an error data test failed so
+nothing was emitted.
+
+Start with: dodo-segment doctor, then dodo-segment run, then dodo-segment status.
+"""
+
+RUN_EPILOG = """\
+examples:
+  dodo-segment run                              the scheduled job (cron: every 30 minutes)
+  dodo-segment run --skip-emit                  load and model only (no SEGMENT_WRITE_KEY needed)
+  dodo-segment run --events-since 2025-01-01    also send historical events from that date
+  dodo-segment run --full-refresh customers     re-read all customers
+  dodo-segment run --log-format json >> sync.log 2>&1
+
+A second run while one is in progress exits 0 at once with one line (--wait queues it).
+Exit codes: 0 success or skipped overlap, 1 failure, 2 usage/configuration, 3 rejected
+messages or quarantined rows, 4 an error data test blocked emission.
 """
 
 
@@ -47,13 +74,34 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         metavar="PATH",
-        help="warehouse path (default: $DODO_SEGMENT_DB or dodo_segment.duckdb)",
+        help="warehouse path, or md:NAME for MotherDuck (default: $DODO_SEGMENT_DB or "
+        "dodo_segment.duckdb)",
     )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text",
         help="text for people (default) or one JSON object per line for log shippers",
     )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a run in progress to finish instead of skipping (exit 0) at once",
+    )
+
+
+def _command(
+    commands: Any, name: str, summary: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,14 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"dodo-segment {package_version()}")
+    parser.add_argument("--version", action="version", version=f"dodo-segment {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser(
-        "run", help="extract, model and emit (the scheduled job)",
-        description="Extract the Dodo Payments API into the warehouse, build the SQL models, "
-        "run the data tests and send new events and changed traits to Segment. A second run "
-        "while one is in progress exits 0 at once (use --wait to queue instead).",
+    run = _command(
+        commands, "run", "extract, model and emit (the scheduled job)",
+        "Extract the Dodo Payments API into the warehouse, build the SQL models, run the data "
+        "tests and send new events and changed traits to Segment. Prints one summary line on "
+        "stdout when it ends; progress and details go to stderr.",
+        RUN_EPILOG,
     )  # fmt: skip
     _add_common(run)
     run.add_argument(
@@ -99,85 +148,118 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the extract; model and send what the warehouse holds",
     )
-    run.add_argument(
-        "--wait", action="store_true", help="wait for a run in progress instead of skipping"
-    )
+    _add_wait(run)
 
-    demo = commands.add_parser(
-        "demo",
-        help="run the whole job against the embedded sandbox",
-        description="Start a Dodo API simulator and a Segment-compatible collector on loopback, run the job into demo.duckdb, advance time, run again, and summarise.",
-    )
+    demo = _command(
+        commands, "demo", "run the whole job against the embedded sandbox",
+        "Start a Dodo API simulator and a Segment-compatible collector on loopback, run the job "
+        "into a fresh demo warehouse, advance the simulator's clock a week, run again, and "
+        "summarise what was loaded and sent. Needs no keys; never touches your warehouse.",
+    )  # fmt: skip
     demo.add_argument(
         "--db",
         metavar="PATH",
         default="demo.duckdb",
-        help="demo warehouse path (default: demo.duckdb)",
+        help="demo warehouse path, recreated on every demo (default: demo.duckdb)",
     )
     demo.add_argument("--log-format", choices=("text", "json"), default="text")
-    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    st = commands.add_parser(
-        "status",
-        help="the last runs and what is pending",
-        description="Show the last runs (duration, outcome, rows loaded, API requests, events and identifies sent, rejected, pending) and what is pending now. Answers from the lock file while a run holds the warehouse.",
-    )
+    st = _command(
+        commands, "status", "the last runs and what is pending",
+        "Show the last runs (start, duration, outcome, rows loaded, API requests, identifies "
+        "and events sent, rejected, quarantined, pending) and what the next run would send. "
+        "Never writes. While a run holds the warehouse, answers from the lock file: which "
+        "command, which step, for how long, and whether that is unusually long.",
+    )  # fmt: skip
     _add_common(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
         "-n", "--limit", type=int, default=10, help="how many runs to show (default 10)"
     )
 
-    tr = commands.add_parser("transform", help="build the SQL models and run the data tests only")
+    tr = _command(
+        commands, "transform", "build the SQL models and run the data tests only",
+        "Rebuild analytics.* from the raw tables and run the data tests; nothing is read from "
+        "the API and nothing is sent. Exit 3 when rows were quarantined, 4 when an error test "
+        "failed.",
+    )  # fmt: skip
     _add_common(tr)
-    tr.add_argument("--wait", action="store_true", help="wait for a run in progress")
+    _add_wait(tr)
 
-    pv = commands.add_parser("preview", help="show what the next run would send, without sending")
+    pv = _command(
+        commands, "preview", "show what the next run would send, without sending",
+        "Count the identify and track calls the next run would send from what the warehouse "
+        "holds now, and print a sample of each exactly as it would be sent. Sends nothing.",
+    )  # fmt: skip
     _add_common(pv)
-    pv.add_argument("--events-since", type=_date, metavar="DATE")
+    pv.add_argument(
+        "--events-since", type=_date, metavar="DATE", help="as `run --events-since DATE` would"
+    )
     pv.add_argument(
         "--sample", type=int, default=3, help="sample messages of each kind (default 3)"
     )
+    _add_wait(pv)
 
-    rs = commands.add_parser(
-        "resend",
-        help="send delivered events again (after a wrong write key or region)",
-        description="Re-send events that occurred on or after --since, with their original messageIds, whether delivered, skipped or rejected before.",
-    )
+    rs = _command(
+        commands, "resend", "send events again (after a wrong write key or region)",
+        "Re-send the events that occurred on or after --since, with their original messageIds, "
+        "whether delivered, skipped or rejected before. Segment answers 200 to a wrong write key "
+        "or region, so this is how to repair a sync that went nowhere.",
+        "example:\n  dodo-segment resend --since 2025-06-01 --event 'Payment Completed'",
+    )  # fmt: skip
     _add_common(rs)
     rs.add_argument("--since", type=_date, required=True, metavar="DATE")
     rs.add_argument(
         "--event", metavar="NAME", help="only this event name, e.g. 'Payment Completed'"
     )
-    rs.add_argument("--wait", action="store_true")
+    _add_wait(rs)
 
-    traits = commands.add_parser("traits", help="customer traits commands")
+    traits = _command(
+        commands, "traits", "customer traits commands",
+        "Commands about customer traits (identify calls).",
+        "example:\n  dodo-segment traits recompute --customer cus_123",
+    )  # fmt: skip
     traits_commands = traits.add_subparsers(dest="traits_command", metavar="SUBCOMMAND")
-    rc = traits_commands.add_parser(
-        "recompute",
-        help="send identify again for all or some customers",
-        description="Re-send identify calls regardless of the stored trait hash: after changing a trait definition or reconnecting a destination.",
-    )
+    rc = _command(
+        traits_commands, "recompute", "send identify again for all or some customers",
+        "Re-send identify calls regardless of the stored trait hash: after changing a trait "
+        "definition or reconnecting a destination.",
+    )  # fmt: skip
     _add_common(rc)
     rc.add_argument(
         "--customer", action="append", metavar="ID", help="only this customer (repeatable)"
     )
-    rc.add_argument("--wait", action="store_true")
+    _add_wait(rc)
 
-    doc = commands.add_parser(
-        "doctor", help="check configuration and reachability without changing anything"
-    )
+    doc = _command(
+        commands, "doctor", "check configuration and reachability without changing anything",
+        "Check, one line each: the API key is accepted by Dodo, the Segment host answers, the "
+        "warehouse opens (and its schema version fits this release), the run lock is free. "
+        "Exit 0 when every check passes, 1 otherwise.",
+    )  # fmt: skip
     _add_common(doc)
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("dodo-segment")
+    except PackageNotFoundError:
+        return "dev"
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"warehouse.path": getattr(args, "db", None)}
 
 
-def _fail(message: str, code: ExitCode) -> int:
-    print(f"dodo-segment: {scrub(message)}", file=sys.stderr)
+def _fail(message: str, code: int) -> int:
+    complain(message)
     return int(code)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # systemd and cron stop jobs with SIGTERM: end like Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,37 +268,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipelines import warehouse
+    from pipelines.config import ConfigError, load_config
+    from pipelines.job import ExitCode
+
     if not args.command or (args.command == "traits" and not args.traits_command):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "demo":
             from pipelines.demo import run_demo
 
             return run_demo(args.db)
         config = load_config(_flags(args))
-    except ConfigError as exc:
-        return _fail(str(exc), ExitCode.USAGE)
-    register_secrets(config.secrets)
-    try:
+        register_secrets(config.secrets)
         return _dispatch(args, config)
     except ConfigError as exc:
         return _fail(str(exc), ExitCode.USAGE)
     except warehouse.WarehouseError as exc:
         return _fail(str(exc), ExitCode.FAILED)
+    except OSError as exc:  # e.g. DODO_SEGMENT_DB under a file, or a read-only directory
+        return _fail(f"cannot use the warehouse path: {exc}", ExitCode.FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted", ExitCode.FAILED)
 
 
-def _dispatch(args: argparse.Namespace, config: Any) -> int:
+def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
+    from pipelines.config import ConfigError
+    from pipelines.job import RunOptions
+
     if args.command == "status":
-        return status.show(config.warehouse_path, limit=args.limit, as_json=args.json)
+        from pipelines import status
+
+        return status.show(
+            config.warehouse_path,
+            limit=args.limit,
+            as_json=args.json,
+            excluded_fields=config.segment.excluded_fields,
+        )
     if args.command == "doctor":
         from pipelines.doctor import run_doctor
 
         return run_doctor(config)
     if args.command == "run":
+        from pipelines.job import check_ready
+
         full = args.full_refresh
         options = RunOptions(
             dry_run=args.dry_run,
@@ -235,7 +333,10 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
     from pipelines import operations
 
     if args.command == "preview":
-        return operations.show_preview(config, args.events_since, args.sample)
+        return _with_lock(
+            config, "preview", args.wait,
+            lambda: operations.show_preview(config, args.events_since, args.sample),
+        )  # fmt: skip
     if args.command == "resend":
         return _with_lock(
             config, "resend", args.wait, lambda: operations.resend(config, args.since, args.event)
@@ -248,38 +349,51 @@ def _dispatch(args: argparse.Namespace, config: Any) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
-def _with_lock(config: Any, command: str, wait: bool, body: Any) -> int:
+def _busy_line(holder: lock.LockHolder) -> str:
+    held = holder.held_seconds
+    since = f" for {held:.0f}s" if held is not None else ""
+    what = ", ".join(str(x) for x in (holder.command, holder.step and f"step {holder.step}") if x)
+    return f"another run is in progress{since} (pid {holder.pid}{', ' if what else ''}{what})"
+
+
+def _with_lock(config: AppConfig, command: str, wait: bool, body: Callable[[], int]) -> int:
+    from pipelines.job import ExitCode
+
+    path = config.warehouse_path
     try:
-        with lock.run_lock(config.warehouse_path, command, wait=wait):
+        with lock.run_lock(path, command):
             return int(body())
     except lock.LockBusy as busy:
-        held = busy.holder.held_seconds
-        since = f" for {held:.0f}s" if held is not None else ""
-        print(
-            f"dodo-segment: another run is in progress{since} (pid {busy.holder.pid}); "
-            "skipping this one (use --wait to queue)"
+        if not wait:
+            say(
+                f"dodo-segment: {_busy_line(busy.holder)}; skipping this one (--wait queues it)",
+                outcome="skipped",
+                exit_code=0,
+                held_seconds=busy.holder.held_seconds,
+                pid=busy.holder.pid,
+            )
+            return int(ExitCode.OK)
+        logging.getLogger("dodo_segment").info(
+            "%s; waiting for it to finish", _busy_line(busy.holder)
         )
-        return int(ExitCode.OK)
+    with lock.run_lock(path, command, wait=True):
+        return int(body())
 
 
-def _run(config: Any, options: RunOptions) -> int:
-    report = run_job(config, options)
+def _run(config: AppConfig, options: RunOptions) -> int:
+    from pipelines.job import ExitCode, run_job, summary_figures, summary_line
+
+    def note_step(**facts: Any) -> None:
+        lock.annotate(config.warehouse_path, **facts)
+
+    report = run_job(config, options, on_step=note_step)
     if report.preview is not None:
         from pipelines.operations import print_preview
 
         print_preview(report.preview)
     if report.error:
-        print(f"dodo-segment: {report.outcome}: {scrub(report.error)}", file=sys.stderr)
-    summary = {
-        "run_id": report.run_id,
-        "outcome": report.outcome,
-        "rows_loaded": report.extract.total_rows if report.extract else 0,
-        "identifies_sent": report.identifies_sent,
-        "tracks_sent": report.tracks_sent,
-        "rejected": report.rejected,
-        "quarantined": report.quarantined,
-    }
-    log.info("run %s", json.dumps(summary))
+        complain(f"{report.outcome}: {report.error}")
+    say(summary_line(report), **summary_figures(report))
     return int(report.exit_code if report.exit_code is not None else ExitCode.FAILED)
 
 

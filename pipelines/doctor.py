@@ -11,7 +11,7 @@ import requests
 from pipelines import lock, warehouse
 from pipelines.config import AppConfig
 from pipelines.job import ExitCode
-from pipelines.logs import scrub
+from pipelines.logs import say
 from pipelines.settings import ENDPOINTS, WAREHOUSE_SCHEMA_VERSION
 
 Check = Callable[[AppConfig], tuple[bool, str]]
@@ -79,13 +79,19 @@ def check_warehouse(config: AppConfig) -> tuple[bool, str]:
         return False, f"warehouse folder {folder} is not writable"
     if not os.access(path, os.W_OK):
         return False, f"warehouse {path} is not writable"
+    if lock.is_locked(path) is not None:
+        # Even a read-only open would make the run's next write fail.
+        return True, f"warehouse {path} exists; not opened while a run holds it"
     try:
         with warehouse.connect(path, read_only=True) as con:
             found = warehouse.schema_version(con)
     except warehouse.WarehouseError as exc:
         return False, str(exc)
     if found > WAREHOUSE_SCHEMA_VERSION:
-        return False, f"warehouse {path} has schema version {found}, newer than this release"
+        return False, (
+            f"warehouse {path} has schema version {found}, newer than this release "
+            f"(schema {WAREHOUSE_SCHEMA_VERSION}): upgrade dodo-segment"
+        )
     return True, f"warehouse {path} opens (schema version {found or 'new'})"
 
 
@@ -95,7 +101,10 @@ def check_lock(config: AppConfig) -> tuple[bool, str]:
     if holder is None:
         return True, "run lock is free"
     held = f" for {holder.held_seconds:.0f}s" if holder.held_seconds is not None else ""
-    return False, f"a run holds the lock{held} (pid {holder.pid}, {holder.command})"
+    return False, (
+        f"a run holds the lock{held} (pid {holder.pid}, {holder.command}); a new run would "
+        "skip until it ends"
+    )
 
 
 CHECKS: tuple[tuple[str, Check], ...] = (
@@ -112,5 +121,5 @@ def run_doctor(config: AppConfig) -> int:
     for name, check in CHECKS:
         ok, message = check(config)
         ok_all &= ok
-        print(f"{'ok  ' if ok else 'FAIL'} {name:<9} {scrub(message)}")
+        say(f"{'ok  ' if ok else 'FAIL'} {name:<9} {message}", check=name, ok=ok)
     return int(ExitCode.OK if ok_all else ExitCode.FAILED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -13,13 +14,16 @@ from typing import Any
 
 from pipelines import warehouse
 from pipelines.config import AppConfig, ConfigError
-from pipelines.dodo.client import DodoApiError, DodoAuthError
+from pipelines.dodo.client import DodoApiError
 from pipelines.extract import ExtractResult, run_extract
-from pipelines.logs import scrub
+from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.settings import RESOURCES
 from pipelines.transform import ModelError, run_models
 
 log = logging.getLogger("dodo_segment")
+
+StepHook = Callable[..., None]
+"""on_step(step=..., **facts): told when the run enters a step (the CLI notes it in the lock)."""
 
 
 class ExitCode(IntEnum):
@@ -128,37 +132,37 @@ def _save(config: AppConfig, report: RunReport) -> None:
     try:
         with warehouse.connect(config.warehouse_path) as con:
             warehouse.record_run(con, report.as_row())
-    except warehouse.WarehouseError as exc:
-        log.error("could not record the run in the warehouse: %s", exc)
+    except Exception as exc:  # read-only or full disk (duckdb/OS errors): never crash the run
+        log.error("could not record the run in the warehouse: %s", scrub(str(exc).splitlines()[0]))
 
 
-def run_job(config: AppConfig, options: RunOptions) -> RunReport:
+def _note_typical_duration(config: AppConfig, report: RunReport, on_step: StepHook) -> None:
+    with warehouse.connect(config.warehouse_path) as con:
+        typical = warehouse.typical_run_seconds(con, report.command)
+    on_step(step="starting", run_id=report.run_id, typical_seconds=typical)
+
+
+def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = None) -> RunReport:
     """Run every step; never raises for an expected failure, the report says what happened."""
     started = datetime.now(UTC)
-    report = RunReport(run_id=new_run_id(started), started_at=started, command=options.command)
+    command = f"{options.command} --dry-run" if options.dry_run else options.command
+    report = RunReport(run_id=new_run_id(started), started_at=started, command=command)
+    step = on_step or (lambda **facts: None)
+    recordable = False  # a warehouse that cannot be opened or is too new takes no record
     try:
         warehouse.prepare(config.warehouse_path, package_version())
+        recordable = True
         _save(config, report)
+        _note_typical_duration(config, report, step)
         if not options.only_emit:
-            t0 = time.monotonic()
-            log.info("extract: reading the Dodo Payments API at %s", config.extract.base_url)
-            report.extract = run_extract(config, full_refresh=options.full_refresh)
-            log.info(
-                "extract: loaded %d rows in %.1fs with %d API requests (%s)",
-                report.extract.total_rows,
-                time.monotonic() - t0,
-                sum(report.extract.api_requests.values()),
-                ", ".join(f"{k} {v}" for k, v in sorted(report.extract.rows_loaded.items())),
-            )
-            if report.extract.rejected_records:
-                log.warning(
-                    "extract: %d malformed record(s) set aside in dodo_raw.rejected_records",
-                    report.extract.rejected_records,
-                )
+            step(step="extract")
+            _extract(config, options, report)
+        step(step="models")
         blocked = _run_models(config, report)
         if blocked:
             report.outcome, report.exit_code = "data_test_failed", ExitCode.DATA_TEST_FAILED
         elif not options.skip_emit:
+            step(step="emit")
             _emit(config, options, report)
         if report.exit_code is None:
             flagged = report.rejected or report.quarantined
@@ -168,17 +172,58 @@ def run_job(config: AppConfig, options: RunOptions) -> RunReport:
             report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
     except ConfigError as exc:
         report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
-    except (DodoAuthError, DodoApiError, warehouse.WarehouseError, ModelError) as exc:
+    except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
         report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
+        report.outcome, report.exit_code = "interrupted", ExitCode.FAILED
+        report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
     except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
-        log.exception("run failed")
+        root = _root_cause(exc)
         report.outcome, report.exit_code = "failed", ExitCode.FAILED
-        report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
+            report.outcome = "interrupted"
+            report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
+        else:
+            log.error("run failed", exc_info=exc)
+            text = str(root).strip().splitlines()
+            report.error = f"{type(root).__name__}: {text[0] if text else ''}"
     if report.error:
         report.error = scrub(report.error)
-    if not isinstance(report.error, str) or "warehouse" not in report.error:
-        _save(config, report)  # a busy or unreadable warehouse cannot take the record
+    if recordable:
+        step(step="recording")
+        _save(config, report)
     return report
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception behind wrappers such as dlt's PipelineStepFailed."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "exception", None) or exc.__cause__ or exc.__context__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
+    t0 = time.monotonic()
+    log.info("extract: reading the Dodo Payments API at %s", config.extract.base_url)
+    with heartbeat("extract", "reading the Dodo Payments API"):
+        report.extract = run_extract(config, full_refresh=options.full_refresh)
+    log.info(
+        "extract: loaded %d rows in %.1fs with %d API requests (%s)",
+        report.extract.total_rows,
+        time.monotonic() - t0,
+        sum(report.extract.api_requests.values()),
+        ", ".join(f"{k} {v}" for k, v in sorted(report.extract.rows_loaded.items())),
+    )
+    if report.extract.rejected_records:
+        log.warning(
+            "extract: %d malformed record(s) set aside in dodo_raw.rejected_records",
+            report.extract.rejected_records,
+        )
 
 
 def _run_models(config: AppConfig, report: RunReport) -> bool:
@@ -223,9 +268,17 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
         if options.dry_run:
             report.preview = preview(con, emit_settings(config), events_since=options.events_since)
             return
-        result = emit(
-            con, emit_settings(config), run_id=report.run_id, events_since=options.events_since
-        )
+        progress = Progress("emit")
+        try:
+            result = emit(
+                con,
+                emit_settings(config),
+                run_id=report.run_id,
+                events_since=options.events_since,
+                progress=progress,
+            )
+        finally:
+            progress.close()
     report.emit_seconds = time.monotonic() - t0
     report.identifies_sent = result.identifies_sent
     report.tracks_sent = result.tracks_sent
@@ -248,4 +301,35 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
         )
     if result.failed:
         report.outcome, report.exit_code = "failed", ExitCode.FAILED
-        report.error = result.error or "Segment did not accept the events; they stay pending"
+        report.error = (
+            f"Segment at {config.segment.host} did not accept every batch "
+            f"({result.error or 'no answer'}); the {result.pending} undelivered message(s) stay "
+            "pending for the next run (check SEGMENT_HOST and the network)"
+        )
+
+
+def summary_line(report: RunReport) -> str:
+    """The one line `run` prints on stdout when it ends."""
+    seconds = (datetime.now(UTC) - report.started_at).total_seconds()
+    parts = [f"{report.command} {report.run_id}: {report.outcome} in {seconds:.1f}s"]
+    if report.extract is not None:
+        parts.append(
+            f"loaded {report.extract.total_rows} rows with "
+            f"{sum(report.extract.api_requests.values())} API requests"
+        )
+    if report.preview is None and report.exit_code != ExitCode.DATA_TEST_FAILED:
+        parts.append(f"sent {report.identifies_sent} identify, {report.tracks_sent} track")
+    if report.skipped_backlog:
+        parts.append(f"{report.skipped_backlog} historical events skipped")
+    parts.append(f"{report.rejected} rejected, {report.quarantined} quarantined")
+    if report.pending is not None:
+        parts.append(f"{report.pending} pending")
+    return "; ".join(parts) + f" (exit {int(report.exit_code or 0)})"
+
+
+def summary_figures(report: RunReport) -> dict[str, Any]:
+    """The summary line's figures, for JSON output."""
+    row = report.as_row()
+    return {k: row[k] for k in ("run_id", "command", "outcome", "exit_code", "duration_seconds",
+                                "rows_loaded", "api_requests", "identifies_sent", "tracks_sent",
+                                "skipped_backlog", "rejected", "quarantined", "pending", "error")}  # fmt: skip

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 _SECRETS: list[str] = []
 REDACTED = "***"
+_FORMAT = {"value": "text"}
+
+PROGRESS_EVERY_SECONDS = 10.0
+"""Plain progress lines at most this often (DODO_SEGMENT_PROGRESS_SECONDS overrides)."""
+
+log = logging.getLogger("dodo_segment")
 
 
 def register_secrets(values: Iterable[str]) -> None:
@@ -78,6 +89,8 @@ def setup_logging(log_format: str = "text", verbose: bool = False) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
         )
+    _FORMAT["value"] = log_format
+    logging.captureWarnings(True)  # warnings too go through the handler (one JSON per line)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -87,3 +100,111 @@ def setup_logging(log_format: str = "text", verbose: bool = False) -> None:
         noisy.filters[:] = [_ScrubbingFilter()]
         noisy.propagate = True
         noisy.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def json_mode() -> bool:
+    """Whether output is one JSON object per line (--log-format json)."""
+    return _FORMAT["value"] == "json"
+
+
+def say(text: str, **figures: Any) -> None:
+    """One result line on stdout: the text, or with --log-format json a JSON object."""
+    text = scrub(text)
+    if json_mode():
+        document = {"time": datetime.now(UTC).isoformat(), "message": text, **figures}
+        print(scrub(json.dumps(document, default=str, ensure_ascii=False)), flush=True)
+    else:
+        print(text, flush=True)
+
+
+def complain(text: str) -> None:
+    """One error line on stderr (`dodo-segment: ...`), a JSON object in JSON mode."""
+    text = scrub(text)
+    if json_mode():
+        document = {"time": datetime.now(UTC).isoformat(), "level": "error", "message": text}
+        print(json.dumps(document, ensure_ascii=False), file=sys.stderr, flush=True)
+    else:
+        print(f"dodo-segment: {text}", file=sys.stderr, flush=True)
+
+
+def _progress_every() -> float:
+    try:
+        return float(os.environ.get("DODO_SEGMENT_PROGRESS_SECONDS", PROGRESS_EVERY_SECONDS))
+    except ValueError:
+        return PROGRESS_EVERY_SECONDS
+
+
+class Progress:
+    """Progress of a long send: a bar on a terminal (when `rich` is installed), else a plain
+    log line at most every few seconds, plus one when a kind completes."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.every = _progress_every()
+        self._started = time.monotonic()
+        self._last: dict[str, float] = {}
+        self._bar: Any = None
+        self._tasks: dict[str, Any] = {}
+        if sys.stderr.isatty() and not json_mode():
+            try:
+                from rich.progress import Progress as Bar
+            except ImportError:
+                Bar = None  # noqa: N806 - plain lines instead
+            if Bar is not None:
+                self._bar = Bar(transient=True)
+                self._bar.start()
+
+    def __call__(self, kind: str, done: int, total: int | None) -> None:
+        """The emitter's progress callback: `done` of `total` (None: unknown) acknowledged."""
+        if self._bar is not None:
+            if kind not in self._tasks:
+                self._tasks[kind] = self._bar.add_task(f"{self.step}: {kind}", total=total)
+            self._bar.update(self._tasks[kind], completed=done, total=total)
+            return
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        since = now - self._last.get(kind, self._started)
+        if since < self.every and (not finished or kind not in self._last):
+            return  # a send shorter than the interval needs no progress line at all
+        self._last[kind] = now
+        of = f"/{total}" if total is not None else ""
+        log.info(
+            "%s: %s %d%s acknowledged",
+            self.step,
+            kind,
+            done,
+            of,
+            extra={"step": self.step, "figures": {"kind": kind, "done": done, "total": total}},
+        )
+
+    def close(self) -> None:
+        """Remove the bar, if any."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+@contextmanager
+def heartbeat(step: str, what: str) -> Iterator[None]:
+    """Log "still <what>" periodically while a long step runs (its own figures come at the end)."""
+    every = _progress_every()
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(max(every, 0.5)):
+            log.info(
+                "%s: still %s (%.0fs so far)",
+                step,
+                what,
+                time.monotonic() - started,
+                extra={"step": step},
+            )
+
+    thread = threading.Thread(target=beat, name=f"{step}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)

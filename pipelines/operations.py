@@ -4,43 +4,73 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from pipelines import warehouse
 from pipelines.config import AppConfig, ConfigError
 from pipelines.job import ExitCode, RunReport, emit_settings, new_run_id, package_version
-from pipelines.logs import scrub
+from pipelines.logs import complain, json_mode, say, scrub
 
 log = logging.getLogger("dodo_segment")
 
 
 def print_preview(preview: Any) -> None:
     """Print the counts and sample messages of a preview, exactly as they would be sent."""
-    print(
-        f"Would send {preview.identify_count} identify and {preview.track_count} track call(s)"
-        + (
-            f"; {preview.skipped_backlog} historical event(s) would be recorded as skipped"
-            if getattr(preview, "skipped_backlog", 0)
-            else ""
-        )
+    headline = f"Would send {preview.identifies} identify and {preview.tracks} track call(s)" + (
+        f"; {preview.skipped_backlog} historical event(s) would be recorded as skipped"
+        if preview.skipped_backlog
+        else ""
     )
+    if json_mode():
+        say(
+            headline,
+            identifies=preview.identifies,
+            tracks=preview.tracks,
+            skipped_backlog=preview.skipped_backlog,
+            identify_samples=preview.identify_samples,
+            track_samples=preview.track_samples,
+        )
+        return
+    say(headline)
     for title, samples in (
         ("identify", preview.identify_samples),
         ("track", preview.track_samples),
     ):
         for message in samples:
-            print(f"  {title}: {json.dumps(message, default=str, ensure_ascii=False)}")
+            say(f"  {title}: {json.dumps(message, default=str, ensure_ascii=False)}")
 
 
 def show_preview(config: AppConfig, events_since: datetime | None, sample: int) -> int:
-    """`dodo-segment preview`: read-only look at the outboxes against the ledger."""
-    from pipelines.emit import preview
+    """`dodo-segment preview`: what the next run would send; sends and records nothing.
 
-    with warehouse.connect(config.warehouse_path, read_only=True) as con:
-        print_preview(preview(con, emit_settings(config), events_since=events_since, sample=sample))
+    Runs under the run lock: the emitter's preview creates its (empty) ledger tables on a
+    warehouse that never emitted, which needs the write connection.
+    """
+    from pipelines.emit import EmitSettings, preview
+
+    _require_outboxes(config)
+    warehouse.prepare(config.warehouse_path, package_version())
+    settings = (
+        emit_settings(config) if config.segment.write_key else EmitSettings(write_key="preview")
+    )  # nothing is sent: a preview needs no key
+    with warehouse.connect(config.warehouse_path) as con:
+        print_preview(preview(con, settings, events_since=events_since, sample=sample))
     return int(ExitCode.OK)
+
+
+def _require_outboxes(config: AppConfig) -> None:
+    """Refuse, in one line, an operation on a warehouse that has no outboxes to read yet."""
+    with warehouse.connect(config.warehouse_path, read_only=True) as con:
+        found = con.execute(
+            "select count(*) from information_schema.tables where table_schema = 'analytics' "
+            "and table_name in ('track_outbox', 'identify_outbox')"
+        ).fetchone()
+    if not found or found[0] < 2:
+        raise warehouse.WarehouseError(
+            f"{config.warehouse_path} has no outboxes yet: run 'dodo-segment run --skip-emit' "
+            "(or 'dodo-segment transform') first"
+        )
 
 
 def _require_key(config: AppConfig) -> None:
@@ -65,12 +95,13 @@ def _finish(config: AppConfig, report: RunReport, result: Any) -> int:
         report.outcome, report.exit_code = "success", ExitCode.OK
     with warehouse.connect(config.warehouse_path) as con:
         warehouse.record_run(con, report.as_row())
-    print(
-        f"{report.command}: {result.identifies_sent} identify and {result.tracks_sent} track "
-        f"call(s) delivered, {result.rejected} rejected"
-    )
     if report.error:
-        print(f"dodo-segment: {report.error}", file=sys.stderr)
+        complain(report.error)
+    say(
+        f"{report.command}: {result.identifies_sent} identify and {result.tracks_sent} track "
+        f"call(s) delivered, {result.rejected} rejected (exit {int(report.exit_code)})",
+        **{k: v for k, v in report.as_row().items() if k not in ("started_at", "finished_at")},
+    )
     return int(report.exit_code)
 
 
@@ -79,6 +110,7 @@ def resend(config: AppConfig, since: datetime, event: str | None) -> int:
     from pipelines.emit import resend as resend_events
 
     _require_key(config)
+    _require_outboxes(config)
     warehouse.prepare(config.warehouse_path, package_version())
     now = datetime.now(UTC)
     report = RunReport(run_id=new_run_id(now), started_at=now, command="resend")
@@ -92,6 +124,7 @@ def recompute_traits(config: AppConfig, customer_ids: list[str] | None) -> int:
     from pipelines.emit import recompute_traits as send_identifies
 
     _require_key(config)
+    _require_outboxes(config)
     warehouse.prepare(config.warehouse_path, package_version())
     now = datetime.now(UTC)
     report = RunReport(run_id=new_run_id(now), started_at=now, command="traits recompute")

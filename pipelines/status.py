@@ -3,70 +3,88 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from pipelines import lock, warehouse
-from pipelines.settings import ANALYTICS_SCHEMA, SYNC_SCHEMA
+from pipelines.settings import WAREHOUSE_SCHEMA_VERSION
+from pipelines.sync_state import pending_counts
 
 LONG_RUN_SECONDS = 2 * 3600
-"""A run holding the lock longer than this is flagged (cron runs usually take minutes)."""
+"""Without run history, a lock held longer than this is flagged (cron runs take minutes)."""
+LONG_RUN_FACTOR = 5
+LONG_RUN_FLOOR_SECONDS = 15 * 60
+"""With history, a lock held LONG_RUN_FACTOR times the typical run (but at least the floor)
+is flagged: a hung run, or a backfill worth knowing about."""
+
+BUSY_NOTE = (
+    "the warehouse belongs to the run in progress until it ends (DuckDB allows one writer and no "
+    "readers beside it); run history and pending figures appear when it finishes"
+)
 
 
-def pending_now(con: Any) -> dict[str, int | None]:
-    """Outbox rows not yet delivered and identifies whose traits changed, if the tables exist."""
-    tables = {
-        (r[0], r[1])
-        for r in con.execute(
-            "select table_schema, table_name from information_schema.tables"
-        ).fetchall()
+def long_run_threshold(holder: lock.LockHolder) -> float:
+    """Seconds after which a lock holder counts as unusually long."""
+    if holder.typical_seconds:
+        return max(LONG_RUN_FLOOR_SECONDS, LONG_RUN_FACTOR * holder.typical_seconds)
+    return LONG_RUN_SECONDS
+
+
+def _in_progress(holder: lock.LockHolder) -> dict[str, Any]:
+    held = holder.held_seconds
+    threshold = long_run_threshold(holder)
+    return {
+        "pid": holder.pid,
+        "command": holder.command,
+        "run_id": holder.run_id,
+        "step": holder.step,
+        "held_seconds": round(held, 1) if held is not None else None,
+        "typical_seconds": holder.typical_seconds,
+        "unusually_long": bool(held is not None and held > threshold),
+        "long_after_seconds": round(threshold),
     }
-    pending: dict[str, int | None] = {"tracks": None, "identifies": None, "rejected_total": None}
-    if (ANALYTICS_SCHEMA, "track_outbox") in tables and (SYNC_SCHEMA, "delivered_events") in tables:
-        pending["tracks"] = con.execute(
-            f"select count(*) from {ANALYTICS_SCHEMA}.track_outbox o "
-            f"anti join {SYNC_SCHEMA}.delivered_events d using (event_id)"
-        ).fetchone()[0]
-    if (ANALYTICS_SCHEMA, "identify_outbox") in tables and (
-        SYNC_SCHEMA,
-        "identify_state",
-    ) in tables:
-        pending["identifies"] = con.execute(
-            f"select count(*) from {ANALYTICS_SCHEMA}.identify_outbox o "
-            f"left join {SYNC_SCHEMA}.identify_state s using (user_id) "
-            "where s.traits_hash is distinct from o.traits_hash"
-        ).fetchone()[0]
-    if (SYNC_SCHEMA, "rejected_messages") in tables:
-        pending["rejected_total"] = con.execute(
-            f"select count(*) from {SYNC_SCHEMA}.rejected_messages"
-        ).fetchone()[0]
-    return pending
 
 
-def collect(warehouse_path: str, limit: int = 10) -> dict[str, Any]:
-    """Everything status shows, as one JSON-ready document."""
+def collect(
+    warehouse_path: str, limit: int = 10, excluded_fields: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Everything status shows, as one JSON-ready document. Never writes to the warehouse.
+
+    While a run holds the lock the warehouse is not opened at all: even a read-only open
+    would make the run's next write fail, so the answer comes from the lock file.
+    """
     holder = lock.is_locked(warehouse_path)
-    in_progress = None
+    document: dict[str, Any] = {
+        "warehouse": warehouse_path,
+        "run_in_progress": _in_progress(holder) if holder else None,
+        "runs": None,
+        "pending": None,
+    }
     if holder is not None:
-        held = holder.held_seconds
-        in_progress = {
-            "pid": holder.pid,
-            "command": holder.command,
-            "held_seconds": round(held, 1) if held is not None else None,
-            "unusually_long": bool(held and held > LONG_RUN_SECONDS),
-        }
-    document: dict[str, Any] = {"warehouse": warehouse_path, "run_in_progress": in_progress}
+        document["note"] = BUSY_NOTE
+        return document
+    if not warehouse_path.startswith("md:") and not os.path.exists(warehouse_path):
+        document.update(runs=[], pending={})
+        return document
     try:
         with warehouse.connect(warehouse_path, read_only=True) as con:
-            if warehouse.schema_version(con) == 0:
-                document.update(runs=[], pending={})
-                return document
-            document["runs"] = warehouse.recent_runs(con, limit)
-            document["pending"] = pending_now(con)
+            version = warehouse.schema_version(con)
+            if version > WAREHOUSE_SCHEMA_VERSION:
+                raise warehouse.WarehouseTooNew(
+                    f"{warehouse_path} has warehouse schema version {version}, newer than this "
+                    f"dodo-segment (schema {WAREHOUSE_SCHEMA_VERSION}) understands: upgrade "
+                    "dodo-segment"
+                )
+            document["schema_version"] = version
+            document["runs"] = warehouse.recent_runs(con, limit) if version else []
+            document["pending"] = pending_counts(con, excluded_fields)
     except warehouse.WarehouseBusy:
-        document["runs"] = None
+        # Held by a process that does not take the run lock (a notebook, the duckdb shell).
         document["note"] = (
-            "the warehouse is held by the run in progress; figures appear when it ends"
+            "the warehouse is open in another process (a notebook or the duckdb shell?); "
+            "close it to see the figures"
         )
     return document
 
@@ -75,45 +93,73 @@ def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else str(value or "-")
 
 
-def show(warehouse_path: str, limit: int = 10, as_json: bool = False) -> int:
+def _short(command: str | None) -> str:
+    return {"traits recompute": "recompute", "run --dry-run": "dry-run"}.get(
+        command or "-", command or "-"
+    )
+
+
+def _figure(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def show(
+    warehouse_path: str, limit: int = 10, as_json: bool = False, excluded_fields: Sequence[str] = ()
+) -> int:
     """Print the status; exit code 0 (status itself never fails a cron)."""
-    document = collect(warehouse_path, limit)
+    document = collect(warehouse_path, limit, excluded_fields)
     if as_json:
         print(json.dumps(document, default=str, indent=2))
         return 0
     running = document["run_in_progress"]
     if running:
-        flag = "  <- unusually long, check the process" if running["unusually_long"] else ""
+        held = running["held_seconds"]
+        step = f", step {running['step']}" if running["step"] else ""
+        flag = (
+            f"  <- unusually long (over {running['long_after_seconds']}s): check pid "
+            f"{running['pid']} and its log"
+            if running["unusually_long"]
+            else ""
+        )
         print(
-            f"A run is in progress: {running['command']} (pid {running['pid']}) for "
-            f"{running['held_seconds']:.0f}s{flag}"
+            f"A run is in progress: {running['command']} (pid {running['pid']}{step}) for "
+            f"{_figure(None if held is None else round(held))}s{flag}"
         )
     if document.get("note"):
         print(document["note"])
-    runs = document.get("runs") or []
-    if not runs and not running:
-        print(f"No runs recorded in {warehouse_path} yet. Start with: dodo-segment run")
+    runs = document.get("runs")
+    if runs is None:
         return 0
-    if runs:
+    if not runs:
+        print(f"No runs recorded in {warehouse_path} yet. Start with: dodo-segment run")
+    else:
         print(
-            f"{'started (UTC)':<20} {'secs':>6} {'outcome':<26} {'rows':>8} {'api':>6} {'identify':>9} {'track':>7} {'rejected':>8} {'pending':>8}"
+            f"{'started (UTC)':<20} {'command':<9} {'secs':>6} {'outcome':<24} {'rows':>7} {'api':>5} "
+            f"{'identify':>8} {'track':>6} {'rejected':>8} {'quarant.':>8} {'pending':>7}"
         )
     for run in runs:
         rows = sum((run["rows_loaded"] or {}).values())
         api = sum((run["api_requests"] or {}).values())
         duration = f"{run['duration_seconds']:.1f}" if run["duration_seconds"] is not None else "-"
-        pending = run["pending"] if run["pending"] is not None else "-"
         print(
-            f"{_when(run['started_at']):<20} {duration:>6} {run['outcome']:<26} {rows:>8} {api:>6} "
-            f"{run['identifies_sent'] or 0:>9} {run['tracks_sent'] or 0:>7} {run['rejected'] or 0:>8} {pending:>8}"
+            f"{_when(run['started_at']):<20} {_short(run['command']):<9} {duration:>6} "
+            f"{run['outcome'] or '-':<24} "
+            f"{rows:>7} {api:>5} {run['identifies_sent'] or 0:>8} {run['tracks_sent'] or 0:>6} "
+            f"{run['rejected'] or 0:>8} {run['quarantined'] or 0:>8} {_figure(run['pending']):>7}"
         )
         if run["error"]:
             print(f"{'':<20} error: {run['error']}")
     pending = document.get("pending") or {}
     if pending:
+        backlog = pending.get("skipped_backlog")
         print(
-            f"Pending now: {pending.get('tracks') if pending.get('tracks') is not None else '-'} track, "
-            f"{pending.get('identifies') if pending.get('identifies') is not None else '-'} identify; "
+            f"Pending now: {_figure(pending.get('tracks'))} track, "
+            f"{_figure(pending.get('identifies'))} identify; "
             f"rejected messages in total: {pending.get('rejected_total') or 0}"
+            + (
+                f"; {backlog} historical events skipped (--events-since sends them)"
+                if backlog
+                else ""
+            )
         )
     return 0

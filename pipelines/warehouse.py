@@ -22,40 +22,59 @@ class WarehouseBusy(WarehouseError):
     """Another process holds the warehouse file."""
 
 
-RUNS_DDL = f"""
-create schema if not exists {SYNC_SCHEMA};
-create table if not exists {SYNC_SCHEMA}.runs (
-    run_id varchar primary key,
-    command varchar,
-    started_at timestamptz,
-    finished_at timestamptz,
-    duration_seconds double,
-    outcome varchar,
-    exit_code integer,
-    rows_loaded json,
-    api_requests json,
-    identifies_sent bigint,
-    tracks_sent bigint,
-    skipped_backlog bigint,
-    rejected bigint,
-    quarantined bigint,
-    pending bigint,
-    error varchar
-);
-create table if not exists {SYNC_SCHEMA}.warehouse_meta (
+class WarehouseTooNew(WarehouseError):
+    """The warehouse was written by a newer release; it is left untouched."""
+
+
+RUNS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run_id", "varchar primary key"),
+    ("command", "varchar"),
+    ("started_at", "timestamptz"),
+    ("finished_at", "timestamptz"),
+    ("duration_seconds", "double"),
+    ("outcome", "varchar"),
+    ("exit_code", "integer"),
+    ("rows_loaded", "json"),
+    ("api_requests", "json"),
+    ("identifies_sent", "bigint"),
+    ("tracks_sent", "bigint"),
+    ("skipped_backlog", "bigint"),
+    ("rejected", "bigint"),
+    ("quarantined", "bigint"),
+    ("pending", "bigint"),
+    ("error", "varchar"),
+)
+
+# Version 1 is the first versioned release. A pre-versioning warehouse (version 0) may hold a
+# runs table with fewer columns: the missing ones are added, the rows kept.
+RUNS_DDL = (
+    f"create schema if not exists {SYNC_SCHEMA};\n"
+    f"create table if not exists {SYNC_SCHEMA}.runs "
+    f"({', '.join(f'{name} {kind}' for name, kind in RUNS_COLUMNS)});\n"
+    + "".join(
+        f"alter table {SYNC_SCHEMA}.runs add column if not exists {name} {kind};\n"
+        for name, kind in RUNS_COLUMNS[1:]
+    )
+    + f"""create table if not exists {SYNC_SCHEMA}.warehouse_meta (
     schema_version integer not null,
     written_by varchar,
     updated_at timestamptz
 );
 """
+)
 
-# Each migration brings a warehouse from version N-1 to N. Version 1 is the first release.
 MIGRATIONS: dict[int, str] = {1: RUNS_DDL}
+"""Each migration brings a warehouse from version N-1 to N, in one transaction."""
 
 
 def _classify(exc: Exception, path: str) -> WarehouseError:
     text = str(exc)
-    if "lock" in text.lower() or "Conflicting lock" in text:
+    if "not a valid DuckDB database" in text:
+        return WarehouseError(
+            f"{path} is not a DuckDB database (damaged, truncated or another kind of file); it "
+            "was not changed: restore it from a backup or point DODO_SEGMENT_DB at a new path"
+        )
+    if "Could not set lock" in text or "Conflicting lock" in text:
         return WarehouseBusy(
             f"the warehouse {path} is in use by another process; wait for it or run "
             "'dodo-segment status' to see the run in progress"
@@ -99,19 +118,24 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+def _is_local(path: str) -> bool:
+    return not path.startswith("md:")
+
+
 def prepare(path: str, version: str) -> int:
     """Check the warehouse's schema version and migrate an older one in place.
 
-    A warehouse written by a newer release is refused untouched. Returns the version found.
+    A warehouse written by a newer release is refused untouched: it is only ever opened
+    read-only to find out. Runs left `running` by a killed process are marked `interrupted`
+    (the caller holds the run lock, so no other run can be in progress). Returns the version
+    found.
     """
+    if _is_local(path) and os.path.exists(path):
+        with connect(path, read_only=True) as con:
+            _refuse_newer(path, schema_version(con), version)
     with connect(path) as con:
         found = schema_version(con)
-        if found > WAREHOUSE_SCHEMA_VERSION:
-            raise WarehouseError(
-                f"{path} has warehouse schema version {found}, newer than this dodo-segment "
-                f"({version}, schema {WAREHOUSE_SCHEMA_VERSION}) understands: upgrade "
-                "dodo-segment; the file was not changed"
-            )
+        _refuse_newer(path, found, version)
         for target in range(found + 1, WAREHOUSE_SCHEMA_VERSION + 1):
             con.execute("begin")
             con.execute(MIGRATIONS[target])
@@ -120,16 +144,49 @@ def prepare(path: str, version: str) -> int:
                 [target, f"dodo-segment {version}", datetime.now(UTC)],
             )
             con.execute("commit")
+        close_abandoned_runs(con)
         return found
+
+
+def _refuse_newer(path: str, found: int, version: str) -> None:
+    if found > WAREHOUSE_SCHEMA_VERSION:
+        raise WarehouseTooNew(
+            f"{path} has warehouse schema version {found}, newer than this dodo-segment "
+            f"({version}, schema {WAREHOUSE_SCHEMA_VERSION}) understands: upgrade "
+            "dodo-segment; the file was not changed"
+        )
+
+
+ABANDONED_ERROR = (
+    "the process ended without finishing (killed, crashed or the machine stopped); what it "
+    "delivered stays delivered and the rest was picked up by the next run"
+)
+
+
+def close_abandoned_runs(con: duckdb.DuckDBPyConnection) -> int:
+    """Mark runs still `running` as `interrupted`; only call while holding the run lock."""
+    row = con.execute(
+        f"update {SYNC_SCHEMA}.runs set outcome = 'interrupted', exit_code = null, error = ? "
+        "where outcome = 'running' returning run_id",
+        [ABANDONED_ERROR],
+    ).fetchall()
+    return len(row)
+
+
+def typical_run_seconds(con: duckdb.DuckDBPyConnection, command: str = "run") -> float | None:
+    """Median duration of the last ten successful runs of a command, if any."""
+    row = con.execute(
+        f"select median(duration_seconds) from (select duration_seconds from {SYNC_SCHEMA}.runs "
+        "where command = ? and outcome = 'success' and duration_seconds is not null "
+        "order by started_at desc limit 10)",
+        [command],
+    ).fetchone()
+    return float(row[0]) if row and row[0] is not None else None
 
 
 def record_run(con: duckdb.DuckDBPyConnection, run: dict[str, Any]) -> None:
     """Insert or update one row of segment_sync.runs."""
-    columns = [
-        "run_id", "command", "started_at", "finished_at", "duration_seconds", "outcome",
-        "exit_code", "rows_loaded", "api_requests", "identifies_sent", "tracks_sent",
-        "skipped_backlog", "rejected", "quarantined", "pending", "error",
-    ]  # fmt: skip
+    columns = [name for name, _ in RUNS_COLUMNS]
     values = [
         json.dumps(run.get(c)) if c in ("rows_loaded", "api_requests") else run.get(c)
         for c in columns
