@@ -9,8 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import dlt
-
 from pipelines.settings import BASE_URLS
 
 DEFAULT_WAREHOUSE = "dodo_segment.duckdb"
@@ -81,6 +79,8 @@ class AppConfig:
 
 
 def _from_files(path: str, secret: bool) -> Any:
+    import dlt  # imported on first use: it costs half a second, and --help should not wait
+
     accessor = dlt.secrets if secret else dlt.config
     try:
         return accessor.get(path)
