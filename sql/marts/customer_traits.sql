@@ -78,7 +78,8 @@ money_totals as (
         to_json(map_from_entries(list(
             {'k': currency, 'v': analytics.to_major(paid_minor - refunded_minor, currency)}
             order by currency
-        ))) as total_spent_by_currency
+        ) filter (where currency is not null)) -- a map key cannot be NULL (API item without currency)
+        ) as total_spent_by_currency
     from money_by_currency
     group by customer_id
 ),
