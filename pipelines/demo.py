@@ -61,6 +61,7 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
     """Start the sandbox, run the job, advance time, run again; print what happened."""
     started = time.monotonic()
     _fresh(db_path)
+    Path(db_path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     wall = datetime.now(UTC).replace(microsecond=0)
     business = generate_business(seed=7, now=wall - timedelta(days=7))
     with (
