@@ -425,12 +425,6 @@ def test_same_item_on_two_pages_is_loaded_once(sandbox: Sandbox) -> None:
     assert_nothing_lost(sandbox)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an offset page that shifted while paging (an id already seen in the same query) is "
-    "not re-read: the items pushed off it are older than the lookback and never loaded; fix in "
-    "pipelines/dodo/windows.py::_read_window (re-read or split the window on a repeated id)",
-)
 def test_items_pushed_off_a_shifted_page_are_not_lost(sandbox: Sandbox) -> None:
     shifted_second_page(sandbox)
     run(sandbox)

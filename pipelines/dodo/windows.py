@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pipelines.dodo.client import DodoClient, WindowOverflow, format_timestamp
+from pipelines.settings import PRIMARY_KEYS
+
+log = logging.getLogger(__name__)
 
 MIN_WINDOW = timedelta(seconds=1)
+READS_PER_WINDOW = 3
 MAX_WINDOW = timedelta(days=366)
 ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -71,12 +76,35 @@ def _read_window(
     filters: Mapping[str, Any],
     allow_overflow: bool = False,
 ) -> list[dict[str, Any]]:
+    """Every item of one window; read again when rows moved while paging.
+
+    Offset paging has no snapshot: a row inserted, deleted or re-sorted during the walk shifts
+    the pages, which shows as an id repeated across pages, and then another item was pushed
+    off a page unseen. Such a window is read again (up to READS_PER_WINDOW times) and the reads
+    are united by primary key.
+    """
     query = {
         **filters,
         "created_at_gte": format_timestamp(start),
         "created_at_lte": format_timestamp(end),
     }
-    items: list[dict[str, Any]] = []
-    for page in client.list_query(resource, query, allow_overflow=allow_overflow):
-        items.extend(page)
-    return items
+    key = PRIMARY_KEYS[resource]
+    union: dict[str, dict[str, Any]] = {}
+    keyless: list[dict[str, Any]] = []
+    for _ in range(READS_PER_WINDOW):
+        seen: set[Any] = set()
+        shifted = False
+        keyless = []
+        for page in client.list_query(resource, query, allow_overflow=allow_overflow):
+            for item in page:
+                item_key = item.get(key) if isinstance(item, dict) else None
+                if not isinstance(item_key, str):
+                    keyless.append(item)  # set aside later, with a reason
+                    continue
+                shifted |= item_key in seen
+                seen.add(item_key)
+                union[item_key] = item
+        if not shifted:
+            break
+        log.info("%s: rows moved while paging a window; reading it again", resource)
+    return [*union.values(), *keyless]
