@@ -32,6 +32,9 @@ format: install
 bench: install
 	$(BIN)/python -m bench.run
 
+bench-smoke: install
+	$(BIN)/python -m bench.run --quick
+
 soak: install
 	DODO_SEGMENT_SOAK_KILLS=200 $(BIN)/python -m pytest -q tests/test_reliability.py -k kill
 

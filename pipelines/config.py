@@ -71,6 +71,10 @@ class AppConfig:
     warehouse_path: str
     extract: ExtractConfig
     segment: SegmentConfig
+    models_reuse_minutes: float = 0.0
+    """Skip rebuilding the models when their inputs are unchanged and the last clean build is
+    younger than this (0: always rebuild). Time-relative facts (a trial ending, the current
+    month's MRR) can then be up to this late."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -166,7 +170,12 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         timeout_seconds=_number("segment.timeout_seconds", flags, 15),
     )
     warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
-    return AppConfig(warehouse_path=warehouse, extract=extract, segment=segment)
+    return AppConfig(
+        warehouse_path=warehouse,
+        extract=extract,
+        segment=segment,
+        models_reuse_minutes=_number("models.reuse_within_minutes", flags, 0),
+    )
 
 
 def pipeline_dir(warehouse_path: str) -> Path:

@@ -30,6 +30,7 @@ from pipelines.settings import (
     STATUS_FIELDS,
     SUBSCRIPTION_HISTORY_TABLE,
 )
+from pipelines.warehouse import WarehouseError
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,8 @@ def record_history(warehouse_path: str) -> None:
             con.execute(DISPUTE_HISTORY_SQL)
 
 
-def _step(step: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a dlt step; surface our own API errors instead of dlt's wrapper around them."""
+def _step(step: Any, *args: Any, warehouse_path: str = "", **kwargs: Any) -> Any:
+    """Run a dlt step; surface our own API errors and storage failures as one clear line."""
     try:
         return step(*args, **kwargs)
     except PipelineStepFailed as exc:
@@ -221,6 +222,13 @@ def _step(step: Any, *args: Any, **kwargs: Any) -> Any:
         while cause is not None:
             if isinstance(cause, DodoApiError):
                 raise cause from None
+            if isinstance(cause, duckdb.Error | OSError):
+                first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+                raise WarehouseError(
+                    f"cannot write the warehouse {warehouse_path} or its pipeline folder: "
+                    f"{first} (read-only folder or full disk?); nothing was lost, the next run "
+                    "reads the same rows again"
+                ) from None
             cause = getattr(cause, "exception", None) or cause.__cause__ or cause.__context__
         raise
 
@@ -275,24 +283,29 @@ def run_extract(
     client = plan.client
     rows: Counter[str] = Counter()
     timings: Counter[str] = Counter()
-    pipeline = make_pipeline(config.warehouse_path)
+    path = config.warehouse_path
+    pipeline = make_pipeline(path)
     pipeline.sync_destination()  # a lost local folder: state and schema come back from the warehouse
     pending = tuple(resources)
     try:
         while pending and result.loads < MAX_LOADS_PER_RUN:
             source = dodo_source(plan, pending)
-            _step(pipeline.extract, source, loader_file_format="parquet")
+            t0 = time.monotonic()
+            _step(pipeline.extract, source, loader_file_format="parquet", warehouse_path=path)
             # Stored before the load: if the load fails, the rewound state re-reads them and
             # the insert is idempotent, so a set-aside item is never lost.
             result.rejected_records += store_rejected(config.warehouse_path, plan.rejected)
             plan.rejected.clear()
-            _step(pipeline.normalize)
-            _step(pipeline.load)
+            t1 = time.monotonic()
+            _step(pipeline.normalize, warehouse_path=path)
+            t2 = time.monotonic()
+            _step(pipeline.load, warehouse_path=path)
+            # timed here: dlt's trace spans every step since the first extract of this loop
+            timings["extract"] += t1 - t0
+            timings["normalize"] += t2 - t1
+            timings["load"] += time.monotonic() - t2
             result.loads += 1
-            trace = pipeline.last_trace
-            for step in trace.steps:
-                timings[step.step] += (step.finished_at - step.started_at).total_seconds()
-            normalize_info = trace.last_normalize_info
+            normalize_info = pipeline.last_trace.last_normalize_info
             if normalize_info:
                 rows.update(normalize_info.row_counts)
             plan.full_refresh = frozenset()  # a resumed sweep continues from its saved cursor

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -230,7 +230,10 @@ def _run_models(config: AppConfig, report: RunReport) -> bool:
     """Build the SQL models and run the data tests; True when an error test blocks emission."""
     t0 = time.monotonic()
     with warehouse.connect(config.warehouse_path) as con:
-        result = run_models(con, event_catalog=config.segment.event_catalog)
+        reuse = (
+            timedelta(minutes=config.models_reuse_minutes) if config.models_reuse_minutes else None
+        )
+        result = run_models(con, event_catalog=config.segment.event_catalog, reuse_within=reuse)
     report.models_seconds = time.monotonic() - t0
     report.quarantined = sum(result.quarantined.values())
     report.data_test_errors = [str(e) for e in result.errors]
@@ -239,7 +242,10 @@ def _run_models(config: AppConfig, report: RunReport) -> bool:
             log.warning("data test %s: %d row(s) quarantined (not emitted)", name, count)
     for error in report.data_test_errors:
         log.error("data test failed: %s", error)
-    log.info("models: built in %.1fs", report.models_seconds)
+    if result.skipped:
+        log.info("models: inputs unchanged since the last clean build, reused")
+    else:
+        log.info("models: built in %.1fs", report.models_seconds)
     if result.emission_blocked:
         report.error = "an error-severity data test failed; nothing was emitted"
     return bool(result.emission_blocked)

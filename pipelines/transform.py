@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import graphlib
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -102,6 +104,9 @@ class TransformResult:
     quarantined: dict[str, int] = field(default_factory=dict)
     emission_blocked: bool = False
     seconds: float = 0.0
+    tests_seconds: float = 0.0
+    skipped: bool = False
+    """True when nothing the models read had changed: the previous build was kept."""
 
 
 def _headers(sql: str) -> dict[str, str]:
@@ -204,17 +209,27 @@ def run_models(
     con: duckdb.DuckDBPyConnection,
     event_catalog: str = "default",
     sql_dir: Path | None = None,
+    reuse_within: timedelta | None = None,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
     A model that fails raises `ModelError` and nothing after it runs. Each model's data tests run
     right after it (before downstream models), so warn tests quarantine rows before the outboxes
     are built; a failing error test sets `emission_blocked`.
+
+    With `reuse_within`, the build is skipped (`skipped=True`) when the raw data (ignoring
+    `_synced_at`), the SQL and the catalog are exactly those of the last clean build and that
+    build is younger than `reuse_within`: time-driven facts (a trial ending, the current month's
+    MRR) are then at most that late. None (the default) always rebuilds.
     """
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
     sql_dir = Path(sql_dir or SQL_DIR)
     started = time.perf_counter()
+    if reuse_within is not None:
+        fingerprint = build_fingerprint(con, sql_dir, event_catalog)
+        if _previous_build_holds(con, fingerprint, reuse_within):
+            return TransformResult(skipped=True, seconds=time.perf_counter() - started)
     models = list_models(sql_dir)
     tests_by_model: dict[str, list[DataTest]] = {}
     for test in load_data_tests(sql_dir, {m.name for m in models}):
@@ -225,6 +240,8 @@ def run_models(
     con.execute("set variable event_catalog = ?", [event_catalog])
     try:
         ensure_raw_tables(con)
+        # A build that stops half-way must never be mistaken for the last clean one.
+        con.execute(f"drop table if exists {BUILD_STATE_TABLE}")
         macros = sql_dir / "macros.sql"
         if macros.exists():
             try:
@@ -244,7 +261,9 @@ def run_models(
                 BuiltModel(model.name, model.materialized, time.perf_counter() - t0)
             )
             for test in tests_by_model.get(model.name, []):
+                t1 = time.perf_counter()
                 outcome = run_data_test(con, test, run_at)
+                result.tests_seconds += time.perf_counter() - t1
                 result.tests.append(outcome)
                 if outcome.failures and test.severity == "error":
                     result.errors.append(outcome)
@@ -252,8 +271,66 @@ def run_models(
                     result.quarantined[test.name] = outcome.quarantined
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
+        if reuse_within is not None:
+            _remember_build(con, fingerprint, clean=not result.errors and not result.quarantined)
     finally:
         if previous_tz:
             con.execute("set TimeZone = ?", [previous_tz[0]])
     result.seconds = time.perf_counter() - started
     return result
+
+
+BUILD_STATE_TABLE = f"{SCHEMA}._build_state"
+"""One row: the fingerprint of what the last clean build read, and when it was built."""
+
+
+def build_fingerprint(con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catalog: str) -> str:
+    """A hash of everything the models read: raw rows (without `_synced_at`), SQL, catalog.
+
+    One aggregate per raw table (row count and the sum of row hashes), so it costs a scan of
+    the raw data but no model work.
+    """
+    digest = hashlib.sha256(event_catalog.encode())
+    for path in sorted(sql_dir.rglob("*.sql")):
+        digest.update(path.relative_to(sql_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    columns: dict[str, list[str]] = {}
+    for table, column in con.execute(
+        "select table_name, column_name from information_schema.columns "
+        "where table_schema = ? and table_name not like '\\_dlt%' escape '\\' "
+        "order by table_name, ordinal_position",
+        [settings.RAW_DATASET],
+    ).fetchall():
+        if column != settings.SYNCED_AT_COLUMN:
+            columns.setdefault(table, []).append(column)
+    for table, names in columns.items():
+        row_hash = "hash(" + ", ".join(f'"{n}"' for n in names) + ")"
+        count, total = con.execute(
+            f"select count(*), sum({row_hash}::hugeint)::varchar "
+            f'from "{settings.RAW_DATASET}"."{table}"'
+        ).fetchone() or (0, None)
+        digest.update(f"{table}:{count}:{total};".encode())
+    return digest.hexdigest()
+
+
+def _previous_build_holds(
+    con: duckdb.DuckDBPyConnection, fingerprint: str, reuse_within: timedelta
+) -> bool:
+    try:
+        row = con.execute(
+            f"select fingerprint, now() - built_at from {BUILD_STATE_TABLE}"
+        ).fetchone()
+    except duckdb.CatalogException:
+        return False
+    return bool(row) and row[0] == fingerprint and row[1] < reuse_within
+
+
+def _remember_build(con: duckdb.DuckDBPyConnection, fingerprint: str, clean: bool) -> None:
+    """Keep the fingerprint of a clean build; a build with quarantined or failing rows is
+    always redone (its counts and blocking must be reported again)."""
+    con.execute(
+        f"create table if not exists {BUILD_STATE_TABLE} "
+        "(fingerprint varchar, built_at timestamptz)"
+    )
+    con.execute(f"delete from {BUILD_STATE_TABLE}")
+    if clean:
+        con.execute(f"insert into {BUILD_STATE_TABLE} values (?, now())", [fingerprint])

@@ -762,16 +762,6 @@ def _chattr_works(directory: Path) -> bool:
         probe.rmdir()
 
 
-LOAD_FAILURE_TRACEBACK = (
-    "a load that cannot write the warehouse (read-only directory, full disk) surfaces as dlt's "
-    "PipelineStepFailed: job.run_job logs it with log.exception (a full traceback) and the "
-    "error line is dlt's multi-line text; fix: in extract._step, turn PipelineStepFailed whose "
-    "cause chain holds a duckdb.Error/OSError into warehouse.WarehouseError('cannot write the "
-    "warehouse <path>: <first line of the cause> (read-only or full disk?)')"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LOAD_FAILURE_TRACEBACK)
 def test_read_only_warehouse_directory_fails_clearly(sandbox: Sandbox, tmp_path: Path) -> None:
     # Tests run as root, for whom chmod does not stop writes: an immutable directory does.
     if not _chattr_works(tmp_path):

@@ -87,6 +87,7 @@ class DodoClient:
         self.requests_by_resource: Counter[str] = Counter()
         self.retries_by_resource: Counter[str] = Counter()
         self._limiter = _RateLimiter(settings.requests_per_minute)
+        self._count_lock = threading.Lock()  # resources read from their own threads
         self._session = requests.Session()
         self._session.headers.update(
             {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
@@ -102,7 +103,8 @@ class DodoClient:
         attempt = 0
         while True:
             self._limiter.wait()
-            self.requests_by_resource[resource] += 1
+            with self._count_lock:
+                self.requests_by_resource[resource] += 1
             try:
                 response = self._session.get(
                     url, params=dict(params), timeout=self.settings.timeout_seconds
@@ -119,7 +121,11 @@ class DodoClient:
                     )
                 reason = f"HTTP {status}"
                 retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,  # connection cut mid-body
+            ) as exc:
                 reason, retry_after = type(exc).__name__, None
             except _MalformedPage as exc:
                 reason, retry_after = str(exc), None
@@ -129,7 +135,8 @@ class DodoClient:
                     f"Dodo API kept failing on GET {ENDPOINTS[resource]} ({reason}) after "
                     f"{self.settings.max_retries} retries"
                 )
-            self.retries_by_resource[resource] += 1
+            with self._count_lock:
+                self.retries_by_resource[resource] += 1
             delay = self._backoff(attempt, retry_after)
             log.warning(
                 "Dodo API %s on %s; retry %d/%d in %.1fs",

@@ -1,0 +1,129 @@
+"""Run one `dodo-segment run` in this process and print its figures as one JSON line.
+
+    python -m bench.job_probe [--events-since DATE] [--reuse-models-within SECONDS]
+
+Configured by the job's own environment variables (bench/run.py sets them). Peak RSS is sampled
+per phase (the job logs the end of each phase) and for the whole process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import resource
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psutil
+
+import pipelines.job as job
+from pipelines.config import load_config
+from pipelines.job import RunOptions, run_job
+from pipelines.transform import TransformResult, run_models
+
+
+class PhaseMemory(logging.Handler):
+    """Samples RSS every 50 ms; the job's end-of-phase log lines close each phase's peak."""
+
+    MARKS = {"extract: loaded": "extract_load", "models: built": "models", "emit: ": "emit"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.process = psutil.Process()
+        self.peak = 0
+        self.peaks: dict[str, int] = {}
+        self.stopped = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        for prefix, phase in self.MARKS.items():
+            if message.startswith(prefix) and phase not in self.peaks:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+                self.peaks[phase] = self.peak
+                self.peak = self.process.memory_info().rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events-since", type=datetime.fromisoformat, default=None)
+    parser.add_argument("--reuse-models-within", type=float, default=None)
+    args = parser.parse_args()
+
+    transform: list[TransformResult] = []
+
+    def models(*a: Any, **kw: Any) -> TransformResult:
+        result = run_models(*a, **kw)
+        transform.append(result)
+        return result
+
+    reuse = args.reuse_models_within
+    # The job has no setting for model reuse yet: the bench passes it (see docs/performance.md).
+    job.run_models = (  # type: ignore[assignment]
+        functools.partial(models, reuse_within=timedelta(seconds=reuse)) if reuse else models
+    )
+    memory = PhaseMemory()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logger = logging.getLogger("dodo_segment")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(memory)
+
+    cpu0 = psutil.Process().cpu_times()
+    started = time.perf_counter()
+    since = args.events_since
+    report = run_job(
+        load_config(),
+        RunOptions(events_since=since.replace(tzinfo=since.tzinfo or UTC) if since else None),
+    )
+    wall = time.perf_counter() - started
+    cpu1 = psutil.Process().cpu_times()
+    memory.stopped.set()
+    ex = report.extract
+    tr = transform[0] if transform else None
+    out = {
+        "exit_code": int(report.exit_code or 0),
+        "error": report.error,
+        "wall_seconds": round(wall, 3),
+        "cpu_seconds": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2),
+        "extract": {
+            "rows": ex.total_rows if ex else 0,
+            "rows_by_table": ex.rows_loaded if ex else {},
+            "api_requests": ex.api_requests if ex else {},
+            "api_retries": ex.api_retries if ex else {},
+            "loads": ex.loads if ex else 0,
+            "seconds": {k: round(v, 3) for k, v in (ex.seconds if ex else {}).items()},
+        },
+        "models": {
+            "seconds_total": round(report.models_seconds or 0, 3),
+            "data_tests_seconds": round(tr.tests_seconds, 3) if tr else None,
+            "skipped": tr.skipped if tr else None,
+            "models_built": len(tr.models) if tr else 0,
+            "data_tests": len(tr.tests) if tr else 0,
+        },
+        "emit": {
+            "seconds": round(report.emit_seconds or 0, 3),
+            "identifies_sent": report.identifies_sent,
+            "tracks_sent": report.tracks_sent,
+            "skipped_backlog": report.skipped_backlog,
+            "rejected": report.rejected,
+            "pending": report.pending,
+        },
+        "peak_rss_mb": {
+            "process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            **{k: round(v / 2**20) for k, v in memory.peaks.items()},
+        },
+    }
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

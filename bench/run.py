@@ -1,0 +1,334 @@
+"""Benchmark the whole job against the sandbox: first sync, no-change runs, emitter vs webhook.
+
+    python -m bench.run [--sizes 10k,100k,1m] [--quick] [--out bench/results.json]
+
+Per size, a Dodo API simulator (own process) serves a generated business of that many payments
+(customers = payments / 10, and the subscriptions, refunds and ledger rows that go with them)
+and a Segment-compatible collector (own process) receives the events. The job runs in a third
+process (bench/job_probe.py), so its peak RSS is its own. Figures: per phase wall seconds,
+rows or messages per second and peak RSS; API requests by resource; Segment requests and bytes;
+and, side by side, the no-change run at every size and the emitter vs one request per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import requests
+
+from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench_api_key"
+WRITE_KEY = "bench_write_key"
+PAGE_SIZE = 100
+LOOKBACK = timedelta(days=3)
+BATCH_BYTES_LIMIT = 475_000  # segment-analytics-python's BATCH_SIZE_LIMIT
+
+
+def parse_size(text: str) -> int:
+    """'10k' -> 10_000, '1m' -> 1_000_000."""
+    text = text.strip().lower()
+    factor = {"k": 1_000, "m": 1_000_000}.get(text[-1], 1)
+    return int(float(text.rstrip("km")) * factor)
+
+
+def _spawn(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, cwd=cwd,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"{args[0]} did not start")
+    return proc, line
+
+
+def start_simulator(payments: int, seed: int) -> tuple[subprocess.Popen[str], str, float]:
+    """The simulator in its own process; returns it, its base URL and the generation seconds."""
+    t0 = time.perf_counter()
+    proc, line = _spawn(
+        ["pipelines.sandbox.simulator", "--port", "0", "--payments", str(payments),
+         "--seed", str(seed), "--api-key", API_KEY], REPO,
+    )  # fmt: skip
+    return proc, line.split()[0], time.perf_counter() - t0
+
+
+def start_collector(latency_ms: float = 0) -> tuple[subprocess.Popen[str], str]:
+    """The Segment-compatible collector in its own process."""
+    return _spawn(
+        ["pipelines.sandbox.collector", "--port", "0", "--write-key", WRITE_KEY,
+         "--latency-ms", str(latency_ms)], REPO,
+    )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End a process this script started."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_probe(env: dict[str, str], cwd: Path, *args: str) -> dict[str, Any]:
+    """One job run in its own process (bench/job_probe.py); its JSON figures."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.job_probe", *args], env=env, cwd=cwd,
+        capture_output=True, text=True, check=False,
+        timeout=3600,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"job probe failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    if result["exit_code"] not in (0, 3):
+        raise RuntimeError(f"job run failed: {result}")
+    return result
+
+
+def collector_stats(url: str) -> dict[str, Any]:
+    """Requests, messages and bytes the collector received since its last reset."""
+    stats = requests.get(url + "/_stats", timeout=10).json()
+    requests.post(url + "/_reset", timeout=10)
+    batches = len(stats.get("batch_sizes", [])) or 0
+    body = sum(stats.get("accepted_body_bytes", [])) if batches else 0
+    return {
+        "requests": stats["requests"],
+        "messages": stats["messages"],
+        "wire_bytes": stats["bytes_received"],
+        "body_bytes_per_batch": round(body / batches) if batches else 0,
+        "fill_ratio": round(body / batches / BATCH_BYTES_LIMIT, 3) if batches else None,
+    }
+
+
+def request_bound(db: Path, as_of: datetime) -> dict[str, int]:
+    """The issue's bound for a no-change run, per resource: pages of the lookback window and of
+    the non-terminal objects (one query per status), plus one short page per query."""
+    bound: dict[str, int] = {}
+    with duckdb.connect(str(db), read_only=True) as con:
+        for resource in ("payments", "subscriptions", "customers", "refunds", "disputes",
+                         "balance_ledger"):  # fmt: skip
+            recent = con.execute(
+                f"select count(*) from {RAW_DATASET}.{resource} where created_at >= ?",
+                [as_of - LOOKBACK],
+            ).fetchone()[0]
+            pages = math.ceil(recent / PAGE_SIZE) + 1
+            for status in NON_TERMINAL_STATUSES.get(resource, ()):
+                n = con.execute(
+                    f"select count(*) from {RAW_DATASET}.{resource} "
+                    f'where "{STATUS_FIELDS[resource]}" = ? and created_at < ?',
+                    [status, as_of - LOOKBACK],
+                ).fetchone()[0]
+                pages += math.ceil(n / PAGE_SIZE) + 1
+            bound[resource] = pages
+    bound["products"] = 2
+    return bound
+
+
+def phase_rows(result: dict[str, Any]) -> dict[str, Any]:
+    """Seconds, throughput and memory of one run, flattened for the table."""
+    ex = result["extract"]
+    secs = ex["seconds"]
+    e_l = secs.get("total", 0.0)
+    models = result["models"]
+    return {
+        "wall_s": result["wall_seconds"],
+        "cpu_s": result["cpu_seconds"],
+        "extract_s": secs.get("extract"),
+        "normalize_s": secs.get("normalize"),
+        "load_s": secs.get("load"),
+        "extract_load_total_s": e_l,
+        "rows": ex["rows"],
+        "rows_per_s": round(ex["rows"] / e_l) if e_l else None,
+        "api_requests": sum(ex["api_requests"].values()),
+        "models_and_tests_s": models["seconds_total"],
+        "data_tests_s": models["data_tests_seconds"],
+        "models_skipped": models["skipped"],
+        "emit_s": result["emit"]["seconds"],
+        "peak_rss_mb": result["peak_rss_mb"],
+    }
+
+
+def bench_size(
+    payments: int, seed: int, repeat: int, backfill_emit_max: int, work: Path
+) -> dict[str, Any]:
+    """First sync and no-change runs at one size."""
+    sim, base_url, generated = start_simulator(payments, seed)
+    collector, collector_url = start_collector(0)
+    db = work / f"bench_{payments}.duckdb"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SOURCES__", "SEGMENT__"))},
+        "DODO_PAYMENTS_API_KEY": API_KEY,
+        "DODO_PAYMENTS_BASE_URL": base_url,
+        "DODO_PAYMENTS_ENVIRONMENT": "test_mode",
+        "DODO_SEGMENT_DB": str(db),
+        "SEGMENT_WRITE_KEY": WRITE_KEY,
+        "SEGMENT_HOST": collector_url,
+        "SOURCES__DODO__REQUESTS_PER_MINUTE": "0",
+        "RUNTIME__DLTHUB_TELEMETRY": "false",
+        "PYTHONPATH": str(REPO),
+    }
+    try:
+        backfill = payments <= backfill_emit_max
+        args = ["--events-since", "2000-01-01"] if backfill else []
+        first = run_probe(env, work, *args)
+        first["segment"] = collector_stats(collector_url)
+        as_of = datetime.now(UTC)
+        rebuilt = [run_probe(env, work) for _ in range(repeat)]
+        # the first run with reuse builds and records the fingerprint; the next ones may reuse it
+        reuse = ["--reuse-models-within", "3600"]
+        warmup = run_probe(env, work, *reuse)
+        skipping = [run_probe(env, work, *reuse) for _ in range(repeat)]
+        bound = request_bound(db, as_of)
+    finally:
+        stop(sim)
+        stop(collector)
+    emitted = first["emit"]["tracks_sent"] + first["emit"]["identifies_sent"]
+    first_rows = phase_rows(first)
+    first_rows["emit_messages"] = emitted
+    first_rows["emit_messages_per_s"] = (
+        round(emitted / first["emit"]["seconds"]) if first["emit"]["seconds"] else None
+    )
+    first_rows["emit_backfill"] = backfill
+    first_rows["segment"] = first["segment"]
+
+    def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        walls = [r["wall_seconds"] for r in runs]
+        chosen = sorted(runs, key=lambda r: r["wall_seconds"])[len(runs) // 2]
+        return {
+            **phase_rows(chosen),
+            "wall_s_all": walls,
+            "wall_s_median": statistics.median(walls),
+            "api_requests_by_resource": chosen["extract"]["api_requests"],
+        }
+
+    return {
+        "payments": payments,
+        "simulator_generation_s": round(generated, 1),
+        "first_sync": first_rows,
+        "first_sync_rows_by_table": first["extract"]["rows_by_table"],
+        "first_sync_api_requests": first["extract"]["api_requests"],
+        "no_change_models_rebuilt": median_run(rebuilt),
+        "no_change_models_reused": median_run(skipping),
+        "no_change_reuse_warmup": phase_rows(warmup),
+        "no_change_request_bound": {**bound, "total": sum(bound.values())},
+    }
+
+
+def bench_emitter(events: int, baseline: int, baseline_latency: int, latency: float) -> dict:
+    """The emitter vs one request per event, without and with collector latency."""
+    from bench.emit_bench import run_emitter, run_one_per_event
+    from bench.emit_bench import start_collector as start_bench_collector
+
+    out: dict[str, Any] = {}
+    for label, ms, n in (("no_latency", 0.0, baseline), (f"latency_{latency:g}ms", latency,
+                                                           baseline_latency)):  # fmt: skip
+        proc, url = start_bench_collector(ms)
+        try:
+            emitter = run_emitter(url, events, threads=3)
+            webhook = run_one_per_event(url, n)
+        finally:
+            stop(proc)
+        emitter["ratio_vs_one_per_event"] = round(
+            emitter["events_per_s"] / webhook["events_per_s"], 1
+        )
+        out[label] = {"emitter": emitter, "one_request_per_event": webhook}
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """A human summary of results.json."""
+    print(f"\n{'size':>8} {'run':<22} {'wall s':>7} {'E+L s':>7} {'rows/s':>8} {'API req':>8} "
+          f"{'models s':>8} {'emit s':>7} {'msg/s':>7} {'RSS MB':>7}")  # fmt: skip
+    for size in results["sizes"]:
+        for label, key in (("first sync", "first_sync"),
+                           ("no-change (rebuild)", "no_change_models_rebuilt"),
+                           ("no-change (reuse)", "no_change_models_reused")):  # fmt: skip
+            r = size[key]
+            print(
+                f"{size['payments']:>8} {label:<22} {r['wall_s']:>7.1f} "
+                f"{r['extract_load_total_s']:>7.1f} {r['rows_per_s'] or 0:>8} "
+                f"{r['api_requests']:>8} {r['models_and_tests_s']:>8.2f} {r['emit_s']:>7.1f} "
+                f"{r.get('emit_messages_per_s') or '':>7} {r['peak_rss_mb']['process']:>7}"
+            )
+        print(
+            f"{'':>8} request bound for a no-change run: {size['no_change_request_bound']['total']}"
+        )
+    for label, ratio in results.get("ratios", {}).items():
+        print(f"ratio {label}: {ratio}")
+    for label, pair in results.get("emitter_vs_webhook", {}).items():
+        e, w = pair["emitter"], pair["one_request_per_event"]
+        print(
+            f"emitter {label}: {e['events_per_s']} ev/s (fill {e['fill_ratio']}) vs "
+            f"one-per-event {w['events_per_s']} ev/s = {e['ratio_vs_one_per_event']}x"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="10k,100k,1m")
+    parser.add_argument("--quick", action="store_true", help="10k only, small emitter runs")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=3, help="no-change runs per variant")
+    parser.add_argument("--backfill-emit-max", default="100k",
+                        help="sizes up to this send their whole event history (--events-since)")  # fmt: skip
+    parser.add_argument("--emitter-events", type=int, default=100_000)
+    parser.add_argument("--skip-emitter", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    args = parser.parse_args(argv)
+    sizes = [10_000] if args.quick else [parse_size(s) for s in args.sizes.split(",")]
+    repeat = 1 if args.quick else args.repeat
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg(),
+        },  # fmt: skip
+        "sizes": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
+        for payments in sizes:
+            results["sizes"].append(
+                bench_size(
+                    payments, args.seed, repeat, parse_size(args.backfill_emit_max), Path(tmp)
+                )  # fmt: skip
+            )
+    by_size = {s["payments"]: s for s in results["sizes"]}
+    small, large = min(by_size), max(by_size)
+    if small != large:
+        for variant in ("no_change_models_rebuilt", "no_change_models_reused"):
+            results.setdefault("ratios", {})[f"{variant} {large} vs {small}"] = round(
+                by_size[large][variant]["wall_s_median"] / by_size[small][variant]["wall_s_median"],
+                2,
+            )
+    if not args.skip_emitter:
+        events = 5_000 if args.quick else args.emitter_events
+        results["emitter_vs_webhook"] = bench_emitter(
+            events, 500 if args.quick else 10_000, 100 if args.quick else 2_000, 20
+        )
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    print_table(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

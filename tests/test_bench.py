@@ -1,0 +1,36 @@
+"""Smoke run of the benchmark (bench/run.py) at a tiny size, so the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.run import bench_emitter, main
+
+
+def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    main(["--sizes", "2k", "--repeat", "1", "--skip-emitter", "--out", str(out)])
+    results = json.loads(out.read_text())
+    (size,) = results["sizes"]
+    first = size["first_sync"]
+    assert size["payments"] == 2_000
+    assert first["rows"] >= 2_000 and first["rows_per_s"] > 0
+    assert first["api_requests"] == sum(size["first_sync_api_requests"].values())
+    # the first sync of a small size sends the whole history: every message reached the collector
+    assert first["emit_backfill"] and first["segment"]["messages"] == first["emit_messages"] > 0
+    assert first["peak_rss_mb"]["process"] > 0
+    # a no-change run reads far less than the first sync, and stays within the issue's bound
+    again = size["no_change_models_rebuilt"]
+    assert 0 < again["api_requests"] < first["api_requests"]
+    assert again["api_requests"] <= size["no_change_request_bound"]["total"] + 10
+    assert size["no_change_models_reused"]["models_skipped"] is True
+    assert again["models_skipped"] is False
+
+
+def test_emitter_comparison_reports_a_ratio() -> None:
+    compared = bench_emitter(events=300, baseline=50, baseline_latency=20, latency=20)
+    for pair in compared.values():
+        assert pair["emitter"]["events"] == 300
+        # too few events for a meaningful ratio: only check that it is computed
+        assert pair["emitter"]["ratio_vs_one_per_event"] > 0
