@@ -9,14 +9,14 @@ per phase (the job logs the end of each phase) and for the whole process.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
+import os
 import resource
 import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import psutil
@@ -66,11 +66,9 @@ def main() -> None:
         transform.append(result)
         return result
 
-    reuse = args.reuse_models_within
-    # The job has no setting for model reuse yet: the bench passes it (see docs/performance.md).
-    job.run_models = (  # type: ignore[assignment]
-        functools.partial(models, reuse_within=timedelta(seconds=reuse)) if reuse else models
-    )
+    if args.reuse_models_within:  # the job's own setting, [models] reuse_within_minutes
+        os.environ["MODELS__REUSE_WITHIN_MINUTES"] = str(args.reuse_models_within / 60)
+    job.run_models = models  # type: ignore[assignment]  # observed, not changed
     memory = PhaseMemory()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logger = logging.getLogger("dodo_segment")
