@@ -8,10 +8,12 @@ import threading
 import time
 import zlib
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import orjson
+
+from pipelines.sandbox.loopback import LoopbackServer
 
 MAX_REQUEST_BYTES = 500_000
 """Segment answers 400 above 500 KB per request (measured decompressed; strict decimal KB)."""
@@ -21,7 +23,7 @@ MAX_MESSAGE_BYTES = 32 * 1024
 _SINGLE_CALL_PATHS = {"/v1/track": "track", "/v1/identify": "identify"}
 
 
-class SegmentCollector:
+class SegmentCollector(LoopbackServer):
     """Loopback stand-in for Segment's tracking API (`/v1/batch`, `/v1/track`, `/v1/identify`).
 
     Like Segment, a wrong write key gets 200 and the data is dropped (counted in
@@ -41,46 +43,10 @@ class SegmentCollector:
         self._faults: deque[tuple[int, float | None]] = deque()
         self._outage: tuple[int, float | None] | None = None
         self._drops = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.reset()
 
-    # --- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> str:
-        """Start serving in a background thread; returns the base URL (the Segment `host`)."""
-        collector = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.collector = collector
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="segment-collector", daemon=True
-        )
-        self._thread.start()
-        return self.base_url
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> SegmentCollector:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return type("Handler", (_Handler,), {"collector": self})
 
     # --- faults --------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import time
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,6 +18,7 @@ import orjson
 
 from pipelines.sandbox.business import Business, Item, generate_business
 from pipelines.sandbox.faults import FAULT_KINDS, Fault, Mutator, PageContext
+from pipelines.sandbox.loopback import LoopbackServer
 from pipelines.sandbox.records import parse_iso
 from pipelines.settings import (
     DISPUTE_STAGES,
@@ -126,7 +127,7 @@ def _order_key(item_id: str) -> int:
     return zlib.crc32(item_id.encode())
 
 
-class DodoSimulator:
+class DodoSimulator(LoopbackServer):
     """A real HTTP server that answers the Dodo list endpoints from a Business."""
 
     def __init__(
@@ -143,36 +144,9 @@ class DodoSimulator:
         self.faults: list[Fault] = []
         self._cache: OrderedDict[tuple[Any, ...], list[Item]] = OrderedDict()
         self._state_lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.base_url = ""
 
-    # --- lifecycle --------------------------------------------------------------------------
-
-    def start(self) -> str:
-        """Serve in a background thread; returns the base URL."""
-        handler = type("Handler", (_Handler,), {"sim": self})
-        self._server = ThreadingHTTPServer((self.host, self.port), handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.base_url = f"http://{self.host}:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self.base_url
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> DodoSimulator:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return type("Handler", (_Handler,), {"sim": self})
 
     # --- accounting and faults --------------------------------------------------------------
 
