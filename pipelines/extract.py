@@ -138,19 +138,21 @@ def recover_pending(warehouse_path: str) -> str | None:
     )
 
 
+def _raw_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Names of the tables the warehouse has in the raw schema."""
+    rows = con.execute(
+        "select table_name from information_schema.tables where table_schema = ?", [RAW_DATASET]
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def _known_non_terminal(warehouse_path: str) -> dict[str, list[tuple[str, datetime]]]:
     """Objects the warehouse holds in a status that can still change."""
     known: dict[str, list[tuple[str, datetime]]] = {}
     if not warehouse_path.startswith("md:") and not os.path.exists(warehouse_path):
         return known
     with duckdb.connect(warehouse_path, read_only=True) as con:
-        tables = {
-            r[0]
-            for r in con.execute(
-                "select table_name from information_schema.tables where table_schema = ?",
-                [RAW_DATASET],
-            ).fetchall()
-        }
+        tables = _raw_tables(con)
         for resource, statuses in NON_TERMINAL_STATUSES.items():
             if resource not in tables:
                 continue
@@ -200,13 +202,7 @@ def store_rejected(warehouse_path: str, rejected: list[dict[str, Any]]) -> int:
 def record_history(warehouse_path: str) -> None:
     """Append the subscription and dispute states this sync saw for the first time."""
     with duckdb.connect(warehouse_path) as con:
-        tables = {
-            r[0]
-            for r in con.execute(
-                "select table_name from information_schema.tables where table_schema = ?",
-                [RAW_DATASET],
-            ).fetchall()
-        }
+        tables = _raw_tables(con)
         if "subscriptions" in tables:
             con.execute(SUBSCRIPTION_HISTORY_SQL)
         if "disputes" in tables:

@@ -96,21 +96,27 @@ def _column(values: list[Any], kind: ColumnType) -> pa.Array:
     return pa.array(values, ARROW_TYPES[kind])
 
 
+def _column_values(items: list[dict[str, Any]], name: str, nested: list[Any]) -> list[Any]:
+    """One raw column's values across a page; `customer__x` reads the nested customer object.
+
+    `nested` caches the page's customer objects between columns (filled on first use).
+    """
+    if not name.startswith(NESTED_PREFIX):
+        return [i.get(name) for i in items]
+    if not nested:
+        nested.extend(i.get("customer") for i in items)
+    field = name[len(NESTED_PREFIX) :]
+    return [c.get(field) if c.__class__ is dict else None for c in nested]
+
+
 def _table(resource: str, items: list[dict[str, Any]], synced_at: datetime) -> pa.Table:
     # Column-wise list comprehensions over plain dict.get: the per-item Python work is the
     # extract's largest cost after the HTTP wait, so no helper call per value.
     columns = RAW_COLUMNS[resource]
-    nested: list[Any] | None = None
+    nested: list[Any] = []
     arrays: dict[str, pa.Array] = {}
     for name, kind in columns.items():
-        if name.startswith(NESTED_PREFIX):
-            if nested is None:
-                nested = [i.get("customer") for i in items]
-            field = name[len(NESTED_PREFIX) :]
-            values = [c.get(field) if c.__class__ is dict else None for c in nested]
-        else:
-            values = [i.get(name) for i in items]
-        arrays[name] = _column(values, kind)
+        arrays[name] = _column(_column_values(items, name, nested), kind)
     unknown = sorted(set().union(*items) - _TOP_LEVEL[resource])
     for name in unknown:  # new API fields are data: keep them as text columns
         arrays[name] = pa.array([_text(i.get(name)) for i in items], pa.string())
@@ -139,18 +145,12 @@ def _fast_table(resource: str, items: list[Any], synced_at: datetime) -> pa.Tabl
         nested_struct = struct.field("customer").type
         for field, column in zip(nested_struct, fields.pop("customer").flatten(), strict=True):
             fields[NESTED_PREFIX + field.name] = column
-    nested: list[Any] | None = None
+    nested: list[Any] = []
     arrays: dict[str, pa.Array] = {}
     try:
         for name, kind in RAW_COLUMNS[resource].items():
             if kind == "json":
-                if name.startswith(NESTED_PREFIX):
-                    if nested is None:
-                        nested = [i.get("customer") for i in items]
-                    sub = name[len(NESTED_PREFIX) :]
-                    values = [c.get(sub) if c.__class__ is dict else None for c in nested]
-                else:
-                    values = [i.get(name) for i in items]
+                values = _column_values(items, name, nested)
                 arrays[name] = pa.array(_json_texts(values), pa.string())
             elif kind == "timestamp":
                 arrays[name] = fields[name].cast(ARROW_TYPES["timestamp"])
