@@ -564,9 +564,11 @@ def test_newer_or_corrupt_warehouse_is_refused_untouched(loaded: Loaded, tmp_pat
     corrupt_env = {**env, "DODO_SEGMENT_DB": str(corrupt)}
     before = {path: fingerprint(path) for path in (newer, corrupt)}
     time.sleep(0.01)  # an mtime change would be visible
-    results = run_all(
-        (("run",), env), (("status",), env), (("run",), corrupt_env), (("status",), corrupt_env)
-    )
+    # A run and a status on the same file never overlap here: a status during that run's
+    # short lock would rightly answer "a run is in progress" instead of refusing the file.
+    runs = run_all((("run",), env), (("run",), corrupt_env))
+    statuses = run_all((("status",), env), (("status",), corrupt_env))
+    results = [runs[0], statuses[0], runs[1], statuses[1]]
     assert [r.returncode for r in results] == [1, 1, 1, 1], [r.stderr for r in results]
     for result in results[:2]:
         line = one_line_error(result)
