@@ -1,6 +1,6 @@
 """Run one `dodo-segment run` in this process and print its figures as one JSON line.
 
-    python -m bench.job_probe [--events-since DATE] [--reuse-models-within SECONDS]
+    python -m bench.job_probe [--events-since DATE] [--rebuild-models]
 
 Configured by the job's own environment variables (bench/run.py sets them). Peak RSS is sampled
 per phase (the job logs the end of each phase) and for the whole process.
@@ -56,7 +56,10 @@ class PhaseMemory(logging.Handler):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events-since", type=datetime.fromisoformat, default=None)
-    parser.add_argument("--reuse-models-within", type=float, default=None)
+    parser.add_argument(
+        "--rebuild-models", action="store_true",
+        help="rebuild the models even when a rebuild would give the same tables",
+    )  # fmt: skip
     args = parser.parse_args()
 
     transform: list[TransformResult] = []
@@ -66,8 +69,8 @@ def main() -> None:
         transform.append(result)
         return result
 
-    if args.reuse_models_within:  # the job's own setting, [models] reuse_within_minutes
-        os.environ["MODELS__REUSE_WITHIN_MINUTES"] = str(args.reuse_models_within / 60)
+    if args.rebuild_models:  # the job's own setting, [models] skip_unchanged
+        os.environ["MODELS__SKIP_UNCHANGED"] = "false"
     job.run_models = models  # type: ignore[assignment]  # observed, not changed
     memory = PhaseMemory()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,64 @@ def _spawn(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
-def start_simulator(payments: int, seed: int) -> tuple[subprocess.Popen[str], str, float]:
-    """The simulator in its own process; returns it, its base URL and the generation seconds."""
+@dataclass
+class Simulator:
+    """A simulator process serving one generated business (a world frozen at `now`)."""
+
+    proc: subprocess.Popen[str]
+    base_url: str
+    now: str
+    generation_s: float
+
+
+def start_simulator(
+    payments: int, seed: int, keep_closed_history: float | None = None
+) -> Simulator:
+    """The simulator in its own process, once it serves."""
     t0 = time.perf_counter()
+    thinning = ["--keep-closed-history", str(keep_closed_history)] if keep_closed_history else []
     proc, line = _spawn(
         ["pipelines.sandbox.simulator", "--port", "0", "--payments", str(payments),
-         "--seed", str(seed), "--api-key", API_KEY], REPO,
+         "--seed", str(seed), "--api-key", API_KEY, *thinning], REPO,
     )  # fmt: skip
-    return proc, line.split()[0], time.perf_counter() - t0
+    base_url, _, now = line.split()
+    return Simulator(proc, base_url, now, time.perf_counter() - t0)
+
+
+def job_env(simulator: Simulator, collector_url: str, db: Path) -> dict[str, str]:
+    """The job's environment for one simulator, collector and warehouse.
+
+    The job runs on the simulator's clock (`sources.dodo.as_of`, as `dodo-segment demo` does):
+    the simulated world does not move, so a wall clock would have paid periods end and trials
+    run out between runs with no renewal ever arriving, which no real business does.
+    """
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SOURCES__", "SEGMENT__"))},
+        "DODO_PAYMENTS_API_KEY": API_KEY,
+        "DODO_PAYMENTS_BASE_URL": simulator.base_url,
+        "DODO_PAYMENTS_ENVIRONMENT": "test_mode",
+        "DODO_SEGMENT_DB": str(db),
+        "SEGMENT_WRITE_KEY": WRITE_KEY,
+        "SEGMENT_HOST": collector_url,
+        "SOURCES__DODO__REQUESTS_PER_MINUTE": "0",
+        "SOURCES__DODO__AS_OF": simulator.now,
+        "RUNTIME__DLTHUB_TELEMETRY": "false",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def raw_rows(db: Path) -> int:
+    """Rows in the warehouse's raw tables: the depth of history a run works over."""
+    with duckdb.connect(str(db), read_only=True) as con:
+        tables = con.execute(
+            "select table_name from information_schema.tables where table_schema = ? "
+            "and table_name not like '\\_dlt%' escape '\\'",
+            [RAW_DATASET],
+        ).fetchall()
+        return sum(
+            con.execute(f'select count(*) from {RAW_DATASET}."{name}"').fetchone()[0]
+            for (name,) in tables
+        )
 
 
 def start_collector(latency_ms: float = 0) -> tuple[subprocess.Popen[str], str]:
@@ -166,39 +217,39 @@ def phase_rows(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time, with every run's wall time beside it."""
+    walls = [r["wall_seconds"] for r in runs]
+    chosen = sorted(runs, key=lambda r: r["wall_seconds"])[len(runs) // 2]
+    return {
+        **phase_rows(chosen),
+        "wall_s_all": walls,
+        "wall_s_median": statistics.median(walls),
+        "api_requests_by_resource": chosen["extract"]["api_requests"],
+    }
+
+
 def bench_size(
     payments: int, seed: int, repeat: int, backfill_emit_max: int, work: Path
 ) -> dict[str, Any]:
     """First sync and no-change runs at one size."""
-    sim, base_url, generated = start_simulator(payments, seed)
+    sim = start_simulator(payments, seed)
     collector, collector_url = start_collector(0)
     db = work / f"bench_{payments}.duckdb"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("SOURCES__", "SEGMENT__"))},
-        "DODO_PAYMENTS_API_KEY": API_KEY,
-        "DODO_PAYMENTS_BASE_URL": base_url,
-        "DODO_PAYMENTS_ENVIRONMENT": "test_mode",
-        "DODO_SEGMENT_DB": str(db),
-        "SEGMENT_WRITE_KEY": WRITE_KEY,
-        "SEGMENT_HOST": collector_url,
-        "SOURCES__DODO__REQUESTS_PER_MINUTE": "0",
-        "RUNTIME__DLTHUB_TELEMETRY": "false",
-        "PYTHONPATH": str(REPO),
-    }
+    env = job_env(sim, collector_url, db)
     try:
         backfill = payments <= backfill_emit_max
         args = ["--events-since", "2000-01-01"] if backfill else []
         first = run_probe(env, work, *args)
         first["segment"] = collector_stats(collector_url)
-        as_of = datetime.now(UTC)
-        rebuilt = [run_probe(env, work) for _ in range(repeat)]
-        # the first run with reuse builds and records the fingerprint; the next ones may reuse it
-        reuse = ["--reuse-models-within", "3600"]
-        warmup = run_probe(env, work, *reuse)
-        skipping = [run_probe(env, work, *reuse) for _ in range(repeat)]
-        bound = request_bound(db, as_of)
+        rebuilt = [run_probe(env, work, "--rebuild-models") for _ in range(repeat)]
+        # a forced rebuild records no build to keep: the next run builds, the ones after keep it
+        warmup = run_probe(env, work)
+        kept = [run_probe(env, work) for _ in range(repeat)]
+        bound = request_bound(db, datetime.fromisoformat(sim.now))
+        history_rows = raw_rows(db)
     finally:
-        stop(sim)
+        stop(sim.proc)
         stop(collector)
     emitted = first["emit"]["tracks_sent"] + first["emit"]["identifies_sent"]
     first_rows = phase_rows(first)
@@ -208,27 +259,40 @@ def bench_size(
     )
     first_rows["emit_backfill"] = backfill
     first_rows["segment"] = first["segment"]
-
-    def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-        walls = [r["wall_seconds"] for r in runs]
-        chosen = sorted(runs, key=lambda r: r["wall_seconds"])[len(runs) // 2]
-        return {
-            **phase_rows(chosen),
-            "wall_s_all": walls,
-            "wall_s_median": statistics.median(walls),
-            "api_requests_by_resource": chosen["extract"]["api_requests"],
-        }
-
     return {
         "payments": payments,
-        "simulator_generation_s": round(generated, 1),
+        "history_rows": history_rows,
+        "simulator_generation_s": round(sim.generation_s, 1),
         "first_sync": first_rows,
         "first_sync_rows_by_table": first["extract"]["rows_by_table"],
         "first_sync_api_requests": first["extract"]["api_requests"],
         "no_change_models_rebuilt": median_run(rebuilt),
-        "no_change_models_reused": median_run(skipping),
-        "no_change_reuse_warmup": phase_rows(warmup),
+        "no_change_models_kept": median_run(kept),
+        "no_change_keep_warmup": phase_rows(warmup),
         "no_change_request_bound": {**bound, "total": sum(bound.values())},
+    }
+
+
+def bench_same_delta(payments: int, seed: int, repeat: int, keep: float, work: Path) -> dict:
+    """No-change runs over the same business with most of its closed history removed: the same
+    lookback window and open objects (the same delta), a fraction of the history."""
+    sim = start_simulator(payments, seed, keep_closed_history=keep)
+    collector, collector_url = start_collector(0)
+    db = work / f"bench_{payments}_keep_{keep}.duckdb"
+    env = job_env(sim, collector_url, db)
+    try:
+        run_probe(env, work)  # its first sync
+        run_probe(env, work)  # builds the models it keeps from then on
+        kept = [run_probe(env, work) for _ in range(repeat)]
+        history_rows = raw_rows(db)
+    finally:
+        stop(sim.proc)
+        stop(collector)
+    return {
+        "payments": payments,
+        "keep_closed_history": keep,
+        "history_rows": history_rows,
+        "no_change_models_kept": median_run(kept),
     }
 
 
@@ -259,8 +323,8 @@ def print_table(results: dict[str, Any]) -> None:
           f"{'models s':>8} {'emit s':>7} {'msg/s':>7} {'RSS MB':>7}")  # fmt: skip
     for size in results["sizes"]:
         for label, key in (("first sync", "first_sync"),
-                           ("no-change (rebuild)", "no_change_models_rebuilt"),
-                           ("no-change (reuse)", "no_change_models_reused")):  # fmt: skip
+                           ("no-change (rebuilt)", "no_change_models_rebuilt"),
+                           ("no-change (kept)", "no_change_models_kept")):  # fmt: skip
             r = size[key]
             print(
                 f"{size['payments']:>8} {label:<22} {r['wall_s']:>7.1f} "
@@ -270,6 +334,15 @@ def print_table(results: dict[str, Any]) -> None:
             )
         print(
             f"{'':>8} request bound for a no-change run: {size['no_change_request_bound']['total']}"
+        )
+    shallow = results.get("same_delta_shallow_history")
+    if shallow:
+        r = shallow["no_change_models_kept"]
+        print(
+            f"{shallow['payments']:>8} {'no-change, shallow':<22} {r['wall_s']:>7.1f} "
+            f"{r['extract_load_total_s']:>7.1f} {r['rows_per_s'] or 0:>8} {r['api_requests']:>8} "
+            f"{r['models_and_tests_s']:>8.2f} {r['emit_s']:>7.1f} {'':>7} "
+            f"{r['peak_rss_mb']['process']:>7}   ({shallow['history_rows']} history rows)"
         )
     for label, ratio in results.get("ratios", {}).items():
         print(f"ratio {label}: {ratio}")
@@ -290,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backfill-emit-max", default="100k",
                         help="sizes up to this send their whole event history (--events-since)")  # fmt: skip
     parser.add_argument("--emitter-events", type=int, default=100_000)
+    parser.add_argument("--same-delta-keep", type=float, default=0.05,
+                        help="share of closed history kept for the same-delta comparison")  # fmt: skip
+    parser.add_argument("--skip-same-delta", action="store_true")
     parser.add_argument("--skip-emitter", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
@@ -313,12 +389,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     by_size = {s["payments"]: s for s in results["sizes"]}
     small, large = min(by_size), max(by_size)
+    ratios: dict[str, float] = {}
     if small != large:
-        for variant in ("no_change_models_rebuilt", "no_change_models_reused"):
-            results.setdefault("ratios", {})[f"{variant} {large} vs {small}"] = round(
+        for variant in ("no_change_models_rebuilt", "no_change_models_kept"):
+            ratios[f"{variant} {large} vs {small} (denser business, bigger delta)"] = round(
                 by_size[large][variant]["wall_s_median"] / by_size[small][variant]["wall_s_median"],
                 2,
             )
+    if not args.skip_same_delta:
+        with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
+            shallow = bench_same_delta(large, args.seed, repeat, args.same_delta_keep, Path(tmp))
+        results["same_delta_shallow_history"] = shallow
+        deep = by_size[large]
+        ratios[f"no-change {large}: full history vs shallow, same delta (wall)"] = round(
+            deep["no_change_models_kept"]["wall_s_median"]
+            / shallow["no_change_models_kept"]["wall_s_median"],
+            2,
+        )
+        ratios[f"no-change {large}: full history vs shallow (history rows)"] = round(
+            deep["history_rows"] / shallow["history_rows"], 2
+        )
+    if ratios:
+        results["ratios"] = ratios
     if not args.skip_emitter:
         events = 5_000 if args.quick else args.emitter_events
         results["emitter_vs_webhook"] = bench_emitter(

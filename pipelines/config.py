@@ -71,10 +71,10 @@ class AppConfig:
     warehouse_path: str
     extract: ExtractConfig
     segment: SegmentConfig
-    models_reuse_minutes: float = 0.0
-    """Skip rebuilding the models when their inputs are unchanged and the last clean build is
-    younger than this (0: always rebuild). Time-relative facts (a trial ending, the current
-    month's MRR) can then be up to this late."""
+    skip_unchanged_models: bool = True
+    """Keep the last clean build of the models when a rebuild would give the same tables (same
+    raw data, SQL and catalog; no month, trial or paid period ended since). False: always
+    rebuild."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -109,6 +109,18 @@ def _number(path: str, flags: Mapping[str, Any] | None, default: float) -> float
         return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path} must be a number, got {value!r}") from exc
+
+
+def _flag(path: str, flags: Mapping[str, Any] | None, default: bool) -> bool:
+    value = lookup(path, flags, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{path} must be true or false, got {value!r}")
 
 
 def _datetime(path: str, flags: Mapping[str, Any] | None, default: str) -> datetime:
@@ -174,7 +186,7 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         warehouse_path=warehouse,
         extract=extract,
         segment=segment,
-        models_reuse_minutes=_number("models.reuse_within_minutes", flags, 0),
+        skip_unchanged_models=_flag("models.skip_unchanged", flags, True),
     )
 
 

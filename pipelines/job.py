@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -158,7 +158,7 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
             step(step="extract")
             _extract(config, options, report)
         step(step="models")
-        blocked = _run_models(config, report)
+        blocked = _run_models(config, options, report)
         if blocked:
             report.outcome, report.exit_code = "data_test_failed", ExitCode.DATA_TEST_FAILED
         elif not options.skip_emit:
@@ -226,14 +226,15 @@ def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
         )
 
 
-def _run_models(config: AppConfig, report: RunReport) -> bool:
+def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bool:
     """Build the SQL models and run the data tests; True when an error test blocks emission."""
     t0 = time.monotonic()
     with warehouse.connect(config.warehouse_path) as con:
-        reuse = (
-            timedelta(minutes=config.models_reuse_minutes) if config.models_reuse_minutes else None
+        result = run_models(
+            con,
+            event_catalog=config.segment.event_catalog,
+            skip_unchanged=config.skip_unchanged_models and options.command != "transform",
         )
-        result = run_models(con, event_catalog=config.segment.event_catalog, reuse_within=reuse)
     report.models_seconds = time.monotonic() - t0
     report.quarantined = sum(result.quarantined.values())
     report.data_test_errors = [str(e) for e in result.errors]
@@ -243,7 +244,7 @@ def _run_models(config: AppConfig, report: RunReport) -> bool:
     for error in report.data_test_errors:
         log.error("data test failed: %s", error)
     if result.skipped:
-        log.info("models: inputs unchanged since the last clean build, reused")
+        log.info("models: inputs unchanged and nothing fell due since the last build, kept it")
     else:
         log.info("models: built in %.1fs", report.models_seconds)
     if result.emission_blocked:

@@ -7,7 +7,6 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -209,7 +208,7 @@ def run_models(
     con: duckdb.DuckDBPyConnection,
     event_catalog: str = "default",
     sql_dir: Path | None = None,
-    reuse_within: timedelta | None = None,
+    skip_unchanged: bool = False,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -217,20 +216,26 @@ def run_models(
     right after it (before downstream models), so warn tests quarantine rows before the outboxes
     are built; a failing error test sets `emission_blocked`.
 
-    With `reuse_within`, the build is skipped (`skipped=True`) when the raw data (ignoring
-    `_synced_at`), the SQL and the catalog are exactly those of the last clean build and that
-    build is younger than `reuse_within`: time-driven facts (a trial ending, the current month's
-    MRR) are then at most that late. None (the default) always rebuilds.
+    With `skip_unchanged`, the build is skipped (`skipped=True`) when a rebuild would give the
+    same tables: the raw data (ignoring `_synced_at`), the SQL and the catalog are exactly those
+    of the last clean build, and no time-driven fact fell due since (the new `as_of` is before
+    that build's `int_results_valid_until`: no month began, no trial or paid period ended).
+    Only `int_as_of` is then rebuilt, so it tells the new time the results refer to.
     """
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
     sql_dir = Path(sql_dir or SQL_DIR)
     started = time.perf_counter()
-    if reuse_within is not None:
-        fingerprint = build_fingerprint(con, sql_dir, event_catalog)
-        if _previous_build_holds(con, fingerprint, reuse_within):
-            return TransformResult(skipped=True, seconds=time.perf_counter() - started)
     models = list_models(sql_dir)
+    if skip_unchanged:
+        ensure_raw_tables(con)  # a first build creates absent ones: fingerprint them as built
+        fingerprint = build_fingerprint(con, sql_dir, event_catalog)
+        if _previous_build_holds(con, fingerprint, models):
+            return TransformResult(
+                skipped=True,
+                quarantined=_quarantined_by_test(con),
+                seconds=time.perf_counter() - started,
+            )
     tests_by_model: dict[str, list[DataTest]] = {}
     for test in load_data_tests(sql_dir, {m.name for m in models}):
         tests_by_model.setdefault(test.model, []).append(test)
@@ -271,8 +276,8 @@ def run_models(
                     result.quarantined[test.name] = outcome.quarantined
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
-        if reuse_within is not None:
-            _remember_build(con, fingerprint, clean=not result.errors and not result.quarantined)
+        if skip_unchanged:
+            _remember_build(con, fingerprint, clean=not result.errors)
     finally:
         if previous_tz:
             con.execute("set TimeZone = ?", [previous_tz[0]])
@@ -281,7 +286,14 @@ def run_models(
 
 
 BUILD_STATE_TABLE = f"{SCHEMA}._build_state"
-"""One row: the fingerprint of what the last clean build read, and when it was built."""
+"""One row: the fingerprint of what the last clean build read, when it was built, and until when
+its results hold without new data (`int_results_valid_until`)."""
+
+AS_OF_MODEL = "int_as_of"
+"""The model that says which instant the results refer to (the latest observation)."""
+
+VALID_UNTIL_MODEL = "int_results_valid_until"
+"""The model that says when time alone would change a result (a month, trial or period ends)."""
 
 
 def build_fingerprint(con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catalog: str) -> str:
@@ -313,24 +325,47 @@ def build_fingerprint(con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catal
 
 
 def _previous_build_holds(
-    con: duckdb.DuckDBPyConnection, fingerprint: str, reuse_within: timedelta
+    con: duckdb.DuckDBPyConnection, fingerprint: str, models: list[Model]
 ) -> bool:
+    """Whether the last clean build read exactly these inputs and time has not yet changed any
+    of its results; if so, `int_as_of` is brought forward to the current observation."""
+    by_name = {model.name: model for model in models}
+    if AS_OF_MODEL not in by_name or VALID_UNTIL_MODEL not in by_name:
+        return False  # a model set without them cannot tell when its results expire
     try:
-        row = con.execute(
-            f"select fingerprint, now() - built_at from {BUILD_STATE_TABLE}"
-        ).fetchone()
-    except duckdb.CatalogException:
+        row = con.execute(f"select fingerprint, valid_until from {BUILD_STATE_TABLE}").fetchone()
+        if not row or row[0] != fingerprint or row[1] is None:
+            return False
+        # the current as_of by the model's own rule, over the views of the last build
+        as_of = con.execute(f"select as_of from (\n{by_name[AS_OF_MODEL].sql}\n)").fetchone()
+        if not as_of or as_of[0] >= row[1]:
+            return False
+        _build(con, by_name[AS_OF_MODEL])
+    except duckdb.Error:  # no previous build, or its views are gone: build
         return False
-    return bool(row) and row[0] == fingerprint and row[1] < reuse_within
+    return True
+
+
+def _quarantined_by_test(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Rows the kept build quarantined, per data test (the job reports them every run)."""
+    rows = con.execute(
+        f"select test_name, count(*) from {SCHEMA}.quarantined_rows group by 1 order by 1"
+    ).fetchall()
+    return {name: int(count) for name, count in rows}
 
 
 def _remember_build(con: duckdb.DuckDBPyConnection, fingerprint: str, clean: bool) -> None:
-    """Keep the fingerprint of a clean build; a build with quarantined or failing rows is
-    always redone (its counts and blocking must be reported again)."""
+    """Keep the fingerprint of a build whose error tests passed. A build with a failing error
+    test is always redone (emission stays blocked until a build passes); quarantined rows stay
+    in `quarantined_rows` with a kept build and are reported again from there."""
+    con.execute(f"drop table if exists {BUILD_STATE_TABLE}")
     con.execute(
-        f"create table if not exists {BUILD_STATE_TABLE} "
-        "(fingerprint varchar, built_at timestamptz)"
+        f"create table {BUILD_STATE_TABLE} "
+        "(fingerprint varchar, built_at timestamptz, valid_until timestamptz)"
     )
-    con.execute(f"delete from {BUILD_STATE_TABLE}")
     if clean:
-        con.execute(f"insert into {BUILD_STATE_TABLE} values (?, now())", [fingerprint])
+        con.execute(
+            f"insert into {BUILD_STATE_TABLE} "
+            f"select ?, now(), valid_until from {SCHEMA}.{VALID_UNTIL_MODEL}",
+            [fingerprint],
+        )

@@ -24,8 +24,15 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     again = size["no_change_models_rebuilt"]
     assert 0 < again["api_requests"] < first["api_requests"]
     assert again["api_requests"] <= size["no_change_request_bound"]["total"] + 10
-    assert size["no_change_models_reused"]["models_skipped"] is True
+    assert size["no_change_models_kept"]["models_skipped"] is True
     assert again["models_skipped"] is False
+    # the same business with most of its closed history removed: the same re-reads
+    shallow = results["same_delta_shallow_history"]
+    assert 0 < shallow["history_rows"] < size["history_rows"]
+    assert shallow["no_change_models_kept"]["models_skipped"] is True
+    assert shallow["no_change_models_kept"]["api_requests"] <= (
+        size["no_change_request_bound"]["total"] + 10
+    )  # the same lookback window and open objects: the full history's bound holds
 
 
 def test_emitter_comparison_reports_a_ratio() -> None:

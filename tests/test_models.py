@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -378,3 +378,75 @@ def test_failing_error_test_blocks_emission(fresh, tmp_path: Path) -> None:
         ["customer_traits_always_fails"],
     ).fetchone()[0]
     assert status == "fail"
+
+
+# --- keeping an unchanged build ---------------------------------------------------------------
+
+MODEL_OUTPUTS = (
+    "int_as_of", "lifecycle_events", "customer_traits", "revenue_daily", "mrr_monthly",
+    "identify_outbox", "track_outbox", "quarantined_rows",
+)  # fmt: skip
+
+
+def _outputs(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+    outputs = {}
+    for name in MODEL_OUTPUTS:
+        columns = "test_name, key_kind, key" if name == "quarantined_rows" else "*"
+        outputs[name] = con.execute(f"select {columns} from analytics.{name} order by all").fetchall()
+    return outputs
+
+
+def _observed_again_at(con: duckdb.DuckDBPyConnection, at: datetime) -> None:
+    """A re-read that found every payment unchanged: only `_synced_at` (so as_of) moves."""
+    con.execute("update dodo_raw.payments set _synced_at = ?", [at])
+
+
+def _july_mrr(con: duckdb.DuckDBPyConnection) -> float | None:
+    return con.execute(
+        "select round(sum(mrr_usd), 2) from analytics.mrr_monthly where month = '2024-07-01'"
+    ).fetchone()[0]
+
+
+def test_unchanged_build_is_kept_until_time_changes_a_result(fresh) -> None:
+    first = run_models(fresh, skip_unchanged=True)
+    assert not first.skipped and first.quarantined == {"lifecycle_events_unknown_customer": 1}
+    valid_until = fresh.execute("select valid_until from analytics.int_results_valid_until")
+    # as_of is 2024-06-30; July begins before the first paid period ends (July 2, 12:00)
+    assert valid_until.fetchone()[0] == datetime(2024, 7, 1, tzinfo=UTC)
+
+    just_before = datetime(2024, 6, 30, 23, 59, 59, tzinfo=UTC)
+    _observed_again_at(fresh, just_before)
+    kept = run_models(fresh, skip_unchanged=True)
+    assert kept.skipped and not kept.models and kept.quarantined == first.quarantined
+    assert fresh.execute("select as_of from analytics.int_as_of").fetchone()[0] == just_before
+    outputs = _outputs(fresh)
+    run_models(fresh)  # a full rebuild from the same raw data gives the same tables
+    assert _outputs(fresh) == outputs
+
+    _observed_again_at(fresh, datetime(2024, 7, 1, tzinfo=UTC))  # a month began
+    due = run_models(fresh, skip_unchanged=True)
+    assert not due.skipped and _july_mrr(fresh) == EXPECTED["mrr_total_2024_06"]
+    valid_until = fresh.execute("select valid_until from analytics.int_results_valid_until")
+    period_end = valid_until.fetchone()[0]
+    assert period_end == datetime(2024, 7, 2, 12, tzinfo=UTC)  # the first paid period ends
+
+    _observed_again_at(fresh, period_end)  # still covered at its last instant
+    assert not run_models(fresh, skip_unchanged=True).skipped  # as_of reached valid_until
+    _observed_again_at(fresh, period_end + timedelta(hours=1))
+    assert not run_models(fresh, skip_unchanged=True).skipped
+    assert _july_mrr(fresh) < EXPECTED["mrr_total_2024_06"]  # that period no longer counts
+
+
+def test_unchanged_build_is_rebuilt_for_new_data_sql_or_catalog(fresh, tmp_path: Path) -> None:
+    assert not run_models(fresh, skip_unchanged=True).skipped
+    assert run_models(fresh, skip_unchanged=True).skipped
+    fresh.execute("update dodo_raw.payments set total_amount = 999 where payment_id = 'pay_r1'")
+    assert not run_models(fresh, skip_unchanged=True).skipped  # a changed raw value
+    assert run_models(fresh, skip_unchanged=True).skipped
+    assert not run_models(fresh, event_catalog="ecommerce", skip_unchanged=True).skipped
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_dir)
+    model = sql_dir / "marts" / "revenue_daily.sql"
+    model.write_text(model.read_text() + "\n-- a changed definition\n")
+    changed = run_models(fresh, event_catalog="ecommerce", sql_dir=sql_dir, skip_unchanged=True)
+    assert not changed.skipped

@@ -323,13 +323,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--page-cap", type=int, default=100)
     parser.add_argument("--api-key", default="sandbox_api_key")
+    parser.add_argument(
+        "--keep-closed-history", type=float, default=None,
+        help="keep only this share of what closed over 7 days ago (same delta, less history)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     customers = args.customers or max(300, (args.payments or 0) // 10)
     began = time.perf_counter()
-    business = generate_business(args.seed, customers, payments_target=args.payments)
+    business = generate_business(
+        args.seed, customers, payments_target=args.payments,
+        keep_closed_history=args.keep_closed_history,
+    )  # fmt: skip
     print(f"generated {business.counts()} in {time.perf_counter() - began:.1f}s", file=sys.stderr)
     sim = DodoSimulator(business, args.api_key, args.page_cap, args.host, args.port)
-    print(f"{sim.start()} {sim.api_key}", flush=True)
+    # the business's clock: a job run against this frozen world uses it as its now
+    print(f"{sim.start()} {sim.api_key} {business.now.isoformat()}", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -1,45 +1,19 @@
 -- MRR per customer per month (USD), with the movement classified mrr-playbook style.
--- Definition: each succeeded, non-zero subscription payment covers the service period
--- [paid_at, paid_at + payment_frequency_count x payment_frequency_interval) of its
--- subscription and contributes its USD amount / (months in that period) (Day = 1/30.4375,
--- Week = 12/52, Month = 1, Year = 12 months). A customer's MRR for a month is the sum over the
--- payments whose period covers the last instant of the month (for the current month: as_of).
--- USD amount: analytics.int_payments_usd (ledger USD equivalent, else the latest ledger rate).
+-- Definition: each succeeded, non-zero subscription payment covers a service period and
+-- contributes a monthly USD amount (analytics.int_service_periods). A customer's MRR for a
+-- month is the sum over the payments whose period covers the last instant of the month (for
+-- the current month: as_of).
 -- Rows: every month from the customer's first month with MRR up to as_of, except months where
 -- both mrr_usd and previous_mrr_usd are 0 (inactive between a churn and a reactivation).
 -- movement, first match wins: new (first month), churn (mrr 0, previous > 0), reactivation
 -- (previous 0, mrr > 0), expansion (mrr > previous), contraction (mrr < previous), unchanged.
-with payments as (
-    select * from analytics.int_payments_usd
-),
-
-subscriptions as (
-    select * from analytics.int_subscriptions
-),
-
-as_of as (
+with as_of as (
     select as_of, cast(date_trunc('month', timezone('UTC', as_of)) as date) as as_of_month
     from analytics.int_as_of
 ),
 
 service_periods as (
-    select
-        payments.payment_id,
-        payments.customer_id,
-        payments.subscription_id,
-        payments.created_at as period_start,
-        payments.created_at + analytics.billing_interval(
-            subscriptions.payment_frequency_interval,
-            greatest(coalesce(subscriptions.payment_frequency_count, 1), 1)
-        ) as period_end,
-        payments.amount_usd / (
-            analytics.months_per_interval(subscriptions.payment_frequency_interval)
-            * greatest(coalesce(subscriptions.payment_frequency_count, 1), 1)
-        ) as monthly_usd
-    from payments
-    inner join subscriptions on subscriptions.subscription_id = payments.subscription_id
-    where payments.amount_minor > 0
-      and subscriptions.payment_frequency_interval in ('day', 'week', 'month', 'year')
+    select * from analytics.int_service_periods
 ),
 
 covered_months as (
