@@ -70,15 +70,13 @@ class Simulator:
     generation_s: float
 
 
-def start_simulator(
-    payments: int, seed: int, keep_closed_history: float | None = None
-) -> Simulator:
+def start_simulator(payments: int, seed: int, older_closed_payments: int = 0) -> Simulator:
     """The simulator in its own process, once it serves."""
     t0 = time.perf_counter()
-    thinning = ["--keep-closed-history", str(keep_closed_history)] if keep_closed_history else []
     proc, line = _spawn(
         ["pipelines.sandbox.simulator", "--port", "0", "--payments", str(payments),
-         "--seed", str(seed), "--api-key", API_KEY, *thinning], REPO,
+         "--seed", str(seed), "--api-key", API_KEY,
+         "--older-closed-payments", str(older_closed_payments)], REPO,
     )  # fmt: skip
     base_url, _, now = line.split()
     return Simulator(proc, base_url, now, time.perf_counter() - t0)
@@ -273,25 +271,29 @@ def bench_size(
     }
 
 
-def bench_same_delta(payments: int, seed: int, repeat: int, keep: float, work: Path) -> dict:
-    """No-change runs over the same business with most of its closed history removed: the same
-    lookback window and open objects (the same delta), a fraction of the history."""
-    sim = start_simulator(payments, seed, keep_closed_history=keep)
+def bench_deeper_history(payments: int, seed: int, repeat: int, depth: int, work: Path) -> dict:
+    """No-change runs over the same business with a past `depth` times as deep: (depth - 1) x
+    `payments` more payments, all closed, before its history (the same lookback window and open
+    objects, so the same delta)."""
+    older = (depth - 1) * payments
+    sim = start_simulator(payments, seed, older_closed_payments=older)
     collector, collector_url = start_collector(0)
-    db = work / f"bench_{payments}_keep_{keep}.duckdb"
+    db = work / f"bench_{payments}_deeper_{depth}x.duckdb"
     env = job_env(sim, collector_url, db)
     try:
-        run_probe(env, work)  # its first sync
-        run_probe(env, work)  # builds the models it keeps from then on
+        first = run_probe(env, work)
+        run_probe(env, work)  # builds the models the next runs keep
         kept = [run_probe(env, work) for _ in range(repeat)]
         history_rows = raw_rows(db)
     finally:
         stop(sim.proc)
         stop(collector)
     return {
-        "payments": payments,
-        "keep_closed_history": keep,
+        "payments": payments + older,
+        "recent_business_payments": payments,
+        "older_closed_payments": older,
         "history_rows": history_rows,
+        "first_sync": phase_rows(first),
         "no_change_models_kept": median_run(kept),
     }
 
@@ -335,14 +337,15 @@ def print_table(results: dict[str, Any]) -> None:
         print(
             f"{'':>8} request bound for a no-change run: {size['no_change_request_bound']['total']}"
         )
-    shallow = results.get("same_delta_shallow_history")
-    if shallow:
-        r = shallow["no_change_models_kept"]
+    deeper = results.get("same_delta_deeper_history")
+    if deeper:
+        r = deeper["no_change_models_kept"]
         print(
-            f"{shallow['payments']:>8} {'no-change, shallow':<22} {r['wall_s']:>7.1f} "
+            f"{deeper['payments']:>8} {'no-change, deep past':<22} {r['wall_s']:>7.1f} "
             f"{r['extract_load_total_s']:>7.1f} {r['rows_per_s'] or 0:>8} {r['api_requests']:>8} "
             f"{r['models_and_tests_s']:>8.2f} {r['emit_s']:>7.1f} {'':>7} "
-            f"{r['peak_rss_mb']['process']:>7}   ({shallow['history_rows']} history rows)"
+            f"{r['peak_rss_mb']['process']:>7}   (the {deeper['recent_business_payments']} "
+            f"business + {deeper['older_closed_payments']} older closed payments)"
         )
     for label, ratio in results.get("ratios", {}).items():
         print(f"ratio {label}: {ratio}")
@@ -363,8 +366,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backfill-emit-max", default="100k",
                         help="sizes up to this send their whole event history (--events-since)")  # fmt: skip
     parser.add_argument("--emitter-events", type=int, default=100_000)
-    parser.add_argument("--same-delta-keep", type=float, default=0.05,
-                        help="share of closed history kept for the same-delta comparison")  # fmt: skip
+    parser.add_argument("--same-delta-base", default="100k",
+                        help="the size whose business gets a 10x deeper past for ratio (b)")  # fmt: skip
     parser.add_argument("--skip-same-delta", action="store_true")
     parser.add_argument("--skip-emitter", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
@@ -397,17 +400,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 2,
             )
     if not args.skip_same_delta:
+        base = parse_size(args.same_delta_base)
+        base = base if base in by_size else small
         with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
-            shallow = bench_same_delta(large, args.seed, repeat, args.same_delta_keep, Path(tmp))
-        results["same_delta_shallow_history"] = shallow
-        deep = by_size[large]
-        ratios[f"no-change {large}: full history vs shallow, same delta (wall)"] = round(
-            deep["no_change_models_kept"]["wall_s_median"]
-            / shallow["no_change_models_kept"]["wall_s_median"],
-            2,
+            deeper = bench_deeper_history(base, args.seed, repeat, 10, Path(tmp))
+        results["same_delta_deeper_history"] = deeper
+        shallow = by_size[base]
+        ratios[f"no-change, same delta: {deeper['payments']} vs {base} payments of history"] = (
+            round(
+                deeper["no_change_models_kept"]["wall_s_median"]
+                / shallow["no_change_models_kept"]["wall_s_median"],
+                2,
+            )
         )
-        ratios[f"no-change {large}: full history vs shallow (history rows)"] = round(
-            deep["history_rows"] / shallow["history_rows"], 2
+        ratios["history rows of the two"] = round(
+            deeper["history_rows"] / shallow["history_rows"], 2
         )
     if ratios:
         results["ratios"] = ratios

@@ -26,13 +26,14 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     assert again["api_requests"] <= size["no_change_request_bound"]["total"] + 10
     assert size["no_change_models_kept"]["models_skipped"] is True
     assert again["models_skipped"] is False
-    # the same business with most of its closed history removed: the same re-reads
-    shallow = results["same_delta_shallow_history"]
-    assert 0 < shallow["history_rows"] < size["history_rows"]
-    assert shallow["no_change_models_kept"]["models_skipped"] is True
-    assert shallow["no_change_models_kept"]["api_requests"] <= (
-        size["no_change_request_bound"]["total"] + 10
-    )  # the same lookback window and open objects: the full history's bound holds
+    # the same business with a ten times deeper past: the same re-reads, more history
+    deeper = results["same_delta_deeper_history"]
+    assert deeper["payments"] == 20_000 and deeper["history_rows"] > 5 * size["history_rows"]
+    assert deeper["no_change_models_kept"]["models_skipped"] is True
+    assert (
+        deeper["no_change_models_kept"]["api_requests_by_resource"]
+        == size["no_change_models_kept"]["api_requests_by_resource"]
+    )
 
 
 def test_emitter_comparison_reports_a_ratio() -> None:

@@ -11,12 +11,7 @@ from typing import Any
 
 from pipelines.sandbox import records as rec
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer
-from pipelines.sandbox.history import (
-    History,
-    build_history,
-    subscription_record,
-    thin_closed_history,
-)
+from pipelines.sandbox.history import History, build_history, subscription_record
 from pipelines.sandbox.records import US_PER_DAY, add_interval, iso, parse_iso, to_us
 from pipelines.settings import PRIMARY_KEYS, RESOURCES
 
@@ -335,12 +330,12 @@ def generate_business(
     now: datetime | None = None,
     payments_target: int | None = None,
     subscriptions: int | None = None,
-    keep_closed_history: float | None = None,
+    older_closed_payments: int = 0,
 ) -> Business:
     """A seeded business with ~18 months of history up to `now` (default: this second, UTC).
 
-    `keep_closed_history` < 1 keeps only that share of what closed more than 7 days ago
-    (`thin_closed_history`): the same recent and open objects over a shallower history.
+    `older_closed_payments` gives it a deeper past: that many more payments, all closed, before
+    those 18 months (the same recent and open objects over more history).
     """
     now = now or datetime.now(UTC).replace(microsecond=0)
     start = start or now - timedelta(days=540)
@@ -349,11 +344,14 @@ def generate_business(
     gc.disable()  # millions of fresh dicts: cyclic GC passes would dominate the run time
     try:
         history = build_history(
-            seed, max(customers, 24), subs, payments_target, to_us(start), to_us(now)
+            seed,
+            max(customers, 24),
+            subs,
+            payments_target,
+            to_us(start),
+            to_us(now),
+            older_closed_payments,
         )
-        if keep_closed_history is not None and keep_closed_history < 1:
-            closed_before = to_us(now) - 7 * US_PER_DAY  # the 3-day lookback, with margin
-            thin_closed_history(history, keep_closed_history, closed_before, seed)
         business = Business(history, now, seed)
     finally:
         if collecting:

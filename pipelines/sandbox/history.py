@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import random
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.sandbox import records as rec
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer, Sink
 from pipelines.sandbox.records import US_PER_DAY, add_interval, convert_usd, iso, new_id
-from pipelines.settings import NON_TERMINAL_STATUSES, STATUS_FIELDS
 
 NON_TERMINAL_PAYMENT = ("processing", "requires_customer_action", "requires_payment_method")
 SCENARIOS = (
@@ -83,9 +81,13 @@ def subscription_record(
 
 def build_history(
     seed: int, n_customers: int, n_subscriptions: int, payments_target: int | None,
-    start_us: int, now_us: int,
+    start_us: int, now_us: int, older_closed_payments: int = 0,
 ) -> History:  # fmt: skip
-    """Generate the whole history, sorted by created_at, deterministic for its arguments."""
+    """Generate the whole history, sorted by created_at, deterministic for its arguments.
+
+    `older_closed_payments` adds that many closed payments before `start_us` (`_older_history`):
+    the same business with a deeper past.
+    """
     rng = random.Random(seed)
     rows: dict[str, list[tuple[int, dict[str, Any]]]] = {
         name: [] for name in ("customers", "products", "subscriptions", "payments", "refunds")
@@ -136,6 +138,11 @@ def build_history(
     _guarantees(bk, rng, buyers, now_us, by_name)
     one_time = (payments_target - len(rows["payments"])) if payments_target else 2 * n_customers
     _one_time_payments(bk, rng, buyers, max(0, one_time), start_us, now_us, products, archived)
+    if older_closed_payments:
+        _older_history(
+            random.Random(seed * 104_729 + 3), sink, older_closed_payments, n_customers,
+            start_us, now_us, products,
+        )  # fmt: skip
     for name in rows:
         rows[name].sort(key=lambda row: row[0])
     rows["balance_ledger"] = with_balances(rng, rows["balance_ledger"], now_us)
@@ -302,6 +309,35 @@ def _one_time_payments(
         bk.pay(buyer, created, status, convert_usd(product["price"], currency), currency)
 
 
+def _older_history(
+    rng: random.Random, sink: Sink, n_payments: int, first_index: int, start_us: int,
+    now_us: int, products: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Closed history before `start_us`: `n_payments` one-time payments (succeeded, failed or
+    cancelled; never refunded or disputed) by customers of their own (one per ten payments),
+    spread over nine times the generated span. Nothing in it is recent or open, so a sync's
+    re-reads (the lookback window, the open objects) are those of the business without it: only
+    the depth of history differs. Its own random stream leaves the rest of the business as is."""
+    bk = Bookkeeper(rng, now_us, sink)
+    span = 9 * (now_us - start_us)
+    buyers = []
+    for i in range(max(1, n_payments // 10)):
+        created = start_us - span + int(rng.random() * span * 0.9)
+        country = rng.choices(rec.COUNTRIES, rec.COUNTRY_WEIGHTS)[0]
+        record = rec.customer_record(rng, first_index + i, created)
+        currency = rec.COUNTRY_CURRENCY[country]
+        buyers.append(Buyer(record, rec.limited_customer(record), country, currency, None, created))
+        sink("customers", record, created)
+    goods = [p for p in products if not p["is_recurring"]]
+    for _ in range(n_payments):
+        buyer = buyers[rng.randrange(len(buyers))]
+        created = buyer.created_us + int(rng.random() * (start_us - buyer.created_us))
+        draw = rng.random()
+        status = "succeeded" if draw < 0.92 else "failed" if draw < 0.97 else "cancelled"
+        price = convert_usd(rng.choice(goods)["price"], buyer.currency)
+        bk.pay(buyer, created, status, price, buyer.currency, extras=False)
+
+
 def with_balances(
     rng: random.Random, rows: list[tuple[int, dict[str, Any]]], until_us: int
 ) -> list[tuple[int, dict[str, Any]]]:
@@ -334,78 +370,3 @@ def with_balances(
 def _month_start(us: int) -> int:
     moment = rec.from_us(us)
     return rec.to_us(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
-
-
-def thin_closed_history(history: History, keep: float, closed_before_us: int, seed: int) -> None:
-    """Keep only about `keep` of the closed history, in place.
-
-    Closed: created before `closed_before_us` and in a terminal status, with everything that
-    hangs off it (a subscription with all its payments, a payment with its refunds, disputes and
-    ledger entries) closed too. Old paid renewals of a live subscription can go as well. Everything recent or still open stays, so a sync's re-reads (the
-    lookback window, the open objects) are those of the full history: only its depth differs.
-    That is how the benchmark compares a no-change run over 1M payments of history with one over
-    a tenth of it, with the same small delta.
-    """
-    rows = history.rows
-
-    def dropped(item_id: str) -> bool:  # a stable draw per object, independent of order
-        return zlib.crc32(f"{seed}:{item_id}".encode()) / 2**32 >= keep
-
-    def closed(resource: str, created_us: int, item: dict[str, Any]) -> bool:
-        status = item.get(STATUS_FIELDS[resource])
-        return created_us < closed_before_us and status not in NON_TERMINAL_STATUSES[resource]
-
-    hanging: dict[str, list[tuple[str, bool]]] = {}  # payment_id -> (refund/dispute id, closed)
-    for resource, key in (("refunds", "refund_id"), ("disputes", "dispute_id")):
-        for created, item in rows[resource]:
-            hanging.setdefault(item["payment_id"], []).append(
-                (item[key], closed(resource, created, item))
-            )
-
-    def payment_closed(created: int, payment: dict[str, Any]) -> bool:
-        return closed("payments", created, payment) and all(
-            done for _, done in hanging.get(payment["payment_id"], ())
-        )
-
-    subscriptions = {
-        item["subscription_id"]
-        for created, item in rows["subscriptions"]
-        if closed("subscriptions", created, item) and dropped(item["subscription_id"])
-    }
-    for created, payment in rows["payments"]:  # one open payment keeps its subscription whole
-        if payment.get("subscription_id") in subscriptions and not payment_closed(created, payment):
-            subscriptions.discard(payment["subscription_id"])
-    gone: set[str] = set(subscriptions)
-    for created, payment in rows["payments"]:
-        goes = payment.get("subscription_id") in subscriptions or (
-            payment_closed(created, payment) and dropped(payment["payment_id"])
-        )  # with its subscription, or alone (an old renewal of a live subscription too)
-        if goes:
-            gone.add(payment["payment_id"])
-            gone.update(item_id for item_id, _ in hanging.get(payment["payment_id"], ()))
-    rows["subscriptions"] = [
-        r for r in rows["subscriptions"] if r[1]["subscription_id"] not in gone
-    ]
-    rows["payments"] = [r for r in rows["payments"] if r[1]["payment_id"] not in gone]
-    rows["refunds"] = [r for r in rows["refunds"] if r[1]["refund_id"] not in gone]
-    rows["disputes"] = [r for r in rows["disputes"] if r[1]["dispute_id"] not in gone]
-    rows["balance_ledger"] = [
-        (created, entry)
-        for created, entry in rows["balance_ledger"]
-        if entry["reference_object_id"] not in gone
-        and (
-            created >= closed_before_us or entry["reference_object_id"] or not dropped(entry["id"])
-        )
-    ]
-    customers_in_use = {
-        item["customer"]["customer_id"] for _, item in rows["payments"] + rows["subscriptions"]
-    }
-    rows["customers"] = [
-        (created, item)
-        for created, item in rows["customers"]
-        if created >= closed_before_us
-        or item["customer_id"] in customers_in_use
-        or not dropped(item["customer_id"])
-    ]
-    kept = {item["customer_id"] for _, item in rows["customers"]}
-    history.buyers = {cid: buyer for cid, buyer in history.buyers.items() if cid in kept}

@@ -324,15 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--page-cap", type=int, default=100)
     parser.add_argument("--api-key", default="sandbox_api_key")
     parser.add_argument(
-        "--keep-closed-history", type=float, default=None,
-        help="keep only this share of what closed over 7 days ago (same delta, less history)",
+        "--older-closed-payments", type=int, default=0,
+        help="that many more payments, all closed, before the generated history (a deeper past)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     customers = args.customers or max(300, (args.payments or 0) // 10)
     began = time.perf_counter()
     business = generate_business(
         args.seed, customers, payments_target=args.payments,
-        keep_closed_history=args.keep_closed_history,
+        older_closed_payments=args.older_closed_payments,
     )  # fmt: skip
     print(f"generated {business.counts()} in {time.perf_counter() - began:.1f}s", file=sys.stderr)
     sim = DodoSimulator(business, args.api_key, args.page_cap, args.host, args.port)
