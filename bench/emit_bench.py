@@ -1,15 +1,22 @@
 """Time the emitter against the sandbox collector (own process) vs one HTTP request per event.
 
-    .venv/bin/python bench/emit_bench.py [--events 100000] [--latency-ms 20]
+    .venv/bin/python bench/emit_bench.py [--events 100000] [--latency-ms 20] [--repeat 3]
+        [--no-gzip] [--warehouse WAREHOUSE.duckdb]
 
-Prints events/s, events and bytes per batch, fill ratio vs the library's batch byte limit, and
-the ratios against the webhook way (sequential keep-alive requests, one event each).
+Prints events/s (median of `--repeat` runs, with the load average of each), CPU per event,
+events and bytes per batch, fill ratio vs the library's batch byte limit, and the ratio
+against the webhook way (sequential keep-alive requests, one event each). `--warehouse` sends
+the outboxes of a copy of a real warehouse instead (e.g. one left by `dodo-segment run
+--skip-emit` against the sandbox simulator: the real event catalog, identifies then tracks).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,30 +84,53 @@ def collector_stats(url: str) -> dict[str, Any]:
     return requests.get(url + "/_stats", timeout=10).json()
 
 
-def run_emitter(url: str, events: int, threads: int) -> dict[str, Any]:
+def run_emitter(
+    url: str, events: int, threads: int, gzip: bool = True, warehouse: Path | None = None
+) -> dict[str, Any]:
+    """One emitter run: `events` synthetic events, or every outbox row of a copy of `warehouse`."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.duckdb"
-        build_warehouse(path, events)
+        if warehouse is None:
+            build_warehouse(path, events)
+        else:
+            shutil.copy(warehouse, path)
         con = duckdb.connect(str(path))
-        settings = EmitSettings(write_key=WRITE_KEY, host=url, threads=threads)
+        settings = EmitSettings(write_key=WRITE_KEY, host=url, threads=threads, gzip=gzip)
         requests.post(url + "/_reset", timeout=10)
+        cpu = time.process_time()
         started = time.perf_counter()
         result = emit(con, settings, "bench", events_since=datetime(2000, 1, 1, tzinfo=UTC))
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         con.close()
     stats = collector_stats(url)
-    assert result.tracks_sent == events and stats["messages"] == events, (result, stats)
+    sent = result.tracks_sent + result.identifies_sent
+    assert stats["messages"] == sent and not result.failed and result.pending == 0, (result, stats)
+    assert warehouse is not None or sent == events, (result, stats)
     batches = len(stats["batch_sizes"])
     body = sum(stats["accepted_body_bytes"]) / batches
     return {
-        "events": events,
+        "events": sent,
         "seconds": round(seconds, 2),
-        "events_per_s": round(events / seconds),
+        "events_per_s": round(sent / seconds),
+        "cpu_us_per_event": round(cpu / sent * 1e6, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "requests": stats["requests"],
-        "events_per_batch": round(events / batches, 1),
+        "events_per_batch": round(sent / batches, 1),
         "body_bytes_per_batch": round(body),
         "wire_bytes_per_batch": round(stats["bytes_received"] / stats["requests"]),
         "fill_ratio": round(body / BATCH_SIZE_LIMIT, 3),
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median events/s, plus every run's events/s and load average."""
+    middle = sorted(runs, key=lambda r: r["events_per_s"])[len(runs) // 2]
+    return {
+        **middle,
+        "events_per_s": round(statistics.median(r["events_per_s"] for r in runs)),
+        "events_per_s_all": [r["events_per_s"] for r in runs],
+        "load_average_all": [r["load_average_1m"] for r in runs],
     }
 
 
@@ -135,6 +165,9 @@ def main() -> None:
     parser.add_argument("--baseline-latency-events", type=int, default=2_000)
     parser.add_argument("--latency-ms", type=float, default=20)
     parser.add_argument("--threads", type=int, default=EmitSettings("x").threads)
+    parser.add_argument("--repeat", type=int, default=3, help="emitter runs per latency (median)")
+    parser.add_argument("--no-gzip", dest="gzip", action="store_false", help="uncompressed bodies")
+    parser.add_argument("--warehouse", type=Path, help="send a copy of this warehouse's outboxes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -144,7 +177,12 @@ def main() -> None:
     ):
         proc, url = start_collector(latency)
         try:
-            emitter = run_emitter(url, args.events, args.threads)
+            emitter = median_run(
+                [
+                    run_emitter(url, args.events, args.threads, args.gzip, args.warehouse)
+                    for _ in range(args.repeat)
+                ]
+            )
             baseline = run_one_per_event(url, base_events)
         finally:
             proc.terminate()

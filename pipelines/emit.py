@@ -6,9 +6,11 @@ splitting of rejected batches in `pipelines/segment_client.py`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -66,6 +68,9 @@ class EmitSettings:
     """Top-level property/trait keys never sent to Segment (e.g. customer_email, phone)."""
     threads: int = 3
     """Consumer threads of the client (3 measured best on 2 cores: see bench/emit_bench.py)."""
+    gzip: bool = True
+    """Compress request bodies (the library's fixed level 9): ~6x fewer bytes on the wire for the
+    real catalog, for ~20% more CPU per message (off: 10-30% more events/s on 2 busy cores)."""
 
     def __post_init__(self) -> None:
         if not self.write_key:
@@ -96,6 +101,7 @@ class EmitResult:
     pending: int = 0
     batches: int = 0
     bytes: int = 0
+    """Request bodies of the acknowledged batches as sent (gzipped when `gzip`)."""
     failed: bool = False
     error: str | None = None
     dry_run: bool = False
@@ -145,20 +151,23 @@ def _decode_object(text: str | None, what: str) -> tuple[dict[str, Any] | None, 
 def _track_messages(
     rows: Iterator[tuple[Any, ...]], excluded: tuple[str, ...], rejects: _Rejects
 ) -> Iterator[Outgoing]:
-    for event_id, user_id, event, occurred_us, properties_json in rows:
-        raw = {"event_id": event_id, "user_id": user_id, "event": event,
-               "occurred_at_us": occurred_us, "properties": properties_json}  # fmt: skip
-        properties, reason = _decode_object(properties_json, "properties")
-        if len(event_id) > MAX_MESSAGE_ID_LENGTH:
-            reason = f"event_id longer than {MAX_MESSAGE_ID_LENGTH} characters"
-        elif not user_id:
-            reason = "missing user_id"
-        elif not event:
-            reason = "missing event name"
-        elif occurred_us is None:
-            reason = "missing occurred_at"
-        if reason is not None or properties is None:
-            rejects.add(event_id, "track", user_id, reason or "invalid", raw)
+    """Track calls for outbox rows; invalid rows go to `rejects` with the reason."""
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for row in rows:
+        event_id, user_id, event, occurred_us, properties_json = row
+        # The common case in a few operations; anything unusual takes the slow path for its reason.
+        try:
+            properties = {} if properties_json is None else loads(properties_json)
+        except decode_error:
+            properties = None
+        if (
+            type(properties) is not dict
+            or len(event_id) > MAX_MESSAGE_ID_LENGTH
+            or not user_id
+            or not event
+            or occurred_us is None
+        ):
+            rejects.add(event_id, "track", user_id, _track_reject_reason(row), _raw_track(row))
             continue
         for key in excluded:
             properties.pop(key, None)
@@ -170,6 +179,26 @@ def _track_messages(
             "message_id": event_id,
         }
         yield Outgoing("track", event_id, event_id, call)
+
+
+def _raw_track(row: tuple[Any, ...]) -> dict[str, Any]:
+    event_id, user_id, event, occurred_us, properties_json = row
+    return {"event_id": event_id, "user_id": user_id, "event": event,
+            "occurred_at_us": occurred_us, "properties": properties_json}  # fmt: skip
+
+
+def _track_reject_reason(row: tuple[Any, ...]) -> str:
+    """Why a track row cannot be sent (the first failing check of the list below wins)."""
+    event_id, user_id, event, occurred_us, properties_json = row
+    if len(event_id) > MAX_MESSAGE_ID_LENGTH:
+        return f"event_id longer than {MAX_MESSAGE_ID_LENGTH} characters"
+    if not user_id:
+        return "missing user_id"
+    if not event:
+        return "missing event name"
+    if occurred_us is None:
+        return "missing occurred_at"
+    return _decode_object(properties_json, "properties")[1] or "invalid"
 
 
 def _sent_traits_hash(traits: dict[str, Any]) -> str:
@@ -231,6 +260,22 @@ def _aware(moment: datetime | date | None) -> datetime | None:
 # --- sending ---------------------------------------------------------------------------------
 
 
+@contextmanager
+def _fewer_gc_passes(young_objects: int = 50_000) -> Iterator[None]:
+    """Run the cyclic garbage collector every `young_objects` allocations instead of every 700.
+
+    Sending allocates about ten short-lived containers per message, all freed by reference
+    counting; at the default threshold the collector ran ~1,900 times per 100k messages, its
+    older generations over the whole process heap, for ~15% of the emitter's time.
+    """
+    threshold = gc.get_threshold()
+    gc.set_threshold(max(threshold[0], young_objects), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+
+
 def _send(
     con: duckdb.DuckDBPyConnection,
     settings: EmitSettings,
@@ -246,7 +291,6 @@ def _send(
     started = time.monotonic()
     sender = SegmentSender(settings)
     identify_source = _Counted(identifies or iter(()))
-    track_source = _Counted(iter(()))
     try:
 
         def identifies_acked(acked: list[Outgoing]) -> None:
@@ -263,17 +307,19 @@ def _send(
             if progress:
                 progress("track", result.tracks_sent, track_total)
 
-        sender.send(identify_source, identifies_acked)
-        if tracks is not None and not sender.stats.stopped:
-            track_source = _Counted(tracks())
-            sender.send(track_source, tracks_acked)
+        with _fewer_gc_passes():
+            sender.send(identify_source, identifies_acked)
+            if tracks is not None and not sender.stats.stopped:
+                sender.send(tracks(), tracks_acked)
     finally:
         sender.close()
         rows = rejects.rows + sender.stats.rejected
         sync_state.record_rejected(con, run_id, rows)
     stats = sender.stats
-    identify_rejects = sum(1 for r in rows if r[1] == "identify")
-    track_rejects = len(rows) - identify_rejects
+    # Identifies: counted as they reach the sender, so only Segment's rejects are among them
+    # (an identify with invalid traits never got that far). Tracks: counted in SQL, all rows.
+    identify_rejects = sum(1 for r in stats.rejected if r[1] == "identify")
+    track_rejects = sum(1 for r in rows if r[1] == "track")
     unsent_identifies = sum(1 for _ in identify_source.items)  # left over when stopped early
     result.pending = (
         identify_source.count - result.identifies_sent - identify_rejects + unsent_identifies

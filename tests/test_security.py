@@ -182,6 +182,7 @@ REVIEWED_INTERPOLATIONS = {
         "kind",
         "body",
         "model.name",
+        "by_name[AS_OF_MODEL].sql",  # sql/marts/int_as_of.sql, run as a query
         # column names read from dodo_raw: API field names, but normalised by dlt's snake_case
         # naming ([a-z0-9_] only) before they become columns; see the hostile-field test below
         "row_hash",
