@@ -379,7 +379,11 @@ def emit(
         rows = sync_state.iter_tracks(con, since)
         return _track_messages(rows, settings.excluded_fields, rejects)
 
-    return _send(con, settings, run_id, identifies, tracks, track_total, rejects, result, progress)
+    # Nothing undelivered (the usual no-change run): skip the second pass over the outbox.
+    pending_tracks = tracks if track_total else None
+    return _send(
+        con, settings, run_id, identifies, pending_tracks, track_total, rejects, result, progress
+    )
 
 
 def resend(
