@@ -233,7 +233,10 @@ def _identify_messages(
             continue  # rejected before with these very traits: only resend/recompute retries
         call = {"user_id": user_id, "traits": traits, "timestamp": sent_at,
                 "message_id": message_id}  # fmt: skip
-        yield Outgoing("identify", user_id, message_id, call, traits_hash=sent_hash)
+        yield Outgoing(
+            "identify", user_id, message_id, call, traits_hash=sent_hash,
+            outbox_hash=sync_state.outbox_hash(traits_json, excluded),
+        )  # fmt: skip
 
 
 class _Counted:
@@ -295,7 +298,7 @@ def _send(
 
         def identifies_acked(acked: list[Outgoing]) -> None:
             sync_state.save_identify_state(
-                con, run_id, [(o.key, o.traits_hash or "") for o in acked]
+                con, run_id, [(o.key, o.traits_hash or "", o.outbox_hash) for o in acked]
             )
             result.identifies_sent += len(acked)
             if progress:
@@ -367,7 +370,7 @@ def emit(
         result.skipped_backlog = sync_state.record_skipped_backlog(con, run_id, since)
     rejects = _Rejects()
     identifies = _identify_messages(
-        sync_state.iter_identify_rows(con),
+        sync_state.iter_identify_rows(con, skip_unchanged_for=settings.excluded_fields),
         settings.excluded_fields,
         rejects,
         datetime.now(UTC),
@@ -448,7 +451,7 @@ def preview(
     identify_samples: list[dict[str, Any]] = []
     identifies = 0
     for out in _identify_messages(
-        sync_state.iter_identify_rows(con),
+        sync_state.iter_identify_rows(con, skip_unchanged_for=settings.excluded_fields),
         settings.excluded_fields,
         rejects,
         datetime.now(UTC),

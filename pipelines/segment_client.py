@@ -40,6 +40,8 @@ class Outgoing:
     message_id: str
     call: dict[str, Any]
     traits_hash: str | None = None
+    outbox_hash: str | None = None
+    """Identify only: `sync_state.outbox_hash` of the outbox row the traits came from."""
 
 
 @dataclass

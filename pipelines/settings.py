@@ -297,4 +297,4 @@ DISPUTE_HISTORY_TABLE: Final = "dispute_history"
 
 ANALYTICS_SCHEMA: Final = "analytics"
 SYNC_SCHEMA: Final = "segment_sync"
-WAREHOUSE_SCHEMA_VERSION: Final = 1
+WAREHOUSE_SCHEMA_VERSION: Final = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -21,7 +22,8 @@ _SCHEMA = (
         user_id VARCHAR PRIMARY KEY,
         traits_hash VARCHAR NOT NULL,
         sent_at TIMESTAMPTZ NOT NULL,
-        run_id VARCHAR NOT NULL
+        run_id VARCHAR NOT NULL,
+        outbox_hash VARCHAR
     )""",
     """CREATE TABLE IF NOT EXISTS segment_sync.rejected_messages (
         message_id VARCHAR,
@@ -132,19 +134,45 @@ def iter_tracks(
         yield from rows
 
 
+def outbox_hash(traits_json: str | None, excluded: Sequence[str]) -> str:
+    """md5 of an identify_outbox row's traits text and the excluded fields: equal to the SQL
+    `md5(traits::VARCHAR || <key>)` below, so unchanged customers are skipped in SQL."""
+    return hashlib.md5(((traits_json or "") + _exclusion_key(excluded)).encode()).hexdigest()
+
+
+def _exclusion_key(excluded: Sequence[str]) -> str:
+    return "\x1f" + ",".join(sorted(excluded))
+
+
 def iter_identify_rows(
-    con: duckdb.DuckDBPyConnection, customer_ids: Sequence[str] | None = None, chunk: int = 5000
+    con: duckdb.DuckDBPyConnection,
+    customer_ids: Sequence[str] | None = None,
+    chunk: int = 5000,
+    skip_unchanged_for: Sequence[str] | None = None,
 ) -> Iterator[tuple[str, str | None, str | None]]:
-    """Stream (user_id, traits_json, last_sent_hash) for every (or the named) customer."""
+    """Stream (user_id, traits_json, last_sent_hash) for every (or the named) customer.
+
+    With `skip_unchanged_for` (the excluded fields of this run), customers whose outbox traits
+    are exactly the ones Segment last acknowledged under the same exclusions are left out: they
+    would be skipped anyway, and a no-change run then reads no customer at all.
+    """
+    params: dict[str, Any] = {"ids": list(customer_ids) if customer_ids is not None else None}
+    changed_only = ""  # the column exists from warehouse version 2: only the emitter asks
+    if skip_unchanged_for is not None:
+        changed_only = (
+            "AND s.outbox_hash IS DISTINCT FROM md5(coalesce(o.traits::VARCHAR, '') || $key)"
+        )
+        params["key"] = _exclusion_key(skip_unchanged_for)
     cur = con.cursor()
     cur.execute(
-        """SELECT o.user_id, o.traits::VARCHAR, s.traits_hash
+        f"""SELECT o.user_id, o.traits::VARCHAR, s.traits_hash
            FROM analytics.identify_outbox o
            LEFT JOIN segment_sync.identify_state s ON s.user_id = o.user_id
            WHERE o.user_id IS NOT NULL
              AND ($ids::VARCHAR[] IS NULL OR list_contains($ids::VARCHAR[], o.user_id))
+             {changed_only}
            ORDER BY o.user_id""",
-        {"ids": list(customer_ids) if customer_ids is not None else None},
+        params,
     )
     while rows := cur.fetchmany(chunk):
         yield from rows
@@ -178,22 +206,30 @@ def mark_delivered(con: duckdb.DuckDBPyConnection, run_id: str, event_ids: Seque
 
 
 def save_identify_state(
-    con: duckdb.DuckDBPyConnection, run_id: str, sent: Sequence[tuple[str, str]]
+    con: duckdb.DuckDBPyConnection, run_id: str, sent: Sequence[tuple[str, str, str | None]]
 ) -> None:
-    """Record the hash of the traits Segment accepted, per customer (user_id, traits_hash)."""
+    """Record what Segment accepted, per customer: (user_id, traits_hash of the traits as sent,
+    outbox_hash of the outbox row they came from)."""
     if not sent:
         return
-    latest = dict(sent)
-    batch = pa.table({"user_id": list(latest), "traits_hash": list(latest.values())})
+    latest = {user_id: (traits, outbox) for user_id, traits, outbox in sent}
+    batch = pa.table(
+        {
+            "user_id": list(latest),
+            "traits_hash": [traits for traits, _ in latest.values()],
+            "outbox_hash": pa.array([outbox for _, outbox in latest.values()], pa.string()),
+        }
+    )
     _insert_from(
         con,
         "identify_batch",
         batch,
         """INSERT INTO segment_sync.identify_state
-           SELECT user_id, traits_hash, current_timestamp, $run_id FROM identify_batch
+               (user_id, traits_hash, sent_at, run_id, outbox_hash)
+           SELECT user_id, traits_hash, current_timestamp, $run_id, outbox_hash FROM identify_batch
            ON CONFLICT (user_id) DO UPDATE SET
                traits_hash = excluded.traits_hash, sent_at = excluded.sent_at,
-               run_id = excluded.run_id""",
+               run_id = excluded.run_id, outbox_hash = excluded.outbox_hash""",
         {"run_id": run_id},
     )
 

@@ -63,7 +63,14 @@ RUNS_DDL = (
 """
 )
 
-MIGRATIONS: dict[int, str] = {1: RUNS_DDL}
+# Version 2: identify_state remembers the outbox text it last had acknowledged (outbox_hash),
+# so an unchanged customer is skipped in SQL. Older releases cannot write that table.
+OUTBOX_HASH_DDL = (
+    f"alter table if exists {SYNC_SCHEMA}.identify_state "
+    "add column if not exists outbox_hash varchar;\n"
+)
+
+MIGRATIONS: dict[int, str] = {1: RUNS_DDL, 2: OUTBOX_HASH_DDL}
 """Each migration brings a warehouse from version N-1 to N, in one transaction."""
 
 

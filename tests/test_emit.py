@@ -24,6 +24,7 @@ import pytest
 
 from pipelines.emit import EmitSettings, emit, preview, recompute_traits, resend
 from pipelines.sandbox.collector import SegmentCollector
+from pipelines.sync_state import iter_identify_rows
 
 KEY = "wk_test_9f8e7d6c5b4a"
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +190,29 @@ def test_trait_change_sends_exactly_one_identify(con, collector, settings) -> No
         "SELECT run_id FROM segment_sync.identify_state WHERE user_id = 'cus_3'"
     ).fetchone()
     assert state == ("run-2",)
+
+
+def test_unchanged_customers_are_left_out_in_sql(con, collector, settings) -> None:
+    set_customers(con)
+    emit(con, settings, "run-1")
+    assert list(iter_identify_rows(con, skip_unchanged_for=settings.excluded_fields)) == []
+    con.execute(
+        """UPDATE analytics.identify_outbox SET traits = json_object('name', 'Renamed', 'plan', 'pro')
+           WHERE user_id = 'cus_3'"""
+    )
+    changed = list(iter_identify_rows(con, skip_unchanged_for=settings.excluded_fields))
+    assert [user_id for user_id, _, _ in changed] == ["cus_3"]
+    # other excluded fields send other traits: every customer is looked at again
+    assert len(list(iter_identify_rows(con, skip_unchanged_for=("phone",)))) == 10
+    assert len(list(iter_identify_rows(con))) == 10  # without the filter: everyone
+    emit(con, settings, "run-2")
+    assert [m["userId"] for m in collector.identifies()[10:]] == ["cus_3"]
+    # new exclusions: the 9 customers with a phone are identified again without it; cus_3 (no
+    # phone since its rename) sends the same traits, so it is read again but not sent
+    emit(con, replace(settings, excluded_fields=("phone",)), "run-3")
+    assert len(collector.identifies()) == 20
+    again = iter_identify_rows(con, skip_unchanged_for=("phone",))
+    assert [user_id for user_id, _, _ in again] == ["cus_3"]
 
 
 def test_recompute_and_resend(con, collector, settings) -> None:
