@@ -12,10 +12,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
-import requests
 
+from pipelines.dodo.connections import TRANSIENT_ERRORS, ApiConnections
 from pipelines.settings import ENDPOINTS, MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -88,44 +89,40 @@ class DodoClient:
         self.retries_by_resource: Counter[str] = Counter()
         self._limiter = _RateLimiter(settings.requests_per_minute)
         self._count_lock = threading.Lock()  # resources read from their own threads
-        self._session = requests.Session()
-        self._session.headers.update(
-            {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
-        )
+        self._connections = ApiConnections(settings.base_url, settings.timeout_seconds)
+        self._headers = {
+            "Authorization": f"Bearer {settings.api_key}",
+            "Accept": "application/json",
+        }
 
     def close(self) -> None:
-        """Release the connection pool."""
-        self._session.close()
+        """Close the connections."""
+        self._connections.close()
 
     def get_page(self, resource: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Fetch one page of a list endpoint, retrying transient failures."""
-        url = self.settings.base_url.rstrip("/") + ENDPOINTS[resource]
+        path = ENDPOINTS[resource]
         attempt = 0
         while True:
             self._limiter.wait()
             with self._count_lock:
                 self.requests_by_resource[resource] += 1
             try:
-                response = self._session.get(
-                    url, params=dict(params), timeout=self.settings.timeout_seconds
-                )
-                status = response.status_code
+                # not retried nor redirected by the connections: retried below, with backoff
+                response = self._connections.get(f"{path}?{urlencode(params)}", self._headers)
+                status = response.status
                 if status == 200:
-                    return _parse_items(response.content, resource)
+                    return _parse_items(response.body, resource)
                 if status in (401, 403):
                     raise DodoAuthError(self._auth_message(status))
                 if status not in RETRYABLE_STATUSES:
                     raise DodoApiError(
                         f"Dodo API answered {status} for GET {ENDPOINTS[resource]}: "
-                        f"{_error_text(response.content)}"
+                        f"{_error_text(response.body)}"
                     )
                 reason = f"HTTP {status}"
                 retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,  # connection cut mid-body
-            ) as exc:
+            except TRANSIENT_ERRORS as exc:
                 reason, retry_after = type(exc).__name__, None
             except _MalformedPage as exc:
                 reason, retry_after = str(exc), None
