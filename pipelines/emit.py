@@ -6,11 +6,9 @@ splitting of rejected batches in `pipelines/segment_client.py`.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,6 +18,7 @@ import orjson
 from segment.analytics import Client
 
 from pipelines import sync_state
+from pipelines.gc_passes import fewer_gc_passes
 from pipelines.segment_client import Outgoing, SegmentSender, redact
 from pipelines.sync_state import ensure_sync_schema
 
@@ -260,23 +259,11 @@ def _aware(moment: datetime | date | None) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+ALLOCATIONS_PER_GC_PASS = 50_000
+"""Sending allocates about ten short-lived containers per message."""
+
+
 # --- sending ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _fewer_gc_passes(young_objects: int = 50_000) -> Iterator[None]:
-    """Run the cyclic garbage collector every `young_objects` allocations instead of every 700.
-
-    Sending allocates about ten short-lived containers per message, all freed by reference
-    counting; at the default threshold the collector ran ~1,900 times per 100k messages, its
-    older generations over the whole process heap, for ~15% of the emitter's time.
-    """
-    threshold = gc.get_threshold()
-    gc.set_threshold(max(threshold[0], young_objects), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
 
 
 def _send(
@@ -310,7 +297,7 @@ def _send(
             if progress:
                 progress("track", result.tracks_sent, track_total)
 
-        with _fewer_gc_passes():
+        with fewer_gc_passes(ALLOCATIONS_PER_GC_PASS):
             sender.send(identify_source, identifies_acked)
             if tracks is not None and not sender.stats.stopped:
                 sender.send(tracks(), tracks_acked)
