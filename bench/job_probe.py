@@ -1,6 +1,7 @@
 """Run one `dodo-segment run` in this process and print its figures as one JSON line.
 
     python -m bench.job_probe [--events-since DATE] [--rebuild-models]
+    python -m bench.job_probe --extract-only [--extract-format job|dlt-normaliser|dlt-defaults]
 
 Configured by the job's own environment variables (bench/run.py sets them). Peak RSS is sampled
 per phase (the job logs the end of each phase) and for the whole process.
@@ -23,8 +24,17 @@ import psutil
 
 import pipelines.job as job
 from pipelines.config import load_config
+from pipelines.extract import JOB_FORMAT, ExtractFormat, ExtractResult, run_extract
 from pipelines.job import RunOptions, run_job
 from pipelines.transform import TransformResult, run_models
+
+EXTRACT_FORMATS = {
+    "job": JOB_FORMAT,
+    "dlt-normaliser": ExtractFormat(items="dicts", loader_file_format="parquet"),
+    "dlt-defaults": ExtractFormat(items="dicts", loader_file_format=None),
+}
+"""The job's Arrow + parquet path, and the same rows as Python dicts through dlt's normaliser,
+written as parquet or in DuckDB's default loader file format (insert_values)."""
 
 
 class PhaseMemory(logging.Handler):
@@ -53,6 +63,37 @@ class PhaseMemory(logging.Handler):
                 self.peak = self.process.memory_info().rss
 
 
+def extract_figures(ex: ExtractResult | None) -> dict[str, Any]:
+    """Rows, requests, loads and phase seconds of one extract + load."""
+    return {
+        "rows": ex.total_rows if ex else 0,
+        "rows_by_table": ex.rows_loaded if ex else {},
+        "api_requests": ex.api_requests if ex else {},
+        "api_retries": ex.api_retries if ex else {},
+        "loads": ex.loads if ex else 0,
+        "seconds": {k: round(v, 3) for k, v in (ex.seconds if ex else {}).items()},
+    }
+
+
+def extract_only(extract_format: ExtractFormat) -> None:
+    """One extract + load in the given format; prints its figures as one JSON line."""
+    cpu0 = psutil.Process().cpu_times()
+    started = time.perf_counter()
+    result = run_extract(load_config(), extract_format=extract_format)
+    wall = time.perf_counter() - started
+    cpu1 = psutil.Process().cpu_times()
+    out = {
+        "exit_code": 0,
+        "format": {"items": extract_format.items,
+                   "loader_file_format": extract_format.loader_file_format or "default"},
+        "wall_seconds": round(wall, 3),
+        "cpu_seconds": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2),
+        "extract": extract_figures(result),
+        "peak_rss_mb": {"process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
+    }  # fmt: skip
+    print(json.dumps(out), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events-since", type=datetime.fromisoformat, default=None)
@@ -60,7 +101,14 @@ def main() -> None:
         "--rebuild-models", action="store_true",
         help="rebuild the models even when a rebuild would give the same tables",
     )  # fmt: skip
+    parser.add_argument(
+        "--extract-only", action="store_true", help="only extract + load, no models or emit"
+    )
+    parser.add_argument("--extract-format", choices=EXTRACT_FORMATS, default="job")
     args = parser.parse_args()
+    if args.extract_only:
+        extract_only(EXTRACT_FORMATS[args.extract_format])
+        return
 
     transform: list[TransformResult] = []
 
@@ -88,21 +136,13 @@ def main() -> None:
     wall = time.perf_counter() - started
     cpu1 = psutil.Process().cpu_times()
     memory.stopped.set()
-    ex = report.extract
     tr = transform[0] if transform else None
     out = {
         "exit_code": int(report.exit_code or 0),
         "error": report.error,
         "wall_seconds": round(wall, 3),
         "cpu_seconds": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2),
-        "extract": {
-            "rows": ex.total_rows if ex else 0,
-            "rows_by_table": ex.rows_loaded if ex else {},
-            "api_requests": ex.api_requests if ex else {},
-            "api_retries": ex.api_retries if ex else {},
-            "loads": ex.loads if ex else 0,
-            "seconds": {k: round(v, 3) for k, v in (ex.seconds if ex else {}).items()},
-        },
+        "extract": extract_figures(report.extract),
         "models": {
             "seconds_total": round(report.models_seconds or 0, 3),
             "data_tests_seconds": round(tr.tests_seconds, 3) if tr else None,

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from typing import Any
 import duckdb
 import requests
 
-from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS
+from pipelines.config import pipeline_dir
+from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS, SYNCED_AT_COLUMN
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench_api_key"
@@ -298,8 +300,101 @@ def bench_deeper_history(payments: int, seed: int, repeat: int, depth: int, work
     }
 
 
-def bench_emitter(events: int, baseline: int, baseline_latency: int, latency: float) -> dict:
-    """The emitter vs one request per event, without and with collector latency."""
+RAW_CONTENT_SKIPS = (SYNCED_AT_COLUMN, "_dlt_id", "_dlt_load_id")
+"""Columns that tell when and how a row was loaded, not what it holds."""
+
+
+def raw_content(db: Path) -> dict[str, list[Any]]:
+    """Per raw table: row count and a sum of row hashes over its data columns, so warehouses
+    loaded by different paths can be compared."""
+    content: dict[str, list[Any]] = {}
+    with duckdb.connect(str(db), read_only=True) as con:
+        columns: dict[str, list[str]] = {}
+        for table, column in con.execute(
+            "select table_name, column_name from information_schema.columns "
+            "where table_schema = ? and table_name not like '\\_dlt%' escape '\\' "
+            "order by table_name, column_name",
+            [RAW_DATASET],
+        ).fetchall():
+            if column not in RAW_CONTENT_SKIPS:
+                columns.setdefault(table, []).append(column)
+        for table, names in columns.items():
+            row_hash = "hash(" + ", ".join(f'"{n}"' for n in names) + ")"
+            count, total = con.execute(
+                f'select count(*), sum({row_hash}::hugeint)::varchar from {RAW_DATASET}."{table}"'
+            ).fetchone()
+            content[table] = [count, total]
+    return content
+
+
+EXTRACT_FORMATS = ("job", "dlt-normaliser", "dlt-defaults")
+"""bench/job_probe.py's --extract-format choices: the job, and dlt's Python-dict path with
+parquet and with DuckDB's default loader file format (insert_values)."""
+
+
+def bench_extract_formats(payments: int, seed: int, repeat: int, work: Path) -> dict[str, Any]:
+    """Comparison (c): the first extract + load of one business in each format, into fresh
+    warehouses, runs interleaved; every format must load the same rows."""
+    sim = start_simulator(payments, seed)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in EXTRACT_FORMATS}
+    content: dict[str, dict[str, list[Any]]] = {}
+    try:
+        for attempt in range(repeat):
+            for name in EXTRACT_FORMATS:
+                db = work / f"formats_{payments}_{name}_{attempt}.duckdb"
+                env = job_env(sim, "http://127.0.0.1:9", db)  # no emit: no collector
+                result = run_probe(env, work, "--extract-only", "--extract-format", name)
+                runs[name].append(result)
+                content.setdefault(name, raw_content(db))
+                db.unlink()
+                shutil.rmtree(pipeline_dir(str(db)), ignore_errors=True)
+    finally:
+        stop(sim.proc)
+    out: dict[str, Any] = {"payments": payments, "formats": {}}
+    for name, results in runs.items():
+        chosen = sorted(results, key=lambda r: r["wall_seconds"])[len(results) // 2]
+        secs = chosen["extract"]["seconds"]
+        total = secs["total"]
+        out["formats"][name] = {
+            "items": chosen["format"]["items"],
+            "loader_file_format": chosen["format"]["loader_file_format"],
+            "extract_load_total_s": total,
+            "total_s_all": [r["extract"]["seconds"]["total"] for r in results],
+            "extract_s": secs.get("extract"),
+            "normalize_s": secs.get("normalize"),
+            "load_s": secs.get("load"),
+            "rows": chosen["extract"]["rows"],
+            "rows_per_s": round(chosen["extract"]["rows"] / total),
+            "cpu_s": chosen["cpu_seconds"],
+            "peak_rss_mb": chosen["peak_rss_mb"]["process"],
+        }
+    job = out["formats"]["job"]
+    out["same_rows_loaded"] = all(content[name] == content["job"] for name in EXTRACT_FORMATS)
+    out["speedup_vs"] = {
+        name: round(job["rows_per_s"] / out["formats"][name]["rows_per_s"], 1)
+        for name in EXTRACT_FORMATS[1:]
+    }
+    return out
+
+
+def without_ledger(warehouse: Path, copy: Path) -> Path:
+    """A copy of a synced warehouse with its Segment ledger dropped: everything in its outboxes
+    (the real event catalog, identifies then tracks) is pending again."""
+    shutil.copy(warehouse, copy)
+    with duckdb.connect(str(copy)) as con:
+        con.execute("drop schema if exists segment_sync cascade")
+    return copy
+
+
+def bench_emitter(
+    events: int,
+    baseline: int,
+    baseline_latency: int,
+    latency: float,
+    warehouse: Path | None = None,
+) -> dict:
+    """The emitter vs one request per event, without and with collector latency: the outboxes
+    of `warehouse` (see `without_ledger`), or `events` synthetic Order Completed events."""
     from bench.emit_bench import run_emitter, run_one_per_event
     from bench.emit_bench import start_collector as start_bench_collector
 
@@ -308,7 +403,8 @@ def bench_emitter(events: int, baseline: int, baseline_latency: int, latency: fl
                                                            baseline_latency)):  # fmt: skip
         proc, url = start_bench_collector(ms)
         try:
-            emitter = run_emitter(url, events, threads=3)
+            emitter = run_emitter(url, events, threads=3, warehouse=warehouse)
+            emitter["outbox"] = "real catalog" if warehouse else "synthetic"
             webhook = run_one_per_event(url, n)
         finally:
             stop(proc)
@@ -347,13 +443,26 @@ def print_table(results: dict[str, Any]) -> None:
             f"{r['peak_rss_mb']['process']:>7}   (the {deeper['recent_business_payments']} "
             f"business + {deeper['older_closed_payments']} older closed payments)"
         )
+    formats = results.get("extract_formats")
+    if formats:
+        print(f"\nextract + load of {formats['payments']} payments, first sync "
+              f"(same rows loaded by each: {formats['same_rows_loaded']})")  # fmt: skip
+        print(f"{'format':<16} {'items':<6} {'file':<8} {'total s':>7} {'extract':>7} "
+              f"{'normal.':>7} {'load':>7} {'rows/s':>8} {'RSS MB':>7}")  # fmt: skip
+        for name, f in formats["formats"].items():
+            print(
+                f"{name:<16} {f['items']:<6} {f['loader_file_format']:<8} "
+                f"{f['extract_load_total_s']:>7.1f} {f['extract_s']:>7.1f} {f['normalize_s']:>7.1f} "
+                f"{f['load_s']:>7.1f} {f['rows_per_s']:>8} {f['peak_rss_mb']:>7}"
+            )
     for label, ratio in results.get("ratios", {}).items():
         print(f"ratio {label}: {ratio}")
     for label, pair in results.get("emitter_vs_webhook", {}).items():
         e, w = pair["emitter"], pair["one_request_per_event"]
         print(
             f"emitter {label}: {e['events_per_s']} ev/s (fill {e['fill_ratio']}) vs "
-            f"one-per-event {w['events_per_s']} ev/s = {e['ratio_vs_one_per_event']}x"
+            f"one-per-event {w['events_per_s']} ev/s = {e['ratio_vs_one_per_event']}x "
+            f"({e['outbox']} outbox, {e['events']} messages)"
         )
 
 
@@ -365,11 +474,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeat", type=int, default=3, help="no-change runs per variant")
     parser.add_argument("--backfill-emit-max", default="100k",
                         help="sizes up to this send their whole event history (--events-since)")  # fmt: skip
-    parser.add_argument("--emitter-events", type=int, default=100_000)
+    parser.add_argument("--emitter-events", type=int, default=100_000,
+                        help="synthetic events, when no size sent its history")  # fmt: skip
+    parser.add_argument("--baseline-events", type=int, default=10_000,
+                        help="events sent one request each, no latency")  # fmt: skip
+    parser.add_argument("--baseline-latency-events", type=int, default=2_000,
+                        help="events sent one request each, with 20 ms latency")  # fmt: skip
     parser.add_argument("--same-delta-base", default="100k",
                         help="the size whose business gets a 10x deeper past for ratio (b)")  # fmt: skip
     parser.add_argument("--skip-same-delta", action="store_true")
     parser.add_argument("--skip-emitter", action="store_true")
+    parser.add_argument("--formats-size", default="100k",
+                        help="the size comparison (c) loads in each extract format")  # fmt: skip
+    parser.add_argument("--skip-formats", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
     sizes = [10_000] if args.quick else [parse_size(s) for s in args.sizes.split(",")]
@@ -384,45 +501,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sizes": [],
     }
     with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
+        work = Path(tmp)
+        backfill_max = parse_size(args.backfill_emit_max)
         for payments in sizes:
-            results["sizes"].append(
-                bench_size(
-                    payments, args.seed, repeat, parse_size(args.backfill_emit_max), Path(tmp)
-                )  # fmt: skip
+            results["sizes"].append(bench_size(payments, args.seed, repeat, backfill_max, work))
+        by_size = {s["payments"]: s for s in results["sizes"]}
+        small, large = min(by_size), max(by_size)
+        ratios: dict[str, float] = {}
+        if small != large:
+            for variant in ("no_change_models_rebuilt", "no_change_models_kept"):
+                ratios[f"{variant} {large} vs {small} (denser business, bigger delta)"] = round(
+                    by_size[large][variant]["wall_s_median"]
+                    / by_size[small][variant]["wall_s_median"],
+                    2,
+                )
+        if not args.skip_same_delta:
+            base = parse_size(args.same_delta_base)
+            base = base if base in by_size else small
+            deeper = bench_deeper_history(base, args.seed, repeat, 10, work)
+            results["same_delta_deeper_history"] = deeper
+            shallow = by_size[base]
+            ratios[f"no-change, same delta: {deeper['payments']} vs {base} payments of history"] = (
+                round(
+                    deeper["no_change_models_kept"]["wall_s_median"]
+                    / shallow["no_change_models_kept"]["wall_s_median"],
+                    2,
+                )
             )
-    by_size = {s["payments"]: s for s in results["sizes"]}
-    small, large = min(by_size), max(by_size)
-    ratios: dict[str, float] = {}
-    if small != large:
-        for variant in ("no_change_models_rebuilt", "no_change_models_kept"):
-            ratios[f"{variant} {large} vs {small} (denser business, bigger delta)"] = round(
-                by_size[large][variant]["wall_s_median"] / by_size[small][variant]["wall_s_median"],
-                2,
+            ratios["history rows of the two"] = round(
+                deeper["history_rows"] / shallow["history_rows"], 2
             )
-    if not args.skip_same_delta:
-        base = parse_size(args.same_delta_base)
-        base = base if base in by_size else small
-        with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
-            deeper = bench_deeper_history(base, args.seed, repeat, 10, Path(tmp))
-        results["same_delta_deeper_history"] = deeper
-        shallow = by_size[base]
-        ratios[f"no-change, same delta: {deeper['payments']} vs {base} payments of history"] = (
-            round(
-                deeper["no_change_models_kept"]["wall_s_median"]
-                / shallow["no_change_models_kept"]["wall_s_median"],
-                2,
+        if not args.skip_formats:
+            formats_size = 2_000 if args.quick else parse_size(args.formats_size)
+            results["extract_formats"] = bench_extract_formats(
+                formats_size, args.seed, repeat, work
             )
-        )
-        ratios["history rows of the two"] = round(
-            deeper["history_rows"] / shallow["history_rows"], 2
-        )
-    if ratios:
-        results["ratios"] = ratios
-    if not args.skip_emitter:
-        events = 5_000 if args.quick else args.emitter_events
-        results["emitter_vs_webhook"] = bench_emitter(
-            events, 500 if args.quick else 10_000, 100 if args.quick else 2_000, 20
-        )
+            for name, speedup in results["extract_formats"]["speedup_vs"].items():
+                ratios[f"extract+load rows/s, job vs {name} at {formats_size}"] = speedup
+        if ratios:
+            results["ratios"] = ratios
+        if not args.skip_emitter:
+            # the real catalog: the outboxes of the largest size that sent its whole history
+            backfilled = [p for p in by_size if p <= backfill_max]
+            outboxes = (
+                without_ledger(work / f"bench_{max(backfilled)}.duckdb", work / "emitter.duckdb")
+                if backfilled
+                else None
+            )
+            events = 5_000 if args.quick else args.emitter_events
+            results["emitter_vs_webhook"] = bench_emitter(
+                events,
+                500 if args.quick else args.baseline_events,
+                100 if args.quick else args.baseline_latency_events,
+                20,
+                outboxes,
+            )
     results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)

@@ -17,7 +17,7 @@ import duckdb
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from pipelines.config import AppConfig, pipeline_dir
-from pipelines.dodo import ExtractPlan, KnownRows, OpenObject, dodo_source
+from pipelines.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
 from pipelines.dodo.client import ClientSettings, DodoApiError, DodoClient
 from pipelines.gc_passes import fewer_gc_passes
 from pipelines.logs import quiet_dlt
@@ -36,6 +36,20 @@ from pipelines.warehouse import WarehouseError
 log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "dodo_segment"
+
+
+@dataclass(frozen=True)
+class ExtractFormat:
+    """How rows travel through dlt: the item format the source yields and the load file format."""
+
+    items: ItemFormat = "arrow"
+    loader_file_format: str | None = "parquet"
+    """None: the destination's own default (DuckDB: insert_values)."""
+
+
+JOB_FORMAT = ExtractFormat()
+"""Arrow tables written as parquet: dlt's Python normaliser never runs. The alternatives exist
+for `make bench`, which compares the job against them."""
 MAX_LOADS_PER_RUN = 1000
 ALLOCATIONS_PER_GC_PASS = 100_000
 """Parsing API pages: the collector ran 3,200 times in a 300k first sync at the default."""
@@ -308,6 +322,7 @@ def run_extract(
     full_refresh: frozenset[str] = frozenset(),
     resources: tuple[str, ...] = RESOURCES,
     run_started_at: datetime | None = None,
+    extract_format: ExtractFormat = JOB_FORMAT,
 ) -> ExtractResult:
     """Extract every resource from the API and load it into dodo_raw, as many loads as needed."""
     result = ExtractResult()
@@ -316,6 +331,7 @@ def run_extract(
     if result.recovered:
         log.warning("%s", result.recovered)
     plan = build_plan(config, full_refresh, run_started_at)
+    plan.item_format = extract_format.items
     client = plan.client
     rows: Counter[str] = Counter()
     timings: Counter[str] = Counter()
@@ -323,7 +339,9 @@ def run_extract(
     pipeline.sync_destination()  # a lost local folder: state and schema come back from the warehouse
     try:
         with fewer_gc_passes(ALLOCATIONS_PER_GC_PASS):
-            _load_until_done(pipeline, plan, config, resources, result, rows, timings)
+            _load_until_done(
+                pipeline, plan, config, resources, extract_format, result, rows, timings
+            )
     finally:
         client.close()
         result.api_requests = dict(client.requests_by_resource)
@@ -341,6 +359,7 @@ def _load_until_done(
     plan: ExtractPlan,
     config: AppConfig,
     resources: tuple[str, ...],
+    extract_format: ExtractFormat,
     result: ExtractResult,
     rows: Counter[str],
     timings: Counter[str],
@@ -354,7 +373,12 @@ def _load_until_done(
                 plan.newest_loaded = _newest_loaded(con)
         source = dodo_source(plan, pending)
         t0 = time.monotonic()
-        _step(pipeline.extract, source, loader_file_format="parquet", warehouse_path=path)
+        _step(
+            pipeline.extract,
+            source,
+            loader_file_format=extract_format.loader_file_format,
+            warehouse_path=path,
+        )
         # Stored before the load: if the load fails, the rewound state re-reads them and
         # the insert is idempotent, so a set-aside item is never lost.
         result.rejected_records += store_rejected(path, plan.rejected)

@@ -229,7 +229,7 @@ def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
 def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bool:
     """Build the SQL models and run the data tests; True when an error test blocks emission."""
     t0 = time.monotonic()
-    with warehouse.connect(config.warehouse_path) as con:
+    with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
         result = run_models(
             con,
             event_catalog=config.segment.event_catalog,
@@ -271,7 +271,7 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
     from pipelines.emit import emit, preview
 
     t0 = time.monotonic()
-    with warehouse.connect(config.warehouse_path) as con:
+    with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
         if options.dry_run:
             report.preview = preview(con, emit_settings(config), events_since=options.events_since)
             return

@@ -99,8 +99,11 @@ def _classify(exc: Exception, path: str) -> WarehouseError:
 
 
 @contextmanager
-def connect(path: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the warehouse, turning DuckDB's errors into one clear line."""
+def connect(
+    path: str, read_only: bool = False, memory_limit: str | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse, turning DuckDB's errors into one clear line; `memory_limit` (e.g.
+    "1GB") caps DuckDB's memory, which spills to disk beyond it."""
     if read_only and not path.startswith("md:") and not os.path.exists(path):
         raise WarehouseError(f"no warehouse at {path} yet: run 'dodo-segment run' first")
     try:
@@ -108,6 +111,8 @@ def connect(path: str, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConne
     except (duckdb.Error, OSError) as exc:
         raise _classify(exc, path) from None
     try:
+        if memory_limit:  # a size load_config validated
+            con.execute("set memory_limit = ?", [memory_limit])
         yield con
     finally:
         con.close()

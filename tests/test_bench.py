@@ -10,7 +10,10 @@ from bench.run import bench_emitter, main
 
 def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    main(["--sizes", "2k", "--repeat", "1", "--skip-emitter", "--out", str(out)])
+    main(
+        ["--sizes", "2k", "--repeat", "1", "--formats-size", "2k", "--baseline-events", "50",
+         "--baseline-latency-events", "20", "--out", str(out)]
+    )  # fmt: skip
     results = json.loads(out.read_text())
     (size,) = results["sizes"]
     first = size["first_sync"]
@@ -34,11 +37,26 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
         deeper["no_change_models_kept"]["api_requests_by_resource"]
         == size["no_change_models_kept"]["api_requests_by_resource"]
     )
+    # comparison (c): dlt's Python-dict paths load exactly the rows the job's Arrow path loads
+    formats = results["extract_formats"]
+    assert formats["same_rows_loaded"] is True
+    loaded = {f["rows"] for f in formats["formats"].values()}
+    assert loaded == {first["rows"]}
+    assert formats["formats"]["dlt-defaults"]["loader_file_format"] == "default"
+    assert formats["formats"]["dlt-normaliser"]["normalize_s"] > 0
+    assert set(formats["speedup_vs"]) == {"dlt-normaliser", "dlt-defaults"}
+    # the emitter comparison sends the first sync's real outboxes again, all of them
+    for pair in results["emitter_vs_webhook"].values():
+        emitter = pair["emitter"]
+        assert emitter["outbox"] == "real catalog"
+        assert emitter["events"] == first["emit_messages"]
+        assert 0 < emitter["fill_ratio"] <= 1
+        assert pair["one_request_per_event"]["events"] in (50, 20)
 
 
-def test_emitter_comparison_reports_a_ratio() -> None:
+def test_emitter_comparison_on_synthetic_events_reports_a_ratio() -> None:
     compared = bench_emitter(events=300, baseline=50, baseline_latency=20, latency=20)
     for pair in compared.values():
-        assert pair["emitter"]["events"] == 300
+        assert pair["emitter"]["events"] == 300 and pair["emitter"]["outbox"] == "synthetic"
         # too few events for a meaningful ratio: only check that it is computed
         assert pair["emitter"]["ratio_vs_one_per_event"] > 0

@@ -189,6 +189,7 @@ def test_usage_and_configuration_errors_exit_2_with_one_line(loaded: Loaded) -> 
         (("run", "--events-since", "last tuesday"), env),
         (("status",), {**env, "DODO_PAYMENTS_ENVIRONMENT": "production"}),
         (("traits",), env),
+        (("run", "--skip-emit"), {**env, "WAREHOUSE__MEMORY_LIMIT": "lots"}),
     )
     assert [r.returncode for r in results] == [2] * len(results), [r.stderr for r in results]
     missing_key = one_line_error(results[0])
@@ -198,6 +199,7 @@ def test_usage_and_configuration_errors_exit_2_with_one_line(loaded: Loaded) -> 
     assert "invalid choice: 'invoices'" in results[3].stderr
     assert "not a date" in results[4].stderr
     assert "live_mode or test_mode" in one_line_error(results[5])
+    assert "warehouse.memory_limit must be a size" in one_line_error(results[7])
     assert not Path("never_created.duckdb").exists()  # refused before touching anything
 
 

@@ -16,6 +16,7 @@ print(json.dumps({
     "environment": c.extract.environment, "base_url": c.extract.base_url,
     "warehouse": c.warehouse_path, "host": c.segment.host,
     "write_key_len": len(c.segment.write_key), "lookback": c.extract.lookback_days,
+    "memory_limit": c.memory_limit,
     "repr": repr(c),
 }))
 """
@@ -39,6 +40,7 @@ def write_dlt_files(cwd: Path) -> None:
     (cwd / ".dlt" / "config.toml").write_text(
         '[sources.dodo]\nenvironment = "test_mode"\nlookback_days = 5\n'
         '[segment]\nhost = "https://events.eu1.segmentapis.com"\n[warehouse]\npath = "from_file.duckdb"\n'
+        'memory_limit = "800MB"\n'
     )
 
 
@@ -49,6 +51,7 @@ def test_defaults_without_any_configuration(tmp_path: Path) -> None:
     assert found["warehouse"] == "dodo_segment.duckdb"
     assert found["host"] == "https://api.segment.io"
     assert found["lookback"] == 3
+    assert found["memory_limit"] == "1GB"
     assert not found["api_key_set"]
 
 
@@ -62,6 +65,7 @@ def test_dlt_files_are_read(tmp_path: Path) -> None:
     assert found["host"] == "https://events.eu1.segmentapis.com"
     assert found["warehouse"] == "from_file.duckdb"
     assert found["lookback"] == 5
+    assert found["memory_limit"] == "800MB"
     assert "file_api_key_123" not in found["repr"] and "file_write_key" not in found["repr"]
 
 
@@ -78,4 +82,5 @@ def test_environment_beats_files_and_flags_beat_environment(tmp_path: Path) -> N
     assert found["base_url"] == "http://127.0.0.1:9"
     assert found["warehouse"] == "from_env.duckdb"
     assert found["host"] == "http://127.0.0.1:10"
+    assert probe(tmp_path, {**env, "WAREHOUSE__MEMORY_LIMIT": "none"})["memory_limit"] is None
     assert probe(tmp_path, env, flag_db="from_flag.duckdb")["warehouse"] == "from_flag.duckdb"

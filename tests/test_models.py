@@ -452,3 +452,18 @@ def test_unchanged_build_is_rebuilt_for_new_data_sql_or_catalog(fresh, tmp_path:
     model.write_text(model.read_text() + "\n-- a changed definition\n")
     changed = run_models(fresh, event_catalog="ecommerce", sql_dir=sql_dir, skip_unchanged=True)
     assert not changed.skipped
+
+
+def test_models_build_the_same_tables_under_the_job_memory_limit(fresh, tmp_path: Path) -> None:
+    from pipelines import warehouse
+
+    run_models(fresh)
+    unlimited = fresh.execute("select * from analytics.track_outbox order by event_id").fetchall()
+    path = tmp_path / "limited.duckdb"
+    build_hand_worked_warehouse(path)
+    with warehouse.connect(str(path), memory_limit="64MB") as con:
+        limit = con.execute("select current_setting('memory_limit')").fetchone()[0]
+        assert limit == "61.0 MiB"  # DuckDB's own rendering of 64 MB
+        run_models(con)
+        limited = con.execute("select * from analytics.track_outbox order by event_id").fetchall()
+    assert limited == unlimited and len(limited) == EXPECTED["track_outbox_rows"]

@@ -6,11 +6,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import dlt
 import pyarrow as pa
 import pyarrow.compute as pc
+from dlt.extract.items import DataItemWithMeta
 from dlt.extract.resource import DltResource
 
 from pipelines.dodo.client import DodoClient, WindowOverflow, format_timestamp
@@ -23,6 +24,10 @@ from pipelines.settings import (
     RESOURCES,
     STATUS_FILTER_PARAMS,
 )
+
+ItemFormat = Literal["arrow", "dicts"]
+"""How pages reach dlt: typed Arrow tables (the job), or the same rows as Python dicts for dlt's
+own normaliser (the baseline `make bench` compares the job against)."""
 
 
 class OpenObject(NamedTuple):
@@ -54,6 +59,7 @@ class ExtractPlan:
     rows_per_load: int = 250_000
     rows_per_batch: int = 50_000
     """Rows accumulated into one Arrow table before it is handed to dlt (fewer, larger writes)."""
+    item_format: ItemFormat = "arrow"
     prefetch_windows: int = 4
     """Windows a resource's reader thread may read ahead of what dlt has consumed."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -345,8 +351,19 @@ def _product_rows(plan: ExtractPlan) -> Iterator[Any]:
             yield from _page_out("products", page, plan, is_archived=archived)
 
 
+def _as_dicts(rows: Iterator[Any]) -> Iterator[Any]:
+    """The same rows as lists of Python dicts, hints kept: what dlt's Python normaliser takes."""
+    for item in rows:
+        if isinstance(item, DataItemWithMeta):
+            yield DataItemWithMeta(item.meta, item.data.to_pylist())
+        else:
+            yield item.to_pylist()
+
+
 def _resource(name: str, plan: ExtractPlan) -> DltResource:
     rows = _product_rows(plan) if name == "products" else _created_at_rows(name, plan)
+    if plan.item_format == "dicts":
+        rows = _as_dicts(rows)
     return dlt.resource(
         rows,
         name=name,
