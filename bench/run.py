@@ -33,6 +33,7 @@ import requests
 
 from pipelines.config import pipeline_dir
 from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS, SYNCED_AT_COLUMN
+from pipelines.transform import raw_table_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench_api_key"
@@ -304,27 +305,11 @@ RAW_CONTENT_SKIPS = (SYNCED_AT_COLUMN, "_dlt_id", "_dlt_load_id")
 """Columns that tell when and how a row was loaded, not what it holds."""
 
 
-def raw_content(db: Path) -> dict[str, list[Any]]:
+def raw_content(db: Path) -> dict[str, tuple[int, str | None]]:
     """Per raw table: row count and a sum of row hashes over its data columns, so warehouses
     loaded by different paths can be compared."""
-    content: dict[str, list[Any]] = {}
     with duckdb.connect(str(db), read_only=True) as con:
-        columns: dict[str, list[str]] = {}
-        for table, column in con.execute(
-            "select table_name, column_name from information_schema.columns "
-            "where table_schema = ? and table_name not like '\\_dlt%' escape '\\' "
-            "order by table_name, column_name",
-            [RAW_DATASET],
-        ).fetchall():
-            if column not in RAW_CONTENT_SKIPS:
-                columns.setdefault(table, []).append(column)
-        for table, names in columns.items():
-            row_hash = "hash(" + ", ".join(f'"{n}"' for n in names) + ")"
-            count, total = con.execute(
-                f'select count(*), sum({row_hash}::hugeint)::varchar from {RAW_DATASET}."{table}"'
-            ).fetchone()
-            content[table] = [count, total]
-    return content
+        return raw_table_hashes(con, RAW_CONTENT_SKIPS)
 
 
 EXTRACT_FORMATS = ("job", "dlt-normaliser", "dlt-defaults")
@@ -337,7 +322,7 @@ def bench_extract_formats(payments: int, seed: int, repeat: int, work: Path) -> 
     warehouses, runs interleaved; every format must load the same rows."""
     sim = start_simulator(payments, seed)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in EXTRACT_FORMATS}
-    content: dict[str, dict[str, list[Any]]] = {}
+    content: dict[str, dict[str, tuple[int, str | None]]] = {}
     try:
         for attempt in range(repeat):
             for name in EXTRACT_FORMATS:

@@ -68,7 +68,8 @@ def check_segment(config: AppConfig) -> tuple[bool, str]:
 
 
 def check_warehouse(config: AppConfig) -> tuple[bool, str]:
-    """The warehouse opens (or its folder is writable for a new one) and its version fits."""
+    """The warehouse opens and every table reads back whole (or its folder is writable for a
+    new one), and its version fits."""
     path = config.warehouse_path
     if path.startswith("md:"):
         return True, f"warehouse {path} is a MotherDuck database (not checked offline)"
@@ -85,6 +86,7 @@ def check_warehouse(config: AppConfig) -> tuple[bool, str]:
     try:
         with warehouse.connect(path, read_only=True) as con:
             found = warehouse.schema_version(con)
+            tables, rows = warehouse.read_every_table(con)
     except warehouse.WarehouseError as exc:
         return False, str(exc)
     if found > WAREHOUSE_SCHEMA_VERSION:
@@ -92,7 +94,10 @@ def check_warehouse(config: AppConfig) -> tuple[bool, str]:
             f"warehouse {path} has schema version {found}, newer than this release "
             f"(schema {WAREHOUSE_SCHEMA_VERSION}): upgrade dodo-segment"
         )
-    return True, f"warehouse {path} opens (schema version {found or 'new'})"
+    return True, (
+        f"warehouse {path} opens (schema version {found or 'new'}); its {tables} tables read "
+        f"back whole ({rows} rows)"
+    )
 
 
 def check_lock(config: AppConfig) -> tuple[bool, str]:

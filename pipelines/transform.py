@@ -305,23 +305,34 @@ def build_fingerprint(con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catal
     digest = hashlib.sha256(event_catalog.encode())
     for path in sorted(sql_dir.rglob("*.sql")):
         digest.update(path.relative_to(sql_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    for table, (count, total) in raw_table_hashes(con, (settings.SYNCED_AT_COLUMN,)).items():
+        digest.update(f"{table}:{count}:{total};".encode())
+    return digest.hexdigest()
+
+
+def raw_table_hashes(
+    con: duckdb.DuckDBPyConnection, skip_columns: tuple[str, ...]
+) -> dict[str, tuple[int, str | None]]:
+    """Per raw table: its row count and the sum of its row hashes over every column but
+    `skip_columns`, taken in name order (so two warehouses loaded by different paths compare)."""
     columns: dict[str, list[str]] = {}
     for table, column in con.execute(
         "select table_name, column_name from information_schema.columns "
         "where table_schema = ? and table_name not like '\\_dlt%' escape '\\' "
-        "order by table_name, ordinal_position",
+        "order by table_name, column_name",
         [settings.RAW_DATASET],
     ).fetchall():
-        if column != settings.SYNCED_AT_COLUMN:
+        if column not in skip_columns:
             columns.setdefault(table, []).append(column)
+    hashes: dict[str, tuple[int, str | None]] = {}
     for table, names in columns.items():
         row_hash = "hash(" + ", ".join(f'"{n}"' for n in names) + ")"
         count, total = con.execute(
             f"select count(*), sum({row_hash}::hugeint)::varchar "
             f'from "{settings.RAW_DATASET}"."{table}"'
         ).fetchone() or (0, None)
-        digest.update(f"{table}:{count}:{total};".encode())
-    return digest.hexdigest()
+        hashes[table] = (int(count), total)
+    return hashes
 
 
 def _previous_build_holds(

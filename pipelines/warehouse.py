@@ -74,9 +74,18 @@ MIGRATIONS: dict[int, str] = {1: RUNS_DDL, 2: OUTBOX_HASH_DDL}
 """Each migration brings a warehouse from version N-1 to N, in one transaction."""
 
 
+DAMAGE_SIGNS = ("not a valid DuckDB database", "Could not read enough bytes")
+"""DuckDB's words for a damaged or truncated file: at open, or when a query reaches the part
+that is missing."""
+
+
+def _damaged(exc: Exception) -> bool:
+    return any(sign in str(exc) for sign in DAMAGE_SIGNS)
+
+
 def _classify(exc: Exception, path: str) -> WarehouseError:
     text = str(exc)
-    if "not a valid DuckDB database" in text:
+    if _damaged(exc):
         return WarehouseError(
             f"{path} is not a DuckDB database (damaged, truncated or another kind of file); it "
             "was not changed: restore it from a backup or point DODO_SEGMENT_DB at a new path"
@@ -114,6 +123,10 @@ def connect(
         if memory_limit:  # a size load_config validated
             con.execute("set memory_limit = ?", [memory_limit])
         yield con
+    except duckdb.Error as exc:
+        if _damaged(exc):  # a truncated file opens, and fails where its data is missing
+            raise _classify(exc, path) from None
+        raise
     finally:
         con.close()
 
@@ -128,6 +141,23 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
         return 0
     row = con.execute(f"select max(schema_version) from {SYNC_SCHEMA}.warehouse_meta").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
+
+
+def read_every_table(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """Read every column of every table (DuckDB checks each block as it reads it), so a
+    truncated or damaged file shows here and not half-way through a run. Tables and rows read;
+    ~1 s for a 1M-payment warehouse."""
+    tables = con.execute(
+        "select schema_name, table_name from duckdb_tables() "
+        "where database_name = current_database() order by 1, 2"
+    ).fetchall()
+    rows = 0
+    for schema, table in tables:
+        count, _ = con.execute(
+            f'select count(*), sum(hash(t)) from "{schema}"."{table}" as t'
+        ).fetchone() or (0, None)
+        rows += count
+    return len(tables), rows
 
 
 def _is_local(path: str) -> bool:
