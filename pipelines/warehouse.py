@@ -152,9 +152,10 @@ def read_every_table(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
         "where database_name = current_database() order by 1, 2"
     ).fetchall()
     rows = 0
-    for schema, table in tables:
+    for names in tables:
+        qualified = ".".join('"' + name.replace('"', '""') + '"' for name in names)
         count, _ = con.execute(
-            f'select count(*), sum(hash(t)) from "{schema}"."{table}" as t'
+            f"select count(*), sum(hash(t)) from {qualified} as t"
         ).fetchone() or (0, None)
         rows += count
     return len(tables), rows

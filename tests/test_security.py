@@ -196,6 +196,7 @@ REVIEWED_INTERPOLATIONS = {
         "placeholders",
         "updates",
         "target",
+        "qualified",  # the warehouse's own table names (duckdb_tables()), quotes doubled
     },  # fmt: skip
 }
 
