@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from pipelines import warehouse
 from pipelines.transform import ModelError, TransformResult, list_models, run_models
 from tests.fixtures.hand_worked import EXPECTED, build_hand_worked_warehouse
 
@@ -455,8 +456,6 @@ def test_unchanged_build_is_rebuilt_for_new_data_sql_or_catalog(fresh, tmp_path:
 
 
 def test_models_build_the_same_tables_under_the_job_memory_limit(fresh, tmp_path: Path) -> None:
-    from pipelines import warehouse
-
     run_models(fresh)
     unlimited = fresh.execute("select * from analytics.track_outbox order by event_id").fetchall()
     path = tmp_path / "limited.duckdb"

@@ -60,6 +60,7 @@ class ExtractPlan:
     rows_per_batch: int = 50_000
     """Rows accumulated into one Arrow table before it is handed to dlt (fewer, larger writes)."""
     item_format: ItemFormat = "arrow"
+    """Arrow for the job; "dicts" only for the benchmark's dlt-normaliser baselines."""
     prefetch_windows: int = 4
     """Windows a resource's reader thread may read ahead of what dlt has consumed."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
