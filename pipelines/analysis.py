@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +177,8 @@ def pending_identifies(
     `identify_state.traits_hash` hashes the traits as sent (nulls and excluded fields removed),
     so it cannot be compared with `identify_outbox.traits_hash` in SQL.
     """
-    from pipelines import emit, sync_state
     from pipelines.config import load_config
+    from pipelines.emit import pending_identify_ids
 
     if excluded_fields is None:
         excluded_fields = load_config().segment.excluded_fields
@@ -191,14 +191,7 @@ def pending_identifies(
             rows = con.execute("select user_id from analytics.identify_outbox order by 1")
             return [r[0] for r in rows.fetchall()]
         # emit.preview would say the same but creates missing tables, which a read-only file refuses
-        messages = emit._identify_messages(
-            sync_state.iter_identify_rows(con),
-            tuple(excluded_fields),
-            emit._Rejects(),
-            datetime.now(UTC),
-            rejected_before=sync_state.rejected_identify_ids(con),
-        )
-        return [message.call["user_id"] for message in messages]
+        return pending_identify_ids(con, excluded_fields)
 
 
 # --- charts -----------------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "demo":
-            from pipelines.demo import run_demo
+            from pipelines.commands.demo import run_demo
 
             return run_demo(args.db)
         config = load_config(_flags(args))
@@ -300,7 +300,7 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
     from pipelines.job import RunOptions
 
     if args.command == "status":
-        from pipelines import status
+        from pipelines.commands import status
 
         return status.show(
             config.warehouse_path,
@@ -309,7 +309,7 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             excluded_fields=config.segment.excluded_fields,
         )
     if args.command == "doctor":
-        from pipelines.doctor import run_doctor
+        from pipelines.commands.doctor import run_doctor
 
         return run_doctor(config)
     if args.command == "run":
@@ -330,21 +330,21 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
     if args.command == "transform":
         options = RunOptions(only_emit=True, skip_emit=True, command="transform")
         return _with_lock(config, "transform", args.wait, lambda: _run(config, options))
-    from pipelines import operations
+    from pipelines.commands import sends
 
     if args.command == "preview":
         return _with_lock(
             config, "preview", args.wait,
-            lambda: operations.show_preview(config, args.events_since, args.sample),
+            lambda: sends.show_preview(config, args.events_since, args.sample),
         )  # fmt: skip
     if args.command == "resend":
         return _with_lock(
-            config, "resend", args.wait, lambda: operations.resend(config, args.since, args.event)
+            config, "resend", args.wait, lambda: sends.resend(config, args.since, args.event)
         )
     if args.command == "traits":
         return _with_lock(
             config, "traits recompute", args.wait,
-            lambda: operations.recompute_traits(config, args.customer),
+            lambda: sends.recompute_traits(config, args.customer),
         )  # fmt: skip
     raise ConfigError(f"unknown command {args.command}")
 
@@ -388,7 +388,7 @@ def _run(config: AppConfig, options: RunOptions) -> int:
 
     report = run_job(config, options, on_step=note_step)
     if report.preview is not None:
-        from pipelines.operations import print_preview
+        from pipelines.commands.sends import print_preview
 
         print_preview(report.preview)
     if report.error:

@@ -14,8 +14,7 @@ from typing import Any
 
 from pipelines import warehouse
 from pipelines.config import AppConfig, ConfigError
-from pipelines.dodo.client import DodoApiError
-from pipelines.extract import ExtractResult, run_extract
+from pipelines.extract import DodoApiError, ExtractResult, run_extract
 from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.settings import RESOURCES
 from pipelines.transform import ModelError, run_models

@@ -22,9 +22,8 @@ import duckdb
 import orjson
 import pytest
 
-from pipelines.emit import EmitSettings, emit, preview, recompute_traits, resend
+from pipelines.emit import EmitSettings, emit, iter_identify_rows, preview, recompute_traits, resend
 from pipelines.sandbox.collector import SegmentCollector
-from pipelines.sync_state import iter_identify_rows
 
 KEY = "wk_test_9f8e7d6c5b4a"
 ROOT = Path(__file__).resolve().parents[1]

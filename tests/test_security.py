@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from pipelines.demo import DEMO_API_KEY, DEMO_WRITE_KEY
+from pipelines.commands.demo import DEMO_API_KEY, DEMO_WRITE_KEY
 from pipelines.sandbox.faults import set_field
 from tests.conftest import API_KEY, REPO, WRITE_KEY, Sandbox, run_cli
 from tests.test_reliability import (

@@ -12,9 +12,7 @@ from pathlib import Path
 from pipelines.config import load_config, pipeline_dir
 from pipelines.job import ExitCode, RunOptions, RunReport, run_job
 from pipelines.lock import lock_path
-from pipelines.sandbox.business import generate_business
-from pipelines.sandbox.collector import SegmentCollector
-from pipelines.sandbox.simulator import DodoSimulator
+from pipelines.sandbox import DodoSimulator, SegmentCollector, generate_business
 
 log = logging.getLogger("dodo_segment")
 

@@ -9,8 +9,8 @@ from datetime import datetime
 from typing import Any
 
 from pipelines import lock, warehouse
+from pipelines.emit import pending_counts
 from pipelines.settings import WAREHOUSE_SCHEMA_VERSION
-from pipelines.sync_state import pending_counts
 
 LONG_RUN_SECONDS = 2 * 3600
 """Without run history, a lock held longer than this is flagged (cron runs take minutes)."""

@@ -278,63 +278,11 @@ def _insert_from(
 # --- read-only views for `status` (never create or write anything) ---------------------------
 
 
-def _tables(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
+def list_tables(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
+    """Every (schema, table) of the warehouse, views included."""
     rows = (
         con.cursor()
         .execute("SELECT table_schema, table_name FROM information_schema.tables")
         .fetchall()
     )
     return {(r[0], r[1]) for r in rows}
-
-
-def pending_counts(
-    con: duckdb.DuckDBPyConnection, excluded_fields: Sequence[str] = ()
-) -> dict[str, int | None]:
-    """What the next run would send now, by the emitter's own rules; reads only, never writes.
-
-    `tracks`: outbox events neither in the ledger nor rejected (on a first sync the outbox is
-    backlog, recorded as skipped rather than sent, so 0); `identifies`: customers whose traits,
-    as they would be sent, differ from the ones Segment last received; `skipped_backlog`:
-    events recorded as skipped (sent only with --events-since); `rejected_total`. A figure is
-    None when the table it needs does not exist yet.
-    """
-    from pipelines.emit import _identify_messages, _Rejects  # the hash of the traits as sent
-
-    tables = _tables(con)
-    synced = {
-        ("segment_sync", t) for t in ("delivered_events", "identify_state", "rejected_messages")
-    }
-    has_state = synced <= tables
-    counts: dict[str, int | None] = dict.fromkeys(
-        ("tracks", "identifies", "skipped_backlog", "rejected_total")
-    )
-    cur = con.cursor()
-    if has_state:
-        counts["rejected_total"] = cur.execute(
-            "SELECT count(*) FROM segment_sync.rejected_messages"
-        ).fetchone()[0]
-        counts["skipped_backlog"] = cur.execute(
-            "SELECT count(*) FROM segment_sync.delivered_events WHERE status = 'skipped'"
-        ).fetchone()[0]
-    first = not has_state or is_first_sync(con)
-    if ("analytics", "track_outbox") in tables:
-        counts["tracks"] = 0 if first else count_tracks(con, None)
-    if ("analytics", "identify_outbox") in tables:
-        if has_state:
-            rows: Iterator[tuple[str, str | None, str | None]] = iter_identify_rows(con)
-            rejected_before = rejected_identify_ids(con)
-        else:
-            cur.execute(
-                "SELECT user_id, traits::VARCHAR, NULL FROM analytics.identify_outbox "
-                "WHERE user_id IS NOT NULL"
-            )
-            rows, rejected_before = iter(cur.fetchall()), set()
-        messages = _identify_messages(
-            rows,
-            tuple(excluded_fields),
-            _Rejects(),
-            datetime.now(),
-            rejected_before=rejected_before,
-        )
-        counts["identifies"] = sum(1 for _ in messages)
-    return counts

@@ -15,15 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from segment.analytics import Client
 from segment.analytics.consumer import Consumer
 from segment.analytics.request import APIError, post
 
-if TYPE_CHECKING:
-    from pipelines.emit import EmitSettings
+from pipelines.emit.settings import EmitSettings
 
 log = logging.getLogger(__name__)
 

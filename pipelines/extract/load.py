@@ -17,8 +17,8 @@ import duckdb
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from pipelines.config import AppConfig, pipeline_dir
-from pipelines.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
-from pipelines.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
+from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
 from pipelines.gc_passes import fewer_gc_passes
 from pipelines.logs import quiet_dlt
 from pipelines.settings import (

@@ -1,1 +1,27 @@
-"""Embedded sandbox: a Dodo Payments API simulator and a Segment-compatible collector on loopback."""
+"""Embedded sandbox: a Dodo Payments API simulator and a Segment-compatible collector on loopback.
+
+Its public names are imported on first use, so `python -m pipelines.sandbox.simulator` (or
+`.collector`) runs its module once, not a second copy imported by this package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Business", "DodoSimulator", "SegmentCollector", "generate_business"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Business", "generate_business"):
+        from pipelines.sandbox import business
+
+        return getattr(business, name)
+    if name == "DodoSimulator":
+        from pipelines.sandbox.simulator import DodoSimulator
+
+        return DodoSimulator
+    if name == "SegmentCollector":
+        from pipelines.sandbox.collector import SegmentCollector
+
+        return SegmentCollector
+    raise AttributeError(f"module 'pipelines.sandbox' has no attribute {name!r}")

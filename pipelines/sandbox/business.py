@@ -13,6 +13,7 @@ from pipelines.sandbox import records as rec
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer
 from pipelines.sandbox.history import History, build_history, subscription_record
 from pipelines.sandbox.records import US_PER_DAY, add_interval, iso, parse_iso, to_us
+from pipelines.sandbox.timeflow import advance
 from pipelines.settings import PRIMARY_KEYS, RESOURCES
 
 Item = dict[str, Any]
@@ -313,14 +314,27 @@ class Business:
     def advance_time(
         self, days: float = 3, seed: int | None = None, until: datetime | None = None
     ) -> dict[str, Any]:
-        """Let `days` pass (or run until `until`): renewals, churn, settlements, new business."""
-        from pipelines.sandbox.timeflow import advance
+        """Let `days` pass (or run until `until`): renewals, churn, settlements, new business.
 
+        The summary maps each kind of change to ids; `created` lists every new id per resource.
+        """
         with self.lock:
             end = until if until is not None else self.now + timedelta(days=days)
-            return advance(
-                self, end, random.Random(seed if seed is not None else self._rng.random())
-            )
+            start_us, end_us = to_us(self.now), to_us(end)
+            if end_us <= start_us:
+                return {"from": iso(start_us), "to": iso(start_us)}
+            self._bk.now_us = end_us
+            self._journal = []
+            rng = random.Random(seed if seed is not None else self._rng.random())
+            summary = advance(self, end, rng)
+            created: dict[str, list[str]] = {}
+            for resource, item_id in self._journal:
+                created.setdefault(resource, []).append(item_id)
+            summary["created"] = created
+            self._journal = None
+            self.now = end
+            self.touch()
+            return summary
 
 
 def generate_business(

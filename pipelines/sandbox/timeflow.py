@@ -4,26 +4,49 @@ from __future__ import annotations
 
 import random
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipelines.sandbox.records import add_interval, from_us, iso, parse_iso, to_us
 
-if TYPE_CHECKING:
-    from pipelines.sandbox.business import Business
+Item = dict[str, Any]
+
+
+class ChangingBusiness(Protocol):
+    """What time passing needs of the sandbox business (`business.Business` provides it)."""
+
+    now: datetime
+    customers: list[Item]
+    payments: list[Item]
+    subscriptions: list[Item]
+    refunds: list[Item]
+    disputes: list[Item]
+    products_by_name: dict[str, Item]
+
+    def touch(self) -> None: ...
+    def add_customers(self, *args: Any, **kwargs: Any) -> Any: ...
+    def add_payments(self, *args: Any, **kwargs: Any) -> Any: ...
+    def add_subscription(self, *args: Any, **kwargs: Any) -> Any: ...
+    def add_refund(self, *args: Any, **kwargs: Any) -> Any: ...
+    def add_dispute(self, *args: Any, **kwargs: Any) -> Any: ...
+    def cancel_subscription(self, *args: Any, **kwargs: Any) -> Any: ...
+    def change_plan(self, *args: Any, **kwargs: Any) -> Any: ...
+    def renew_subscription(self, *args: Any, **kwargs: Any) -> Any: ...
+    def set_subscription_status(self, *args: Any, **kwargs: Any) -> Any: ...
+    def set_payment_status(self, *args: Any, **kwargs: Any) -> Any: ...
+    def set_refund_status(self, *args: Any, **kwargs: Any) -> Any: ...
+    def set_dispute_status(self, *args: Any, **kwargs: Any) -> Any: ...
+
 
 MONTHLY_PLANS = ("Starter Monthly", "Pro Monthly", "Team Monthly", "Legacy Pro (2024)")
 
 
-def advance(biz: Business, end: datetime, rng: random.Random) -> dict[str, Any]:
-    """Move the business clock to `end` and record what happened meanwhile.
+def advance(biz: ChangingBusiness, end: datetime, rng: random.Random) -> dict[str, Any]:
+    """Let what happens between the business clock and `end` happen, and say what it was.
 
-    The summary maps each kind of change to ids; `created` lists every new id per resource.
+    The summary maps each kind of change to ids. The caller moves the clock and lists what
+    was created (`ChangingBusiness.advance_time`).
     """
     start_us, end_us = to_us(biz.now), to_us(end)
-    if end_us <= start_us:
-        return {"from": iso(start_us), "to": iso(start_us)}
-    biz._bk.now_us = end_us
-    biz._journal = []
     summary: dict[str, Any] = {"from": iso(start_us), "to": iso(end_us)}
 
     def when() -> datetime:
@@ -59,17 +82,10 @@ def advance(biz: Business, end: datetime, rng: random.Random) -> dict[str, Any]:
         summary["resumed"].append(resumed)
     summary |= _settlements(biz, rng, when)
     summary |= _new_business(biz, rng, days, when)
-    created: dict[str, list[str]] = {}
-    for resource, item_id in biz._journal:
-        created.setdefault(resource, []).append(item_id)
-    summary["created"] = created
-    biz._journal = None
-    biz.now = end
-    biz.touch()
     return summary
 
 
-def _renewals(biz: Business, end_us: int) -> dict[str, list[str]]:
+def _renewals(biz: ChangingBusiness, end_us: int) -> dict[str, list[str]]:
     """Charge every active subscription whose billing date passed; end or expire the due ones."""
     renewals: list[str] = []
     cancelled: list[str] = []
@@ -97,13 +113,13 @@ def _renewals(biz: Business, end_us: int) -> dict[str, list[str]]:
     return {"renewals": renewals, "cancelled_at_period_end": cancelled, "expired": expired}
 
 
-def _fail_renewal(biz: Business, sub: dict[str, Any], at: datetime) -> None:
+def _fail_renewal(biz: ChangingBusiness, sub: dict[str, Any], at: datetime) -> None:
     """A renewal charge fails: a failed payment and the subscription goes on hold."""
     biz.add_payments(1, "failed", sub["customer"]["customer_id"], sub["currency"], at)
     biz.set_subscription_status(sub["subscription_id"], "on_hold", at)
 
 
-def _change_plan(biz: Business, sub: dict[str, Any], at: datetime) -> None:
+def _change_plan(biz: ChangingBusiness, sub: dict[str, Any], at: datetime) -> None:
     """Upgrade Starter -> Pro, or add seats."""
     name = sub["product_name"]
     if name == "Starter Monthly":
@@ -114,7 +130,7 @@ def _change_plan(biz: Business, sub: dict[str, Any], at: datetime) -> None:
         biz.change_plan(sub["subscription_id"], quantity=sub["quantity"] + 2, at=at)
 
 
-def _settlements(biz: Business, rng: random.Random, when: Any) -> dict[str, list[str]]:
+def _settlements(biz: ChangingBusiness, rng: random.Random, when: Any) -> dict[str, list[str]]:
     """A processing payment succeeds, a pending refund succeeds, an open dispute is decided."""
     out: dict[str, list[str]] = {"payments_succeeded": [], "refunds_succeeded": []}
     out["disputes_resolved"] = []
@@ -140,7 +156,7 @@ def _settlements(biz: Business, rng: random.Random, when: Any) -> dict[str, list
 
 
 def _new_business(
-    biz: Business, rng: random.Random, days: float, when: Any
+    biz: ChangingBusiness, rng: random.Random, days: float, when: Any
 ) -> dict[str, list[str]]:
     """New customers, one-time sales, subscriptions, and fresh work for the next advance."""
     n_customers = max(1, round(len(biz.customers) * 0.002 * days))

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from pipelines import settings
-from pipelines.data_tests import (
+from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
     load_data_tests,
@@ -21,7 +21,7 @@ from pipelines.data_tests import (
     save_data_test_results,
 )
 
-SQL_DIR: Path = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR: Path = Path(__file__).resolve().parents[2] / "sql"
 """Default location of the models: `sql/staging`, `sql/marts`, `sql/segment`, `sql/macros.sql`."""
 
 LAYERS: tuple[str, ...] = ("staging", "marts", "segment")

@@ -14,10 +14,10 @@ import pyarrow.compute as pc
 from dlt.extract.items import DataItemWithMeta
 from dlt.extract.resource import DltResource
 
-from pipelines.dodo.client import DodoClient, WindowOverflow, format_timestamp
-from pipelines.dodo.readers import Reader
-from pipelines.dodo.records import dlt_column_hints, to_arrow
-from pipelines.dodo.windows import ONE_MICROSECOND, Window, plan_window_ends, walk_windows
+from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_timestamp
+from pipelines.extract.dodo.readers import Reader
+from pipelines.extract.dodo.records import dlt_column_hints, to_arrow
+from pipelines.extract.dodo.windows import ONE_MICROSECOND, Window, plan_window_ends, walk_windows
 from pipelines.settings import (
     NON_TERMINAL_STATUSES,
     PRIMARY_KEYS,

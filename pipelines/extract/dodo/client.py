@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import orjson
 
-from pipelines.dodo.connections import TRANSIENT_ERRORS, ApiConnections
+from pipelines.extract.dodo.connections import TRANSIENT_ERRORS, ApiConnections
 from pipelines.settings import ENDPOINTS, MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pipelines.dodo.client import DodoClient, WindowOverflow, format_timestamp
+from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_timestamp
 from pipelines.settings import PRIMARY_KEYS
 
 log = logging.getLogger(__name__)

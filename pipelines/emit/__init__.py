@@ -1,0 +1,34 @@
+"""Emit: send the outboxes to Segment as identify and track calls, once, with a ledger in the warehouse.
+
+`emitter` sends and records (`emit`, `resend`, `recompute_traits`, `preview`); `messages` turns
+outbox rows into validated Segment calls; `segment_client` delivers them batch by batch with
+confirmation; `ledger` owns `segment_sync` (delivered events, identify state, rejects);
+`pending` counts what the next run would send without writing.
+"""
+
+from pipelines.emit.emitter import (
+    EmitResult,
+    Preview,
+    emit,
+    ensure_sync_schema,
+    preview,
+    recompute_traits,
+    resend,
+)
+from pipelines.emit.ledger import iter_identify_rows
+from pipelines.emit.pending import pending_counts, pending_identify_ids
+from pipelines.emit.settings import EmitSettings
+
+__all__ = [
+    "EmitResult",
+    "EmitSettings",
+    "Preview",
+    "emit",
+    "ensure_sync_schema",
+    "iter_identify_rows",
+    "pending_counts",
+    "pending_identify_ids",
+    "preview",
+    "recompute_traits",
+    "resend",
+]

@@ -1,0 +1,131 @@
+"""Segment calls from outbox rows: track and identify messages, validated; invalid rows set aside."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from pipelines.emit.ledger import outbox_hash
+from pipelines.emit.segment_client import Outgoing
+
+MAX_MESSAGE_ID_LENGTH = 100
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Rejects:
+    """Messages refused before sending (invalid input), kept for `rejected_messages`."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str | None, str, str | None, str, str]] = []
+
+    def add(self, message_id: str | None, kind: str, user_id: str | None, reason: str, raw: Any):
+        payload = orjson.dumps(raw, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        self.rows.append((message_id, kind, user_id, reason, payload))
+
+
+def decode_object(text: str | None, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """JSON object from the warehouse as plain Python; strict: NaN/Infinity are refused."""
+    if text is None:
+        return {}, None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return None, f"{what} are not valid JSON (NaN, Infinity or malformed): {exc}"
+    if not isinstance(value, dict):
+        return None, f"{what} must be a JSON object"
+    return value, None
+
+
+def track_messages(
+    rows: Iterator[tuple[Any, ...]], excluded: tuple[str, ...], rejects: Rejects
+) -> Iterator[Outgoing]:
+    """Track calls for outbox rows; invalid rows go to `rejects` with the reason."""
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for row in rows:
+        event_id, user_id, event, occurred_us, properties_json = row
+        # The common case in a few operations; anything unusual takes the slow path for its reason.
+        try:
+            properties = {} if properties_json is None else loads(properties_json)
+        except decode_error:
+            properties = None
+        if (
+            type(properties) is not dict
+            or len(event_id) > MAX_MESSAGE_ID_LENGTH
+            or not user_id
+            or not event
+            or occurred_us is None
+        ):
+            rejects.add(event_id, "track", user_id, track_reject_reason(row), raw_track(row))
+            continue
+        for key in excluded:
+            properties.pop(key, None)
+        call = {
+            "user_id": user_id,
+            "event": event,
+            "properties": properties,
+            "timestamp": EPOCH + timedelta(microseconds=occurred_us),
+            "message_id": event_id,
+        }
+        yield Outgoing("track", event_id, event_id, call)
+
+
+def raw_track(row: tuple[Any, ...]) -> dict[str, Any]:
+    event_id, user_id, event, occurred_us, properties_json = row
+    return {"event_id": event_id, "user_id": user_id, "event": event,
+            "occurred_at_us": occurred_us, "properties": properties_json}  # fmt: skip
+
+
+def track_reject_reason(row: tuple[Any, ...]) -> str:
+    """Why a track row cannot be sent (the first failing check of the list below wins)."""
+    event_id, user_id, event, occurred_us, properties_json = row
+    if len(event_id) > MAX_MESSAGE_ID_LENGTH:
+        return f"event_id longer than {MAX_MESSAGE_ID_LENGTH} characters"
+    if not user_id:
+        return "missing user_id"
+    if not event:
+        return "missing event name"
+    if occurred_us is None:
+        return "missing occurred_at"
+    return decode_object(properties_json, "properties")[1] or "invalid"
+
+
+def sent_traits_hash(traits: dict[str, Any]) -> str:
+    """Stable hash of the traits exactly as sent (after exclusions)."""
+    return hashlib.sha256(orjson.dumps(traits, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def identify_messages(
+    rows: Iterator[tuple[str, str | None, str | None]],
+    excluded: tuple[str, ...],
+    rejects: Rejects,
+    sent_at: datetime,
+    force_run_id: str | None = None,
+    rejected_before: set[str] | None = None,
+) -> Iterator[Outgoing]:
+    """Identify calls for customers whose sent traits changed (all of them when forced)."""
+    for user_id, traits_json, last_hash in rows:
+        traits, reason = decode_object(traits_json, "traits")
+        if traits is None:
+            rejects.add(None, "identify", user_id, reason or "invalid", {"traits": traits_json})
+            continue
+        # A null would wipe the trait in Segment; an absent key leaves the last value in place.
+        traits = {k: v for k, v in traits.items() if v is not None and k not in excluded}
+        sent_hash = sent_traits_hash(traits)
+        if force_run_id is None and sent_hash == last_hash:
+            continue
+        # Same traits -> same messageId, so a rerun after a kill is de-duplicated by Segment;
+        # a forced recompute gets fresh ids so Segment does not swallow it.
+        seed = f"{user_id}\x1f{sent_hash}" + (f"\x1f{force_run_id}" if force_run_id else "")
+        message_id = "identify-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+        if force_run_id is None and rejected_before and message_id in rejected_before:
+            continue  # rejected before with these very traits: only resend/recompute retries
+        call = {"user_id": user_id, "traits": traits, "timestamp": sent_at,
+                "message_id": message_id}  # fmt: skip
+        yield Outgoing(
+            "identify", user_id, message_id, call, traits_hash=sent_hash,
+            outbox_hash=outbox_hash(traits_json, excluded),
+        )  # fmt: skip

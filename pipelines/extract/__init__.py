@@ -1,0 +1,30 @@
+"""Extract and load: read the Dodo Payments API (`dodo/`, a dlt source) into `dodo_raw` (`load`).
+
+`dodo/` is the source: paging, windows, retries and typed Arrow pages; `load` runs it through a
+dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables.
+"""
+
+from pipelines.extract.dodo import ExtractPlan, dodo_source
+from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.load import (
+    JOB_FORMAT,
+    ExtractFormat,
+    ExtractResult,
+    build_plan,
+    make_pipeline,
+    run_extract,
+)
+
+__all__ = [
+    "JOB_FORMAT",
+    "ClientSettings",
+    "DodoApiError",
+    "DodoClient",
+    "ExtractFormat",
+    "ExtractPlan",
+    "ExtractResult",
+    "build_plan",
+    "dodo_source",
+    "make_pipeline",
+    "run_extract",
+]
