@@ -148,7 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the extract; model and send what the warehouse holds",
     )
+    run.add_argument(
+        "--webhook-only",
+        action="store_true",
+        help="do not read the API: merge the stored webhook deliveries, model and send "
+        "(what `listen` starts)",
+    )
     _add_wait(run)
+
+    ls = _command(
+        commands, "listen", "accept Dodo webhooks and trigger short runs",
+        "Serve one HTTP endpoint for Dodo's webhooks (loopback by default: put it behind your "
+        "TLS reverse proxy). Each delivery is verified with DODO_PAYMENTS_WEBHOOK_KEY (Standard "
+        "Webhooks), stored durably beside the warehouse and answered 2xx; a burst of deliveries "
+        "then starts one `run --webhook-only`, which waits for a scheduled run to finish.",
+        "example:\n  DODO_PAYMENTS_WEBHOOK_KEY=whsec_... dodo-segment listen --port 8787",
+    )  # fmt: skip
+    _add_common(ls)
+    ls.add_argument("--host", help="address to listen on (default 127.0.0.1; [listen] host)")
+    ls.add_argument("--port", type=int, help="port (default 8787; [listen] port)")
+    ls.add_argument("--path", help="the endpoint's path (default /webhooks/dodo; [listen] path)")
 
     demo = _command(
         commands, "demo", "run the whole job against the embedded sandbox",
@@ -250,7 +269,12 @@ def _version() -> str:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {"warehouse.path": getattr(args, "db", None)}
+    return {
+        "warehouse.path": getattr(args, "db", None),
+        "listen.host": getattr(args, "host", None),
+        "listen.port": getattr(args, "port", None),
+        "listen.path": getattr(args, "path", None),
+    }
 
 
 def _fail(message: str, code: int) -> int:
@@ -269,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipelines import warehouse
-    from pipelines.config import ConfigError, load_config
+    from pipelines.config import ConfigError, load_config, webhook_key
     from pipelines.job import ExitCode
 
     if not args.command or (args.command == "traits" and not args.traits_command):
@@ -283,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args.db)
         config = load_config(_flags(args))
-        register_secrets(config.secrets)
+        register_secrets((*config.secrets, webhook_key(_flags(args))))
         return _dispatch(args, config)
     except ConfigError as exc:
         return _fail(str(exc), ExitCode.USAGE)
@@ -308,6 +332,11 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             as_json=args.json,
             excluded_fields=config.segment.excluded_fields,
         )
+    if args.command == "listen":
+        from pipelines.commands.listen import serve
+        from pipelines.config import load_listen_config
+
+        return serve(load_listen_config(config, _flags(args)))
     if args.command == "doctor":
         from pipelines.commands.doctor import run_doctor
 
@@ -322,9 +351,12 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             full_refresh=frozenset(RESOURCES if full == [] else (full or ())),
             skip_emit=args.skip_emit,
             only_emit=args.only_emit,
+            webhook_only=args.webhook_only,
         )
         if options.skip_emit and options.only_emit:
             raise ConfigError("--skip-emit and --only-emit exclude each other")
+        if options.webhook_only and (options.only_emit or options.full_refresh):
+            raise ConfigError("--webhook-only excludes --only-emit and --full-refresh")
         check_ready(config, options)
         return _with_lock(config, "run", args.wait, lambda: _run(config, options))
     if args.command == "transform":

@@ -27,8 +27,9 @@ ENV_TO_DLT: dict[str, str] = {
     "DODO_SEGMENT_DB": "warehouse.path",
     "SEGMENT_WRITE_KEY": "segment.write_key",
     "SEGMENT_HOST": "segment.host",
+    "DODO_PAYMENTS_WEBHOOK_KEY": "sources.dodo.webhook_key",
 }
-SECRET_PATHS = frozenset({"sources.dodo.api_key", "segment.write_key"})
+SECRET_PATHS = frozenset({"sources.dodo.api_key", "segment.write_key", "sources.dodo.webhook_key"})
 
 
 class ConfigError(ValueError):
@@ -215,3 +216,48 @@ def pipeline_dir(warehouse_path: str) -> Path:
     if warehouse_path.startswith("md:"):
         return Path(".dodo_segment_motherduck.dlt").resolve()
     return Path(warehouse_path).expanduser().resolve().with_name(Path(warehouse_path).name + ".dlt")
+
+
+def webhook_key(flags: Mapping[str, Any] | None = None) -> str:
+    """The webhook endpoint's signing secret (DODO_PAYMENTS_WEBHOOK_KEY), or "" when unset."""
+    return str(lookup("sources.dodo.webhook_key", flags, "") or "")
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where `dodo-segment listen` listens and how it turns deliveries into runs."""
+
+    webhook_key: str = field(repr=False)
+    warehouse_path: str
+    host: str = "127.0.0.1"
+    port: int = 8787
+    path: str = "/webhooks/dodo"
+    max_body_bytes: int = 1_000_000
+    debounce_seconds: float = 1.0
+    """Quiet time after the last delivery before a run starts."""
+    max_delay_seconds: float = 5.0
+    """A steady stream of deliveries still starts a run this long after the first one."""
+    retry_seconds: float = 30.0
+    """After a failed run, wait this long before trying the pending deliveries again."""
+
+
+def load_listen_config(config: AppConfig, flags: Mapping[str, Any] | None = None) -> ListenConfig:
+    """The listener's settings: `[listen]` host, port, path, limits, with the webhook secret."""
+    key = webhook_key(flags)
+    if not key:
+        raise ConfigError(
+            "DODO_PAYMENTS_WEBHOOK_KEY is not set: copy the endpoint's signing secret (whsec_...) "
+            "from Dodo's dashboard (Developer > Webhooks) into it, or into .dlt/secrets.toml "
+            "under [sources.dodo] webhook_key"
+        )
+    return ListenConfig(
+        webhook_key=key,
+        warehouse_path=config.warehouse_path,
+        host=str(lookup("listen.host", flags, "127.0.0.1")),
+        port=int(_number("listen.port", flags, 8787)),
+        path=str(lookup("listen.path", flags, "/webhooks/dodo")),
+        max_body_bytes=int(_number("listen.max_body_bytes", flags, 1_000_000)),
+        debounce_seconds=_number("listen.debounce_seconds", flags, 1.0),
+        max_delay_seconds=_number("listen.max_delay_seconds", flags, 5.0),
+        retry_seconds=_number("listen.retry_seconds", flags, 30.0),
+    )

@@ -14,7 +14,13 @@ from typing import Any
 
 from pipelines import warehouse
 from pipelines.config import AppConfig, ConfigError
-from pipelines.extract import DodoApiError, ExtractResult, run_extract
+from pipelines.extract import (
+    DodoApiError,
+    ExtractResult,
+    WebhookMerge,
+    merge_webhooks,
+    run_extract,
+)
 from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.settings import RESOURCES
 from pipelines.transform import ModelError, run_models
@@ -52,6 +58,8 @@ class RunOptions:
     full_refresh: frozenset[str] = frozenset()
     skip_emit: bool = False
     only_emit: bool = False
+    webhook_only: bool = False
+    """Merge the stored webhook deliveries and skip reading the API (runs started by `listen`)."""
     command: str = "run"
 
 
@@ -65,6 +73,7 @@ class RunReport:
     outcome: str = "running"
     exit_code: int | None = None
     extract: ExtractResult | None = None
+    webhooks: WebhookMerge | None = None
     models_seconds: float | None = None
     data_test_seconds: float | None = None
     quarantined: int = 0
@@ -89,7 +98,11 @@ class RunReport:
             "duration_seconds": (finished - self.started_at).total_seconds() if finished else None,
             "outcome": self.outcome,
             "exit_code": self.exit_code,
-            "rows_loaded": self.extract.rows_loaded if self.extract else {},
+            "rows_loaded": (self.extract.rows_loaded if self.extract else {})
+            | {
+                f"webhook:{t}": n
+                for t, n in (self.webhooks.merged if self.webhooks else {}).items()
+            },
             "api_requests": self.extract.api_requests if self.extract else {},
             "identifies_sent": self.identifies_sent,
             "tracks_sent": self.tracks_sent,
@@ -108,7 +121,7 @@ def new_run_id(now: datetime) -> str:
 
 def check_ready(config: AppConfig, options: RunOptions) -> None:
     """Refuse a run whose configuration cannot work, before touching anything."""
-    if not options.only_emit:
+    if not options.only_emit and not options.webhook_only:
         if not config.extract.api_key:
             raise ConfigError(
                 "DODO_PAYMENTS_API_KEY is not set: export it (a read-only key is enough) or put "
@@ -154,6 +167,9 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         _save(config, report)
         _note_typical_duration(config, report, step)
         if not options.only_emit:
+            step(step="webhooks")
+            report.webhooks = merge_webhooks(config)
+        if not options.only_emit and not options.webhook_only:
             step(step="extract")
             _extract(config, options, report)
         step(step="models")

@@ -11,6 +11,7 @@ from typing import Any
 from pipelines import lock, warehouse
 from pipelines.emit import pending_counts
 from pipelines.settings import WAREHOUSE_SCHEMA_VERSION
+from pipelines.webhook_store import WebhookStore, store_folder
 
 LONG_RUN_SECONDS = 2 * 3600
 """Without run history, a lock held longer than this is flagged (cron runs take minutes)."""
@@ -47,6 +48,25 @@ def _in_progress(holder: lock.LockHolder) -> dict[str, Any]:
     }
 
 
+def _webhooks(warehouse_path: str) -> dict[str, Any] | None:
+    """The listener's counters and the deliveries waiting for a run (None: never listened)."""
+    store = WebhookStore(store_folder(warehouse_path))
+    counters = store.read_counters()
+    pending = store.pending_count()
+    if counters is None and not pending:
+        return None
+    counters = counters or {}
+    return {
+        "received": counters.get("received", 0),
+        "duplicates": counters.get("duplicates", 0),
+        "rejected": counters.get("rejected", 0),
+        "rejected_by_reason": counters.get("rejected_by_reason", {}),
+        "pending": pending,
+        "last_delivery_at": counters.get("last_delivery_at"),
+        "listener_started_at": counters.get("started_at"),
+    }
+
+
 def collect(
     warehouse_path: str, limit: int = 10, excluded_fields: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -61,6 +81,7 @@ def collect(
         "run_in_progress": _in_progress(holder) if holder else None,
         "runs": None,
         "pending": None,
+        "webhooks": _webhooks(warehouse_path),
     }
     if holder is not None:
         document["note"] = BUSY_NOTE
@@ -127,6 +148,14 @@ def show(
         )
     if document.get("note"):
         print(document["note"])
+    hooks = document.get("webhooks")
+    if hooks:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(hooks["rejected_by_reason"].items()))
+        print(
+            f"webhooks: received {hooks['received']} (+{hooks['duplicates']} duplicates), "
+            f"rejected {hooks['rejected']}{f' ({reasons})' if reasons else ''}, "
+            f"pending {hooks['pending']}; last delivery {hooks['last_delivery_at'] or '-'}"
+        )
     runs = document.get("runs")
     if runs is None:
         return 0

@@ -1,7 +1,8 @@
 """Extract and load: read the Dodo Payments API (`dodo/`, a dlt source) into `dodo_raw` (`load`).
 
 `dodo/` is the source: paging, windows, retries and typed Arrow pages; `load` runs it through a
-dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables.
+dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables; `webhooks`
+merges the objects carried by stored Dodo webhooks into the same tables.
 """
 
 from pipelines.extract.dodo import ExtractPlan, dodo_source
@@ -14,6 +15,7 @@ from pipelines.extract.load import (
     make_pipeline,
     run_extract,
 )
+from pipelines.extract.webhooks import WebhookMerge, merge_webhooks
 
 __all__ = [
     "JOB_FORMAT",
@@ -23,8 +25,10 @@ __all__ = [
     "ExtractFormat",
     "ExtractPlan",
     "ExtractResult",
+    "WebhookMerge",
     "build_plan",
     "dodo_source",
     "make_pipeline",
+    "merge_webhooks",
     "run_extract",
 ]

@@ -41,14 +41,15 @@ def dlt_column_hints(resource: str) -> dict[str, dict[str, Any]]:
     return hints
 
 
-def _top_level_fields(resource: str) -> set[str]:
+def item_fields(resource: str) -> set[str]:
+    """The top-level fields of a list item that have a raw column (`customer` for its nest)."""
     fields = {c for c in RAW_COLUMNS[resource] if not c.startswith(NESTED_PREFIX)}
     if any(c.startswith(NESTED_PREFIX) for c in RAW_COLUMNS[resource]):
         fields.add("customer")
     return fields
 
 
-_TOP_LEVEL = {resource: _top_level_fields(resource) for resource in RAW_COLUMNS}
+_TOP_LEVEL = {resource: item_fields(resource) for resource in RAW_COLUMNS}
 
 
 def _scalar_struct(resource: str) -> pa.StructType:

@@ -1,0 +1,230 @@
+"""`dodo-segment listen`: accept Dodo webhooks, keep them durably, and trigger short runs.
+
+Each delivery is verified with the Standard Webhooks scheme Dodo signs with (`standardwebhooks`:
+HMAC-SHA256 over `webhook-id.webhook-timestamp.body`, 5-minute tolerance), stored fsync'd in
+the warehouse's webhook store, and only then answered 2xx. The listener never opens the
+warehouse: it starts `dodo-segment run --webhook-only --wait` (the run lock keeps it from
+overlapping a scheduled run), debounced so a burst of deliveries makes one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from pipelines.config import ListenConfig
+from pipelines.webhook_store import WebhookStore, store_folder
+
+log = logging.getLogger(__name__)
+
+
+class Listener:
+    """The HTTP server, the store and the run trigger of one `dodo-segment listen`."""
+
+    def __init__(self, settings: ListenConfig, run_command: list[str] | None = None) -> None:
+        self.settings = settings
+        self.run_command = run_command or [
+            sys.executable, "-m", "pipelines.cli", "run", "--webhook-only", "--wait",
+            "--db", settings.warehouse_path,
+        ]  # fmt: skip
+        """The run to start: this Python's `dodo-segment run --webhook-only --wait`."""
+        self.webhook = Webhook(settings.webhook_key)
+        self.store = WebhookStore(store_folder(settings.warehouse_path)).ensure()
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.started_at = datetime.now(UTC).isoformat()
+        self.last_delivery_at: str | None = None
+        self.runs: Counter[str] = Counter()
+        self._wake = threading.Condition()
+        self._first_unrun: float | None = None
+        self._last_delivery = 0.0
+        self._not_before = 0.0
+        self._stop = threading.Event()
+        self.server = ThreadingHTTPServer((settings.host, settings.port), _handler(self))
+        self.server.daemon_threads = True
+        self._trigger = threading.Thread(target=self._trigger_loop, name="run-trigger", daemon=True)
+
+    @property
+    def address(self) -> str:
+        """`http://host:port/path` as bound (port 0 becomes the real port)."""
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}{self.settings.path}"
+
+    # --- intake ------------------------------------------------------------------------------
+
+    def accept(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
+        """Verify, parse and store one delivery; the HTTP status and a short reason."""
+        try:
+            self.webhook.verify(body, headers, json_parse=False)
+        except WebhookVerificationError as exc:
+            reason = "stale or future timestamp" if "timestamp" in str(exc) else "bad signature"
+            return self._reject(401, reason)
+        except (ValueError, TypeError):  # malformed signature header or a body that is not UTF-8
+            return self._reject(401, "bad signature")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self._reject(400, "not JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+            return self._reject(400, "not a Dodo webhook (no type)")
+        webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
+        try:
+            fresh = self.store.store(webhook_id, payload)
+        except OSError as exc:  # disk full or read-only: Dodo retries later
+            log.error("could not store a webhook delivery: %s", exc.strerror or exc)
+            return self._reject(503, "store unavailable")
+        self.counters["received" if fresh else "duplicates"] += 1
+        self.last_delivery_at = datetime.now(UTC).isoformat()
+        if fresh:
+            self._delivered()
+        return 200, "stored" if fresh else "duplicate"
+
+    def _reject(self, status: int, reason: str) -> tuple[int, str]:
+        self.counters["rejected"] += 1
+        self.rejected[reason] += 1
+        log.warning("webhook refused (%d): %s", status, reason)
+        return status, reason
+
+    def _delivered(self) -> None:
+        with self._wake:
+            now = time.monotonic()
+            self._last_delivery = now
+            if self._first_unrun is None:
+                self._first_unrun = now
+            self._wake.notify()
+
+    # --- runs --------------------------------------------------------------------------------
+
+    def _due(self, now: float) -> bool:
+        if self._first_unrun is None or now < self._not_before:
+            return False
+        quiet = now - self._last_delivery >= self.settings.debounce_seconds
+        return quiet or now - self._first_unrun >= self.settings.max_delay_seconds
+
+    def _trigger_loop(self) -> None:
+        if self.store.pending_count():  # deliveries a crash or a failed run left behind
+            self._first_unrun = self._last_delivery = 0.0
+        while not self._stop.is_set():
+            with self._wake:
+                while not self._stop.is_set() and not self._due(time.monotonic()):
+                    self._wake.wait(timeout=0.1)
+                if self._stop.is_set():
+                    return
+                self._first_unrun = None
+            self._write_counters()
+            code = self._run_once()
+            if code not in (0, 3) and self.store.pending_count():
+                with self._wake:  # a failed run: the deliveries stay pending; try again later
+                    self._not_before = time.monotonic() + self.settings.retry_seconds
+                    self._first_unrun = self._first_unrun or self._not_before
+            self._write_counters()
+
+    def _run_once(self) -> int:
+        started = time.monotonic()
+        try:
+            code = subprocess.run(self.run_command, stdin=subprocess.DEVNULL).returncode
+        except OSError as exc:
+            log.error("could not start a run: %s", exc.strerror or exc)
+            code = 1
+        self.runs["ok" if code in (0, 3) else "failed"] += 1
+        log.info("webhook-triggered run ended with exit code %d in %.1fs", code,
+                 time.monotonic() - started)  # fmt: skip
+        return code
+
+    def _write_counters(self) -> None:
+        try:
+            self.store.write_counters(
+                {
+                    "started_at": self.started_at,
+                    "address": self.address,
+                    "last_delivery_at": self.last_delivery_at,
+                    **self.counters,
+                    "rejected_by_reason": dict(self.rejected),
+                    "runs": dict(self.runs),
+                }  # fmt: skip
+            )
+        except OSError as exc:
+            log.warning("could not write the listener's counters: %s", exc.strerror or exc)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Listener:
+        """Serve in background threads (tests and `serve_forever`)."""
+        threading.Thread(target=self.server.serve_forever, name="listener", daemon=True).start()
+        self._trigger.start()
+        self._write_counters()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting; a run already started goes on to its end on its own."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        self.server.shutdown()
+        self.server.server_close()
+        self._write_counters()
+
+
+def _handler(listener: Listener) -> type[BaseHTTPRequestHandler]:
+    settings = listener.settings
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # one line per refusal is logged by the listener; headers hold the signature
+
+        def _answer(self, status: int, reason: str) -> None:
+            body = orjson.dumps({"status": reason})
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?", 1)[0] != settings.path:
+                self.close_connection = True
+                return self._answer(404, "not found")
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                return self._answer(411, "length required")
+            if length < 0 or length > settings.max_body_bytes:
+                self.close_connection = True  # the body is not read
+                listener.counters["rejected"] += 1
+                listener.rejected["body too large"] += 1
+                return self._answer(413, "body too large")
+            body = self.rfile.read(length)
+            status, reason = listener.accept(dict(self.headers.items()), body)
+            self._answer(status, reason)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._answer(405 if self.path == settings.path else 404, "POST webhooks here")
+
+    return Handler
+
+
+def serve(settings: ListenConfig) -> int:
+    """Run the listener in the foreground until SIGTERM or Ctrl-C."""
+    listener = Listener(settings).start()
+    log.info("listening for Dodo webhooks at %s", listener.address)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("listener stopping")
+    finally:
+        listener.stop()
+    return 0

@@ -1,0 +1,161 @@
+"""Dodo webhook deliveries kept on disk, outside the warehouse, until a run has merged them.
+
+The listener writes a delivery here and answers 2xx only once it is fsync'd, so a crash after
+the answer loses nothing; a run reads the pending ones, merges them into the raw tables, and only
+then marks them merged. A merged delivery keeps an empty marker named after its `webhook-id`
+(for de-duplication of Dodo's retries) and nothing of its payload.
+
+    <warehouse>.webhooks/
+        pending/<sha256(webhook-id)>.json   {"webhook_id", "received_at", "payload"}
+        merged/<sha256(webhook-id)>         empty markers, removed after MERGED_MARKER_DAYS
+        tmp/                                half-written files (ignored)
+        listener.json                       the listener's counters, for `status`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+MERGED_MARKER_DAYS = 7
+"""Dodo (Standard Webhooks) retries a delivery for about 3 days; markers outlive that."""
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """One verified delivery waiting to be merged."""
+
+    webhook_id: str
+    received_at: datetime
+    payload: dict[str, Any]
+    path: Path
+
+
+def store_folder(warehouse_path: str) -> Path:
+    """Where the deliveries of this warehouse are kept: `<warehouse>.webhooks/` beside it."""
+    return Path(f"{warehouse_path}.webhooks")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WebhookStore:
+    """The pending and merged deliveries of one warehouse (owner-only: they hold personal data)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pending_dir = folder / "pending"
+        self.merged_dir = folder / "merged"
+        self.tmp_dir = folder / "tmp"
+
+    def ensure(self) -> WebhookStore:
+        """Create the folders (mode 0700)."""
+        for path in (self.folder, self.pending_dir, self.merged_dir, self.tmp_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self
+
+    @staticmethod
+    def file_name(webhook_id: str) -> str:
+        """A file name for any webhook-id (ids are the sender's text)."""
+        return hashlib.sha256(webhook_id.encode()).hexdigest()
+
+    def store(self, webhook_id: str, payload: dict[str, Any]) -> bool:
+        """Keep a delivery durably; False if this webhook-id was already stored (a retry)."""
+        name = self.file_name(webhook_id)
+        if (self.merged_dir / name).exists():
+            return False
+        record = {
+            "webhook_id": webhook_id,
+            "received_at": datetime.now(UTC).isoformat(),
+            "payload": payload,
+        }
+        tmp = self.tmp_dir / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, orjson.dumps(record))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, self.pending_dir / f"{name}.json")  # atomic: a second copy fails here
+            fresh = True
+        except FileExistsError:
+            fresh = False
+        finally:
+            tmp.unlink(missing_ok=True)
+        if fresh:
+            _fsync_dir(self.pending_dir)
+        return fresh
+
+    def pending(self) -> list[StoredDelivery]:
+        """The deliveries not merged yet, oldest received first; unreadable files are skipped."""
+        if not self.pending_dir.exists():
+            return []
+        found = []
+        for path in self.pending_dir.glob("*.json"):
+            try:
+                record = orjson.loads(path.read_bytes())
+                found.append(
+                    StoredDelivery(
+                        webhook_id=record["webhook_id"],
+                        received_at=datetime.fromisoformat(record["received_at"]),
+                        payload=record["payload"],
+                        path=path,
+                    )
+                )
+            except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # being replaced, or damaged: never merged, never deleted here
+        return sorted(found, key=lambda d: d.received_at)
+
+    def mark_merged(self, deliveries: Iterable[StoredDelivery]) -> int:
+        """Replace merged deliveries by empty markers (their payload is in the warehouse now)."""
+        done = 0
+        for delivery in deliveries:
+            marker = self.merged_dir / delivery.path.stem
+            marker.touch(mode=0o600, exist_ok=True)
+            delivery.path.unlink(missing_ok=True)
+            done += 1
+        if done:
+            _fsync_dir(self.merged_dir)
+            _fsync_dir(self.pending_dir)
+        self._purge_markers()
+        return done
+
+    def _purge_markers(self) -> None:
+        cutoff = time.time() - MERGED_MARKER_DAYS * 86_400
+        for marker in self.merged_dir.glob("*"):
+            try:
+                if marker.stat().st_mtime < cutoff:
+                    marker.unlink()
+            except OSError:
+                continue
+
+    def pending_count(self) -> int:
+        """How many deliveries wait for a run."""
+        return sum(1 for _ in self.pending_dir.glob("*.json")) if self.pending_dir.exists() else 0
+
+    def write_counters(self, counters: dict[str, Any]) -> None:
+        """The listener's counters, replaced atomically (read by `status`)."""
+        tmp = self.tmp_dir / f"listener.{os.getpid()}"
+        tmp.write_bytes(orjson.dumps(counters))
+        os.replace(tmp, self.folder / "listener.json")
+
+    def read_counters(self) -> dict[str, Any] | None:
+        """The last counters a listener wrote, or None when no listener ever ran."""
+        try:
+            return orjson.loads((self.folder / "listener.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
