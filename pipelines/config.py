@@ -233,9 +233,9 @@ class ListenConfig:
     port: int = 8787
     path: str = "/webhooks/dodo"
     max_body_bytes: int = 1_000_000
-    debounce_seconds: float = 1.0
+    debounce_seconds: float = 0.5
     """Quiet time after the last delivery before a run starts."""
-    max_delay_seconds: float = 5.0
+    max_delay_seconds: float = 2.0
     """A steady stream of deliveries still starts a run this long after the first one."""
     retry_seconds: float = 30.0
     """After a failed run, wait this long before trying the pending deliveries again."""
@@ -257,7 +257,7 @@ def load_listen_config(config: AppConfig, flags: Mapping[str, Any] | None = None
         port=int(_number("listen.port", flags, 8787)),
         path=str(lookup("listen.path", flags, "/webhooks/dodo")),
         max_body_bytes=int(_number("listen.max_body_bytes", flags, 1_000_000)),
-        debounce_seconds=_number("listen.debounce_seconds", flags, 1.0),
-        max_delay_seconds=_number("listen.max_delay_seconds", flags, 5.0),
+        debounce_seconds=_number("listen.debounce_seconds", flags, 0.5),
+        max_delay_seconds=_number("listen.max_delay_seconds", flags, 2.0),
         retry_seconds=_number("listen.retry_seconds", flags, 30.0),
     )

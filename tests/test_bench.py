@@ -60,3 +60,19 @@ def test_emitter_comparison_on_synthetic_events_reports_a_ratio() -> None:
         assert pair["emitter"]["events"] == 300 and pair["emitter"]["outbox"] == "synthetic"
         # too few events for a meaningful ratio: only check that it is computed
         assert pair["emitter"]["ratio_vs_one_per_event"] > 0
+
+
+def test_webhook_latency_bench_runs_end_to_end(tmp_path: Path) -> None:
+    from bench.webhook_bench import main as webhook_bench
+
+    out = tmp_path / "results_webhooks.json"
+    results = webhook_bench(
+        ["--payments", "2000", "--deliveries", "5", "--mean-gap-seconds", "0.02",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == results
+    hooks, cron = results["webhooks"], results["cron_1_minute"]
+    assert hooks["measured"] >= 5 and hooks["missing"] == 0
+    assert hooks["api_requests"] == 0  # what the webhooks carried needed no API request
+    assert 0 < hooks["median_s"] <= hooks["p95_s"] <= hooks["max_s"]
+    assert cron["measured"] > 0 and cron["api_requests"] > 0

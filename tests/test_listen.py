@@ -261,3 +261,22 @@ def test_runs_of_the_listener_never_overlap_a_scheduled_run(sandbox: Sandbox) ->
     succeeded = newly_succeeded(before, payloads)
     completed = {p for (e, p), _ in payment_events(sandbox).items() if e == "Payment Completed"}
     assert succeeded <= completed
+
+
+def test_doctor_checks_the_secret_once_the_listener_is_used(sandbox: Sandbox) -> None:
+    env = sandbox.env()
+    env.pop("DODO_PAYMENTS_WEBHOOK_KEY", None)
+    quiet = run_cli("doctor", env=env)
+    assert "webhooks" not in quiet.stdout  # not in use: no line
+    WebhookStore(store_folder(sandbox.db)).ensure().write_counters({"received": 0})
+    missing = run_cli("doctor", env=env)
+    assert missing.returncode == 1
+    assert re.search(
+        r"^FAIL webhooks +.*DODO_PAYMENTS_WEBHOOK_KEY is not set", missing.stdout, re.M
+    )
+    bad = run_cli("doctor", env={**env, "DODO_PAYMENTS_WEBHOOK_KEY": "whsec_%%%not-base64"})
+    assert re.search(r"^FAIL webhooks +.*not a signing secret", bad.stdout, re.M)
+    assert "%%%not-base64" not in bad.stdout + bad.stderr
+    good = run_cli("doctor", env={**env, "DODO_PAYMENTS_WEBHOOK_KEY": SECRET})
+    assert re.search(r"^ok   webhooks +webhook signing secret is set", good.stdout, re.M)
+    assert SECRET not in good.stdout + good.stderr

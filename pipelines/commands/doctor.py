@@ -9,12 +9,14 @@ from pathlib import Path
 import requests
 
 from pipelines import lock, warehouse
-from pipelines.config import AppConfig
+from pipelines.config import AppConfig, lookup, webhook_key
 from pipelines.job import ExitCode
 from pipelines.logs import say
 from pipelines.settings import ENDPOINTS, WAREHOUSE_SCHEMA_VERSION
+from pipelines.webhook_store import WebhookStore, store_folder
 
-Check = Callable[[AppConfig], tuple[bool, str]]
+Check = Callable[[AppConfig], tuple[bool, str] | None]
+"""A check: (passed, one line), or None when it does not apply to this setup."""
 
 
 def check_dodo(config: AppConfig) -> tuple[bool, str]:
@@ -112,11 +114,35 @@ def check_lock(config: AppConfig) -> tuple[bool, str]:
     )
 
 
+def check_webhooks(config: AppConfig) -> tuple[bool, str] | None:
+    """When the listener is in use: its signing secret is set and well-formed (else no line)."""
+    from standardwebhooks.webhooks import Webhook
+
+    store = WebhookStore(store_folder(config.warehouse_path))
+    key = webhook_key()
+    in_use = store.read_counters() is not None or lookup("listen.port") is not None
+    if not in_use and not key:
+        return None
+    if not key:
+        return False, (
+            "the webhook listener is configured but DODO_PAYMENTS_WEBHOOK_KEY is not set: copy "
+            "the endpoint's signing secret (whsec_...) from Dodo's dashboard"
+        )
+    try:
+        Webhook(key)
+    except Exception:  # binascii.Error, or an empty secret: never echo the value
+        return False, "DODO_PAYMENTS_WEBHOOK_KEY is not a signing secret (expected whsec_<base64>)"
+    return True, (
+        f"webhook signing secret is set; {store.pending_count()} delivery(ies) wait for a run"
+    )
+
+
 CHECKS: tuple[tuple[str, Check], ...] = (
     ("dodo", check_dodo),
     ("segment", check_segment),
     ("warehouse", check_warehouse),
     ("lock", check_lock),
+    ("webhooks", check_webhooks),
 )
 
 
@@ -124,7 +150,10 @@ def run_doctor(config: AppConfig) -> int:
     """Run every check, print one line each; exit 0 when all pass, else 1."""
     ok_all = True
     for name, check in CHECKS:
-        ok, message = check(config)
+        outcome = check(config)
+        if outcome is None:  # not in use: nothing to check
+            continue
+        ok, message = outcome
         ok_all &= ok
         say(f"{'ok  ' if ok else 'FAIL'} {name:<9} {message}", check=name, ok=ok)
     return int(ExitCode.OK if ok_all else ExitCode.FAILED)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import dlt
@@ -150,11 +150,12 @@ def _tables(
     try:
         for resource, events in newest.items():
             held = _warehouse_synced_at(con, resource, list(events)) if con else {}
-            if resource == "customers":  # only customers the warehouse does not hold at all
-                held = {k: datetime.max.replace(tzinfo=UTC) for k in held}
+            known_customers = set(held) if resource == "customers" else set()
             fields = item_fields(resource)
             items, times = [], []
             for key, (at, data) in events.items():
+                if key in known_customers:  # only customers the warehouse does not hold at all
+                    continue
                 if key in held and held[key] is not None and held[key] >= at:
                     result.older_than_warehouse += 1
                     continue
@@ -190,6 +191,44 @@ def webhook_source(tables: dict[str, pa.Table]) -> Iterator[DltResource]:
         )
 
 
+def _merge_into_warehouse(warehouse_path: str, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """Replace the rows of these keys in the raw tables, in one transaction; returns the tables
+    the warehouse does not have yet (dlt creates those)."""
+    left: dict[str, pa.Table] = {}
+    with duckdb.connect(warehouse_path) as con:
+        con.execute("begin transaction")
+        for resource, table in tables.items():
+            columns = {
+                name: kind
+                for name, kind in con.execute(
+                    "select column_name, data_type from information_schema.columns "
+                    "where table_schema = ? and table_name = ?",
+                    [RAW_DATASET, resource],
+                ).fetchall()
+            }
+            if not columns:
+                left[resource] = table
+                continue
+            con.register("incoming", table)
+            described = con.execute("describe select * from incoming").fetchall()
+            for name, kind, *_ in described:
+                if name not in columns:  # a field the API added: a column, as dlt would add it
+                    con.execute(
+                        f'alter table {RAW_DATASET}."{resource}" add column "{name}" {kind}'
+                    )
+            key = PRIMARY_KEYS[resource]
+            names = ", ".join(f'"{name}"' for name, *_ in described)
+            con.execute(
+                f'delete from {RAW_DATASET}."{resource}" where "{key}" in (select "{key}" from incoming)'
+            )
+            con.execute(
+                f'insert into {RAW_DATASET}."{resource}" ({names}) select {names} from incoming'
+            )
+            con.unregister("incoming")
+        con.execute("commit")
+    return left
+
+
 def merge_webhooks(config: AppConfig) -> WebhookMerge:
     """Merge every pending delivery of this warehouse, then mark them merged."""
     store = WebhookStore(store_folder(config.warehouse_path))
@@ -205,9 +244,12 @@ def merge_webhooks(config: AppConfig) -> WebhookMerge:
     tables = _tables(config, newest, result, rejected)
     result.rejected = store_rejected(config.warehouse_path, rejected)
     if tables:
-        pipeline = make_pipeline(config.warehouse_path)
-        pipeline.sync_destination()
-        pipeline.run(webhook_source(tables), loader_file_format="parquet")
+        # straight into DuckDB: a dlt pipeline run costs seconds, the latency this path is for
+        new = _merge_into_warehouse(config.warehouse_path, tables)
+        if new:  # webhooks before the first sync created the table
+            pipeline = make_pipeline(config.warehouse_path)
+            pipeline.sync_destination()
+            pipeline.run(webhook_source(new), loader_file_format="parquet")
         record_history(config.warehouse_path)
         result.merged = {resource: table.num_rows for resource, table in tables.items()}
     store.mark_merged(deliveries)

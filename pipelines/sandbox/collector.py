@@ -73,6 +73,8 @@ class SegmentCollector(LoopbackServer):
             self.bytes_received = 0
             self.accepted_body_bytes: list[int] = []
             self.batch_sizes: list[int] = []
+            self.first_received_at: dict[str, float] = {}
+            """messageId -> time.time() of its first acceptance (for latency figures)."""
             self.status_counts: dict[int, int] = {}
             self.dropped_wrong_key = 0
             self._faults.clear()
@@ -139,6 +141,9 @@ class SegmentCollector(LoopbackServer):
                 self.dropped_wrong_key += len(batch)
                 return
             self._messages.extend(batch)
+            now = time.time()
+            for message in batch:  # latency figures: when Segment would first have had it
+                self.first_received_at.setdefault(message.get("messageId"), now)
             self.batch_sizes.append(len(batch))
             self.accepted_body_bytes.append(body_bytes)
 
