@@ -173,6 +173,9 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/data_tests.py": {"test.sql", "test.quarantine"},  # sql/**.tests.sql
     "pipelines/commands/demo.py": {"db_path"},  # a printed "next, try" command, never executed
     "pipelines/extract/load.py": {"key", "status", "resource"},  # PRIMARY_KEYS/STATUS_FIELDS
+    # PRIMARY_KEYS, and column names of an Arrow table built from RAW_COLUMNS' fields only
+    # (webhook fields without a raw column are dropped first), with types DuckDB described
+    "pipelines/extract/webhooks.py": {"key", "resource", "name", "kind", "names"},
     "pipelines/transform/runner.py": {
         "raw",
         "table",
