@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not read the API: merge the stored webhook deliveries, model and send "
         "(what `listen` starts)",
     )
+    run.add_argument("--serve-stdin", action="store_true", help=argparse.SUPPRESS)
     _add_wait(run)
 
     ls = _command(
@@ -358,6 +359,8 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         if options.webhook_only and (options.only_emit or options.full_refresh):
             raise ConfigError("--webhook-only excludes --only-emit and --full-refresh")
         check_ready(config, options)
+        if args.serve_stdin:
+            return _serve_runs(config, options)
         return _with_lock(config, "run", args.wait, lambda: _run(config, options))
     if args.command == "transform":
         options = RunOptions(only_emit=True, skip_emit=True, command="transform")
@@ -427,6 +430,21 @@ def _run(config: AppConfig, options: RunOptions) -> int:
         complain(f"{report.outcome}: {report.error}")
     say(summary_line(report), **summary_figures(report))
     return int(report.exit_code if report.exit_code is not None else ExitCode.FAILED)
+
+
+def _serve_runs(config: AppConfig, options: RunOptions) -> int:
+    """One run per line read on stdin, each answered `exit N` on stdout: the listener's worker,
+    which pays the imports once. It holds the lock and the warehouse only while a run lasts."""
+    for _request in sys.stdin:
+        try:
+            code = _with_lock(config, "run", True, lambda: _run(config, options))
+        except Exception as exc:  # the next delivery gets a fresh try; the listener logs this
+            complain(
+                f"run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+            code = 1
+        print(f"exit {code}", flush=True)
+    return 0
 
 
 def entry() -> None:
