@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import shutil
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pipelines.config import load_config, pipeline_dir
+from pipelines.commands.listen import Listener
+from pipelines.config import ListenConfig, load_config, pipeline_dir
 from pipelines.job import ExitCode, RunOptions, RunReport, run_job
 from pipelines.lock import lock_path
-from pipelines.sandbox import DodoSimulator, SegmentCollector, generate_business
+from pipelines.sandbox import (
+    Business,
+    DodoSimulator,
+    SegmentCollector,
+    WebhookSender,
+    changes_since,
+    generate_business,
+    snapshot,
+)
 
 log = logging.getLogger("dodo_segment")
 
 DEMO_API_KEY = "sandbox_api_key"
 DEMO_WRITE_KEY = "sandbox_write_key"
+DEMO_WEBHOOK_KEY = "whsec_" + base64.b64encode(b"dodo-segment demo webhook secret").decode()
 
 
 def _fresh(path: str) -> None:
@@ -53,6 +65,46 @@ def _print_run(title: str, report: RunReport, collector: SegmentCollector, befor
         print("   events: " + ", ".join(f"{n} {e}" for e, n in sorted(by_event.items())))
     if report.error:
         print(f"   error: {report.error}")
+
+
+def _webhook_run(
+    business: Business, collector: SegmentCollector, simulator: DodoSimulator, db_path: str
+) -> None:
+    """Run 3: six more hours pass; their webhooks reach `listen`, and Segment within seconds."""
+    environment = {**os.environ, "SEGMENT_WRITE_KEY": DEMO_WRITE_KEY,
+                   "SEGMENT_HOST": collector.base_url, "DODO_SEGMENT_DB": db_path}  # fmt: skip
+    for name in ("DODO_PAYMENTS_API_KEY", "DODO_PAYMENTS_BASE_URL", "SOURCES__DODO__AS_OF"):
+        environment.pop(name, None)  # a webhook-only run reads no API
+    settings = ListenConfig(webhook_key=DEMO_WEBHOOK_KEY, warehouse_path=db_path, port=0)
+    listener = Listener(settings, worker_env=environment).start()
+    try:
+        before_state, tracks_before = snapshot(business), len(collector.tracks())
+        business.advance_time(days=0.25, seed=3)
+        payloads = changes_since(before_state, business)
+        simulator.reset_counts()
+        sender = WebhookSender(listener.address, DEMO_WEBHOOK_KEY, seed=1, duplicate_share=0.2,
+                               shuffle=True)  # fmt: skip
+        report = sender.deliver(payloads)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+            listener.store.pending_count() or not sum(listener.runs.values())
+        ):
+            time.sleep(0.1)
+        received = collector.tracks()[tracks_before:]
+        arrivals = [collector.first_received_at[m["messageId"]] for m in received]
+        first_ack = min(report.sent_at.values(), default=time.time())
+        print(
+            f"\n== Run 3: six hours later, through webhooks: {len(payloads)} signed deliveries "
+            f"(+{report.duplicates} duplicates, out of order) to dodo-segment listen at "
+            f"{listener.address}"
+        )
+        print(
+            f"   {len(received)} track calls reached Segment "
+            + (f"{max(arrivals) - first_ack:.1f}s after the first delivery" if arrivals else "")
+            + f"; {sum(simulator.request_counts_by_endpoint().values())} API requests"
+        )
+    finally:
+        listener.stop()
 
 
 def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
@@ -103,6 +155,7 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
         before = len(collector.tracks())
         second = run_job(config, RunOptions(command="demo"))
         _print_run("Run 2: incremental sync, only what changed", second, collector, before)
+        _webhook_run(business, collector, simulator, db_path)
         stats = collector.stats()
     print(
         f"\nThe collector received {len(collector.identifies())} identify and "

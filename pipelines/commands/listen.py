@@ -31,8 +31,15 @@ log = logging.getLogger(__name__)
 class Listener:
     """The HTTP server, the store and the run trigger of one `dodo-segment listen`."""
 
-    def __init__(self, settings: ListenConfig, run_command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ListenConfig,
+        run_command: list[str] | None = None,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
+        self.worker_env = worker_env
+        """The worker's environment (default: the listener's own)."""
         self.run_command = run_command or [
             sys.executable, "-m", "pipelines.cli", "run", "--webhook-only", "--wait",
             "--serve-stdin", "--db", settings.warehouse_path,
@@ -135,8 +142,9 @@ class Listener:
         """One run in the worker process (started, or restarted after it died, as needed)."""
         if self._worker is None or self._worker.poll() is not None:
             self._worker = subprocess.Popen(
-                self.run_command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
+                self.run_command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env=self.worker_env,
+            )  # fmt: skip
         worker = self._worker
         assert worker.stdin is not None and worker.stdout is not None
         try:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Business", "DodoSimulator", "SegmentCollector", "generate_business"]
+__all__ = [
+    "Business",
+    "DodoSimulator",
+    "SegmentCollector",
+    "WebhookSender",
+    "changes_since",
+    "generate_business",
+    "snapshot",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +32,8 @@ def __getattr__(name: str) -> Any:
         from pipelines.sandbox.collector import SegmentCollector
 
         return SegmentCollector
+    if name in ("WebhookSender", "changes_since", "snapshot"):
+        from pipelines.sandbox import webhooks
+
+        return getattr(webhooks, name)
     raise AttributeError(f"module 'pipelines.sandbox' has no attribute {name!r}")
