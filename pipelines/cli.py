@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_common(tr)
     _add_wait(tr)
+    tr.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models in build order, the user's (`[models] paths`) marked, and exit",
+    )
 
     pv = _command(
         commands, "preview", "show what the next run would send, without sending",
@@ -327,6 +332,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             raise ConfigError("--skip-emit and --only-emit exclude each other")
         check_ready(config, options)
         return _with_lock(config, "run", args.wait, lambda: _run(config, options))
+    if args.command == "transform" and args.list:
+        from pipelines.commands.models import show_models
+
+        return show_models(config)
     if args.command == "transform":
         options = RunOptions(only_emit=True, skip_emit=True, command="transform")
         return _with_lock(config, "transform", args.wait, lambda: _run(config, options))

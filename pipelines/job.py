@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pipelines import warehouse
-from pipelines.config import AppConfig, ConfigError
+from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.extract import DodoApiError, ExtractResult, run_extract
 from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.settings import RESOURCES
@@ -229,10 +229,14 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
     """Build the SQL models and run the data tests; True when an error test blocks emission."""
     t0 = time.monotonic()
     with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
+        user = config.models or ModelsConfig()
         result = run_models(
             con,
             event_catalog=config.segment.event_catalog,
             skip_unchanged=config.skip_unchanged_models and options.command != "transform",
+            user_paths=user.paths,
+            skip_events=user.skip_events,
+            rename_events=user.rename_events,
         )
     report.models_seconds = time.monotonic() - t0
     report.quarantined = sum(result.quarantined.values())
