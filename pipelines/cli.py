@@ -35,6 +35,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment resend     send events again with their original messageIds
   dodo-segment traits recompute   send identify again after a trait definition changed
   dodo-segment transform  build the SQL models and run the data tests only
+  dodo-segment init       create a project folder with settings and your own models
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -237,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_wait(rc)
 
+    ini = _command(
+        commands, "init", "create a project folder: settings, keys, your own models",
+        "Create DIR (default: the current folder) with .dlt/config.toml (every setting, "
+        "commented), .dlt/secrets.toml (key placeholders, owner-only), .gitignore, models/ with "
+        "an example custom trait and custom event, and a README. Run dodo-segment from that "
+        "folder to use them. Existing files are never overwritten without --force (exit 2).",
+        "example:\n  dodo-segment init my-sync && cd my-sync && dodo-segment demo",
+    )  # fmt: skip
+    ini.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder")
+    ini.add_argument("--force", action="store_true", help="overwrite existing files")
+
     doc = _command(
         commands, "doctor", "check configuration and reachability without changing anything",
         "Check, one line each: the API key is accepted by Dodo, the Segment host answers, the "
@@ -283,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.command == "init":
+            from pipelines.commands.init import init_project
+
+            return init_project(args.dir, force=args.force)
         if args.command == "demo":
             from pipelines.commands.demo import run_demo
 
