@@ -35,6 +35,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment resend     send events again with their original messageIds
   dodo-segment traits recompute   send identify again after a trait definition changed
   dodo-segment transform  build the SQL models and run the data tests only
+  dodo-segment init       create a project folder with settings and your own models
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -206,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_common(tr)
     _add_wait(tr)
+    tr.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models in build order, the user's (`[models] paths`) marked, and exit",
+    )
 
     pv = _command(
         commands, "preview", "show what the next run would send, without sending",
@@ -251,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--customer", action="append", metavar="ID", help="only this customer (repeatable)"
     )
     _add_wait(rc)
+
+    ini = _command(
+        commands, "init", "create a project folder: settings, keys, your own models",
+        "Create DIR (default: the current folder) with .dlt/config.toml (every setting, "
+        "commented), .dlt/secrets.toml (key placeholders, owner-only), .gitignore, models/ with "
+        "an example custom trait and custom event, and a README. Run dodo-segment from that "
+        "folder to use them. Existing files are never overwritten without --force (exit 2).",
+        "example:\n  dodo-segment init my-sync && cd my-sync && dodo-segment demo",
+    )  # fmt: skip
+    ini.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder")
+    ini.add_argument("--force", action="store_true", help="overwrite existing files")
 
     doc = _command(
         commands, "doctor", "check configuration and reachability without changing anything",
@@ -303,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.command == "init":
+            from pipelines.commands.init import init_project
+
+            return init_project(args.dir, force=args.force)
         if args.command == "demo":
             from pipelines.commands.demo import run_demo
 
@@ -362,6 +383,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         if args.serve_stdin:
             return _serve_runs(config, options)
         return _with_lock(config, "run", args.wait, lambda: _run(config, options))
+    if args.command == "transform" and args.list:
+        from pipelines.commands.models import show_models
+
+        return show_models(config)
     if args.command == "transform":
         options = RunOptions(only_emit=True, skip_emit=True, command="transform")
         return _with_lock(config, "transform", args.wait, lambda: _run(config, options))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -71,6 +72,19 @@ class SegmentConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    """The user's SQL models beside the product's, and the event rules passed to the SQL."""
+
+    paths: tuple[Path, ...] = ()
+    """Folders of user models (`[models] paths`; default `models/` of the working directory
+    when it exists), each holding `<name>.sql` files and `<name>.tests.sql` beside them."""
+    skip_events: tuple[str, ...] = ()
+    """`[events] skip`: event names never sent."""
+    rename_events: tuple[tuple[str, str], ...] = ()
+    """`[events] rename`: (event, sent as) pairs; the event keeps its event_id."""
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """Every setting of one invocation."""
 
@@ -84,6 +98,8 @@ class AppConfig:
     """Keep the last clean build of the models when a rebuild would give the same tables (same
     raw data, SQL and catalog; no month, trial or paid period ended since). False: always
     rebuild."""
+    models: ModelsConfig | None = None
+    """The user's own models and which events go out (`[models] paths`, `[events] skip/rename`)."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -208,6 +224,54 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         segment=segment,
         memory_limit=_memory_limit(flags),
         skip_unchanged_models=_flag("models.skip_unchanged", flags, True),
+        models=models_config(flags),
+    )
+
+
+DEFAULT_MODELS_DIR = "models"
+
+
+def _names(path: str, value: Any) -> tuple[str, ...]:
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path} must be a list of names, got {value!r}")
+    return tuple(value)
+
+
+def models_config(flags: Mapping[str, Any] | None = None) -> ModelsConfig:
+    """`[models] paths` (relative to the working directory) and `[events] skip`, `rename`.
+
+    Whether a skipped or renamed event exists is checked when the models build (the user's
+    `custom_events` may add names), and is a configuration error there too."""
+    configured = lookup("models.paths", flags, None)
+    if configured is None:
+        default = Path(DEFAULT_MODELS_DIR)
+        paths: tuple[Path, ...] = (default.resolve(),) if default.is_dir() else ()
+    else:
+        paths = tuple(Path(p).expanduser().resolve() for p in _names("models.paths", configured))
+        missing = [str(p) for p in paths if not p.is_dir()]
+        if missing:
+            raise ConfigError(f"models.paths: no such folder: {', '.join(missing)}")
+    rename = lookup("events.rename", flags, None) or {}
+    if isinstance(rename, str):
+        try:
+            rename = json.loads(rename)
+        except ValueError as exc:
+            raise ConfigError(f"events.rename must be a table of names, got {rename!r}") from exc
+    if not isinstance(rename, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v.strip() for k, v in rename.items()
+    ):
+        raise ConfigError(
+            f'events.rename must map event names to new names, e.g. {{"Payment Completed" = '
+            f'"Order Paid"}}, got {rename!r}'
+        )
+    return ModelsConfig(
+        paths=paths,
+        skip_events=_names("events.skip", lookup("events.skip", flags, None)),
+        rename_events=tuple((str(k), str(v).strip()) for k, v in rename.items()),
     )
 
 

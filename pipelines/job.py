@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -13,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pipelines import warehouse
-from pipelines.config import AppConfig, ConfigError
+from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.extract import (
     DodoApiError,
     ExtractResult,
@@ -225,8 +226,14 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
     t0 = time.monotonic()
     log.info("extract: reading the Dodo Payments API at %s", config.extract.base_url)
-    with heartbeat("extract", "reading the Dodo Payments API"):
-        report.extract = run_extract(config, full_refresh=options.full_refresh)
+    progress = Progress("extract", verb="rows read")
+    try:
+        with heartbeat("extract", "reading the Dodo Payments API"):
+            report.extract = run_extract(
+                config, full_refresh=options.full_refresh, on_page=progress.count_page
+            )
+    finally:
+        progress.close()
     log.info(
         "extract: loaded %d rows in %.1fs with %d API requests (%s)",
         report.extract.total_rows,
@@ -244,11 +251,20 @@ def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
 def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bool:
     """Build the SQL models and run the data tests; True when an error test blocks emission."""
     t0 = time.monotonic()
-    with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
+    progress = Progress("models", verb="built")
+    with (
+        warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con,
+        closing(progress),
+    ):
+        user = config.models or ModelsConfig()
         result = run_models(
             con,
             event_catalog=config.segment.event_catalog,
             skip_unchanged=config.skip_unchanged_models and options.command != "transform",
+            user_paths=user.paths,
+            skip_events=user.skip_events,
+            rename_events=user.rename_events,
+            on_model=lambda name, done, total: progress("build", done, total, note=name),
         )
     report.models_seconds = time.monotonic() - t0
     report.quarantined = sum(result.quarantined.values())

@@ -135,31 +135,41 @@ def _progress_every() -> float:
 
 
 class Progress:
-    """Progress of a long send: a bar on a terminal (when `rich` is installed), else a plain
-    log line at most every few seconds, plus one when a kind completes."""
+    """Progress of a long step (backfill, model build, send): a bar per kind on a terminal
+    (`rich`), else a plain log line at most every few seconds, plus one when a kind completes."""
 
-    def __init__(self, step: str) -> None:
+    def __init__(self, step: str, verb: str = "acknowledged") -> None:
         self.step = step
+        self.verb = verb
         self.every = _progress_every()
+        self._counts: dict[str, list[int]] = {}
+        self._lock = threading.Lock()  # the extract's readers count pages from their threads
         self._started = time.monotonic()
         self._last: dict[str, float] = {}
         self._bar: Any = None
         self._tasks: dict[str, Any] = {}
         if sys.stderr.isatty() and not json_mode():
-            try:
-                from rich.progress import Progress as Bar
-            except ImportError:
-                Bar = None  # noqa: N806 - plain lines instead
-            if Bar is not None:
-                self._bar = Bar(transient=True)
-                self._bar.start()
+            from rich.console import Console
+            from rich.progress import MofNCompleteColumn
+            from rich.progress import Progress as Bar
 
-    def __call__(self, kind: str, done: int, total: int | None) -> None:
-        """The emitter's progress callback: `done` of `total` (None: unknown) acknowledged."""
+            # on stderr with the logs: stdout carries the one summary line
+            self._bar = Bar(
+                *Bar.get_default_columns(),
+                MofNCompleteColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+
+    def __call__(self, kind: str, done: int, total: int | None, note: str = "") -> None:
+        """The emitter's progress callback: `done` of `total` (None: unknown) acknowledged;
+        `note` is shown beside it (the model being built, the pages read)."""
         if self._bar is not None:
+            label = f"{self.step}: {kind}" + (f" ({note})" if note else "")
             if kind not in self._tasks:
-                self._tasks[kind] = self._bar.add_task(f"{self.step}: {kind}", total=total)
-            self._bar.update(self._tasks[kind], completed=done, total=total)
+                self._tasks[kind] = self._bar.add_task(label, total=total)
+            self._bar.update(self._tasks[kind], completed=done, total=total, description=label)
             return
         now = time.monotonic()
         finished = total is not None and done >= total
@@ -169,13 +179,24 @@ class Progress:
         self._last[kind] = now
         of = f"/{total}" if total is not None else ""
         log.info(
-            "%s: %s %d%s acknowledged",
+            "%s: %s %d%s %s%s",
             self.step,
             kind,
             done,
             of,
+            self.verb,
+            f" ({note})" if note else "",
             extra={"step": self.step, "figures": {"kind": kind, "done": done, "total": total}},
         )
+
+    def count_page(self, resource: str, rows: int) -> None:
+        """The extract's page callback: one more page of `rows` rows of `resource` read."""
+        with self._lock:
+            counts = self._counts.setdefault(resource, [0, 0])
+            counts[0] += rows
+            counts[1] += 1
+            done, pages = counts
+            self(resource, done, None, note=f"{pages} page{'s' if pages != 1 else ''}")
 
     def close(self) -> None:
         """Remove the bar, if any."""

@@ -162,14 +162,18 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
         f"{len(collector.tracks())} track calls in {stats.get('requests', '?')} requests "
         f"({time.monotonic() - started:.1f}s in all)."
     )
+    # from a checkout the commands are in .venv/bin; from a pipx or pip install, on the PATH
+    exe = ".venv/bin/dodo-segment" if Path(".venv/bin/dodo-segment").exists() else "dodo-segment"
+    python = ".venv/bin/python" if Path(".venv/bin/python").exists() else "python"
+    print("\nNext, try:")
+    print(f"  {exe} status --db {db_path}")
+    print(f"  {exe} preview --db {db_path}")
     print(
-        "\nNext, try:\n"
-        f"  .venv/bin/dodo-segment status --db {db_path}\n"
-        f"  .venv/bin/dodo-segment preview --db {db_path}\n"
-        f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{db_path}', read_only=True)"
-        ".sql('select * from analytics.customer_traits order by total_spent_usd desc nulls last limit 5'))\"\n"
-        "  make notebooks    (revenue, MRR, cohorts and sync health on this warehouse)\n"
-        "  make test"
+        "  " + python + f" -c \"import duckdb; print(duckdb.connect('{db_path}', read_only=True)"
+        ".sql('select * from analytics.customer_traits order by total_spent_usd desc nulls last limit 5'))\""
+    )
+    print(
+        "  make notebooks    (revenue, MRR, cohorts and sync health on this warehouse)\n  make test"
     )
     worst = max(int(first.exit_code or 0), int(second.exit_code or 0))
     return ExitCode.OK if worst == ExitCode.REJECTED_OR_QUARANTINED else worst

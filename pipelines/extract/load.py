@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -323,8 +324,11 @@ def run_extract(
     resources: tuple[str, ...] = RESOURCES,
     run_started_at: datetime | None = None,
     extract_format: ExtractFormat = JOB_FORMAT,
+    on_page: Callable[[str, int], None] | None = None,
 ) -> ExtractResult:
-    """Extract every resource from the API and load it into dodo_raw, as many loads as needed."""
+    """Extract every resource from the API and load it into dodo_raw, as many loads as needed.
+
+    `on_page(resource, rows)` is told after each page read (from the readers' threads)."""
     result = ExtractResult()
     started = time.monotonic()
     result.recovered = recover_pending(config.warehouse_path)
@@ -333,6 +337,7 @@ def run_extract(
     plan = build_plan(config, full_refresh, run_started_at)
     plan.item_format = extract_format.items
     client = plan.client
+    client.on_page = on_page
     rows: Counter[str] = Counter()
     timings: Counter[str] = Counter()
     pipeline = make_pipeline(config.warehouse_path)

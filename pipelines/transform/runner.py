@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import graphlib
 import hashlib
+import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,15 +18,41 @@ from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
     load_data_tests,
+    parse_data_tests,
     reset_quarantine,
     run_data_test,
     save_data_test_results,
 )
+from pipelines.transform.user_models import (
+    CUSTOM_TRAITS,
+    EVENT_RULES_MODEL,
+    EXTENSION_POINTS,
+    TRAIT_DEFINING_MODELS,
+    builtin_trait_names,
+    check_custom_traits,
+    check_event_rules,
+    user_fingerprint,
+    user_model_files,
+    user_test_files,
+    write_event_rules,
+)
 
-SQL_DIR: Path = Path(__file__).resolve().parents[2] / "sql"
-"""Default location of the models: `sql/staging`, `sql/marts`, `sql/segment`, `sql/macros.sql`."""
+log = logging.getLogger("dodo_segment")
+
+
+def _product_sql_dir() -> Path:
+    """`pipelines/sql` inside an installed wheel; the repository's top-level `sql/` otherwise."""
+    packaged = Path(__file__).resolve().parents[1] / "sql"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "sql"
+
+
+SQL_DIR: Path = _product_sql_dir()
+"""Default location of the models: `sql/staging`, `sql/marts`, `sql/segment`, `sql/macros.sql`
+(the wheel carries the same files as `pipelines/sql`)."""
 
 LAYERS: tuple[str, ...] = ("staging", "marts", "segment")
+USER_LAYER = "user"
+"""The layer of a model from the user's folders (`[models] paths`)."""
 SCHEMA = settings.ANALYTICS_SCHEMA
 EVENT_CATALOGS: tuple[str, ...] = ("default", "ecommerce")
 
@@ -82,6 +110,8 @@ class Model:
     materialized: str
     depends_on: tuple[str, ...]
     sql: str
+    replaces: bool = False
+    """A user model that replaces the product model of the same name."""
 
 
 @dataclass
@@ -126,8 +156,10 @@ def _strip_comments(sql: str) -> str:
     return re.sub(r"--[^\n]*", "", sql)
 
 
-def list_models(sql_dir: Path | None = None) -> list[Model]:
-    """Models of `sql_dir` (default `sql/`) in dependency order (topologically sorted)."""
+def list_models(sql_dir: Path | None = None, user_paths: Sequence[Path] = ()) -> list[Model]:
+    """Models of `sql_dir` (default `sql/`) and of the user's folders, in dependency order.
+
+    A user model named like a product model replaces it (`Model.replaces`)."""
     sql_dir = Path(sql_dir or SQL_DIR)
     found: dict[str, tuple[Path, str, str]] = {}
     for layer in LAYERS:
@@ -137,6 +169,19 @@ def list_models(sql_dir: Path | None = None) -> list[Model]:
             if path.stem in found:
                 raise ModelError(path, f"duplicate model name {path.stem!r}")
             found[path.stem] = (path, layer, path.read_text())
+    replaced: set[str] = set()
+    for path in user_model_files(user_paths):
+        if path.stem in found and found[path.stem][1] == USER_LAYER:
+            raise ModelError(
+                path, f"duplicate model name {path.stem!r} (also {found[path.stem][0]})"
+            )
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", path.stem):
+            raise ModelError(
+                path, "a model's file name must be a lower-case SQL name (a-z, 0-9, _)"
+            )
+        if path.stem in found:
+            replaced.add(path.stem)
+        found[path.stem] = (path, USER_LAYER, path.read_text())
 
     models: dict[str, Model] = {}
     for name, (path, layer, sql) in found.items():
@@ -147,7 +192,9 @@ def list_models(sql_dir: Path | None = None) -> list[Model]:
         materialized = headers.get("materialized", "view" if layer == "staging" else "table")
         if materialized not in ("view", "table"):
             raise ModelError(path, f"unknown materialization {materialized!r}")
-        models[name] = Model(name, path, layer, materialized, depends_on, sql)
+        models[name] = Model(
+            name, path, layer, materialized, depends_on, sql, replaces=name in replaced
+        )
 
     sorter = graphlib.TopologicalSorter({m.name: m.depends_on for m in models.values()})
     try:
@@ -156,6 +203,7 @@ def list_models(sql_dir: Path | None = None) -> list[Model]:
         raise ModelError(sql_dir, f"dependency cycle between models: {exc.args[1]}") from exc
     ordered: list[Model] = []
     layer_rank = {layer: rank for rank, layer in enumerate(LAYERS)}
+    layer_rank[USER_LAYER] = layer_rank["marts"]
     while sorter.is_active():
         ready = sorted(sorter.get_ready(), key=lambda n: (layer_rank[models[n].layer], n))
         for name in ready:
@@ -209,6 +257,10 @@ def run_models(
     event_catalog: str = "default",
     sql_dir: Path | None = None,
     skip_unchanged: bool = False,
+    user_paths: Sequence[Path] = (),
+    skip_events: Sequence[str] = (),
+    rename_events: Sequence[tuple[str, str]] = (),
+    on_model: Callable[[str, int, int], None] | None = None,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -221,15 +273,33 @@ def run_models(
     of the last clean build, and no time-driven fact fell due since (the new `as_of` is before
     that build's `int_results_valid_until`: no month began, no trial or paid period ended).
     Only `int_as_of` is then rebuilt, so it tells the new time the results refer to.
+
+    `user_paths` adds the user's models and data tests (a user model that fails raises
+    `ModelError` naming the user's file); `skip_events`/`rename_events` become
+    `analytics.event_rules` (an unknown name raises `ConfigError`). `on_model(name, done,
+    total)` is told after each model is built.
     """
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
     sql_dir = Path(sql_dir or SQL_DIR)
     started = time.perf_counter()
-    models = list_models(sql_dir)
+    models = list_models(sql_dir, user_paths)
+    by_name = {model.name: model for model in models}
+    for model in models:
+        if model.replaces and model.name not in EXTENSION_POINTS:
+            log.warning(
+                "models: %s replaces the product's model %s (its product data tests are off)",
+                model.path,
+                model.name,
+            )
     if skip_unchanged:
         ensure_raw_tables(con)  # a first build creates absent ones: fingerprint them as built
-        fingerprint = build_fingerprint(con, sql_dir, event_catalog)
+        fingerprint = build_fingerprint(
+            con,
+            sql_dir,
+            event_catalog,
+            extra=user_fingerprint(user_paths, skip_events, rename_events),
+        )
         if _previous_build_holds(con, fingerprint, models):
             return TransformResult(
                 skipped=True,
@@ -237,7 +307,7 @@ def run_models(
                 seconds=time.perf_counter() - started,
             )
     tests_by_model: dict[str, list[DataTest]] = {}
-    for test in load_data_tests(sql_dir, {m.name for m in models}):
+    for test in _data_tests(sql_dir, user_paths, by_name):
         tests_by_model.setdefault(test.model, []).append(test)
 
     previous_tz = con.execute("select current_setting('TimeZone')").fetchone()
@@ -254,17 +324,24 @@ def run_models(
             except duckdb.Error as exc:
                 raise ModelError(macros, str(exc)) from exc
         run_at = reset_quarantine(con)
+        write_event_rules(con, skip_events, rename_events)
 
         result = TransformResult()
-        for model in models:
+        for index, model in enumerate(models):
             t0 = time.perf_counter()
+            if model.name == EVENT_RULES_MODEL and _knows_event_names(by_name):
+                check_event_rules(con)
             try:
                 _build(con, model)
             except duckdb.Error as exc:
                 raise ModelError(model.path, str(exc)) from exc
+            if model.name == CUSTOM_TRAITS and model.layer == USER_LAYER:
+                _check_custom_traits(con, model, by_name, sql_dir)
             result.models.append(
                 BuiltModel(model.name, model.materialized, time.perf_counter() - t0)
             )
+            if on_model is not None:
+                on_model(model.name, index + 1, len(models))
             for test in tests_by_model.get(model.name, []):
                 t1 = time.perf_counter()
                 outcome = run_data_test(con, test, run_at)
@@ -296,13 +373,62 @@ VALID_UNTIL_MODEL = "int_results_valid_until"
 """The model that says when time alone would change a result (a month, trial or period ends)."""
 
 
-def build_fingerprint(con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catalog: str) -> str:
-    """A hash of everything the models read: raw rows (without `_synced_at`), SQL, catalog.
+def _data_tests(
+    sql_dir: Path, user_paths: Sequence[Path], by_name: dict[str, Model]
+) -> list[DataTest]:
+    """The product's data tests (minus those of models the user replaced, except the extension
+    points') and the user's, each attached to its model; test names are unique."""
+    tests = [
+        test
+        for test in load_data_tests(sql_dir, set(by_name))
+        if not by_name[test.model].replaces or test.model in EXTENSION_POINTS
+    ]
+    for path in user_test_files(user_paths):
+        model = path.name.removesuffix(".tests.sql")
+        if model not in by_name:
+            raise ModelError(path, f"no model named {model!r} to attach these tests to")
+        try:
+            tests.extend(parse_data_tests(path))
+        except ValueError as exc:
+            raise ModelError(path, str(exc)) from exc
+    seen: dict[str, Path] = {}
+    for test in tests:
+        if test.name in seen:
+            raise ModelError(test.path, f"data test {test.name!r} is also in {seen[test.name]}")
+        seen[test.name] = test.path
+    return tests
+
+
+def _knows_event_names(by_name: dict[str, Model]) -> bool:
+    return all(n in by_name for n in ("event_catalog", "custom_events", "lifecycle_events"))
+
+
+def _check_custom_traits(
+    con: duckdb.DuckDBPyConnection, model: Model, by_name: dict[str, Model], sql_dir: Path
+) -> None:
+    """Refuse a user's custom_traits without customer_id or shadowing a built-in trait (unless
+    the user replaced the models that define the built-in traits)."""
+    if any(by_name[name].replaces for name in TRAIT_DEFINING_MODELS if name in by_name):
+        builtin: set[str] = set()
+    else:
+        outbox = sql_dir / "segment" / "identify_outbox.sql"
+        builtin = builtin_trait_names(outbox.read_text()) if outbox.exists() else set()
+    try:
+        check_custom_traits(con, builtin)
+    except ValueError as exc:
+        raise ModelError(model.path, str(exc)) from exc
+
+
+def build_fingerprint(
+    con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catalog: str, extra: str = ""
+) -> str:
+    """A hash of everything the models read: raw rows (without `_synced_at`), SQL, catalog,
+    and `extra` (the user's models and event rules).
 
     One aggregate per raw table (row count and the sum of row hashes), so it costs a scan of
     the raw data but no model work.
     """
-    digest = hashlib.sha256(event_catalog.encode())
+    digest = hashlib.sha256(event_catalog.encode() + extra.encode())
     for path in sorted(sql_dir.rglob("*.sql")):
         digest.update(path.relative_to(sql_dir).as_posix().encode() + b"\0" + path.read_bytes())
     for table, (count, total) in raw_table_hashes(con, (settings.SYNCED_AT_COLUMN,)).items():

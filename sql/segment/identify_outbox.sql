@@ -10,6 +10,16 @@ quarantined_rows as (
     select * from analytics.quarantined_rows
 ),
 
+-- the user's custom_traits (one row per customer_id): every other column is a trait, nulls
+-- omitted; merged after the built-in traits (a name clash is refused before this is built)
+custom_traits as (
+    select
+        customer_id,
+        json_strip_nulls(json_merge_patch(to_json(custom_traits), '{"customer_id": null}'))
+            as traits
+    from analytics.custom_traits
+),
+
 traits as (
     select
         customer_id as user_id,
@@ -32,14 +42,26 @@ traits as (
             'mrr', mrr,
             'mrr_currency', mrr_currency,
             'churned', churned
-        )) as traits
+        )) as builtin_traits,
+        customer_traits.customer_id
     from customer_traits
     where customer_id not in (select key from quarantined_rows where key_kind = 'user_id')
 ),
 
+with_custom_traits as (
+    select
+        traits.user_id,
+        case
+            when custom_traits.traits is null then traits.builtin_traits
+            else json_merge_patch(traits.builtin_traits, custom_traits.traits)
+        end as traits
+    from traits
+    left join custom_traits on custom_traits.customer_id = traits.customer_id
+),
+
 final as (
     select user_id, traits, md5(cast(traits as varchar)) as traits_hash
-    from traits
+    from with_custom_traits
 )
 
 select user_id, traits, traits_hash

@@ -3,8 +3,9 @@
 -- by warn data tests (analytics.quarantined_rows, written by the runner during this build).
 -- event_id = Segment messageId; properties ready to send (no nulls, JSON numbers).
 -- A view: it only filters lifecycle_events, and copying 1M+ JSON rows again would cost seconds.
+-- lifecycle_events here: the product's and the user's custom events after [events] skip/rename.
 with lifecycle_events as (
-    select * from analytics.lifecycle_events
+    select * from analytics.outbound_events
 ),
 
 customers as (

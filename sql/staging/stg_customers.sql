@@ -1,4 +1,6 @@
 -- One row per customer (current state).
+-- metadata: the object's metadata as JSON; one key as text is `metadata ->> 'company'`
+-- (NULL when absent), e.g. `stg_customers.metadata ->> 'company' as company` in custom_traits.
 with source as (
     select * from analytics.source_customers()
 ),

@@ -3,6 +3,8 @@
 -- customer_email, customer_name, customer_phone, subscription_id, payment_method,
 -- payment_method_type, refund_status, dispute_status, charge_type (NULL when the API does not
 -- send it), brand_id, payment_provider, invoice_id, metadata, synced_at.
+-- metadata: the object's metadata as JSON; one key as text is `metadata ->> 'company'`
+-- (NULL when absent), e.g. `stg_customers.metadata ->> 'company' as company` in custom_traits.
 with source as (
     select * from analytics.source_payments()
 ),

@@ -1,5 +1,7 @@
 -- One row per subscription (current state). Intervals lower-cased (day, week, month, year).
 -- recurring_amount = recurring_pre_tax_amount in major units of `currency`.
+-- metadata: the object's metadata as JSON; one key as text is `metadata ->> 'company'`
+-- (NULL when absent), e.g. `stg_customers.metadata ->> 'company' as company` in custom_traits.
 with source as (
     select * from analytics.source_subscriptions()
 ),

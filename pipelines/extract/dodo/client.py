@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -94,6 +94,8 @@ class DodoClient:
             "Authorization": f"Bearer {settings.api_key}",
             "Accept": "application/json",
         }
+        self.on_page: Callable[[str, int], None] | None = None
+        """Told (resource, rows) after each page read: the backfill's progress bar."""
 
     def close(self) -> None:
         """Close the connections."""
@@ -112,7 +114,10 @@ class DodoClient:
                 response = self._connections.get(f"{path}?{urlencode(params)}", self._headers)
                 status = response.status
                 if status == 200:
-                    return _parse_items(response.body, resource)
+                    items = _parse_items(response.body, resource)
+                    if self.on_page is not None:
+                        self.on_page(resource, len(items))
+                    return items
                 if status in (401, 403):
                     raise DodoAuthError(self._auth_message(status))
                 if status not in RETRYABLE_STATUSES:
