@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipelines"
 
-FOUNDATIONS = {"config", "settings", "warehouse", "lock", "logs", "gc_passes"}
+FOUNDATIONS = {"config", "settings", "warehouse", "lock", "logs", "gc_passes", "alerts", "metrics"}
 """Shared by every step; they import one another only."""
 STEPS = {"extract", "transform", "emit", "sandbox"}
 """One folder each; outside its folder a step is imported through its package only."""

@@ -5,7 +5,12 @@ dlt pipeline into DuckDB, recovers failed loads and keeps the status history tab
 """
 
 from pipelines.extract.dodo import ExtractPlan, dodo_source
-from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.dodo.client import (
+    ClientSettings,
+    DodoApiError,
+    DodoClient,
+    DodoUnavailable,
+)
 from pipelines.extract.load import (
     JOB_FORMAT,
     ExtractFormat,
@@ -20,6 +25,7 @@ __all__ = [
     "ClientSettings",
     "DodoApiError",
     "DodoClient",
+    "DodoUnavailable",
     "ExtractFormat",
     "ExtractPlan",
     "ExtractResult",
