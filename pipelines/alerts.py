@@ -196,19 +196,28 @@ def run_conditions(
 ) -> tuple[dict[str, Alert], set[str]]:
     """Which conditions a finished run speaks about, and which of them hold.
 
-    `run` is the run's row (segment_sync.runs) plus `stopped_by` ("dodo", "segment" or None)
-    and `records_set_aside` (malformed API records). An interrupted run only proves the lock
-    was free; a failed run says nothing about rejections.
+    `run` is the run's row (segment_sync.runs) plus `stopped_by` ("dodo", "segment" or None),
+    `records_set_aside` (malformed API records) and the steps it went through (`extracted`,
+    `modelled`, `emitted`). A condition clears only on evidence: an outage of Segment by a run
+    that sent, a failed data test by a run that built the models; an outage hides whatever
+    failure lay behind it, and an interrupted run only proves the lock was free.
     """
     outcome = run.get("outcome")
     evaluated = {"long_lock"}
     if outcome == "interrupted":
         return {}, evaluated
-    evaluated |= {"run_failed", "data_test_failed", "dodo_outage", "segment_outage"}
+    stopped_by = run.get("stopped_by")
+    if stopped_by not in OUTAGE_KINDS:
+        evaluated.add("run_failed")
+    if run.get("extracted") or stopped_by == "dodo":
+        evaluated.add("dodo_outage")
+    if run.get("emitted") or stopped_by == "segment":
+        evaluated.add("segment_outage")
+    if run.get("modelled"):
+        evaluated.add("data_test_failed")
     base = {"run_id": run.get("run_id"), "exit_code": run.get("exit_code")}
     error = run.get("error")
     firing: dict[str, Alert] = {}
-    stopped_by = run.get("stopped_by")
     if outcome in ("failed", "usage_error") and stopped_by in OUTAGE_KINDS:
         kind = OUTAGE_KINDS[stopped_by]
         service = "the Dodo Payments API" if stopped_by == "dodo" else "Segment"

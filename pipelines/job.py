@@ -225,6 +225,9 @@ def _alert(config: AppConfig, report: RunReport) -> None:
         "stopped_by": report.stopped_by,
         "records_set_aside": report.extract.rejected_records if report.extract else 0,
         "data_test_errors": report.data_test_errors,
+        "extracted": report.extract is not None,
+        "modelled": report.models_seconds is not None,
+        "emitted": report.emit_seconds is not None,
     }
     try:
         alerts.after_run(config, facts)
