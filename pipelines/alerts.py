@@ -171,8 +171,8 @@ def evaluate(
                     )
                     if _send(config, recovered, "recovered"):
                         del opened[kind]
-    except OSError as exc:  # the state file's folder is read-only or full
-        log.warning("alerts: cannot keep the alert state: %s", scrub(str(exc)))
+    except Exception as exc:  # a read-only or full folder, or a bug: never the run's problem
+        log.warning("alerts: could not evaluate or keep the alert state: %s", scrub(str(exc)))
 
 
 _TITLES = {

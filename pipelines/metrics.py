@@ -26,6 +26,7 @@ RUN_STEPS_DDL = (
 """How long each step of each run took (extract, models, emit, total); owned here, created
 idempotently, no schema version of its own."""
 
+RUNS_TABLE = f"{SYNC_SCHEMA}.runs"
 FINISHED = ("success", "finished_with_rejections")
 """Outcomes of a run that went through every step (exit 0 or 3)."""
 
@@ -70,26 +71,25 @@ def figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """The run history's figures that the metrics show (read-only)."""
     if not _has_table(con, "runs"):
         return {}
-    runs = f"{SYNC_SCHEMA}.runs"
     by_outcome = con.execute(
-        f"select command, outcome, count(*) from {runs} where outcome <> 'running' "
+        f"select command, outcome, count(*) from {RUNS_TABLE} where outcome <> 'running' "
         "group by all order by all"
     ).fetchall()
     sums = con.execute(
         f"select coalesce(sum(identifies_sent), 0), coalesce(sum(tracks_sent), 0), "
-        f"coalesce(sum(rejected), 0), coalesce(sum(skipped_backlog), 0) from {runs}"
+        f"coalesce(sum(rejected), 0), coalesce(sum(skipped_backlog), 0) from {RUNS_TABLE}"
     ).fetchone() or (0, 0, 0, 0)
-    loaded = con.execute(f"select rows_loaded, api_requests from {runs}").fetchall()
+    loaded = con.execute(f"select rows_loaded, api_requests from {RUNS_TABLE}").fetchall()
     success = con.execute(
-        f"select max(finished_at) from {runs} where command = 'run' and outcome in {FINISHED}"
+        f"select max(finished_at) from {RUNS_TABLE} where command = 'run' and outcome in {FINISHED}"
     ).fetchone()
     last = con.execute(
         f"select run_id, finished_at, duration_seconds, exit_code, quarantined, pending "
-        f"from {runs} where command = 'run' and outcome <> 'running' "
+        f"from {RUNS_TABLE} where command = 'run' and outcome <> 'running' "
         "order by started_at desc limit 1"
     ).fetchone()
     pending = con.execute(
-        f"select pending from {runs} where pending is not null order by started_at desc limit 1"
+        f"select pending from {RUNS_TABLE} where pending is not null order by started_at desc limit 1"
     ).fetchone()
     steps_total: list[tuple[str, float]] = []
     steps_last: list[tuple[str, float]] = []
