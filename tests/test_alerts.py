@@ -465,3 +465,37 @@ def test_prometheus_metrics_from_status_and_the_textfile(
     assert busy[("dodo_segment_run_in_progress", ())] == 1
     assert ("dodo_segment_run_in_progress_seconds", ()) in busy
     assert not any(name == "dodo_segment_runs_total" for name, _ in busy)
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "value", "is_share"),
+    [(0, 0, False), ("10", 10, False), (25, 25, False), ("5%", 0.05, True), (0.05, 0.05, True)],
+)
+def test_reject_threshold_is_a_count_or_a_share(given: Any, value: float, is_share: bool) -> None:
+    from pipelines.config import load_config
+
+    alerts = load_config({"alerts.reject_threshold": given}).alerts
+    assert (alerts.reject_threshold, alerts.reject_threshold_is_share) == (
+        pytest.approx(value),
+        is_share,
+    )
+
+
+@pytest.mark.parametrize("given", ["-1", "lots", "150%", "2.5"])
+def test_a_bad_reject_threshold_is_a_configuration_error(given: str) -> None:
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="alerts.reject_threshold must be a count"):
+        load_config({"alerts.reject_threshold": given})
+
+
+def test_the_webhook_url_and_its_path_are_secrets() -> None:
+    from pipelines.config import load_config
+
+    url = f"https://hooks.example.com/services/{HOOK_TOKEN}"
+    config = load_config({"alerts.webhook_url": url})
+    assert url in config.secrets and f"/services/{HOOK_TOKEN}" in config.secrets
+    assert url not in repr(config)
