@@ -36,6 +36,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment traits recompute   send identify again after a trait definition changed
   dodo-segment transform  build the SQL models and run the data tests only
   dodo-segment init       create a project folder with settings and your own models
+  dodo-segment alerts test        send one test alert to [alerts] webhook_url
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -196,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
+        "--format",
+        choices=("text", "json", "prometheus"),
+        default="text",
+        help="text (default), json (as --json) or prometheus (metrics in Prometheus' text format)",
+    )
+    st.add_argument(
         "-n", "--limit", type=int, default=10, help="how many runs to show (default 10)"
     )
 
@@ -276,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 when every check passes, 1 otherwise.",
     )  # fmt: skip
     _add_common(doc)
+
+    al = _command(
+        commands, "alerts", "alert webhook commands",
+        "Alerts go to [alerts] webhook_url (DODO_SEGMENT_ALERT_WEBHOOK_URL): one POST when a "
+        "condition opens (failed run, outage, blocked emission, rejections above "
+        "[alerts] reject_threshold, a lock held unusually long) and one when it clears.",
+        "example:\n  dodo-segment alerts test",
+    )  # fmt: skip
+    al_commands = al.add_subparsers(dest="alerts_command", metavar="SUBCOMMAND", required=True)
+    at = _command(
+        al_commands, "test", "send one test alert",
+        "POST one test alert to the webhook and say whether it was accepted (exit 0) or not "
+        "(exit 1). The URL is never printed.",
+    )  # fmt: skip
+    _add_common(at)
     return parser
 
 
@@ -345,13 +367,20 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
     from pipelines.config import ConfigError
     from pipelines.job import RunOptions
 
+    if args.command == "status" and args.format == "prometheus":
+        from pipelines import metrics
+
+        sys.stdout.write(metrics.render(config.warehouse_path).decode())
+        return 0
+    if args.command == "alerts":
+        return _alerts_test(config)
     if args.command == "status":
         from pipelines.commands import status
 
         return status.show(
             config.warehouse_path,
             limit=args.limit,
-            as_json=args.json,
+            as_json=args.json or args.format == "json",
             excluded_fields=config.segment.excluded_fields,
         )
     if args.command == "listen":
@@ -424,6 +453,7 @@ def _with_lock(config: AppConfig, command: str, wait: bool, body: Callable[[], i
         with lock.run_lock(path, command):
             return int(body())
     except lock.LockBusy as busy:
+        _alert_lock_held(config, busy.holder)
         if not wait:
             say(
                 f"dodo-segment: {_busy_line(busy.holder)}; skipping this one (--wait queues it)",
@@ -438,6 +468,33 @@ def _with_lock(config: AppConfig, command: str, wait: bool, body: Callable[[], i
         )
     with lock.run_lock(path, command, wait=True):
         return int(body())
+
+
+def _alert_lock_held(config: AppConfig, holder: lock.LockHolder) -> None:
+    """A run that meets the lock tells the webhook when it has been held unusually long."""
+    from pipelines import alerts
+    from pipelines.commands.status import long_run_threshold
+
+    facts = {"pid": holder.pid, "command": holder.command, "step": holder.step}
+    facts["run_id"] = holder.run_id
+    alerts.lock_held(config, holder.held_seconds, long_run_threshold(holder), facts)
+
+
+def _alerts_test(config: AppConfig) -> int:
+    from pipelines import alerts
+    from pipelines.config import ConfigError
+    from pipelines.job import ExitCode
+
+    if not config.alerts.webhook_url:
+        raise ConfigError(
+            "no alert webhook: set DODO_SEGMENT_ALERT_WEBHOOK_URL, or webhook_url under [alerts] "
+            "in .dlt/secrets.toml"
+        )
+    reason = alerts.send_test(config)
+    if reason:
+        return _fail(f"alerts test: not delivered: {reason}", ExitCode.FAILED)
+    say("alerts test: delivered; check the channel", outcome="delivered")
+    return int(ExitCode.OK)
 
 
 def _run(config: AppConfig, options: RunOptions) -> int:

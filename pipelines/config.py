@@ -29,8 +29,11 @@ ENV_TO_DLT: dict[str, str] = {
     "SEGMENT_WRITE_KEY": "segment.write_key",
     "SEGMENT_HOST": "segment.host",
     "DODO_PAYMENTS_WEBHOOK_KEY": "sources.dodo.webhook_key",
+    "DODO_SEGMENT_ALERT_WEBHOOK_URL": "alerts.webhook_url",
 }
-SECRET_PATHS = frozenset({"sources.dodo.api_key", "segment.write_key", "sources.dodo.webhook_key"})
+SECRET_PATHS = frozenset(
+    {"sources.dodo.api_key", "segment.write_key", "sources.dodo.webhook_key", "alerts.webhook_url"}
+)
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,18 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Where alerts go and when rejections are worth one (`[alerts]`)."""
+
+    webhook_url: str = field(default="", repr=False)
+    """An incoming-webhook URL (Slack, Mattermost or anything that takes a JSON POST); a secret."""
+    reject_threshold: float = 0
+    """Alert when a run's rejected messages plus quarantined rows exceed this count, or this
+    share of the run's messages when `reject_threshold_is_share`."""
+    reject_threshold_is_share: bool = False
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """Every setting of one invocation."""
 
@@ -100,11 +115,17 @@ class AppConfig:
     rebuild."""
     models: ModelsConfig | None = None
     """The user's own models and which events go out (`[models] paths`, `[events] skip/rename`)."""
+    alerts: AlertsConfig = AlertsConfig()
+    metrics_textfile: str | None = None
+    """Where each run writes its Prometheus metrics for node_exporter's textfile collector."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """The secret values, for scrubbing output."""
-        return tuple(s for s in (self.extract.api_key, self.segment.write_key) if s)
+        """The secret values, for scrubbing output (the webhook URL's path too: Slack's token)."""
+        hook = self.alerts.webhook_url
+        path = "/" + hook.split("://", 1)[-1].partition("/")[2] if hook else ""
+        values = (self.extract.api_key, self.segment.write_key, hook, path if len(path) > 8 else "")
+        return tuple(s for s in values if s)
 
 
 def _from_files(path: str, secret: bool) -> Any:
@@ -170,6 +191,32 @@ def _memory_limit(flags: Mapping[str, Any] | None) -> str | None:
     return value
 
 
+def _alerts(flags: Mapping[str, Any] | None) -> AlertsConfig:
+    """`[alerts]`: the webhook URL and the reject threshold, a count (10) or a share ("5%", 0.05)."""
+    url = str(lookup("alerts.webhook_url", flags, "") or "").strip()
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "alerts.webhook_url (DODO_SEGMENT_ALERT_WEBHOOK_URL) must be an http(s) URL"
+        )
+    raw = lookup("alerts.reject_threshold", flags, 0)
+    text = str(raw).strip()
+    share = text.endswith("%")
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        value = -1.0
+    if share:
+        value /= 100
+    elif not value.is_integer():
+        share = True  # 0.05: a share of the run's messages
+    if value < 0 or (share and value > 1):
+        raise ConfigError(
+            f"alerts.reject_threshold must be a count (10) or a share of the run's messages "
+            f'("5%" or 0.05), got {raw!r}'
+        )
+    return AlertsConfig(webhook_url=url, reject_threshold=value, reject_threshold_is_share=share)
+
+
 def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
     """Resolve every setting; flags are keyed by dlt path, e.g. {"warehouse.path": "x.duckdb"}."""
     environment = str(lookup("sources.dodo.environment", flags, "live_mode"))
@@ -225,6 +272,8 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         memory_limit=_memory_limit(flags),
         skip_unchanged_models=_flag("models.skip_unchanged", flags, True),
         models=models_config(flags),
+        alerts=_alerts(flags),
+        metrics_textfile=str(lookup("metrics.textfile_path", flags, "") or "") or None,
     )
 
 

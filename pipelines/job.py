@@ -13,10 +13,11 @@ from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pipelines import warehouse
+from pipelines import alerts, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.extract import (
     DodoApiError,
+    DodoUnavailable,
     ExtractResult,
     WebhookMerge,
     merge_webhooks,
@@ -87,6 +88,8 @@ class RunReport:
     emit_seconds: float | None = None
     error: str | None = None
     preview: Any = None
+    stopped_by: str | None = None
+    """"dodo" or "segment" when an outage of that service stopped the run (for alerts)."""
 
     def as_row(self) -> dict[str, Any]:
         """The row written to segment_sync.runs."""
@@ -190,6 +193,8 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
     except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
         report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
+        if isinstance(exc, DodoUnavailable):
+            report.stopped_by = "dodo"
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
         report.outcome, report.exit_code = "interrupted", ExitCode.FAILED
         report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
@@ -208,7 +213,44 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     if recordable:
         step(step="recording")
         _save(config, report)
+        _record_metrics(config, report)
+    if options.command == "run" and not options.dry_run:
+        _alert(config, report)
     return report
+
+
+def _record_metrics(config: AppConfig, report: RunReport) -> None:
+    """Keep the run's step durations and write the metrics textfile; never fails the run."""
+    steps = {
+        "extract": report.extract.seconds.get("total") if report.extract else None,
+        "models": report.models_seconds,
+        "emit": report.emit_seconds,
+        "total": report.as_row()["duration_seconds"],
+    }
+    try:
+        with warehouse.connect(config.warehouse_path) as con:
+            metrics.record_steps(con, report.run_id, steps)
+            if config.metrics_textfile:
+                metrics.write_textfile(config.metrics_textfile, con, config.warehouse_path)
+    except Exception as exc:  # a full disk or an unwritable textfile folder: the run stands
+        log.warning("could not write the run's metrics: %s", scrub(str(exc).splitlines()[0]))
+
+
+def _alert(config: AppConfig, report: RunReport) -> None:
+    """Tell the webhook what needs a person (and what cleared); never fails the run."""
+    facts = {
+        **report.as_row(),
+        "stopped_by": report.stopped_by,
+        "records_set_aside": report.extract.rejected_records if report.extract else 0,
+        "data_test_errors": report.data_test_errors,
+        "extracted": report.extract is not None,
+        "modelled": report.models_seconds is not None,
+        "emitted": report.emit_seconds is not None,
+    }
+    try:
+        alerts.after_run(config, facts)
+    except Exception as exc:  # alerting is a courtesy: the run's outcome stands
+        log.warning("alerts: %s", scrub(str(exc).splitlines()[0] if str(exc) else repr(exc)))
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -339,6 +381,7 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
         )
     if result.failed:
         report.outcome, report.exit_code = "failed", ExitCode.FAILED
+        report.stopped_by = "segment"
         report.error = (
             f"Segment at {config.segment.host} did not accept every batch "
             f"({result.error or 'no answer'}); the {result.pending} undelivered message(s) stay "

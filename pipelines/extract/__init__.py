@@ -6,7 +6,12 @@ merges the objects carried by stored Dodo webhooks into the same tables.
 """
 
 from pipelines.extract.dodo import ExtractPlan, dodo_source
-from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.dodo.client import (
+    ClientSettings,
+    DodoApiError,
+    DodoClient,
+    DodoUnavailable,
+)
 from pipelines.extract.load import (
     JOB_FORMAT,
     ExtractFormat,
@@ -22,6 +27,7 @@ __all__ = [
     "ClientSettings",
     "DodoApiError",
     "DodoClient",
+    "DodoUnavailable",
     "ExtractFormat",
     "ExtractPlan",
     "ExtractResult",

@@ -32,6 +32,10 @@ class DodoAuthError(DodoApiError):
     """The API refused the key (401/403)."""
 
 
+class DodoUnavailable(DodoApiError):
+    """The API kept failing (5xx, 429, timeouts, refused connections) through every retry."""
+
+
 class WindowOverflow(Exception):
     """A query filled every page up to the per-query page limit: its window must be split."""
 
@@ -133,7 +137,7 @@ class DodoClient:
                 reason, retry_after = str(exc), None
             attempt += 1
             if attempt > self.settings.max_retries:
-                raise DodoApiError(
+                raise DodoUnavailable(
                     f"Dodo API kept failing on GET {ENDPOINTS[resource]} ({reason}) after "
                     f"{self.settings.max_retries} retries"
                 )
