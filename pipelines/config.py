@@ -14,6 +14,7 @@ from pipelines.settings import BASE_URLS
 
 DEFAULT_WAREHOUSE = "dodo_segment.duckdb"
 DEFAULT_SEGMENT_HOST = "https://api.segment.io"
+DEFAULT_SEGMENT_PUBLIC_API_HOST = "https://api.segmentapis.com"
 DEFAULT_MEMORY_LIMIT = "1GB"
 """DuckDB's memory for the models and the emitter: the 1M-payment build peaks at ~850 MB of RSS
 under it (~1.1 GB without a limit) in the same time; bigger builds spill to disk instead."""
@@ -27,8 +28,10 @@ ENV_TO_DLT: dict[str, str] = {
     "DODO_SEGMENT_DB": "warehouse.path",
     "SEGMENT_WRITE_KEY": "segment.write_key",
     "SEGMENT_HOST": "segment.host",
+    "SEGMENT_PUBLIC_API_TOKEN": "segment.public_api_token",
+    "SEGMENT_PUBLIC_API_HOST": "segment.public_api_host",
 }
-SECRET_PATHS = frozenset({"sources.dodo.api_key", "segment.write_key"})
+SECRET_PATHS = frozenset({"sources.dodo.api_key", "segment.write_key", "segment.public_api_token"})
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,9 @@ class SegmentConfig:
     event_catalog: str
     max_retries: int
     timeout_seconds: float
+    public_api_token: str = field(default="", repr=False)
+    """Segment Public API token: `forget` files its deletion request with it (optional)."""
+    public_api_host: str = DEFAULT_SEGMENT_PUBLIC_API_HOST
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,8 @@ class AppConfig:
     @property
     def secrets(self) -> tuple[str, ...]:
         """The secret values, for scrubbing output."""
-        return tuple(s for s in (self.extract.api_key, self.segment.write_key) if s)
+        keys = (self.extract.api_key, self.segment.write_key, self.segment.public_api_token)
+        return tuple(s for s in keys if s)
 
 
 def _from_files(path: str, secret: bool) -> Any:
@@ -199,6 +206,10 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         ),
         max_retries=int(_number("segment.max_retries", flags, 6)),
         timeout_seconds=_number("segment.timeout_seconds", flags, 15),
+        public_api_token=str(lookup("segment.public_api_token", flags, "") or ""),
+        public_api_host=str(
+            lookup("segment.public_api_host", flags, DEFAULT_SEGMENT_PUBLIC_API_HOST)
+        ),
     )
     warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
     return AppConfig(

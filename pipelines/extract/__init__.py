@@ -1,11 +1,22 @@
 """Extract and load: read the Dodo Payments API (`dodo/`, a dlt source) into `dodo_raw` (`load`).
 
 `dodo/` is the source: paging, windows, retries and typed Arrow pages; `load` runs it through a
-dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables.
+dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables;
+`forgotten` keeps the tombstones of forgotten customers and drops their personal fields at load.
 """
 
 from pipelines.extract.dodo import ExtractPlan, dodo_source
 from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.forgotten import (
+    ensure_tombstone,
+    forgotten_ids,
+    load_files,
+    mentions,
+    record_forgotten,
+    remove_load_files,
+    scrub_json,
+    tombstones,
+)
 from pipelines.extract.load import (
     JOB_FORMAT,
     ExtractFormat,
@@ -25,6 +36,14 @@ __all__ = [
     "ExtractResult",
     "build_plan",
     "dodo_source",
+    "ensure_tombstone",
+    "forgotten_ids",
+    "load_files",
     "make_pipeline",
+    "mentions",
+    "record_forgotten",
+    "remove_load_files",
     "run_extract",
+    "scrub_json",
+    "tombstones",
 ]

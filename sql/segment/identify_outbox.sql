@@ -10,6 +10,10 @@ quarantined_rows as (
     select * from analytics.quarantined_rows
 ),
 
+forgotten_customers as (
+    select * from analytics.stg_forgotten_customers
+),
+
 traits as (
     select
         customer_id as user_id,
@@ -35,6 +39,7 @@ traits as (
         )) as traits
     from customer_traits
     where customer_id not in (select key from quarantined_rows where key_kind = 'user_id')
+      and customer_id not in (select customer_id from forgotten_customers)
 ),
 
 final as (

@@ -15,6 +15,10 @@ quarantined_rows as (
     select * from analytics.quarantined_rows
 ),
 
+forgotten_customers as (
+    select * from analytics.stg_forgotten_customers
+),
+
 final as (
     select
         lifecycle_events.event_id,
@@ -31,6 +35,7 @@ final as (
       and lifecycle_events.customer_id not in (
           select key from quarantined_rows where key_kind = 'user_id'
       )
+      and lifecycle_events.customer_id not in (select customer_id from forgotten_customers)
 )
 
 select event_id, user_id, event, occurred_at, properties

@@ -1,0 +1,224 @@
+"""dodo-segment forget: erase customers on request, in the warehouse and in Segment."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import duckdb
+
+from pipelines import warehouse
+from pipelines.commands.erasure import (
+    PersonalValues,
+    erase,
+    leftovers,
+    personal_values,
+    rewrite_file,
+)
+from pipelines.config import AppConfig, pipeline_dir
+from pipelines.extract import (
+    ensure_tombstone,
+    forgotten_ids,
+    load_files,
+    record_forgotten,
+    remove_load_files,
+    tombstones,
+)
+from pipelines.job import ExitCode, package_version
+from pipelines.logs import complain, say
+from pipelines.settings import RAW_DATASET
+from pipelines.transform import run_models
+
+log = logging.getLogger("dodo_segment")
+
+UNKNOWN_CUSTOMER = 5
+"""Exit code: a CUSTOMER_ID or email names no customer in the warehouse; nothing was changed."""
+SEGMENT_NOT_FILED = 6
+"""Exit code: the warehouse was erased but Segment refused or could not take the request."""
+
+_LOOKUPS = (
+    # (table, id column, email column): where a customer can be found by id or email
+    (f"{RAW_DATASET}.customers", "customer_id", "email"),
+    (f"{RAW_DATASET}.payments", "customer__customer_id", "customer__email"),
+    (f"{RAW_DATASET}.subscriptions", "customer__customer_id", "customer__email"),
+    ("analytics.customer_traits", "customer_id", "email"),
+)
+
+
+class UnknownCustomer(LookupError):
+    """A customer id or email the warehouse does not hold."""
+
+
+def _existing(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute(
+        "select schema_name || '.' || table_name from duckdb_tables() "
+        "where database_name = current_database()"
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def resolve(con: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> dict[str, set[str]]:
+    """Each CUSTOMER_ID or email -> the customer ids it names; raises UnknownCustomer."""
+    tables = _existing(con)
+    known_forgotten = forgotten_ids(con)
+    resolved: dict[str, set[str]] = {}
+    for key in keys:
+        ids: set[str] = set()
+        by_email = "@" in key
+        if not by_email and key in known_forgotten:
+            ids.add(key)
+        for table, id_column, email_column in _LOOKUPS:
+            if table not in tables:
+                continue
+            match = f"lower({email_column}) = lower(?)" if by_email else f"{id_column} = ?"
+            rows = con.execute(
+                f"select distinct {id_column} from {table} where {match} and {id_column} is not null",
+                [key],
+            ).fetchall()
+            ids.update(r[0] for r in rows)
+        if not ids:
+            kind = "email" if by_email else "customer id"
+            raise UnknownCustomer(
+                f"no customer with the {kind} {key!r} in the warehouse; nothing was changed "
+                "(a customer id looks like cus_...; an email must match the one Dodo holds)"
+            )
+        resolved[key] = ids
+    return resolved
+
+
+def _masked(email: str) -> str:
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = False) -> int:
+    """Forget these customers (ids or emails); with dry_run, list what would be removed."""
+    path = config.warehouse_path
+    if not dry_run:
+        warehouse.prepare(path, package_version())
+    try:
+        with warehouse.connect(path, read_only=dry_run) as con:
+            resolved = resolve(con, keys)
+            ids = set().union(*resolved.values())
+            values = personal_values(con, ids)
+            filed = tombstones(con)
+            if dry_run:
+                changes = erase(con, values, apply=False)
+            else:
+                changes = _erase_and_rebuild(con, config, values)
+                remaining = leftovers(con, values)
+    except UnknownCustomer as exc:
+        complain(str(exc))
+        return UNKNOWN_CUSTOMER
+    _describe(resolved, values, changes, dry_run)
+    files = load_files(path)
+    if dry_run:
+        if files:
+            say(f"  {len(files)} dlt load file(s) under {pipeline_dir(path)} would be deleted")
+        _segment_plan(config, sorted(ids), filed)
+        say("dry run: nothing was changed")
+        return int(ExitCode.OK)
+    removed = remove_load_files(path)
+    if removed:
+        say(f"  {removed} dlt load file(s) under {pipeline_dir(path)} deleted")
+    code = _tell_segment(config, sorted(ids), filed)
+    if not path.startswith("md:"):
+        rewrite_file(path)
+        say(f"  {path} rewritten: the erased values are gone from the file's bytes")
+    if remaining:
+        complain(f"the erased values can still be read in: {', '.join(remaining)}")
+        return int(ExitCode.FAILED)
+    return code
+
+
+def _erase_and_rebuild(
+    con: duckdb.DuckDBPyConnection, config: AppConfig, values: PersonalValues
+) -> list:
+    """Tombstones first (a later run scrubs even if this stops half-way), then the erasure in
+    one transaction, then the models again so analytics and the outboxes follow."""
+    now = datetime.now(UTC)
+    ensure_tombstone(con)
+    for customer_id in sorted(values.ids):
+        record_forgotten(con, customer_id, now, None)
+    con.execute("begin")
+    changes = erase(con, values)
+    con.execute("commit")
+    if config.memory_limit:
+        con.execute("set memory_limit = ?", [config.memory_limit])
+    result = run_models(
+        con,
+        event_catalog=config.segment.event_catalog,
+        skip_unchanged=config.skip_unchanged_models,
+    )
+    if result.emission_blocked:
+        log.warning("models rebuilt after forget, but an error data test failed (see status)")
+    return changes
+
+
+def _describe(
+    resolved: dict[str, set[str]], values: PersonalValues, changes: list, dry_run: bool
+) -> None:
+    verb = "would forget" if dry_run else "forgot"
+    for key, ids in resolved.items():
+        shown = _masked(key) if "@" in key else key
+        say(f"{verb} {', '.join(sorted(ids))} (asked as {shown})", customer_ids=sorted(ids))
+    if not changes:
+        say("  no personal data left in the warehouse for them")
+    for change in changes:
+        say(f"  {change.line()}", table=change.table, action=change.action, rows=change.rows)
+    say(
+        "  kept for accounting: customer ids, payment, subscription, refund and dispute ids, "
+        "amounts, currencies, dates and statuses"
+    )
+
+
+def _segment_plan(config: AppConfig, ids: list[str], filed: dict[str, str | None]) -> None:
+    todo = [i for i in ids if not filed.get(i)]
+    if not todo:
+        say("  Segment: a SUPPRESS_WITH_DELETE regulation was already filed for them")
+    elif config.segment.public_api_token:
+        say(
+            f"  Segment: a SUPPRESS_WITH_DELETE regulation would be filed for {len(todo)} "
+            f"userId(s) at {config.segment.public_api_host}"
+        )
+    else:
+        say("  Segment: no Public API token; the Privacy Portal steps would be printed")
+
+
+def _tell_segment(config: AppConfig, ids: list[str], filed: dict[str, str | None]) -> int:
+    """File the Segment regulation (or print the Privacy Portal steps); the exit code."""
+    from pipelines.emit import (
+        PRIVACY_PORTAL_STEPS,
+        RegulationError,
+        file_suppress_with_delete,
+    )
+
+    todo = [i for i in ids if not filed.get(i)]
+    if not todo:
+        say("  Segment: a SUPPRESS_WITH_DELETE regulation was already filed for them")
+        return int(ExitCode.OK)
+    token = config.segment.public_api_token
+    if not token:
+        say(PRIVACY_PORTAL_STEPS.format(ids="\n".join(f"       {i}" for i in todo)))
+        return int(ExitCode.OK)
+    try:
+        regulate_id = file_suppress_with_delete(
+            todo, token, config.segment.public_api_host, config.segment.timeout_seconds
+        )
+    except RegulationError as exc:
+        complain(
+            f"the warehouse no longer holds them, but {exc}; run this forget again to file the "
+            "Segment request (or use the Privacy Portal)"
+        )
+        return SEGMENT_NOT_FILED
+    with warehouse.connect(config.warehouse_path) as con:
+        now = datetime.now(UTC)
+        for customer_id in todo:
+            record_forgotten(con, customer_id, now, regulate_id)
+    say(
+        f"  Segment: SUPPRESS_WITH_DELETE regulation {regulate_id} filed for {len(todo)} "
+        "userId(s); Segment deletes their data within 30 days",
+        regulate_id=regulate_id,
+    )
+    return int(ExitCode.OK)
