@@ -10,6 +10,7 @@ import duckdb
 
 from pipelines import warehouse
 from pipelines.commands.erasure import (
+    Change,
     PersonalValues,
     erase,
     leftovers,
@@ -28,7 +29,7 @@ from pipelines.extract import (
 from pipelines.job import ExitCode, package_version
 from pipelines.logs import complain, say
 from pipelines.settings import RAW_DATASET
-from pipelines.transform import run_models
+from pipelines.transform import ModelError, run_models
 
 log = logging.getLogger("dodo_segment")
 
@@ -95,30 +96,30 @@ def _masked(email: str) -> str:
 def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = False) -> int:
     """Forget these customers (ids or emails); with dry_run, list what would be removed."""
     path = config.warehouse_path
-    if not dry_run:
-        warehouse.prepare(path, package_version())
     try:
-        with warehouse.connect(path, read_only=dry_run) as con:
+        with warehouse.connect(path, read_only=True) as con:  # nothing written before all resolve
             resolved = resolve(con, keys)
             ids = set().union(*resolved.values())
             values = personal_values(con, ids)
             filed = tombstones(con)
-            if dry_run:
-                changes = erase(con, values, apply=False)
-            else:
-                changes = _erase_and_rebuild(con, config, values)
-                remaining = leftovers(con, values)
+            planned = erase(con, values, apply=False) if dry_run else []
     except UnknownCustomer as exc:
         complain(str(exc))
         return UNKNOWN_CUSTOMER
-    _describe(resolved, values, changes, dry_run)
-    files = load_files(path)
     if dry_run:
+        _describe(resolved, planned, dry_run)
+        files = load_files(path)
         if files:
             say(f"  {len(files)} dlt load file(s) under {pipeline_dir(path)} would be deleted")
         _segment_plan(config, sorted(ids), filed)
         say("dry run: nothing was changed")
         return int(ExitCode.OK)
+    warehouse.prepare(path, package_version())
+    with warehouse.connect(path, memory_limit=config.memory_limit) as con:
+        changes = _erase(con, values)
+        models_error = _rebuild_models(con, config)
+        remaining = leftovers(con, values)
+    _describe(resolved, changes, dry_run)
     removed = remove_load_files(path)
     if removed:
         say(f"  {removed} dlt load file(s) under {pipeline_dir(path)} deleted")
@@ -126,17 +127,18 @@ def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = Fal
     if not path.startswith("md:"):
         rewrite_file(path)
         say(f"  {path} rewritten: the erased values are gone from the file's bytes")
+    if models_error:
+        complain(f"the customers were erased, but the models did not rebuild: {models_error}")
+        return int(ExitCode.FAILED)
     if remaining:
         complain(f"the erased values can still be read in: {', '.join(remaining)}")
         return int(ExitCode.FAILED)
     return code
 
 
-def _erase_and_rebuild(
-    con: duckdb.DuckDBPyConnection, config: AppConfig, values: PersonalValues
-) -> list:
-    """Tombstones first (a later run scrubs even if this stops half-way), then the erasure in
-    one transaction, then the models again so analytics and the outboxes follow."""
+def _erase(con: duckdb.DuckDBPyConnection, values: PersonalValues) -> list[Change]:
+    """Tombstones first (a later run scrubs even if this stops half-way), then the erasure of
+    every table in one transaction."""
     now = datetime.now(UTC)
     ensure_tombstone(con)
     for customer_id in sorted(values.ids):
@@ -144,21 +146,25 @@ def _erase_and_rebuild(
     con.execute("begin")
     changes = erase(con, values)
     con.execute("commit")
-    if config.memory_limit:
-        con.execute("set memory_limit = ?", [config.memory_limit])
-    result = run_models(
-        con,
-        event_catalog=config.segment.event_catalog,
-        skip_unchanged=config.skip_unchanged_models,
-    )
-    if result.emission_blocked:
-        log.warning("models rebuilt after forget, but an error data test failed (see status)")
     return changes
 
 
-def _describe(
-    resolved: dict[str, set[str]], values: PersonalValues, changes: list, dry_run: bool
-) -> None:
+def _rebuild_models(con: duckdb.DuckDBPyConnection, config: AppConfig) -> str | None:
+    """Build the models again so analytics and the outboxes follow; the error, if any."""
+    try:
+        result = run_models(
+            con,
+            event_catalog=config.segment.event_catalog,
+            skip_unchanged=config.skip_unchanged_models,
+        )
+    except ModelError as exc:
+        return str(exc).splitlines()[0][:300]
+    if result.emission_blocked:
+        log.warning("models rebuilt after forget, but an error data test failed (see status)")
+    return None
+
+
+def _describe(resolved: dict[str, set[str]], changes: list[Change], dry_run: bool) -> None:
     verb = "would forget" if dry_run else "forgot"
     for key, ids in resolved.items():
         shown = _masked(key) if "@" in key else key
