@@ -13,7 +13,9 @@ from typing import Any
 
 import duckdb
 import pytest
+import requests
 
+from pipelines.emit import RegulationError, file_suppress_with_delete
 from tests.conftest import Sandbox, make_sandbox, run_cli
 
 PUBLIC_API_TOKEN = "test_public_api_token_4e9a0c"
@@ -305,3 +307,67 @@ def test_unknown_customer_is_one_line_and_exit_5(forgotten: Forgotten) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cus_does_not_exist" in lines[0], result.stderr
     assert _sha(forgotten.sandbox.db) == before
+
+
+def test_segment_refusing_the_token_exits_6_and_a_second_forget_files_it(sandbox: Sandbox) -> None:
+    sandbox.collector.public_api_token = PUBLIC_API_TOKEN
+    assert run_cli("run", env=sandbox.env()).returncode in (0, 3)
+    customer_id = _query(sandbox.db, "select min(customer_id) from dodo_raw.customers")[0][0]
+    wrong = "wrong_public_api_token_77"
+    host = sandbox.collector.base_url
+    refused = run_cli(
+        "forget", customer_id,
+        env=sandbox.env(SEGMENT_PUBLIC_API_TOKEN=wrong, SEGMENT_PUBLIC_API_HOST=host),
+    )  # fmt: skip
+    assert refused.returncode == 6, refused.stderr
+    assert "refused the token (HTTP 401)" in refused.stderr
+    assert wrong not in refused.stdout + refused.stderr
+    assert _query(
+        sandbox.db,
+        "select email from dodo_raw.customers where customer_id = ?",
+        [customer_id],
+    ) == [(None,)]  # erased here all the same
+    filed = run_cli(
+        "forget", customer_id,
+        env=sandbox.env(SEGMENT_PUBLIC_API_TOKEN=PUBLIC_API_TOKEN, SEGMENT_PUBLIC_API_HOST=host),
+    )  # fmt: skip
+    assert filed.returncode == 0, filed.stderr
+    statuses = [(r["status"], r["authorized"]) for r in sandbox.collector.regulation_requests()]
+    assert statuses == [(401, False), (200, True)]
+    again = run_cli(
+        "forget", customer_id,
+        env=sandbox.env(SEGMENT_PUBLIC_API_TOKEN=PUBLIC_API_TOKEN, SEGMENT_PUBLIC_API_HOST=host),
+    )  # fmt: skip
+    assert again.returncode == 0 and "already filed" in again.stdout
+    assert len(sandbox.collector.regulation_requests()) == 2
+
+
+def test_collector_validates_regulation_bodies(sandbox: Sandbox) -> None:
+    collector = sandbox.collector
+    url = collector.base_url + "/regulations"
+    auth = {"Authorization": f"Bearer {collector.public_api_token}"}
+    bad_bodies = [
+        {"regulationType": "FORGET_ME", "subjectType": "USER_ID", "subjectIds": ["u1"]},
+        {"regulationType": "SUPPRESS_WITH_DELETE", "subjectType": "EMAIL", "subjectIds": ["u1"]},
+        {"regulationType": "SUPPRESS_WITH_DELETE", "subjectType": "USER_ID", "subjectIds": []},
+        {"regulationType": "SUPPRESS_WITH_DELETE", "subjectType": "USER_ID", "subjectIds": "u1"},
+    ]
+    for body in bad_bodies:
+        answer = requests.post(url, json=body, headers=auth, timeout=5)
+        assert answer.status_code == 400 and answer.json()["errors"][0]["type"] == "validation"
+    regulate_id = file_suppress_with_delete(
+        ["u1", "u2"], collector.public_api_token, collector.base_url
+    )
+    assert collector.regulation_requests()[-1] == {
+        "status": 200,
+        "authorized": True,
+        "regulate_id": regulate_id,
+        "body": {
+            "regulationType": "SUPPRESS_WITH_DELETE",
+            "subjectType": "USER_ID",
+            "subjectIds": ["u1", "u2"],
+        },
+    }
+    with pytest.raises(RegulationError, match="HTTP 401") as refused:
+        file_suppress_with_delete(["u1"], "not-the-token", collector.base_url)
+    assert "not-the-token" not in str(refused.value)
