@@ -131,7 +131,10 @@ def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = Fal
         complain(f"the customers were erased, but the models did not rebuild: {models_error}")
         return int(ExitCode.FAILED)
     if remaining:
-        complain(f"the erased values can still be read in: {', '.join(remaining)}")
+        complain(
+            f"the erased email or phone can still be read in {', '.join(remaining)} (another "
+            "customer id holding the same email? forget by email to erase every id with it)"
+        )
         return int(ExitCode.FAILED)
     return code
 
