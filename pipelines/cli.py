@@ -37,6 +37,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment transform  build the SQL models and run the data tests only
   dodo-segment init       create a project folder with settings and your own models
   dodo-segment alerts test        send one test alert to [alerts] webhook_url
+  dodo-segment forget     erase customers (by id or email) here and in Segment
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -298,6 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(exit 1). The URL is never printed.",
     )  # fmt: skip
     _add_common(at)
+
+    fg = _command(
+        commands, "forget", "erase customers' personal data (erasure requests)",
+        "Remove the customers' personal data (email, name, phone, metadata, billing address, "
+        "...) from every table of the warehouse and from the dlt load files beside it, keep "
+        "what accounting needs without the person (ids, amounts, currencies, dates), record a "
+        "tombstone so later syncs neither store nor send them again, rewrite the warehouse "
+        "file so the erased values leave its bytes, and file a SUPPRESS_WITH_DELETE regulation "
+        "with Segment (SEGMENT_PUBLIC_API_TOKEN) or print the Privacy Portal steps.",
+        "examples:\n  dodo-segment forget cus_123 --dry-run\n  dodo-segment forget ana@example.com\n\n"
+        "Exit codes: 0 forgotten, 1 failure, 2 usage, 5 unknown customer (nothing changed), "
+        "6 erased here but Segment did not take the request (run it again).",
+    )  # fmt: skip
+    _add_common(fg)
+    fg.add_argument("customer", nargs="+", metavar="CUSTOMER_ID_OR_EMAIL")
+    fg.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed; change nothing"
+    )
+    _add_wait(fg)
     return parser
 
 
@@ -416,6 +436,13 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from pipelines.commands.models import show_models
 
         return show_models(config)
+    if args.command == "forget":
+        from pipelines.commands.forget import forget_customers
+
+        return _with_lock(
+            config, "forget", args.wait,
+            lambda: forget_customers(config, args.customer, dry_run=args.dry_run),
+        )  # fmt: skip
     if args.command == "transform":
         options = RunOptions(only_emit=True, skip_emit=True, command="transform")
         return _with_lock(config, "transform", args.wait, lambda: _run(config, options))

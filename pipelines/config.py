@@ -15,6 +15,7 @@ from pipelines.settings import BASE_URLS
 
 DEFAULT_WAREHOUSE = "dodo_segment.duckdb"
 DEFAULT_SEGMENT_HOST = "https://api.segment.io"
+DEFAULT_SEGMENT_PUBLIC_API_HOST = "https://api.segmentapis.com"
 DEFAULT_MEMORY_LIMIT = "1GB"
 """DuckDB's memory for the models and the emitter: the 1M-payment build peaks at ~850 MB of RSS
 under it (~1.1 GB without a limit) in the same time; bigger builds spill to disk instead."""
@@ -30,9 +31,17 @@ ENV_TO_DLT: dict[str, str] = {
     "SEGMENT_HOST": "segment.host",
     "DODO_PAYMENTS_WEBHOOK_KEY": "sources.dodo.webhook_key",
     "DODO_SEGMENT_ALERT_WEBHOOK_URL": "alerts.webhook_url",
+    "SEGMENT_PUBLIC_API_TOKEN": "segment.public_api_token",
+    "SEGMENT_PUBLIC_API_HOST": "segment.public_api_host",
 }
 SECRET_PATHS = frozenset(
-    {"sources.dodo.api_key", "segment.write_key", "sources.dodo.webhook_key", "alerts.webhook_url"}
+    {
+        "sources.dodo.api_key",
+        "segment.write_key",
+        "sources.dodo.webhook_key",
+        "alerts.webhook_url",
+        "segment.public_api_token",
+    }
 )
 
 
@@ -72,6 +81,9 @@ class SegmentConfig:
     event_catalog: str
     max_retries: int
     timeout_seconds: float
+    public_api_token: str = field(default="", repr=False)
+    """Segment Public API token: `forget` files its deletion request with it (optional)."""
+    public_api_host: str = DEFAULT_SEGMENT_PUBLIC_API_HOST
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,13 @@ class AppConfig:
         """The secret values, for scrubbing output (the webhook URL's path too: Slack's token)."""
         hook = self.alerts.webhook_url
         path = "/" + hook.split("://", 1)[-1].partition("/")[2] if hook else ""
-        values = (self.extract.api_key, self.segment.write_key, hook, path if len(path) > 8 else "")
+        values = (
+            self.extract.api_key,
+            self.segment.write_key,
+            self.segment.public_api_token,
+            hook,
+            path if len(path) > 8 else "",
+        )
         return tuple(s for s in values if s)
 
 
@@ -263,6 +281,10 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         ),
         max_retries=int(_number("segment.max_retries", flags, 6)),
         timeout_seconds=_number("segment.timeout_seconds", flags, 15),
+        public_api_token=str(lookup("segment.public_api_token", flags, "") or ""),
+        public_api_host=str(
+            lookup("segment.public_api_host", flags, DEFAULT_SEGMENT_PUBLIC_API_HOST)
+        ),
     )
     warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
     return AppConfig(

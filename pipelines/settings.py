@@ -298,3 +298,30 @@ DISPUTE_HISTORY_TABLE: Final = "dispute_history"
 ANALYTICS_SCHEMA: Final = "analytics"
 SYNC_SCHEMA: Final = "segment_sync"
 WAREHOUSE_SCHEMA_VERSION: Final = 2
+
+# --- Forgotten customers (erasure requests) ----------------------------------------------------
+
+FORGOTTEN_CUSTOMERS_TABLE: Final = "forgotten_customers"
+"""dodo_raw.forgotten_customers: the tombstones `dodo-segment forget` records. A customer listed
+here has their personal fields dropped by the extract at load and is left out of the outboxes."""
+
+FORGOTTEN_CUSTOMERS_COLUMNS: Final[dict[str, ColumnType]] = {
+    "customer_id": "text",
+    "forgotten_at": "timestamp",
+    "regulation_id": "text",  # Segment's regulateId, once the SUPPRESS_WITH_DELETE was filed
+}
+
+CUSTOMER_KEY_COLUMNS: Final = ("customer_id", "customer__customer_id", "user_id")
+"""Columns that name the customer a row belongs to, in any table of the warehouse."""
+
+PERSONAL_FIELDS: Final = frozenset(
+    {
+        "email", "name", "phone", "phone_number", "metadata", "billing", "tax_id",
+        "customer__email", "customer__name", "customer__phone_number", "customer__metadata",
+        "customer_email", "customer_name", "customer_phone", "customer_business_name",
+        "card_last_four", "payment_method_id", "invoice_url",
+        "traits_hash", "outbox_hash",
+    }
+)  # fmt: skip
+"""Columns (and JSON keys) that hold a person's data, or a hash of it, in the rows of a customer.
+A forgotten customer keeps ids, amounts, currencies, dates and statuses (what accounting needs)."""

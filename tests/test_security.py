@@ -190,6 +190,18 @@ REVIEWED_INTERPOLATIONS = {
         # naming ([a-z0-9_] only) before they become columns; see the hostile-field test below
         "row_hash",
     },  # fmt: skip
+    # forget: the warehouse's own schema, table and column names (duckdb_columns()), quoted with
+    # doubled quotes by _q, and clauses built from them; ids and emails are parameters
+    "pipelines/commands/erasure.py": {
+        "_q(column)",
+        "_q(key)",
+        "_q(schema)",
+        "_q(table)",
+        "held",
+        "qualified",
+        "where",
+    },  # fmt: skip
+    "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     "pipelines/emit/ledger.py": {"changed_only"},  # a fixed clause, its value is a parameter
     "pipelines/warehouse.py": {
         "', '.join((f'{name} {kind}' for name, kind in RUNS_COLUMNS))",

@@ -3,7 +3,8 @@
 `emitter` sends and records (`emit`, `resend`, `recompute_traits`, `preview`); `messages` turns
 outbox rows into validated Segment calls; `segment_client` delivers them batch by batch with
 confirmation; `ledger` owns `segment_sync` (delivered events, identify state, rejects);
-`pending` counts what the next run would send without writing.
+`pending` counts what the next run would send without writing; `regulations` asks Segment's
+Public API to suppress and delete a forgotten customer.
 """
 
 from pipelines.emit.emitter import (
@@ -17,9 +18,21 @@ from pipelines.emit.emitter import (
 )
 from pipelines.emit.ledger import iter_identify_rows
 from pipelines.emit.pending import pending_counts, pending_identify_ids
+from pipelines.emit.regulations import (
+    DEFAULT_PUBLIC_API_HOST,
+    PRIVACY_PORTAL_STEPS,
+    RegulationError,
+    file_suppress_with_delete,
+    regulation_body,
+)
 from pipelines.emit.settings import EmitSettings
 
 __all__ = [
+    "DEFAULT_PUBLIC_API_HOST",
+    "PRIVACY_PORTAL_STEPS",
+    "RegulationError",
+    "file_suppress_with_delete",
+    "regulation_body",
     "EmitResult",
     "EmitSettings",
     "Preview",

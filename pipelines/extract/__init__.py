@@ -2,7 +2,8 @@
 
 `dodo/` is the source: paging, windows, retries and typed Arrow pages; `load` runs it through a
 dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables; `webhooks`
-merges the objects carried by stored Dodo webhooks into the same tables.
+merges the objects carried by stored Dodo webhooks into the same tables; `forgotten` keeps the
+tombstones of forgotten customers and drops their personal fields at load.
 """
 
 from pipelines.extract.dodo import ExtractPlan, dodo_source
@@ -11,6 +12,15 @@ from pipelines.extract.dodo.client import (
     DodoApiError,
     DodoClient,
     DodoUnavailable,
+)
+from pipelines.extract.forgotten import (
+    ensure_tombstone,
+    forgotten_ids,
+    load_files,
+    record_forgotten,
+    remove_load_files,
+    scrub_json,
+    tombstones,
 )
 from pipelines.extract.load import (
     JOB_FORMAT,
@@ -34,7 +44,14 @@ __all__ = [
     "WebhookMerge",
     "build_plan",
     "dodo_source",
+    "ensure_tombstone",
+    "forgotten_ids",
+    "load_files",
     "make_pipeline",
     "merge_webhooks",
+    "record_forgotten",
+    "remove_load_files",
     "run_extract",
+    "scrub_json",
+    "tombstones",
 ]

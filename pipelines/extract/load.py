@@ -20,6 +20,7 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 from pipelines.config import AppConfig, pipeline_dir
 from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
 from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.forgotten import forgotten_ids, remove_completed_packages, scrub_rejected
 from pipelines.gc_passes import fewer_gc_passes
 from pipelines.logs import quiet_dlt
 from pipelines.settings import (
@@ -119,6 +120,9 @@ class ExtractResult:
 def make_pipeline(warehouse_path: str) -> dlt.Pipeline:
     """The dlt pipeline that loads dodo_raw in the given warehouse; its folder sits beside it."""
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    # Personal data stays only in the warehouse: no merge staging rows, no completed job files.
+    os.environ.setdefault("LOAD__TRUNCATE_STAGING_DATASET", "true")
+    os.environ.setdefault("LOAD__DELETE_COMPLETED_JOBS", "true")
     quiet_dlt()
     destination: Any = (
         dlt.destinations.motherduck(warehouse_path)
@@ -315,6 +319,7 @@ def build_plan(
             plan.known_non_terminal = _known_non_terminal(con)
             plan.known_recent = _known_recent(con, plan.lookback)
             plan.newest_loaded = _newest_loaded(con)
+            plan.forgotten = forgotten_ids(con)
     return plan
 
 
@@ -386,12 +391,14 @@ def _load_until_done(
         )
         # Stored before the load: if the load fails, the rewound state re-reads them and
         # the insert is idempotent, so a set-aside item is never lost.
+        scrub_rejected(plan.rejected, plan.forgotten)
         result.rejected_records += store_rejected(path, plan.rejected)
         plan.rejected.clear()
         t1 = time.monotonic()
         _step(pipeline.normalize, warehouse_path=path)
         t2 = time.monotonic()
         _step(pipeline.load, warehouse_path=path)
+        remove_completed_packages(pipeline.working_dir)  # committed: its files are not needed
         # timed here: dlt's trace spans every step since the first extract of this loop
         timings["extract"] += t1 - t0
         timings["normalize"] += t2 - t1

@@ -1,4 +1,4 @@
-"""A Segment-compatible HTTP collector on loopback that stores what it receives and injects faults."""
+"""A Segment-compatible HTTP collector on loopback (tracking API and Public API regulations)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,21 @@ MAX_MESSAGE_BYTES = 32 * 1024
 
 _SINGLE_CALL_PATHS = {"/v1/track": "track", "/v1/identify": "identify"}
 
+REGULATIONS_PATH = "/regulations"
+"""Segment's Public API: Create Workspace Regulation (bearer token, JSON body)."""
+REGULATION_TYPES = frozenset(
+    {
+        "DELETE_ARCHIVE_ONLY", "DELETE_INTERNAL", "DELETE_ONLY", "SUPPRESS_ONLY",
+        "SUPPRESS_WITH_DELETE", "SUPPRESS_WITH_DELETE_INTERNAL", "UNSUPPRESS",
+    }
+)  # fmt: skip
+REGULATION_SUBJECT_TYPES = frozenset({"USER_ID", "ANONYMOUS_ID", "OBJECT_ID"})
+MAX_REGULATION_SUBJECTS = 5000
+
 
 class SegmentCollector(LoopbackServer):
-    """Loopback stand-in for Segment's tracking API (`/v1/batch`, `/v1/track`, `/v1/identify`).
+    """Loopback stand-in for Segment's tracking API (`/v1/batch`, `/v1/track`, `/v1/identify`)
+    and for the Public API's `POST /regulations` (bearer `public_api_token`).
 
     Like Segment, a wrong write key gets 200 and the data is dropped (counted in
     `dropped_wrong_key`). Faults: `inject`, `latency_ms`, `outage`, `drop_after_receive`,
@@ -32,9 +44,14 @@ class SegmentCollector(LoopbackServer):
     """
 
     def __init__(
-        self, write_key: str = "sandbox_write_key", host: str = "127.0.0.1", port: int = 0
+        self,
+        write_key: str = "sandbox_write_key",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_api_token: str = "sandbox_public_api_token",
     ) -> None:
         self.write_key = write_key
+        self.public_api_token = public_api_token
         self.host = host
         self.port = port
         self.latency_ms: float = 0
@@ -77,6 +94,7 @@ class SegmentCollector(LoopbackServer):
             """messageId -> time.time() of its first acceptance (for latency figures)."""
             self.status_counts: dict[int, int] = {}
             self.dropped_wrong_key = 0
+            self.regulations: list[dict[str, Any]] = []
             self._faults.clear()
             self._outage = None
             self._drops = 0
@@ -98,6 +116,18 @@ class SegmentCollector(LoopbackServer):
     def message_ids(self) -> list[str]:
         """messageIds of every accepted message, repeats included."""
         return [m.get("messageId") for m in self.messages]
+
+    def regulation_requests(self) -> list[dict[str, Any]]:
+        """Every Public API regulation request: status, body (parsed), regulateId if accepted."""
+        with self._lock:
+            return [dict(r) for r in self.regulations]
+
+    def _record_regulation(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            entry["regulate_id"] = (
+                f"reg_{len(self.regulations) + 1:06d}" if entry["status"] == 200 else None
+            )
+            self.regulations.append(entry)
 
     def stats(self) -> dict[str, Any]:
         """Counters as plain JSON-able values (also served at `GET /_stats`)."""
@@ -162,6 +192,25 @@ def _invalid(batch: list[Any]) -> str | None:
     return None
 
 
+def _invalid_regulation(body: Any) -> str | None:
+    """Why the Public API would refuse this regulation body, or None."""
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    if body.get("regulationType") not in REGULATION_TYPES:
+        return f"regulationType must be one of {sorted(REGULATION_TYPES)}"
+    if body.get("subjectType") not in REGULATION_SUBJECT_TYPES:
+        return f"subjectType must be one of {sorted(REGULATION_SUBJECT_TYPES)}"
+    ids = body.get("subjectIds")
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_REGULATION_SUBJECTS:
+        return f"subjectIds must list 1 to {MAX_REGULATION_SUBJECTS} ids"
+    if not all(isinstance(i, str) and i for i in ids):
+        return "subjectIds must be non-empty strings"
+    unknown = set(body) - {"regulationType", "subjectType", "subjectIds"}
+    if unknown:
+        return f"unknown fields: {sorted(unknown)}"
+    return None
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Segment's clients expect
     wbufsize = 1 << 16  # headers and body in one segment: no Nagle/delayed-ACK stall
@@ -196,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
             c.reset()
             self._answer(200, {"success": True})
             return
+        if self.path == REGULATIONS_PATH:
+            self._regulation(raw)
+            return
         if self.path != "/v1/batch" and self.path not in _SINGLE_CALL_PATHS:
             c._count(404, len(raw))
             self._answer(404, {"code": "not_found", "message": "not found"})
@@ -219,6 +271,33 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._answer(200, {"success": True})
+
+    def _regulation(self, raw: bytes) -> None:
+        """Create Workspace Regulation, as Segment's Public API documents it."""
+        c = self.collector
+        fault = c._next_fault()
+        if fault is not None:
+            c._count(fault[0], len(raw))
+            self._answer(fault[0], {"errors": [{"type": "injected", "message": "injected"}]})
+            return
+        token_ok = self.headers.get("Authorization", "") == f"Bearer {c.public_api_token}"
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        status, message = (401, "invalid or missing token") if not token_ok else (200, "")
+        if token_ok:
+            reason = _invalid_regulation(body)
+            if reason:
+                status, message = 400, reason
+        entry = {"status": status, "body": body, "authorized": token_ok}
+        c._record_regulation(entry)
+        c._count(status, len(raw))
+        if status != 200:
+            kind = "unauthorized" if status == 401 else "validation"
+            self._answer(status, {"errors": [{"type": kind, "message": message}]})
+        else:
+            self._answer(200, {"data": {"regulateId": entry["regulate_id"]}})
 
     def _parse(self, raw: bytes) -> tuple[int, dict[str, Any]]:
         c = self.collector

@@ -223,6 +223,7 @@ def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
         for table, columns in settings.RAW_COLUMNS.items()
     }
     contracts.update(HISTORY_COLUMNS)
+    contracts[settings.FORGOTTEN_CUSTOMERS_TABLE] = dict(settings.FORGOTTEN_CUSTOMERS_COLUMNS)
     for table, columns in contracts.items():
         typed = ", ".join(f'"{col}" {_DUCKDB_TYPES[kind]}' for col, kind in columns.items())
         con.execute(f"create table if not exists {raw}.{table} ({typed})")

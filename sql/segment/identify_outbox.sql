@@ -20,6 +20,10 @@ custom_traits as (
     from analytics.custom_traits
 ),
 
+forgotten_customers as (
+    select * from analytics.stg_forgotten_customers
+),
+
 traits as (
     select
         customer_id as user_id,
@@ -46,6 +50,7 @@ traits as (
         customer_traits.customer_id
     from customer_traits
     where customer_id not in (select key from quarantined_rows where key_kind = 'user_id')
+      and customer_id not in (select customer_id from forgotten_customers)
 ),
 
 with_custom_traits as (

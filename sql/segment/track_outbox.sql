@@ -16,6 +16,10 @@ quarantined_rows as (
     select * from analytics.quarantined_rows
 ),
 
+forgotten_customers as (
+    select * from analytics.stg_forgotten_customers
+),
+
 final as (
     select
         lifecycle_events.event_id,
@@ -32,6 +36,7 @@ final as (
       and lifecycle_events.customer_id not in (
           select key from quarantined_rows where key_kind = 'user_id'
       )
+      and lifecycle_events.customer_id not in (select customer_id from forgotten_customers)
 )
 
 select event_id, user_id, event, occurred_at, properties

@@ -18,6 +18,7 @@ from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_tim
 from pipelines.extract.dodo.readers import Reader
 from pipelines.extract.dodo.records import dlt_column_hints, to_arrow
 from pipelines.extract.dodo.windows import ONE_MICROSECOND, Window, plan_window_ends, walk_windows
+from pipelines.extract.forgotten import scrub_table
 from pipelines.settings import (
     NON_TERMINAL_STATUSES,
     PRIMARY_KEYS,
@@ -74,6 +75,8 @@ class ExtractPlan:
     """Objects the warehouse holds in a non-terminal status."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     """Items set aside during extraction; the extract step stores them before loading."""
+    forgotten: frozenset[str] = frozenset()
+    """Customers recorded as forgotten: their personal fields are dropped before dlt sees a page."""
 
 
 def _parse(value: str | None) -> datetime | None:
@@ -83,7 +86,7 @@ def _parse(value: str | None) -> datetime | None:
 def _page_out(resource: str, items: list[dict[str, Any]], plan: ExtractPlan, **overrides: Any):
     table, rejected = to_arrow(resource, items, plan.run_started_at, overrides or None)
     if table is not None:
-        yield table
+        yield scrub_table(resource, table, plan.forgotten)
     plan.rejected.extend(rejected)
 
 
@@ -126,6 +129,8 @@ def _read_windows(
     )
     for window in windows:
         table, rejected = to_arrow(resource, window.items, plan.run_started_at)
+        if table is not None:
+            table = scrub_table(resource, table, plan.forgotten)
         count = len(window.items)
         rows += count
         keys = None
