@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,6 +119,30 @@ class WebhookStore:
             except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # being replaced, or damaged: never merged, never deleted here
         return sorted(found, key=lambda d: d.received_at)
+
+    def rewrite_pending(self, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+        """Replace the payloads `rewrite` changes (atomically, fsync'd); returns how many changed.
+
+        For erasure requests: a pending delivery must not keep a forgotten customer's data."""
+        changed = 0
+        for delivery in self.pending():
+            payload = rewrite(delivery.payload)
+            if payload == delivery.payload:
+                continue
+            record = {"webhook_id": delivery.webhook_id,
+                      "received_at": delivery.received_at.isoformat(), "payload": payload}  # fmt: skip
+            tmp = self.tmp_dir / f"{delivery.path.name}.{os.getpid()}.{time.monotonic_ns()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, orjson.dumps(record))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, delivery.path)
+            changed += 1
+        if changed:
+            _fsync_dir(self.pending_dir)
+        return changed
 
     def mark_merged(self, deliveries: Iterable[StoredDelivery]) -> int:
         """Replace merged deliveries by empty markers (their payload is in the warehouse now)."""

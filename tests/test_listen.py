@@ -280,3 +280,37 @@ def test_doctor_checks_the_secret_once_the_listener_is_used(sandbox: Sandbox) ->
     good = run_cli("doctor", env={**env, "DODO_PAYMENTS_WEBHOOK_KEY": SECRET})
     assert re.search(r"^ok   webhooks +webhook signing secret is set", good.stdout, re.M)
     assert SECRET not in good.stdout + good.stderr
+
+
+def test_a_forgotten_customer_leaves_the_webhook_store_and_never_comes_back(
+    sandbox: Sandbox,
+) -> None:
+    first_sync(sandbox)
+    business = sandbox.business
+    sub = next(s for s in business.subscriptions if s["status"] == "active")
+    customer_id, email = sub["customer"]["customer_id"], sub["customer"]["email"]
+    store = WebhookStore(store_folder(sandbox.db)).ensure()
+    payload = {"business_id": "bus_sandbox", "type": "subscription.updated",
+               "timestamp": (business.now + timedelta(minutes=1)).isoformat(),
+               "data": {**sub, "quantity": sub["quantity"] + 1}}  # fmt: skip
+    assert store.store("msg_before_forget", payload)
+    result = run_cli("forget", customer_id, env=sandbox.env())
+    assert result.returncode == 0, result.stderr
+    assert (
+        email
+        not in (store.pending_dir / f"{store.file_name('msg_before_forget')}.json").read_text()
+    )
+    # a delivery after the forget still carries the email: it is not stored in the warehouse
+    later = {**payload, "timestamp": (business.now + timedelta(minutes=2)).isoformat()}
+    assert store.store("msg_after_forget", later)
+    result = run_cli("run", "--webhook-only", env=sandbox.env())
+    assert result.returncode in (0, 3), result.stderr
+    import duckdb
+
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        row = con.execute(
+            "select quantity, customer__email from dodo_raw.subscriptions where subscription_id = ?",
+            [sub["subscription_id"]],
+        ).fetchone()
+    assert row == (sub["quantity"] + 1, None)
+    assert all(m.get("userId") != customer_id for m in sandbox.collector.messages)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import duckdb
+import orjson
 
 from pipelines import warehouse
 from pipelines.commands.erasure import (
@@ -22,14 +23,17 @@ from pipelines.extract import (
     ensure_tombstone,
     forgotten_ids,
     load_files,
+    mentions,
     record_forgotten,
     remove_load_files,
+    scrub_json,
     tombstones,
 )
 from pipelines.job import ExitCode, package_version
 from pipelines.logs import complain, say
 from pipelines.settings import RAW_DATASET
 from pipelines.transform import ModelError, run_models
+from pipelines.webhook_store import WebhookStore, store_folder
 
 log = logging.getLogger("dodo_segment")
 
@@ -106,11 +110,15 @@ def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = Fal
     except UnknownCustomer as exc:
         complain(str(exc))
         return UNKNOWN_CUSTOMER
+    store = WebhookStore(store_folder(path))
     if dry_run:
         _describe(resolved, planned, dry_run)
         files = load_files(path)
         if files:
             say(f"  {len(files)} dlt load file(s) under {pipeline_dir(path)} would be deleted")
+        waiting = sum(1 for d in store.pending() if mentions(orjson.dumps(d.payload).decode(), ids))
+        if waiting:
+            say(f"  {waiting} stored webhook delivery(ies) would lose the personal fields")
         _segment_plan(config, sorted(ids), filed)
         say("dry run: nothing was changed")
         return int(ExitCode.OK)
@@ -123,6 +131,13 @@ def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = Fal
     removed = remove_load_files(path)
     if removed:
         say(f"  {removed} dlt load file(s) under {pipeline_dir(path)} deleted")
+    scrubbed = store.rewrite_pending(
+        lambda payload: (
+            scrub_json(payload) if mentions(orjson.dumps(payload).decode(), ids) else payload
+        )
+    )
+    if scrubbed:
+        say(f"  {scrubbed} stored webhook delivery(ies) rewritten without the personal fields")
     code = _tell_segment(config, sorted(ids), filed)
     if not path.startswith("md:"):
         rewrite_file(path)

@@ -23,6 +23,7 @@ from dlt.extract.resource import DltResource
 
 from pipelines.config import AppConfig
 from pipelines.extract.dodo.records import dlt_column_hints, item_fields, to_arrow
+from pipelines.extract.forgotten import forgotten_ids, scrub_rejected, scrub_table
 from pipelines.extract.load import make_pipeline, record_history, store_rejected
 from pipelines.settings import PRIMARY_KEYS, RAW_DATASET, SYNCED_AT_COLUMN
 from pipelines.webhook_store import StoredDelivery, WebhookStore, store_folder
@@ -147,6 +148,7 @@ def _tables(
         con = duckdb.connect(config.warehouse_path, read_only=True)
     except duckdb.IOException:  # no warehouse yet: everything is new
         con = None
+    forgotten = forgotten_ids(con) if con is not None else frozenset()
     try:
         for resource, events in newest.items():
             held = _warehouse_synced_at(con, resource, list(events)) if con else {}
@@ -171,10 +173,13 @@ def _tables(
             keys = table[PRIMARY_KEYS[resource]].to_pylist()
             synced = pa.array([by_key[k] for k in keys], pa.timestamp("us", tz="UTC"))
             index = table.schema.get_field_index(SYNCED_AT_COLUMN)
-            tables[resource] = table.set_column(index, SYNCED_AT_COLUMN, synced)
+            table = table.set_column(index, SYNCED_AT_COLUMN, synced)
+            # a forgotten customer's personal fields are never stored again, by any path
+            tables[resource] = scrub_table(resource, table, forgotten)
     finally:
         if con is not None:
             con.close()
+    scrub_rejected(rejected, forgotten)
     return tables
 
 
