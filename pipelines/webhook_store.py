@@ -82,13 +82,7 @@ class WebhookStore:
             "received_at": datetime.now(UTC).isoformat(),
             "payload": payload,
         }
-        tmp = self.tmp_dir / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, orjson.dumps(record))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        tmp = self._write_durably(name, record)
         try:
             os.link(tmp, self.pending_dir / f"{name}.json")  # atomic: a second copy fails here
             fresh = True
@@ -99,6 +93,17 @@ class WebhookStore:
         if fresh:
             _fsync_dir(self.pending_dir)
         return fresh
+
+    def _write_durably(self, name: str, record: dict[str, Any]) -> Path:
+        """A new owner-only file in tmp/ holding the record, fsync'd; the caller moves it."""
+        tmp = self.tmp_dir / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, orjson.dumps(record))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
 
     def pending(self) -> list[StoredDelivery]:
         """The deliveries not merged yet, oldest received first; unreadable files are skipped."""
@@ -131,14 +136,7 @@ class WebhookStore:
                 continue
             record = {"webhook_id": delivery.webhook_id,
                       "received_at": delivery.received_at.isoformat(), "payload": payload}  # fmt: skip
-            tmp = self.tmp_dir / f"{delivery.path.name}.{os.getpid()}.{time.monotonic_ns()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, orjson.dumps(record))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, delivery.path)
+            os.replace(self._write_durably(delivery.path.stem, record), delivery.path)
             changed += 1
         if changed:
             _fsync_dir(self.pending_dir)
