@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +16,20 @@ NON_TERMINAL_PAYMENT = ("processing", "requires_customer_action", "requires_paym
 SCENARIOS = (
     "active", "cancel_at_end", "plan_change", "scheduled", "trial", "cancelled",
     "cancelled_end", "on_hold", "paused", "pending", "failed", "expired",
+    "recovered", "dunning_on_hold", "dunning_cancelled", "usage", "trial_no_card",
 )  # fmt: skip
-SCENARIO_WEIGHTS = (52, 4, 5, 1, 3, 12, 4, 5, 3, 2, 4, 5)
+SCENARIO_WEIGHTS = (52, 4, 5, 1, 3, 12, 4, 5, 3, 2, 4, 5, 3, 2, 2, 3, 1)
 FORCED_SCENARIOS = (
     "active", "trial", "pending", "on_hold", "paused", "cancelled", "cancelled_end", "failed",
     "expired", "cancel_at_end", "plan_change", "scheduled", "active", "trial",
+    "recovered", "dunning_on_hold", "dunning_cancelled", "past_due", "usage", "trial_no_card",
 )  # fmt: skip
+CHARGE_TYPE_SINCE_DAYS = 90
+"""Subscription payments of the first 90 days of history have no charge_type (older rows)."""
+RETRY_DAYS = (2, 4, 6)
+"""Dunning: the n-th retry of a failed renewal, days after it; the grace period ends after 7."""
+GRACE_DAYS = 7
+CANCEL_ACTORS = ("customer", "merchant_user", "api_key", "dodo_team")
 PLAN_WEIGHTS = {"Starter Monthly": 30, "Pro Monthly": 30, "Pro Annual": 10, "Team Monthly": 10}
 PLAN_WEIGHTS |= {"Weekly Digest": 8, "Daily Pass": 2, "Six-Month Bootcamp": 5}
 
@@ -33,6 +42,8 @@ class History:
     archived_product_ids: set[str]
     buyers: dict[str, Buyer]
     products_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dunning_attempts: dict[str, int] = field(default_factory=dict)
+    """Retries made so far of each past_due subscription's failed renewal."""
 
 
 def subscription_record(
@@ -76,6 +87,20 @@ def subscription_record(
         "tax_id": None,
         "scheduled_change": None,
         "metadata": {"plan_tier": plan["name"].split()[0].lower()} if rng.random() < 0.3 else {},
+        "has_payment_method": True,
+        "cancelled_by": None,
+    }
+
+
+def cancelled_by(sub: dict[str, Any], by: str | None = None) -> dict[str, Any] | None:
+    """Who cancelled (API 1.123 `cancelled_by`), from a hash of the id; None: the system."""
+    actor = by or CANCEL_ACTORS[zlib.crc32(sub["subscription_id"].encode()) % 4]
+    person = actor in ("customer", "merchant_user")
+    email = sub["customer"]["email"] if actor == "customer" else "ops@merchant.example"
+    return {
+        "actor_type": actor,
+        "email": email if person else None,
+        "name": (sub["customer"]["name"] if actor == "customer" else "Ops") if person else None,
     }
 
 
@@ -105,6 +130,7 @@ def build_history(
     buyers = _customers(rng, n_customers, start_us, now_us, sink)
     history.buyers = {b.record["customer_id"]: b for b in buyers}
     bk = Bookkeeper(rng, now_us, sink)
+    bk.charge_type_since_us = start_us + CHARGE_TYPE_SINCE_DAYS * US_PER_DAY
     plan_names, weights = list(PLAN_WEIGHTS), list(PLAN_WEIGHTS.values())
     early = min(len(buyers), 24)
     for i in range(n_subscriptions):
@@ -118,9 +144,14 @@ def build_history(
         created = buyer.created_us + int(
             rng.random() * min(30 * US_PER_DAY, now_us - buyer.created_us)
         )
-        if scenario == "trial":
+        if scenario in ("trial", "trial_no_card"):
             plan = by_name[rng.choice(("Pro Monthly", "Team Monthly", "Pro Annual"))]
             created = now_us - int(rng.uniform(0.2, 6.5) * US_PER_DAY)
+        elif scenario == "past_due":  # the renewal failed 2.5 days ago: in its grace period
+            plan = by_name["Pro Monthly"]
+            created = add_interval(now_us - int(2.5 * US_PER_DAY), "Month", -1)
+        elif scenario == "usage":
+            plan = by_name["Team Monthly"]
         elif scenario == "pending":
             created = now_us - int(rng.uniform(0.01, 1.5) * US_PER_DAY)
         elif scenario == "expired":
@@ -135,7 +166,13 @@ def build_history(
         sub = subscription_record(rng, buyer, plan, created, quantity)
         _bill(bk, rng, sub, buyer, scenario, created, now_us, by_name)
         sink("subscriptions", sub, created)
+        if sub["status"] == "past_due":
+            due = rec.parse_iso(sub["next_billing_date"])
+            history.dunning_attempts[sub["subscription_id"]] = sum(
+                1 for days in RETRY_DAYS if due + days * US_PER_DAY <= now_us
+            )
     _guarantees(bk, rng, buyers, now_us, by_name)
+    _multi_checkouts(bk, buyers, max(2, n_subscriptions // 40), now_us, by_name, sink)
     one_time = (payments_target - len(rows["payments"])) if payments_target else 2 * n_customers
     _one_time_payments(bk, rng, buyers, max(0, one_time), start_us, now_us, products, archived)
     if older_closed_payments:
@@ -182,10 +219,14 @@ def _bill(
     interval, count = sub["payment_frequency_interval"], sub["payment_frequency_count"]
     sid, currency = sub["subscription_id"], sub["currency"]
     anchor, end = created, now_us
-    if scenario == "trial":
+    if scenario in ("trial", "trial_no_card"):
         sub["trial_period_days"] = 14 if sub["product_name"] != "Team Monthly" else 7
         anchor = created + sub["trial_period_days"] * US_PER_DAY
-    if scenario in ("cancelled", "cancelled_end"):
+        if scenario == "trial_no_card":  # a card-optional trial: no card on file yet
+            sub["has_payment_method"], sub["payment_method_id"] = False, None
+        else:  # the card is saved with a zero-amount payment
+            bk.pay(buyer, created, "succeeded", 0, currency, sid, "new", False)
+    if scenario in ("cancelled", "cancelled_end", "usage"):
         end = created + int((now_us - created) * rng.uniform(0.3, 0.9))
     elif scenario == "paused":
         end = now_us - int(rng.uniform(1, 40) * US_PER_DAY)
@@ -195,41 +236,65 @@ def _bill(
     if expiry <= end:
         end, scenario = expiry - 1, "expired"
     change_at = created + int((now_us - created) * rng.uniform(0.4, 0.8))
+    dunning = scenario in ("dunning_on_hold", "dunning_cancelled", "past_due")
     k, due, prev = 0, anchor, created
     while due <= end:
         nxt = add_interval(anchor, interval, (k + 1) * count)
         if scenario == "plan_change" and prev < change_at <= due:
-            _change_plan(bk, sub, buyer, by_name, change_at)
+            _change_plan(bk, sub, buyer, by_name, change_at, prev, due)
         amount = sub["recurring_pre_tax_amount"]
         charge = "new" if k == 0 else "renewal"
+        period = [(sid, due, nxt, "1")]
         if scenario == "failed" or (scenario == "on_hold" and nxt > end and k > 0):
             bk.pay(buyer, due, "failed", amount, currency, sid, charge)
             break
         if scenario == "pending":
             bk.pay(buyer, due, rng.choice(NON_TERMINAL_PAYMENT), amount, currency, sid, charge)
             break
-        if k > 0 and rng.random() < 0.03:  # a failed attempt, then a successful retry
+        if dunning and nxt > end and k > 0:
+            scenario = _dunning(bk, sub, buyer, due, now_us, scenario)
+            break
+        if scenario == "recovered" and k == 1:  # recovered by the second retry
+            for attempt in (0, 1):
+                at = due + (RETRY_DAYS[attempt - 1] if attempt else 0) * US_PER_DAY
+                bk.pay(buyer, at, "failed", amount, currency, sid, charge, retry_attempt=attempt)
+            at = due + RETRY_DAYS[1] * US_PER_DAY
+            bk.pay(buyer, at, "succeeded", amount, currency, sid, charge, True, period, 2)
+        elif k > 0 and rng.random() < 0.03:  # a failed attempt, then a successful retry
             bk.pay(buyer, due, "failed", amount, currency, sid, charge)
-            bk.pay(buyer, min(due + US_PER_DAY, now_us), "succeeded", amount, currency, sid, charge)
+            retry = min(due + US_PER_DAY, now_us)
+            bk.pay(buyer, retry, "succeeded", amount, currency, sid, charge, True, period, 1)
+        elif scenario == "usage" and k > 0:  # seats plus metered usage of the last cycle
+            usage = amount * (1 + zlib.crc32(sid.encode()) % 3) // 10
+            bk.pay(buyer, due, "succeeded", amount, currency, sid, charge, True, period, 0, usage)
         else:
-            bk.pay(buyer, due, "succeeded", amount, currency, sid, charge)
+            bk.pay(buyer, due, "succeeded", amount, currency, sid, charge, True, period)
         prev, due, k = due, nxt, k + 1
     sub["previous_billing_date"], sub["next_billing_date"] = iso(prev), iso(due)
     status = {"on_hold": "on_hold", "paused": "paused", "pending": "pending", "failed": "failed"}
+    status |= {"dunning_on_hold": "on_hold", "past_due": "past_due"}
     sub["status"] = status.get(scenario, "active")
-    if scenario == "on_hold" and k == 0:
+    if scenario in ("on_hold", "dunning_on_hold", "past_due") and k == 0:
         sub["status"] = "active"
     if scenario == "expired":
         sub["status"] = "expired"
     elif scenario == "paused":
         sub["paused_at"] = iso(end)
-    elif scenario in ("cancelled", "cancelled_end"):
+    elif scenario == "dunning_cancelled" and k > 0:  # grace period over: the system cancelled
         sub["status"] = "cancelled"
-        at_end = scenario == "cancelled_end" and due <= now_us
+        sub["cancelled_at"] = iso(due + GRACE_DAYS * US_PER_DAY)
+    elif scenario in ("cancelled", "cancelled_end", "usage"):
+        sub["status"] = "cancelled"
+        at_end = scenario in ("cancelled_end", "usage") and due <= now_us
         sub["cancel_at_next_billing_date"] = at_end
         sub["cancelled_at"] = iso(due if at_end else end)
+        sub["cancelled_by"] = cancelled_by(sub, "customer" if scenario == "usage" else None)
+        if scenario == "usage" and at_end and k > 1:  # the last cycle's usage, billed alone
+            usage = sub["recurring_pre_tax_amount"] * (1 + zlib.crc32(sid.encode()) % 3) // 10
+            bk.pay(buyer, due, "succeeded", 0, currency, sid, "renewal", False, [], 0, usage)
     elif scenario == "cancel_at_end":
         sub["cancel_at_next_billing_date"] = True
+        sub["cancelled_by"] = cancelled_by(sub)
     elif scenario == "scheduled":
         target = by_name["Pro Monthly" if sub["product_name"] != "Pro Monthly" else "Team Monthly"]
         sub["scheduled_change"] = {
@@ -239,10 +304,29 @@ def _bill(
         }  # fmt: skip
 
 
+def _dunning(
+    bk: Bookkeeper, sub: dict[str, Any], buyer: Buyer, due: int, now_us: int, scenario: str
+) -> str:
+    """A renewal that fails, then its retries (API 1.123 `retry_attempt` 1, 2, ...), all failing:
+    past_due while the grace period lasts, then on_hold or cancelled. Returns the scenario."""
+    sid, amount, currency = sub["subscription_id"], sub["recurring_pre_tax_amount"], sub["currency"]
+    bk.pay(buyer, due, "failed", amount, currency, sid, "renewal")
+    for attempt, days in enumerate(RETRY_DAYS, start=1):
+        if due + days * US_PER_DAY > now_us:
+            return "past_due"
+        at = due + days * US_PER_DAY
+        bk.pay(buyer, at, "failed", amount, currency, sid, "renewal", retry_attempt=attempt)
+    if due + GRACE_DAYS * US_PER_DAY > now_us:
+        return "past_due"
+    return "dunning_on_hold" if scenario == "past_due" else scenario
+
+
 def _change_plan(
-    bk: Bookkeeper, sub: dict[str, Any], buyer: Buyer, by_name: dict[str, Any], at_us: int
-) -> None:
-    """Upgrade a subscription (Starter -> Pro, or more seats) with a prorated charge."""
+    bk: Bookkeeper, sub: dict[str, Any], buyer: Buyer, by_name: dict[str, Any], at_us: int,
+    period_start: int, period_end: int,
+) -> None:  # fmt: skip
+    """Upgrade a subscription (Starter -> Pro, or more seats) mid-cycle, keeping the cycle: a
+    plan_change charge for the rest of the period, with its partial proration_factor."""
     old_amount = sub["recurring_pre_tax_amount"]
     if sub["product_name"] == "Team Monthly":
         sub["quantity"] += 3
@@ -252,8 +336,40 @@ def _change_plan(
         sub["product_id"], sub["product_name"] = target["product_id"], target["name"]
         sub["recurring_pre_tax_amount"] = convert_usd(target["price"], sub["currency"])
         sub["metadata"] = {**sub["metadata"], "upgraded_from": "starter"}
-    delta = max(1, (sub["recurring_pre_tax_amount"] - old_amount) // 2)
-    bk.pay(buyer, at_us, "succeeded", delta, sub["currency"], sub["subscription_id"], "plan_change")
+    factor = rec.proration(period_start, at_us, period_end)
+    delta = max(1, round((sub["recurring_pre_tax_amount"] - old_amount) * float(factor)))
+    period = [(sub["subscription_id"], at_us, period_end, factor)]
+    bk.pay(
+        buyer, at_us, "succeeded", delta, sub["currency"], sub["subscription_id"], "plan_change",
+        True, period,
+    )  # fmt: skip
+
+
+def _multi_checkouts(
+    bk: Bookkeeper, buyers: list[Buyer], n: int, now_us: int, by_name: dict[str, Any], sink: Sink
+) -> None:
+    """Checkouts that start two subscriptions with one payment (API 1.123
+    `is_multi_subscription`), renewed together every month; drawn from their own random
+    stream so the rest of the business stays as it was."""
+    rng = random.Random(len(buyers) * 7 + n)
+    plans = (by_name["Starter Monthly"], by_name["Team Monthly"])
+    for i in range(n):
+        buyer = buyers[(i * 5 + 3) % len(buyers)]
+        span = min(20 * US_PER_DAY, now_us - buyer.created_us)
+        created = buyer.created_us + int(rng.random() * span)
+        subs = [subscription_record(rng, buyer, p, created, 1 + j) for j, p in enumerate(plans)]
+        sids = [sub["subscription_id"] for sub in subs]
+        due, prev, k = created, created, 0
+        while due <= now_us:
+            nxt = add_interval(created, "Month", k + 1)
+            periods = [(sid, due, nxt, "1") for sid in sids]
+            amount = sum(sub["recurring_pre_tax_amount"] for sub in subs)
+            charge = "new" if k == 0 else "renewal"
+            bk.pay(buyer, due, "succeeded", amount, buyer.currency, sids, charge, False, periods)
+            prev, due, k = due, nxt, k + 1
+        for sub in subs:
+            sub["previous_billing_date"], sub["next_billing_date"] = iso(prev), iso(due)
+            sink("subscriptions", sub, created)
 
 
 def _guarantees(
@@ -353,6 +469,11 @@ def with_balances(
         balances[entry["currency"]] = after
         out.append((at_us, entry))
 
+    if rows:  # the account's first entry (API 1.123 `opening_balance`), nothing carried over
+        first = rows[0][0]
+        opening = rec.ledger_record(rng, first, "opening_balance", 0, "USD", True, None, None)
+        opening["id"] = f"ble_{zlib.crc32(str(first).encode()):021x}"  # leaves rng as it was
+        book(first, opening)
     for at_us, entry in rows:
         while at_us >= next_payout:
             for currency, balance in sorted(balances.items()):
@@ -360,7 +481,8 @@ def with_balances(
                     ref = new_id(rng, "po_")
                     amount = balance * 9 // 10
                     book(next_payout, rec.ledger_record(
-                        rng, next_payout, "payout", amount, currency, False, ref, "Monthly payout"
+                        rng, next_payout, "payout", amount, currency, False, ref, "Monthly payout",
+                        payout_id=ref,
                     ))  # fmt: skip
             next_payout = add_interval(next_payout, "Month", 1)
         book(at_us, entry)
