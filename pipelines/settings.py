@@ -353,4 +353,5 @@ DISPUTE_HISTORY_TABLE: Final = "dispute_history"
 
 ANALYTICS_SCHEMA: Final = "analytics"
 SYNC_SCHEMA: Final = "segment_sync"
-WAREHOUSE_SCHEMA_VERSION: Final = 2
+WAREHOUSE_SCHEMA_VERSION: Final = 3
+"""3: the raw columns of Dodo API 1.123 typed in place (`warehouse.type_raw_columns`)."""
