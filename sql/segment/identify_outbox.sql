@@ -31,7 +31,8 @@ traits as (
             'subscription_status', subscription_status,
             'mrr', mrr,
             'mrr_currency', mrr_currency,
-            'churned', churned
+            'churned', churned,
+            'past_due', past_due
         )) as traits
     from customer_traits
     where customer_id not in (select key from quarantined_rows where key_kind = 'user_id')
