@@ -261,7 +261,9 @@ subscription_cancelled as (
 
 -- One per (succeeded payment, subscription) that renews it: charge_type = 'renewal' with a
 -- service period for that subscription (none: a usage-only bill); where charge_type is NULL (rows
--- older than the field), not the subscription's first succeeded payment and amount > 0.
+-- older than the field), not the subscription's first succeeded payment and amount > 0. A row
+-- older than `service_periods` keeps the rule it was sent under (charge_type NULL or renewal,
+-- not the first, amount > 0), so an upgrade neither drops nor re-keys a delivered renewal.
 -- fact_key = payment_id when the payment names one subscription (the key of the releases
 -- before API 1.123), else payment_id:subscription_id.
 subscription_renewed as (
@@ -293,7 +295,11 @@ subscription_renewed as (
         where status = 'succeeded'
     )
     where (charge_type = 'renewal' and has_service_period)
-       or (charge_type is null and succeeded_payment_number > 1 and amount_minor > 0)
+       or (
+           (charge_type is null or (charge_type = 'renewal' and not service_periods_known))
+           and succeeded_payment_number > 1
+           and amount_minor > 0
+       )
 ),
 
 trial_started as (

@@ -8,7 +8,8 @@
 -- subscriptions_in_payment, customer_id, created_at, status, charge_type, retry_attempt,
 -- includes_usage, is_multi_subscription, amount_minor (the whole payment's), currency,
 -- period_start, period_end, proration_factor (DECIMAL(18, 6); '1' = a full period),
--- has_service_period.
+-- has_service_period, service_periods_known (the row has the `service_periods` field at all:
+-- false on rows older than API 1.123).
 with payments as (
     select * from analytics.stg_payments
 ),
@@ -76,7 +77,8 @@ final as (
         periods.period_start,
         periods.period_end,
         periods.proration_factor,
-        periods.payment_id is not null as has_service_period
+        periods.payment_id is not null as has_service_period,
+        payments.service_periods is not null as service_periods_known
     from bridge
     inner join payments on payments.payment_id = bridge.payment_id
     left join periods
