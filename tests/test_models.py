@@ -592,3 +592,13 @@ def test_api_1_123_traits(built_1_123) -> None:
         traits = json.loads(row[0])
         for name, value in expected.items():
             assert traits[name] == value, (customer, name, traits.get(name))
+
+
+def test_mrr_monthly_from_service_periods_and_plan_amounts(built_1_123) -> None:
+    rows = built_1_123.execute(
+        "select customer_id, cast(month as varchar), mrr_usd, previous_mrr_usd, movement "
+        "from analytics.mrr_monthly"
+    ).fetchall()
+    found = {(c, m): (mrr, prev, movement) for c, m, mrr, prev, movement in rows}
+    for key, expected in EXPECTED_1_123["mrr_monthly"].items():
+        assert found[key] == expected, key
