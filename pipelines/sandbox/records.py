@@ -279,7 +279,8 @@ def payment_record(
     """A PaymentListResponse item of API 1.123 (charge type, subscriptions, service periods).
 
     Card, 3DS and checkout fields come from a hash of the payment id, not from `rng`, so they
-    leave the business's random stream as it was before API 1.123.
+    leave the business's random stream as it was before API 1.123. A row without charge_type
+    (written before the field existed) has no service periods either.
     """
     payment_id = new_id(rng, "pay_")
     upi = currency == "INR" and rng.random() < 0.4
@@ -321,7 +322,7 @@ def payment_record(
             }
             for sid, start, end, factor in (periods or ())
         ]
-        if status == "succeeded"
+        if status == "succeeded" and charge_type
         else [],  # fmt: skip
         "retry_attempt": retry_attempt if subscription_ids else 0,
         "includes_usage": includes_usage and charge_type is not None,

@@ -2,8 +2,8 @@
 -- the recurring revenue of that period per month, in USD. Read by mrr_monthly and
 -- int_results_valid_until (a period ending moves the current MRR). The rule (docs/models.md):
 -- period   the API's service period for that subscription (API 1.123 `service_periods`: exact,
---          partial after a plan change); on a row older than the field, a non-zero payment
---          covers [created_at, created_at + payment_frequency_count x payment_frequency_interval).
+--          partial after a plan change); on a row older than those fields (no charge_type or no
+--          service_periods, and no period given), a non-zero payment covers [created_at, created_at + payment_frequency_count x payment_frequency_interval).
 --          No period: a usage-only renewal, an on-demand charge, a payment-method update.
 -- amount   the plan's pre-tax amount for a full billing period: for a `new` or `renewal` charge
 --          (or NULL charge_type) of one subscription without metered usage, what the payment
@@ -37,6 +37,12 @@ charges as (
         greatest(coalesce(subscriptions.payment_frequency_count, 1), 1) as frequency_count,
         subscriptions.recurring_amount_minor,
         coalesce(ledger.tax_amount_minor, 0) as tax_amount_minor,
+        -- a subscription payment without charge_type, or without the service_periods field,
+        -- was written before API 1.123 described its period
+        (
+            payment_subscriptions.charge_type is null
+            or not payment_subscriptions.service_periods_known
+        ) as is_older_row,
         case
             when payment_subscriptions.currency = 'USD' then 1.0
             when payments_usd.amount > 0 then payments_usd.amount_usd / payments_usd.amount
@@ -55,11 +61,11 @@ periods as (
         *,
         case
             when has_service_period then period_start
-            when not service_periods_known and amount_minor > 0 then created_at
+            when is_older_row and amount_minor > 0 then created_at
         end as covered_from,
         case
             when has_service_period then period_end
-            when not service_periods_known and amount_minor > 0 then created_at
+            when is_older_row and amount_minor > 0 then created_at
                 + analytics.billing_interval(payment_frequency_interval, frequency_count)
         end as covered_until,
         case
