@@ -25,7 +25,7 @@ from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.collector import SegmentCollector
 from pipelines.sandbox.loopback import LoopbackServer
 from pipelines.settings import ENDPOINTS, PRIMARY_KEYS, STATUS_FIELDS
-from tests.conftest import API_KEY, WRITE_KEY
+from tests.conftest import API_KEY, WRITE_KEY, Sandbox
 
 MODELS = {
     "payments": sdk.PaymentListResponse,
@@ -190,3 +190,51 @@ def test_random_schema_valid_items_never_sink_a_run(seed_value: int, tmp_path: P
         # everything else still goes out
         assert outbox_users and {m["userId"] for m in collector.identifies()} == outbox_users
         assert {m["messageId"] for m in collector.tracks()} == outbox_events
+
+
+def test_values_outside_any_real_range_are_set_aside_with_a_reason(sandbox: Sandbox) -> None:
+    """The ones that sank a run, each on one record of the sandbox business: the record is set
+    aside with its reason, counted (exit code 3), and the rest goes out."""
+    biz = sandbox.business
+    payment = next(p for p in biz.payments if p["service_periods"])
+    negative = next(p for p in biz.payments if p["status"] == "succeeded" and p is not payment)
+    trial = biz.subscriptions[0]
+    bad = {
+        payment["payment_id"]: {
+            "service_periods": [
+                {**payment["service_periods"][0], "ends_at": "9999-12-31T00:00:00Z"}
+            ]
+        },
+        negative["payment_id"]: {"total_amount": -500},
+        trial["subscription_id"]: {"trial_period_days": 251_282_272_500},
+    }
+
+    def spoil(items: list[Any], ctx: Any) -> list[Any]:
+        return [
+            {**i, **bad.get(i.get("payment_id") or i.get("subscription_id"), {})} for i in items
+        ]
+
+    sandbox.simulator.inject_fault(mutate=spoil, times=10**9)
+    report = run_job(sandbox.config(), RunOptions())
+    assert report.exit_code == 3 and report.error is None
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        reasons = dict(
+            con.execute(
+                "select coalesce(record_json::json ->> 'payment_id', "
+                "record_json::json ->> 'subscription_id'), reason from dodo_raw.rejected_records"
+            ).fetchall()
+        )
+        loaded = con.execute("select count(*) from dodo_raw.payments").fetchone()[0]
+    assert reasons == {
+        payment["payment_id"]: (
+            "value out of any real range: service_periods[].ends_at = '9999-12-31T00:00:00Z'"
+        ),
+        negative[
+            "payment_id"
+        ]: "value out of any real range: total_amount = -500 (0 to 1000000000000000)",
+        trial["subscription_id"]: (
+            "value out of any real range: trial_period_days = 251282272500 (0 to 36500)"
+        ),
+    }
+    assert loaded == len(biz.payments) - 2
+    assert report.identifies_sent > 0

@@ -267,13 +267,17 @@ def out_of_range(resource: str, table: pa.Table, rows: list[dict[str, Any]]) -> 
             value = rows[index].get(name)
             found.setdefault(index, f"value out of any real range: {name} = {value!r:.60} ({real})")
     if "service_periods" in table.column_names:
-        for index, row in enumerate(rows):
-            periods = row.get("service_periods")
-            if periods and index not in found:
-                reason = _period_out_of_range(periods)
-                if reason:
-                    found[index] = reason
+        # only rows whose JSON text may hold a date outside 1970-2199 are parsed in Python
+        suspect = pc.match_substring_regex(table["service_periods"], SUSPECT_PERIOD)
+        for index in pc.indices_nonzero(pc.fill_null(suspect, False)).to_pylist():
+            reason = _period_out_of_range(rows[index].get("service_periods"))
+            if reason and index not in found:
+                found[index] = reason
     return found
+
+
+SUSPECT_PERIOD = r'"(?:starts_at|ends_at)":\s*(?:[^"\s]|"(?:[^12]|1[0-8]|19[0-6]|2[2-9]))'
+"""A service-period date that is not text, or whose year is not 1970-2199."""
 
 
 def _period_out_of_range(periods: Any) -> str | None:
