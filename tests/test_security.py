@@ -170,10 +170,10 @@ SQL_WORDS = re.compile(
 REVIEWED_INTERPOLATIONS = {
     # Reviewed: each is an identifier or clause built from code (settings.*, module constants),
     # from the repo's own .sql files, or a printed hint; none carries an API value.
-    "pipelines/data_tests.py": {"test.sql", "test.quarantine"},  # sql/**.tests.sql
-    "pipelines/demo.py": {"db_path"},  # a printed "next, try" command, never executed
-    "pipelines/extract.py": {"key", "status", "resource"},  # PRIMARY_KEYS/STATUS_FIELDS
-    "pipelines/transform.py": {
+    "pipelines/transform/data_tests.py": {"test.sql", "test.quarantine"},  # sql/**.tests.sql
+    "pipelines/commands/demo.py": {"db_path"},  # a printed "next, try" command, never executed
+    "pipelines/extract/load.py": {"key", "status", "resource"},  # PRIMARY_KEYS/STATUS_FIELDS
+    "pipelines/transform/runner.py": {
         "raw",
         "table",
         "typed",
@@ -187,7 +187,9 @@ REVIEWED_INTERPOLATIONS = {
         # naming ([a-z0-9_] only) before they become columns; see the hostile-field test below
         "row_hash",
     },  # fmt: skip
-    "pipelines/sync_state.py": {"changed_only"},  # a fixed clause, its value is a parameter
+    "pipelines/emit/ledger.py": {"changed_only"},  # a fixed clause, its value is a parameter
+    # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (settings.RAW_COLUMNS)
+    "pipelines/extract/dodo/settled.py": {"key", "status", "resource"},
     "pipelines/warehouse.py": {
         "', '.join((f'{name} {kind}' for name, kind in RUNS_COLUMNS))",
         "', '.join(columns)",
@@ -197,6 +199,9 @@ REVIEWED_INTERPOLATIONS = {
         "updates",
         "target",
         "qualified",  # the warehouse's own table names (duckdb_tables()), quotes doubled
+        "table",  # issue 13, type_raw_columns: settings.RAW_COLUMNS names and types
+        "column",
+        "wanted",
     },  # fmt: skip
 }
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+from dlt.common.normalizers.naming.snake_case import NamingConvention
 
 from pipelines.settings import PRIMARY_KEYS, RAW_COLUMNS, SYNCED_AT_COLUMN, ColumnType
 
@@ -114,20 +115,39 @@ def _column_values(items: list[dict[str, Any]], name: str, nested: list[Any]) ->
     return [c.get(field) if c.__class__ is dict else None for c in nested]
 
 
-PLAIN_FIELD = re.compile(r"[a-z][a-z0-9_]{0,62}")
 EXTRA_FIELDS_COLUMN = "_extra_fields"
-"""Unknown fields whose names are not plain lower-case identifiers (they could collide once
-normalised into column names, e.g. `Note` and `note`), kept together as one JSON text column."""
+"""Unknown fields whose names would collide once dlt normalises them into column names (`Note`
+and `note`, a name like a known column's or dlt's own, an empty name), kept together as one JSON
+text column: nothing is lost and no load fails on a column clash."""
+_NAMING = NamingConvention()
+_RESERVED = frozenset({SYNCED_AT_COLUMN, EXTRA_FIELDS_COLUMN, "_dlt_id", "_dlt_load_id"})
+
+
+@functools.cache
+def _column_name(name: str) -> str:
+    """The column name dlt's snake_case naming gives a field name ('' when it cannot)."""
+    try:
+        return _NAMING.normalize_path(name) if name else ""
+    except Exception:  # a name the convention refuses: kept in _extra_fields
+        return ""
 
 
 def _unknown_columns(resource: str, items: list[Any]) -> dict[str, pa.Array]:
-    """New API fields are data: each plain-named one as a text column, the others together in
-    `_extra_fields` (JSON text)."""
+    """New API fields are data: each one as a text column, except those whose column names would
+    collide, which go together into `_extra_fields` (JSON text)."""
     unknown = sorted(set().union(*items) - _TOP_LEVEL[resource])
-    known = RAW_COLUMNS[resource]
-    plain = [n for n in unknown if PLAIN_FIELD.fullmatch(n) and n not in known]
-    arrays = {n: pa.array([_text(i.get(n)) for i in items], pa.string()) for n in plain}
-    odd = [n for n in unknown if n not in arrays]
+    taken = {_column_name(c) for c in RAW_COLUMNS[resource]} | _RESERVED
+    by_column: dict[str, list[str]] = {}
+    for name in unknown:
+        by_column.setdefault(_column_name(name), []).append(name)
+    arrays: dict[str, pa.Array] = {}
+    odd: list[str] = []
+    for column, names in by_column.items():
+        if column and column not in taken and len(names) == 1:
+            name = names[0]
+            arrays[name] = pa.array([_text(i.get(name)) for i in items], pa.string())
+        else:
+            odd.extend(names)
     if odd:
         extras = [{n: i[n] for n in odd if n in i} or None for i in items]
         arrays[EXTRA_FIELDS_COLUMN] = pa.array(
