@@ -545,6 +545,9 @@ def test_payment_recovered_and_dunning_properties(built_1_123) -> None:
     assert "charge_type" not in legacy and "retry_attempt" not in legacy  # omitted when NULL
     multi = _props(con, "Payment Completed", "pay_mc1")
     assert "subscription_id" not in multi and multi["charge_type"] == "new"
+    # a zero-amount payment (a trial's card saved): completed at 0, renews nothing
+    zero = _props(con, "Payment Completed", "pay_fr1")
+    assert zero["amount"] == 0 and zero["charge_type"] == "new"
 
 
 def test_past_due_transitions_and_cancelled_by(built_1_123) -> None:
