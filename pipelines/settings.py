@@ -107,7 +107,37 @@ LEDGER_EVENT_TYPES: Final = (
     "payment_fees",
     "refund_fees",
     "payout",
+    # the rest of the 1.113 enum
+    "refund_fees_reversal",
+    "dispute_fees",
+    "payout_fees",
+    "payout_reversal",
+    "payout_fees_reversal",
+    "dodo_credits",
+    "adjustment",
+    "currency_conversion",
+    "abandoned_cart_recovery_fee",
+    "dunning_fees",
+    "payment_retry_fee",
+    "byop_fee",
+    # new in 1.123 (docs/reference: dodo-api-1.123.md section 9)
+    "ethoca_fees",
+    "ethoca_fees_reversal",
+    "visa_rdr_fee",
+    "dispute_fees_reversal",
+    "deflection_fees",
+    "deflection_fees_reversal",
+    "reserve_hold",
+    "reserve_release",
+    "moderation_fees",
+    "dodo_fixed_fee",
+    "interchange_fee",
+    "scheme_fee",
+    "opening_balance",
 )
+CHARGE_TYPES: Final = ("new", "renewal", "plan_change", "on_demand")
+"""Payment `charge_type` (API 1.123); null on a one-time payment and on rows older than the field."""
+CANCELLED_BY_ACTORS: Final = ("customer", "merchant_user", "api_key", "dodo_team")
 
 NON_TERMINAL_STATUSES: Final[dict[str, tuple[str, ...]]] = {
     "payments": (
@@ -182,6 +212,19 @@ RAW_COLUMNS: Final[dict[str, dict[str, ColumnType]]] = {
         "has_license_key": "bool",
         "charge_type": "text",
         "metadata": "json",
+        # API 1.123
+        "is_multi_subscription": "bool",
+        "subscription_ids": "json",
+        "service_periods": "json",
+        "retry_attempt": "bigint",
+        "includes_usage": "bool",
+        "checkout_session_id": "text",
+        "card_type": "text",
+        "card_exp_month": "text",
+        "card_exp_year": "text",
+        "three_ds_flow": "text",
+        "three_ds_status": "text",
+        "three_ds_version": "text",
     },
     "subscriptions": {
         "subscription_id": "text",
@@ -215,6 +258,9 @@ RAW_COLUMNS: Final[dict[str, dict[str, ColumnType]]] = {
         "discounts": "json",
         "scheduled_change": "json",
         "metadata": "json",
+        # API 1.123
+        "has_payment_method": "bool",
+        "cancelled_by": "json",
     },
     "customers": {
         "customer_id": "text",
@@ -224,6 +270,10 @@ RAW_COLUMNS: Final[dict[str, dict[str, ColumnType]]] = {
         "name": "text",
         "phone_number": "text",
         "metadata": "json",
+        # API 1.123
+        "blocked_at": "timestamp",
+        "blocklist_entry_id": "text",
+        "preferred_locale": "text",
     },
     "refunds": {
         "refund_id": "text",
@@ -235,6 +285,10 @@ RAW_COLUMNS: Final[dict[str, dict[str, ColumnType]]] = {
         "amount": "bigint",
         "currency": "text",
         "reason": "text",
+        # API 1.123
+        "network_reference": "text",
+        "network_reference_type": "text",
+        "network_reference_updated_at": "timestamp",
     },
     "disputes": {
         "dispute_id": "text",
@@ -280,6 +334,8 @@ RAW_COLUMNS: Final[dict[str, dict[str, ColumnType]]] = {
         "before_balance": "bigint",
         "after_balance": "bigint",
         "description": "text",
+        # API 1.123
+        "payout_id": "text",
     },
 }
 """Known columns of each raw table. Unknown API fields are kept too, as extra text columns."""
@@ -297,7 +353,8 @@ DISPUTE_HISTORY_TABLE: Final = "dispute_history"
 
 ANALYTICS_SCHEMA: Final = "analytics"
 SYNC_SCHEMA: Final = "segment_sync"
-WAREHOUSE_SCHEMA_VERSION: Final = 2
+WAREHOUSE_SCHEMA_VERSION: Final = 3
+"""3: the raw columns of Dodo API 1.123 typed in place (`warehouse.type_raw_columns`)."""
 
 # --- Forgotten customers (erasure requests) ----------------------------------------------------
 

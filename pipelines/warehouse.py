@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 
-from pipelines.settings import SYNC_SCHEMA, WAREHOUSE_SCHEMA_VERSION
+from pipelines.settings import RAW_COLUMNS, RAW_DATASET, SYNC_SCHEMA, WAREHOUSE_SCHEMA_VERSION
 
 
 class WarehouseError(RuntimeError):
@@ -70,7 +70,42 @@ OUTBOX_HASH_DDL = (
     "add column if not exists outbox_hash varchar;\n"
 )
 
-MIGRATIONS: dict[int, str] = {1: RUNS_DDL, 2: OUTBOX_HASH_DDL}
+RAW_DUCKDB_TYPES: dict[str, str] = {
+    "bigint": "BIGINT",
+    "bool": "BOOLEAN",
+    "timestamp": "TIMESTAMPTZ",
+    "json": "JSON",
+}
+"""DuckDB types of the typed (non-text) raw contract columns."""
+
+
+def type_raw_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 3 (Dodo API 1.123): the fields a release before it did not know (charge types,
+    subscription_ids, service_periods, retry_attempt, has_payment_method, cancelled_by,
+    payout_id, ...) were kept as text columns; they become the contract's typed columns in place
+    (a value that does not convert becomes NULL; the next read of the row brings it back)."""
+    rows = con.execute(
+        "select table_name, column_name, data_type from information_schema.columns "
+        "where table_schema = ?",
+        [RAW_DATASET],
+    ).fetchall()
+    found = {(table, column): kind for table, column, kind in rows}
+    for table, columns in RAW_COLUMNS.items():
+        for column, kind in columns.items():
+            wanted = RAW_DUCKDB_TYPES.get(kind)
+            if wanted is None or found.get((table, column)) != "VARCHAR":
+                continue
+            con.execute(
+                f'alter table {RAW_DATASET}."{table}" alter column "{column}" '
+                f'set data type {wanted} using try_cast("{column}" as {wanted})'
+            )
+
+
+MIGRATIONS: dict[int, str | Callable[[duckdb.DuckDBPyConnection], None]] = {
+    1: RUNS_DDL,
+    2: OUTBOX_HASH_DDL,
+    3: type_raw_columns,
+}
 """Each migration brings a warehouse from version N-1 to N, in one transaction."""
 
 
@@ -181,7 +216,11 @@ def prepare(path: str, version: str) -> int:
         _refuse_newer(path, found, version)
         for target in range(found + 1, WAREHOUSE_SCHEMA_VERSION + 1):
             con.execute("begin")
-            con.execute(MIGRATIONS[target])
+            migration = MIGRATIONS[target]
+            if callable(migration):
+                migration(con)
+            else:
+                con.execute(migration)
             con.execute(
                 f"insert into {SYNC_SCHEMA}.warehouse_meta values (?, ?, ?)",
                 [target, f"dodo-segment {version}", datetime.now(UTC)],

@@ -402,3 +402,39 @@ def test_bad_key_gives_one_line_error_and_nonzero_exit(sandbox: Sandbox) -> None
 def test_telemetry_is_off_by_default(sandbox: Sandbox) -> None:
     pipeline = make_pipeline(sandbox.db)
     assert pipeline.run_context.runtime_config.dlthub_telemetry is False
+
+
+def test_ledger_of_a_payment_that_settles_late_is_read_by_its_id(sandbox: Sandbox) -> None:
+    """A payment created 20 days ago sits in processing, then succeeds and books its ledger
+    entries at its own creation time, far before the ledger's lookback: they still arrive,
+    read with reference_object_id (issue 13)."""
+    config = sandbox.config()
+    business = sandbox.business
+    created = business.now - timedelta(days=20)
+    payment = business.add_payments(1, "processing", at=created)[0]
+    run_extract(config)  # the warehouse knows it as processing, without ledger entries
+    business.set_payment_status(payment["payment_id"], "succeeded", at=created)
+    sandbox.simulator.reset_counts()
+    run_extract(config)
+    asked = [
+        q for path, q in sandbox.simulator.requests
+        if path == "/balances/ledger" and q.get("reference_object_id") == payment["payment_id"]
+    ]  # fmt: skip
+    assert asked
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        entries = con.execute(
+            "select event_type, amount, created_at from dodo_raw.balance_ledger "
+            "where reference_object_id = ? order by event_type",
+            [payment["payment_id"]],
+        ).fetchall()
+    assert [(e[0], e[1]) for e in entries] == [
+        ("payment", payment["total_amount"]),
+        (
+            "payment_fees",
+            max(1, payment["total_amount"] * 4 // 100 + payment["total_amount"] // 200),
+        ),
+    ]
+    assert all(e[2] < business.now - timedelta(days=config.extract.lookback_days) for e in entries)
+    sandbox.simulator.reset_counts()
+    run_extract(config)  # settled once: not read again
+    assert not [q for path, q in sandbox.simulator.requests if q.get("reference_object_id")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import UTC, date, datetime, timedelta
@@ -12,7 +13,12 @@ import pytest
 
 from pipelines import warehouse
 from pipelines.transform import ModelError, TransformResult, list_models, run_models
-from tests.fixtures.hand_worked import EXPECTED, build_hand_worked_warehouse
+from tests.fixtures.hand_worked import (
+    EXPECTED,
+    EXPECTED_1_123,
+    build_api_1_123_warehouse,
+    build_hand_worked_warehouse,
+)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -466,3 +472,136 @@ def test_models_build_the_same_tables_under_the_job_memory_limit(fresh, tmp_path
         run_models(con)
         limited = con.execute("select * from analytics.track_outbox order by event_id").fetchall()
     assert limited == unlimited and len(limited) == EXPECTED["track_outbox_rows"]
+
+
+# --- Dodo API 1.123 (issue 13): the second hand-worked warehouse --------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_1_123(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
+    path = tmp_path_factory.mktemp("hand_1_123") / "warehouse.duckdb"
+    build_api_1_123_warehouse(path)
+    con = duckdb.connect(str(path))
+    result = run_models(con)
+    assert not result.emission_blocked, [str(e) for e in result.errors]
+    yield con
+    con.close()
+
+
+def test_api_1_123_event_counts(built_1_123) -> None:
+    counts = dict(
+        built_1_123.execute(
+            "select event, count(*) from analytics.lifecycle_events group by 1"
+        ).fetchall()
+    )
+    assert counts == EXPECTED_1_123["event_counts"]
+
+
+def test_renewals_follow_charge_type_and_service_periods(built_1_123) -> None:
+    con = built_1_123
+    rows = con.execute(
+        "select object_id, properties ->> 'subscription_id', event_id from analytics.lifecycle_events "
+        "where event = 'Subscription Renewed'"
+    ).fetchall()
+    found = {(payment, sub): event_id for payment, sub, event_id in rows}
+    expected = EXPECTED_1_123["renewed"]
+    assert set(found) == set(expected)
+    for key, fact_key in expected.items():
+        # a payment naming one subscription keeps the event_id of earlier releases
+        assert found[key] == hashlib.md5(f"subscription_renewed:{fact_key}".encode()).hexdigest()
+    multi = json.loads(
+        con.execute(
+            "select properties from analytics.lifecycle_events where event = 'Subscription "
+            "Renewed' and object_id = 'pay_mc2' and properties ->> 'subscription_id' = 'sub_mc_b'"
+        ).fetchone()[0]
+    )
+    # the whole payment's amount (the API gives no per-subscription amount), its service period
+    assert multi == {
+        "subscription_id": "sub_mc_b",
+        "payment_id": "pay_mc2",
+        "amount": 30.0,
+        "currency": "USD",
+        "period_start": "2024-05-01T00:00:00.000Z",
+        "period_end": "2024-06-01T00:00:00.000Z",
+    }
+    old = _props(con, "Subscription Renewed", "pay_old2")
+    assert "period_start" not in old and old["amount"] == 9.0  # no service period on old rows
+
+
+def test_payment_recovered_and_dunning_properties(built_1_123) -> None:
+    con = built_1_123
+    assert _props(con, "Payment Recovered", "pay_dun4") == {
+        "payment_id": "pay_dun4",
+        "subscription_id": "sub_dun",
+        "amount": 15.0,
+        "currency": "USD",
+        "retry_attempt": 2,
+    }
+    failed = _props(con, "Payment Failed", "pay_dun3")
+    assert failed["charge_type"] == "renewal" and failed["retry_attempt"] == 1
+    completed = _props(con, "Payment Completed", "pay_up2")
+    assert completed["charge_type"] == "plan_change" and completed["retry_attempt"] == 0
+    legacy = _props(con, "Payment Completed", "pay_old1")
+    assert "charge_type" not in legacy and "retry_attempt" not in legacy  # omitted when NULL
+    multi = _props(con, "Payment Completed", "pay_mc1")
+    assert "subscription_id" not in multi and multi["charge_type"] == "new"
+    # a zero-amount payment (a trial's card saved): completed at 0, renews nothing
+    zero = _props(con, "Payment Completed", "pay_fr1")
+    assert zero["amount"] == 0 and zero["charge_type"] == "new"
+
+
+def test_past_due_transitions_and_cancelled_by(built_1_123) -> None:
+    con = built_1_123
+    rows = con.execute(
+        "select object_id, event, occurred_at, properties ->> 'previous_status' "
+        "from analytics.lifecycle_events where event in ('Subscription Past Due', "
+        "'Subscription Resumed', 'Subscription On Hold') order by object_id, occurred_at"
+    ).fetchall()
+    assert [(r[0], r[1], r[2].date().isoformat(), r[3]) for r in rows] == [
+        ("sub_dun", "Subscription Past Due", "2024-05-23", "active"),
+        ("sub_dun", "Subscription Resumed", "2024-06-01", "past_due"),
+        ("sub_gr", "Subscription Past Due", "2024-06-30", "active"),
+        ("sub_la", "Subscription Past Due", "2024-06-06", "active"),
+        ("sub_la", "Subscription On Hold", "2024-06-13", "past_due"),
+    ]
+    assert _props(con, "Subscription Cancelled", "sub_me")["cancelled_by"] == "merchant_user"
+    assert _props(con, "Subscription Cancelled", "sub_mc_b")["cancelled_by"] == "customer"
+    assert "cancelled_by" not in _props(con, "Subscription Cancelled", "sub_old")  # system
+
+
+def test_payment_subscription_bridge(built_1_123) -> None:
+    con = built_1_123
+    rows = con.execute(
+        "select payment_id, subscription_id, subscription_position, charge_type, "
+        "cast(proration_factor as varchar), has_service_period "
+        "from analytics.stg_payment_subscriptions "
+        "where payment_id in ('pay_mc1', 'pay_up2', 'pay_me3', 'pay_old1') order by 1, 3"
+    ).fetchall()
+    assert rows == [
+        ("pay_mc1", "sub_mc_a", 1, "new", "1.000000", True),
+        ("pay_mc1", "sub_mc_b", 2, "new", "1.000000", True),
+        ("pay_me3", "sub_me", 1, "renewal", None, False),  # usage only
+        ("pay_old1", "sub_old", 1, None, None, False),  # subscription_id fallback
+        ("pay_up2", "sub_up", 1, "plan_change", "0.290323", True),
+    ]
+
+
+def test_api_1_123_traits(built_1_123) -> None:
+    con = built_1_123
+    for customer, expected in EXPECTED_1_123["traits"].items():
+        row = con.execute(
+            "select traits from analytics.identify_outbox where user_id = ?", [customer]
+        ).fetchone()
+        traits = json.loads(row[0])
+        for name, value in expected.items():
+            assert traits[name] == value, (customer, name, traits.get(name))
+
+
+def test_mrr_monthly_from_service_periods_and_plan_amounts(built_1_123) -> None:
+    rows = built_1_123.execute(
+        "select customer_id, cast(month as varchar), mrr_usd, previous_mrr_usd, movement "
+        "from analytics.mrr_monthly"
+    ).fetchall()
+    found = {(c, m): (mrr, prev, movement) for c, m, mrr, prev, movement in rows}
+    for key, expected in EXPECTED_1_123["mrr_monthly"].items():
+        assert found[key] == expected, key

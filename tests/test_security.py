@@ -203,6 +203,8 @@ REVIEWED_INTERPOLATIONS = {
     },  # fmt: skip
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     "pipelines/emit/ledger.py": {"changed_only"},  # a fixed clause, its value is a parameter
+    # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (settings.RAW_COLUMNS)
+    "pipelines/extract/dodo/settled.py": {"key", "status", "resource"},
     "pipelines/warehouse.py": {
         "', '.join((f'{name} {kind}' for name, kind in RUNS_COLUMNS))",
         "', '.join(columns)",
@@ -212,6 +214,9 @@ REVIEWED_INTERPOLATIONS = {
         "updates",
         "target",
         "qualified",  # the warehouse's own table names (duckdb_tables()), quotes doubled
+        "table",  # issue 13, type_raw_columns: settings.RAW_COLUMNS names and types
+        "column",
+        "wanted",
     },  # fmt: skip
 }
 

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import requests
+from dodopayments import types as sdk
 
 from pipelines.sandbox.business import Business, generate_business
 from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
 from pipelines.sandbox.simulator import DodoSimulator
-from pipelines.settings import ENDPOINTS, PRIMARY_KEYS
+from pipelines.settings import ENDPOINTS, LEDGER_EVENT_TYPES, PRIMARY_KEYS
 
 SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SPEC_PATH = SPEC_PATH / "dodopayments-openapi.json"
@@ -85,6 +86,18 @@ def validator_for() -> Any:
     return make
 
 
+SDK_MODELS: dict[str, Any] = {
+    "payments": sdk.PaymentListResponse,
+    "subscriptions": sdk.SubscriptionListResponse,
+    "customers": sdk.Customer,
+    "refunds": sdk.RefundListItem,
+    "disputes": sdk.DisputeListResponse,
+    "products": sdk.ProductListResponse,
+    "balance_ledger": sdk.BalanceLedgerEntry,
+}
+"""The official SDK's list-item models (dodopayments==1.123.*, the dev extra): a validator only."""
+LEDGER_EVENT_TYPES_1_113 = LEDGER_EVENT_TYPES[: LEDGER_EVENT_TYPES.index("ethoca_fees")]
+
 FILTERS = {
     "payments": [{}, {"status": "succeeded"}, {"currency": "JPY"}],
     "subscriptions": [{}, {"status": "active"}, {"status": "cancelled"}],
@@ -96,6 +109,16 @@ FILTERS = {
 }
 
 
+def _only_in_1_123(resource: str, item: dict[str, Any]) -> bool:
+    """An item whose enum value the 1.113 spec does not have yet (API 1.123: past_due, the 13 new
+    ledger event types): the 1.113 check no longer applies to it."""
+    if resource == "subscriptions":
+        return item["status"] == "past_due"
+    if resource == "balance_ledger":
+        return item["event_type"] not in LEDGER_EVENT_TYPES_1_113
+    return False
+
+
 @pytest.mark.parametrize("resource", list(LIST_SCHEMAS))
 def test_every_endpoint_validates_against_the_openapi_schema(
     api: requests.Session, sim: DodoSimulator, validator_for: Any, resource: str
@@ -105,8 +128,82 @@ def test_every_endpoint_validates_against_the_openapi_schema(
         for page in range(3):
             body = get(api, sim, resource, page_size=100, page_number=page, **params)
             assert set(body) == {"items"}
+            body["items"] = [i for i in body["items"] if not _only_in_1_123(resource, i)]
             errors = [e.message for e in validator.iter_errors(body)][:3]
             assert not errors, (resource, params, errors)
+
+
+def test_every_served_item_validates_with_the_sdk_models() -> None:
+    """Every item of every endpoint, after time passed too, validates with the official SDK's
+    own list-item models (dodopayments 1.123), strictly, on its JSON text."""
+    biz = generate_business(seed=5, customers=120, now=NOW)
+    for seed in range(4):
+        biz.advance_time(days=4, seed=seed)
+    validated: Counter[str] = Counter()
+    with DodoSimulator(biz) as server:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {server.api_key}"
+        for resource, model in SDK_MODELS.items():
+            filters = [{}, {"archived": "true"}] if resource == "products" else [{}]
+            for params in filters:
+                for item in all_items(session, server, resource, **params):
+                    model.model_validate_json(json.dumps(item), strict=True)
+                    validated[resource] += 1
+        past_due = all_items(session, server, "subscriptions", status="past_due")
+        assert past_due and all(s["status"] == "past_due" for s in past_due)
+    assert validated == biz.counts()
+
+
+def test_strict_sdk_validation_rejects_what_the_api_never_sends(business: Business) -> None:
+    """The check above can fail: the SDK rejects a stringly int, a 1.113-shaped payment and a
+    numeric proration factor."""
+    from pydantic import ValidationError
+
+    payment = next(p for p in business.payments if p["service_periods"])
+    model = SDK_MODELS["payments"]
+    model.model_validate_json(json.dumps(payment), strict=True)
+    bad = [
+        {**payment, "total_amount": str(payment["total_amount"])},
+        {k: v for k, v in payment.items() if k != "subscription_ids"},
+        {**payment, "service_periods": [{**payment["service_periods"][0], "proration_factor": 1}]},
+        {**payment, "charge_type": "Renewal"},
+    ]
+    for item in bad:
+        with pytest.raises(ValidationError):
+            model.model_validate_json(json.dumps(item), strict=True)
+
+
+def test_business_speaks_api_1_123(business: Business) -> None:
+    """The business cases of API 1.123 are all there (issue 13)."""
+    payments, subs = business.payments, business.subscriptions
+    multi = [p for p in payments if p["is_multi_subscription"]]
+    assert multi and all(
+        p["subscription_id"] is None and len(p["subscription_ids"]) == 2 for p in multi
+    )
+    assert any(p["charge_type"] == "renewal" for p in multi)
+    sub_payments = [p for p in payments if p["subscription_ids"]]
+    assert {p["charge_type"] for p in sub_payments} == {None, "new", "renewal", "plan_change"}
+    assert all(p["charge_type"] is None for p in payments if not p["subscription_ids"])
+    assert {p["charge_type"] for p in payments if p["status"] == "failed"} >= {"renewal", None}
+    changes = [p for p in payments if p["charge_type"] == "plan_change" and p["service_periods"]]
+    assert any(0 < float(p["service_periods"][0]["proration_factor"]) < 1 for p in changes)
+    retries = Counter((p["retry_attempt"], p["status"]) for p in payments if p["retry_attempt"])
+    assert retries[(2, "succeeded")] and retries[(1, "failed")] and retries[(3, "failed")]
+    usage_only = [
+        p for p in payments
+        if p["charge_type"] == "renewal" and p["includes_usage"] and p["status"] == "succeeded"
+        and not p["service_periods"]
+    ]  # fmt: skip
+    assert usage_only
+    assert any(p["total_amount"] == 0 and p["status"] == "succeeded" for p in payments)
+    assert all(not p["service_periods"] for p in payments if p["status"] != "succeeded")
+    assert {s["status"] for s in subs} >= {"past_due", "on_hold", "cancelled"}
+    actors = {(s["cancelled_by"] or {}).get("actor_type") for s in subs if s["cancelled_at"]}
+    assert None in actors and len(actors - {None}) >= 2
+    assert any(not s["has_payment_method"] and s["trial_period_days"] for s in subs)
+    ledger_types = {e["event_type"] for e in business.balance_ledger}
+    assert ledger_types - set(LEDGER_EVENT_TYPES_1_113) >= {"interchange_fee", "opening_balance"}
+    assert all(e["payout_id"] for e in business.balance_ledger if e["event_type"] == "payout")
 
 
 def test_paging_is_zero_based_without_gaps_or_overlap(

@@ -20,6 +20,7 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 from pipelines.config import AppConfig, pipeline_dir
 from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
 from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.dodo.settled import settled_before, settled_ledger_source
 from pipelines.extract.forgotten import forgotten_ids, remove_completed_packages, scrub_rejected
 from pipelines.gc_passes import fewer_gc_passes
 from pipelines.logs import quiet_dlt
@@ -352,6 +353,8 @@ def run_extract(
             _load_until_done(
                 pipeline, plan, config, resources, extract_format, result, rows, timings
             )
+        if "balance_ledger" in resources:
+            _load_settled_ledger(pipeline, plan, config, result, rows)
     finally:
         client.close()
         result.api_requests = dict(client.requests_by_resource)
@@ -412,3 +415,33 @@ def _load_until_done(
         pending = tuple(r for r in pending if states.get(r, {}).get("more"))
         if pending:
             log.info("backfill continues in another load for: %s", ", ".join(pending))
+
+
+def _load_settled_ledger(
+    pipeline: dlt.Pipeline,
+    plan: ExtractPlan,
+    config: AppConfig,
+    result: ExtractResult,
+    rows: Counter[str],
+) -> None:
+    """Read, by `reference_object_id`, the ledger entries of the payments and refunds older than
+    the lookback that reached a terminal status in this run (see `dodo/settled.py`)."""
+    path = config.warehouse_path
+    if not _warehouse_exists(path):
+        return
+    with duckdb.connect(path, read_only=True) as con:
+        ids = settled_before(con, plan.known_non_terminal, plan.run_started_at - plan.lookback)
+    if not ids:
+        return
+    log.info("ledger: reading the entries of %d object(s) that settled late", len(ids))
+    rejected: list[dict[str, Any]] = []
+    source = settled_ledger_source(plan.client, ids, plan.run_started_at, rejected)
+    _step(pipeline.extract, source, loader_file_format=JOB_FORMAT.loader_file_format,
+          warehouse_path=path)  # fmt: skip
+    result.rejected_records += store_rejected(path, rejected)
+    _step(pipeline.normalize, warehouse_path=path)
+    _step(pipeline.load, warehouse_path=path)
+    result.loads += 1
+    normalize_info = pipeline.last_trace.last_normalize_info
+    if normalize_info:
+        rows.update(normalize_info.row_counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ class Bookkeeper:
 
     def __init__(self, rng: random.Random, now_us: int, sink: Sink) -> None:
         self.rng, self.now_us, self.sink = rng, now_us, sink
+        self.charge_type_since_us = 0
+        """Subscription payments created before this have charge_type null (older rows)."""
 
     def pay(
         self,
@@ -39,24 +42,42 @@ class Bookkeeper:
         status: str,
         pre_tax: int,
         currency: str,
-        subscription_id: str | None = None,
-        charge_type: str = "new",
+        subscription_id: str | list[str] | None = None,
+        charge_type: str | None = "new",
         extras: bool = True,
+        periods: list[rec.ServicePeriod] | None = None,
+        retry_attempt: int = 0,
+        usage: int | None = None,
     ) -> dict[str, Any]:
-        """A payment with its ledger rows and, at random, a refund or a dispute."""
-        tax = rec.tax_of(pre_tax, buyer.country)
-        total = pre_tax + tax
+        """A payment with its ledger rows and, at random, a refund or a dispute.
+
+        `subscription_id`: the subscription (or the subscriptions of one checkout) it charges;
+        `periods`: the service periods it pays for (kept only if it succeeds); `usage`: metered
+        usage billed on top of the plan (pre-tax, `includes_usage`). Subscription payments
+        created before `charge_type_since_us` carry no `charge_type`, as rows written before
+        the API had the field.
+        """
+        sids = [subscription_id] if isinstance(subscription_id, str) else subscription_id or []
+        if not sids or created_us < self.charge_type_since_us:
+            charge_type = None
+        billed = pre_tax + (usage or 0)
+        tax = rec.tax_of(billed, buyer.country)
+        total = billed + tax
         payment = rec.payment_record(
-            self.rng, created_us, status, total, currency, buyer.ref, subscription_id, charge_type
-        )
+            self.rng, created_us, status, total, currency, buyer.ref, sids, charge_type,
+            periods, retry_attempt, usage is not None,
+        )  # fmt: skip
         self.sink("payments", payment, created_us)
         if status != "succeeded":
             return payment
         pid = payment["payment_id"]
         self.ledger(created_us, "payment", total, currency, True, pid, "Payment received")
+        if not total:  # a zero-amount payment (a card saved for a trial): no tax, no fees
+            return payment
         if tax:
             self.ledger(created_us, "tax", tax, currency, False, pid, None)
         self.ledger(created_us, "payment_fees", rec.fee_of(total), currency, False, pid, None)
+        self._new_ledger_types(payment, created_us)
         if extras:
             draw = self.rng.random()
             if draw < 0.04:
@@ -71,6 +92,24 @@ class Bookkeeper:
                         payment, created_us + delay, *self._dispute_state(created_us + delay)
                     )
         return payment
+
+    def _new_ledger_types(self, payment: dict[str, Any], at_us: int) -> None:
+        """Ledger rows of the types API 1.123 added (and the retry fee), chosen by a hash of the
+        payment id so the business's random stream stays as it was."""
+        pid, currency, total = payment["payment_id"], payment["currency"], payment["total_amount"]
+        mark = zlib.crc32(pid.encode()) % 100
+        if payment["retry_attempt"]:
+            fee = max(1, total // 100)
+            self.ledger(at_us, "payment_retry_fee", fee, currency, False, pid, "Dunning retry")
+        if payment["card_type"] and mark < 8 and total > 0:
+            self.ledger(at_us, "interchange_fee", max(1, total // 150), currency, False, pid, None)
+            self.ledger(at_us, "scheme_fee", max(1, total // 800), currency, False, pid, None)
+        if mark == 99 and total > 0:  # a rolling reserve, released a month later
+            held = total // 10
+            self.ledger(at_us, "reserve_hold", held, currency, False, pid, "Rolling reserve")
+            if at_us + 30 * US_PER_DAY <= self.now_us:
+                release = at_us + 30 * US_PER_DAY
+                self.ledger(release, "reserve_release", held, currency, True, pid, None)
 
     def _refund_status(self) -> str:
         return self.rng.choices(("succeeded", "failed", "pending", "review"), (88, 5, 4, 3))[0]
@@ -108,7 +147,15 @@ class Bookkeeper:
             "amount": amount,
             "currency": payment["currency"],
             "reason": self.rng.choice(rec.REFUND_REASONS),
+            # API 1.123: the network's reference, once the network gave one
+            "network_reference": None,
+            "network_reference_type": None,
+            "network_reference_updated_at": None,
         }
+        if status == "succeeded" and zlib.crc32(refund["refund_id"].encode()) % 2:
+            refund["network_reference"] = f"7{zlib.crc32(refund['refund_id'].encode()):022d}"
+            refund["network_reference_type"] = "acquirer_reference_number"
+            refund["network_reference_updated_at"] = iso(created_us + 2 * US_PER_DAY)
         self.sink("refunds", refund, created_us)
         if status == "succeeded":
             self.settle_refund(payment, refund, created_us)

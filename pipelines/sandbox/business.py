@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipelines.sandbox import records as rec
+from pipelines.sandbox.billing import cancelled_by, subscription_record
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer
-from pipelines.sandbox.history import History, build_history, subscription_record
+from pipelines.sandbox.history import History, build_history
 from pipelines.sandbox.records import US_PER_DAY, add_interval, iso, parse_iso, to_us
 from pipelines.sandbox.timeflow import advance
 from pipelines.settings import PRIMARY_KEYS, RESOURCES
@@ -70,6 +71,8 @@ class Business:
             self._balances[entry["currency"]] = entry["after_balance"]
         self._journal: list[tuple[str, str]] | None = None
         self._bk = Bookkeeper(self._rng, to_us(now), self._sink)
+        self.dunning_attempts: dict[str, int] = dict(history.dunning_attempts)
+        """Retries made so far of each past_due subscription's failed renewal."""
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -162,8 +165,12 @@ class Business:
                 self._rng, buyer, self.get("products", product_id), created, quantity
             )
             sid, amount = sub["subscription_id"], sub["recurring_pre_tax_amount"]
-            self._bk.pay(buyer, created, "succeeded", amount, sub["currency"], sid, "new", False)
-            sub["next_billing_date"] = iso(self._next_date(sub, created))
+            nxt = self._next_date(sub, created)
+            period = [(sid, created, nxt, "1")]
+            self._bk.pay(
+                buyer, created, "succeeded", amount, sub["currency"], sid, "new", False, period
+            )
+            sub["next_billing_date"] = iso(nxt)
             self._sink("subscriptions", sub, created)
             return sub
 
@@ -172,12 +179,57 @@ class Business:
         with self.lock:
             sub = self.get("subscriptions", subscription_id)
             due = parse_iso(sub["next_billing_date"]) if at is None else to_us(at)
+            nxt = self._next_date(sub, due)
             payment = self._bk.pay(
                 self.buyers[sub["customer"]["customer_id"]], due, "succeeded",
                 sub["recurring_pre_tax_amount"], sub["currency"], subscription_id, "renewal", False,
+                [(subscription_id, due, nxt, "1")],
             )  # fmt: skip
             sub["previous_billing_date"] = iso(due)
-            sub["next_billing_date"] = iso(self._next_date(sub, due))
+            sub["next_billing_date"] = iso(nxt)
+            self.touch()
+            return payment
+
+    def fail_renewal(self, subscription_id: str, at: datetime | None = None) -> Item:
+        """The due renewal charge fails: a failed `renewal` payment, the subscription past_due
+        (its grace period, API 1.123) with the billing dates left on the unpaid period."""
+        with self.lock:
+            sub = self.get("subscriptions", subscription_id)
+            payment = self._bk.pay(
+                self.buyers[sub["customer"]["customer_id"]], self._at(at), "failed",
+                sub["recurring_pre_tax_amount"], sub["currency"], subscription_id, "renewal", False,
+            )  # fmt: skip
+            self.dunning_attempts[subscription_id] = 0
+            self.set_subscription_status(subscription_id, "past_due", at)
+            return payment
+
+    def retry_renewal(
+        self, subscription_id: str, succeeds: bool, at: datetime | None = None,
+        then: str = "on_hold",
+    ) -> Item:  # fmt: skip
+        """The next dunning retry of a past_due subscription (`retry_attempt` n): success pays the
+        period and makes it active again; failure leaves it past_due, or ends the grace period
+        with `then` (on_hold or cancelled, by the system: no cancelled_by)."""
+        with self.lock:
+            sub = self.get("subscriptions", subscription_id)
+            attempt = self.dunning_attempts.get(subscription_id, 0) + 1
+            self.dunning_attempts[subscription_id] = attempt
+            at_us = self._at(at)
+            due = parse_iso(sub["next_billing_date"])
+            nxt = self._next_date(sub, due)
+            payment = self._bk.pay(
+                self.buyers[sub["customer"]["customer_id"]], at_us,
+                "succeeded" if succeeds else "failed", sub["recurring_pre_tax_amount"],
+                sub["currency"], subscription_id, "renewal", False,
+                [(subscription_id, due, nxt, "1")], attempt,
+            )  # fmt: skip
+            if succeeds:
+                sub["previous_billing_date"], sub["next_billing_date"] = iso(due), iso(nxt)
+                self.dunning_attempts.pop(subscription_id, None)
+                self.set_subscription_status(subscription_id, "active", at)
+            elif then in ("on_hold", "cancelled"):
+                self.dunning_attempts.pop(subscription_id, None)
+                self.set_subscription_status(subscription_id, then, at)
             self.touch()
             return payment
 
@@ -209,6 +261,7 @@ class Business:
         """Cancel now (status cancelled) or flag cancel_at_next_billing_date."""
         with self.lock:
             sub = self.get("subscriptions", subscription_id)
+            sub["cancelled_by"] = cancelled_by(sub)  # API 1.123: who cancelled or scheduled it
             if at_period_end:
                 sub["cancel_at_next_billing_date"] = True
                 self.touch()
@@ -232,11 +285,15 @@ class Business:
             unit = rec.convert_usd(product["price"], sub["currency"])
             sub["recurring_pre_tax_amount"] = unit * sub["quantity"]
             delta = sub["recurring_pre_tax_amount"] - old
-            if delta > 0:
-                buyer = self.buyers[sub["customer"]["customer_id"]]
+            if delta > 0:  # the rest of the cycle at the new price (proration_factor < 1)
+                buyer, at_us = self.buyers[sub["customer"]["customer_id"]], self._at(at)
+                start = parse_iso(sub["previous_billing_date"])
+                end = parse_iso(sub["next_billing_date"])
+                factor = rec.proration(start, at_us, end)
                 self._bk.pay(
-                    buyer, self._at(at), "succeeded", max(1, delta // 2), sub["currency"],
-                    subscription_id, "plan_change", False,
+                    buyer, at_us, "succeeded", max(1, round(delta * float(factor))),
+                    sub["currency"], subscription_id, "plan_change", False,
+                    [(subscription_id, at_us, max(end, at_us), factor)],
                 )  # fmt: skip
             self.touch()
             return sub

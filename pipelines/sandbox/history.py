@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.sandbox import records as rec
+from pipelines.sandbox.billing import (
+    NON_TERMINAL_PAYMENT,
+    RETRY_DAYS,
+    bill,
+    multi_checkouts,
+    subscription_record,
+)  # fmt: skip
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer, Sink
-from pipelines.sandbox.records import US_PER_DAY, add_interval, convert_usd, iso, new_id
+from pipelines.sandbox.records import US_PER_DAY, add_interval, convert_usd, new_id
 
-NON_TERMINAL_PAYMENT = ("processing", "requires_customer_action", "requires_payment_method")
 SCENARIOS = (
     "active", "cancel_at_end", "plan_change", "scheduled", "trial", "cancelled",
     "cancelled_end", "on_hold", "paused", "pending", "failed", "expired",
+    "recovered", "dunning_on_hold", "dunning_cancelled", "usage", "trial_no_card",
 )  # fmt: skip
-SCENARIO_WEIGHTS = (52, 4, 5, 1, 3, 12, 4, 5, 3, 2, 4, 5)
+SCENARIO_WEIGHTS = (52, 4, 5, 1, 3, 12, 4, 5, 3, 2, 4, 5, 3, 2, 2, 3, 1)
 FORCED_SCENARIOS = (
     "active", "trial", "pending", "on_hold", "paused", "cancelled", "cancelled_end", "failed",
     "expired", "cancel_at_end", "plan_change", "scheduled", "active", "trial",
+    "recovered", "dunning_on_hold", "dunning_cancelled", "past_due", "usage", "trial_no_card",
 )  # fmt: skip
+CHARGE_TYPE_SINCE_DAYS = 90
+"""Subscription payments of the first 90 days of history have no charge_type (older rows)."""
 PLAN_WEIGHTS = {"Starter Monthly": 30, "Pro Monthly": 30, "Pro Annual": 10, "Team Monthly": 10}
 PLAN_WEIGHTS |= {"Weekly Digest": 8, "Daily Pass": 2, "Six-Month Bootcamp": 5}
 
@@ -33,50 +44,8 @@ class History:
     archived_product_ids: set[str]
     buyers: dict[str, Buyer]
     products_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def subscription_record(
-    rng: random.Random, buyer: Buyer, plan: dict[str, Any], created_us: int, quantity: int
-) -> dict[str, Any]:
-    """A SubscriptionListResponseItem for a plan, before billing fills in dates and status."""
-    detail = plan["price_detail"]
-    discounted = rng.random() < 0.05
-    discount_id = new_id(rng, "dsc_") if discounted else None
-    return {
-        "subscription_id": new_id(rng, "sub_"),
-        "status": "active",
-        "product_id": plan["product_id"],
-        "product_name": plan["name"],
-        "quantity": quantity,
-        "currency": buyer.currency,
-        "recurring_pre_tax_amount": convert_usd(plan["price"], buyer.currency) * quantity,
-        "tax_inclusive": False,
-        "payment_frequency_interval": detail["payment_frequency_interval"],
-        "payment_frequency_count": detail["payment_frequency_count"],
-        "subscription_period_interval": detail["subscription_period_interval"],
-        "subscription_period_count": detail["subscription_period_count"],
-        "created_at": iso(created_us),
-        "next_billing_date": iso(created_us),
-        "previous_billing_date": iso(created_us),
-        "cancelled_at": None,
-        "cancel_at_next_billing_date": False,
-        "paused_at": None,
-        "trial_period_days": 0,
-        "trial_amount": None,
-        "on_demand": False,
-        "customer": buyer.ref,
-        "customer_business_name": None,
-        "billing": rec.billing_address(rng, buyer.country),
-        "discounts": [{"discount_id": discount_id, "discount_cycles_remaining": 2}]
-        if discount_id
-        else [],
-        "discount_id": discount_id,
-        "discount_cycles_remaining": 2 if discount_id else None,
-        "payment_method_id": new_id(rng, "pm_"),
-        "tax_id": None,
-        "scheduled_change": None,
-        "metadata": {"plan_tier": plan["name"].split()[0].lower()} if rng.random() < 0.3 else {},
-    }
+    dunning_attempts: dict[str, int] = field(default_factory=dict)
+    """Retries made so far of each past_due subscription's failed renewal."""
 
 
 def build_history(
@@ -105,6 +74,7 @@ def build_history(
     buyers = _customers(rng, n_customers, start_us, now_us, sink)
     history.buyers = {b.record["customer_id"]: b for b in buyers}
     bk = Bookkeeper(rng, now_us, sink)
+    bk.charge_type_since_us = start_us + CHARGE_TYPE_SINCE_DAYS * US_PER_DAY
     plan_names, weights = list(PLAN_WEIGHTS), list(PLAN_WEIGHTS.values())
     early = min(len(buyers), 24)
     for i in range(n_subscriptions):
@@ -118,9 +88,14 @@ def build_history(
         created = buyer.created_us + int(
             rng.random() * min(30 * US_PER_DAY, now_us - buyer.created_us)
         )
-        if scenario == "trial":
+        if scenario in ("trial", "trial_no_card"):
             plan = by_name[rng.choice(("Pro Monthly", "Team Monthly", "Pro Annual"))]
             created = now_us - int(rng.uniform(0.2, 6.5) * US_PER_DAY)
+        elif scenario == "past_due":  # the renewal failed 2.5 days ago: in its grace period
+            plan = by_name["Pro Monthly"]
+            created = add_interval(now_us - int(2.5 * US_PER_DAY), "Month", -1)
+        elif scenario == "usage":
+            plan = by_name["Team Monthly"]
         elif scenario == "pending":
             created = now_us - int(rng.uniform(0.01, 1.5) * US_PER_DAY)
         elif scenario == "expired":
@@ -133,9 +108,15 @@ def build_history(
             plan = by_name["Legacy Pro (2024)"]
         quantity = rng.randrange(2, 20) if plan["name"] == "Team Monthly" else 1
         sub = subscription_record(rng, buyer, plan, created, quantity)
-        _bill(bk, rng, sub, buyer, scenario, created, now_us, by_name)
+        bill(bk, rng, sub, buyer, scenario, created, now_us, by_name)
         sink("subscriptions", sub, created)
+        if sub["status"] == "past_due":
+            due = rec.parse_iso(sub["next_billing_date"])
+            history.dunning_attempts[sub["subscription_id"]] = sum(
+                1 for days in RETRY_DAYS if due + days * US_PER_DAY <= now_us
+            )
     _guarantees(bk, rng, buyers, now_us, by_name)
+    multi_checkouts(bk, buyers, max(2, n_subscriptions // 40), now_us, by_name, sink)
     one_time = (payments_target - len(rows["payments"])) if payments_target else 2 * n_customers
     _one_time_payments(bk, rng, buyers, max(0, one_time), start_us, now_us, products, archived)
     if older_closed_payments:
@@ -172,88 +153,6 @@ def _customers(rng: random.Random, n: int, start_us: int, now_us: int, sink: Sin
         )
         sink("customers", record, created)
     return buyers
-
-
-def _bill(
-    bk: Bookkeeper, rng: random.Random, sub: dict[str, Any], buyer: Buyer, scenario: str,
-    created: int, now_us: int, by_name: dict[str, dict[str, Any]],
-) -> None:  # fmt: skip
-    """Fill a subscription's payments, dates and status for its scenario."""
-    interval, count = sub["payment_frequency_interval"], sub["payment_frequency_count"]
-    sid, currency = sub["subscription_id"], sub["currency"]
-    anchor, end = created, now_us
-    if scenario == "trial":
-        sub["trial_period_days"] = 14 if sub["product_name"] != "Team Monthly" else 7
-        anchor = created + sub["trial_period_days"] * US_PER_DAY
-    if scenario in ("cancelled", "cancelled_end"):
-        end = created + int((now_us - created) * rng.uniform(0.3, 0.9))
-    elif scenario == "paused":
-        end = now_us - int(rng.uniform(1, 40) * US_PER_DAY)
-    expiry = add_interval(
-        created, sub["subscription_period_interval"], sub["subscription_period_count"]
-    )
-    if expiry <= end:
-        end, scenario = expiry - 1, "expired"
-    change_at = created + int((now_us - created) * rng.uniform(0.4, 0.8))
-    k, due, prev = 0, anchor, created
-    while due <= end:
-        nxt = add_interval(anchor, interval, (k + 1) * count)
-        if scenario == "plan_change" and prev < change_at <= due:
-            _change_plan(bk, sub, buyer, by_name, change_at)
-        amount = sub["recurring_pre_tax_amount"]
-        charge = "new" if k == 0 else "renewal"
-        if scenario == "failed" or (scenario == "on_hold" and nxt > end and k > 0):
-            bk.pay(buyer, due, "failed", amount, currency, sid, charge)
-            break
-        if scenario == "pending":
-            bk.pay(buyer, due, rng.choice(NON_TERMINAL_PAYMENT), amount, currency, sid, charge)
-            break
-        if k > 0 and rng.random() < 0.03:  # a failed attempt, then a successful retry
-            bk.pay(buyer, due, "failed", amount, currency, sid, charge)
-            bk.pay(buyer, min(due + US_PER_DAY, now_us), "succeeded", amount, currency, sid, charge)
-        else:
-            bk.pay(buyer, due, "succeeded", amount, currency, sid, charge)
-        prev, due, k = due, nxt, k + 1
-    sub["previous_billing_date"], sub["next_billing_date"] = iso(prev), iso(due)
-    status = {"on_hold": "on_hold", "paused": "paused", "pending": "pending", "failed": "failed"}
-    sub["status"] = status.get(scenario, "active")
-    if scenario == "on_hold" and k == 0:
-        sub["status"] = "active"
-    if scenario == "expired":
-        sub["status"] = "expired"
-    elif scenario == "paused":
-        sub["paused_at"] = iso(end)
-    elif scenario in ("cancelled", "cancelled_end"):
-        sub["status"] = "cancelled"
-        at_end = scenario == "cancelled_end" and due <= now_us
-        sub["cancel_at_next_billing_date"] = at_end
-        sub["cancelled_at"] = iso(due if at_end else end)
-    elif scenario == "cancel_at_end":
-        sub["cancel_at_next_billing_date"] = True
-    elif scenario == "scheduled":
-        target = by_name["Pro Monthly" if sub["product_name"] != "Pro Monthly" else "Team Monthly"]
-        sub["scheduled_change"] = {
-            "id": new_id(rng, "spc_"), "product_id": target["product_id"], "quantity": 1,
-            "effective_at": sub["next_billing_date"], "created_at": iso(now_us - US_PER_DAY),
-            "addons": [], "product_name": target["name"], "product_description": None,
-        }  # fmt: skip
-
-
-def _change_plan(
-    bk: Bookkeeper, sub: dict[str, Any], buyer: Buyer, by_name: dict[str, Any], at_us: int
-) -> None:
-    """Upgrade a subscription (Starter -> Pro, or more seats) with a prorated charge."""
-    old_amount = sub["recurring_pre_tax_amount"]
-    if sub["product_name"] == "Team Monthly":
-        sub["quantity"] += 3
-        sub["recurring_pre_tax_amount"] = old_amount // (sub["quantity"] - 3) * sub["quantity"]
-    else:
-        target = by_name["Pro Monthly" if sub["product_name"] != "Pro Monthly" else "Team Monthly"]
-        sub["product_id"], sub["product_name"] = target["product_id"], target["name"]
-        sub["recurring_pre_tax_amount"] = convert_usd(target["price"], sub["currency"])
-        sub["metadata"] = {**sub["metadata"], "upgraded_from": "starter"}
-    delta = max(1, (sub["recurring_pre_tax_amount"] - old_amount) // 2)
-    bk.pay(buyer, at_us, "succeeded", delta, sub["currency"], sub["subscription_id"], "plan_change")
 
 
 def _guarantees(
@@ -353,6 +252,11 @@ def with_balances(
         balances[entry["currency"]] = after
         out.append((at_us, entry))
 
+    if rows:  # the account's first entry (API 1.123 `opening_balance`), nothing carried over
+        first = rows[0][0]
+        opening = rec.ledger_record(rng, first, "opening_balance", 0, "USD", True, None, None)
+        opening["id"] = f"ble_{zlib.crc32(str(first).encode()):021x}"  # leaves rng as it was
+        book(first, opening)
     for at_us, entry in rows:
         while at_us >= next_payout:
             for currency, balance in sorted(balances.items()):
@@ -360,7 +264,8 @@ def with_balances(
                     ref = new_id(rng, "po_")
                     amount = balance * 9 // 10
                     book(next_payout, rec.ledger_record(
-                        rng, next_payout, "payout", amount, currency, False, ref, "Monthly payout"
+                        rng, next_payout, "payout", amount, currency, False, ref, "Monthly payout",
+                        payout_id=ref,
                     ))  # fmt: skip
             next_payout = add_interval(next_payout, "Month", 1)
         book(at_us, entry)

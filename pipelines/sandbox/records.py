@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,6 +49,7 @@ LAST_NAMES = (
     "Ålund", "Müller", "雷", "Núñez", "Smith", "O'Connor", "García", "Sharma", "Tanaka",
     "Al-Sabah", "Kowalski", "Dubois", "Øvergaard", "Nguyễn", "Ivanova", "Brown",
 )  # fmt: skip
+LOCALES = (None, None, None, "en", "fr", "de", "ja", None, "es", "pt")
 REFUND_REASONS = ("requested_by_customer", "duplicate", "fraudulent", None, "Not as described")
 EMPTY: dict[str, Any] = {}
 
@@ -165,6 +167,10 @@ def customer_record(rng: random.Random, index: int, created_us: int) -> dict[str
         "name": name,
         "phone_number": phone,
         "metadata": metadata if rng.random() < 0.5 else {},
+        # API 1.123: the list route leaves blocked_at empty (only GET /customers/{id} has it)
+        "blocked_at": None,
+        "blocklist_entry_id": None,
+        "preferred_locale": LOCALES[index % len(LOCALES)],
     }
 
 
@@ -189,7 +195,8 @@ def product_catalog(rng: random.Random, created_us: int) -> tuple[list[dict[str,
             "purchasing_power_parity": False, "payment_frequency_count": f_cnt,
             "payment_frequency_interval": f_int, "subscription_period_count": p_cnt,
             "subscription_period_interval": p_int, "trial_period_days": trial,
-            "tax_inclusive": False,
+            "tax_inclusive": False, "discount_bps": 0, "trial_payment_method_optional": trial > 0,
+            "zero_amount_payment_method_optional": False,
         }  # fmt: skip
         products.append(_product(rng, name, price, "saas", True, detail, created_us, i, archived))
         if archived:
@@ -198,6 +205,7 @@ def product_catalog(rng: random.Random, created_us: int) -> tuple[list[dict[str,
         detail = {
             "type": "one_time_price", "price": price, "currency": "USD", "discount": 0,
             "purchasing_power_parity": False, "pay_what_you_want": False, "tax_inclusive": False,
+            "discount_bps": 0,
         }  # fmt: skip
         products.append(
             _product(rng, name, price, category, False, detail, created_us, i + 20, archived)
@@ -241,12 +249,18 @@ def _product(
 
 TAX_RATES = {"DE": 0.19, "FR": 0.2, "ES": 0.21, "SE": 0.25, "GB": 0.2, "IN": 0.18, "JP": 0.1}
 CARD_NETWORKS = ("VISA", "MASTERCARD", "AMEX")
+CARD_TYPES = ("credit", "debit", "prepaid")
+THREE_DS_FLOWS = ("challenge", "frictionless", None)
 CITIES = {"US": "Austin", "DE": "München", "GB": "London", "JP": "東京", "IN": "Bengaluru"}
 
 
 def tax_of(pre_tax: int, country: str) -> int:
     """Tax added on top of a tax-exclusive amount for the buyer's country."""
     return int(pre_tax * TAX_RATES.get(country, 0.0))
+
+
+ServicePeriod = tuple[str, int, int, str]
+"""(subscription_id, starts_at us, ends_at us, proration_factor as a decimal string)."""
 
 
 def payment_record(
@@ -256,12 +270,24 @@ def payment_record(
     total: int,
     currency: str,
     customer_ref: dict[str, Any],
-    subscription_id: str | None,
-    charge_type: str,
+    subscription_ids: list[str] | None,
+    charge_type: str | None,
+    periods: list[ServicePeriod] | None = None,
+    retry_attempt: int = 0,
+    includes_usage: bool = False,
 ) -> dict[str, Any]:
-    """A GetPaymentsListResponseItem (plus the newer `charge_type` field)."""
+    """A PaymentListResponse item of API 1.123 (charge type, subscriptions, service periods).
+
+    Card, 3DS and checkout fields come from a hash of the payment id, not from `rng`, so they
+    leave the business's random stream as it was before API 1.123. A row without charge_type
+    (written before the field existed) has no service periods either.
+    """
     payment_id = new_id(rng, "pay_")
     upi = currency == "INR" and rng.random() < 0.4
+    subscription_ids = subscription_ids or []
+    multi = len(subscription_ids) > 1
+    mark = zlib.crc32(payment_id.encode())
+    card = not upi
     return {
         "payment_id": payment_id,
         "status": status,
@@ -269,7 +295,8 @@ def payment_record(
         "currency": currency,
         "customer": customer_ref,
         "created_at": iso(created_us),
-        "subscription_id": subscription_id,
+        # a multi-subscription payment names no single subscription (Payment docstring)
+        "subscription_id": subscription_ids[0] if len(subscription_ids) == 1 else None,
         "brand_id": BRAND_IDS[0] if rng.random() < 0.9 else BRAND_IDS[1],
         "digital_products_delivered": status == "succeeded",
         "has_license_key": False,
@@ -284,7 +311,37 @@ def payment_record(
         "invoice_id": f"inv_{payment_id[4:]}" if status == "succeeded" else None,
         "invoice_url": None,
         "charge_type": charge_type,
+        "is_multi_subscription": multi,
+        "subscription_ids": subscription_ids,
+        "service_periods": [
+            {
+                "subscription_id": sid,
+                "starts_at": iso(start),
+                "ends_at": iso(end),
+                "proration_factor": factor,
+            }
+            for sid, start, end, factor in (periods or ())
+        ]
+        if status == "succeeded" and charge_type
+        else [],  # fmt: skip
+        "retry_attempt": retry_attempt if subscription_ids else 0,
+        "includes_usage": includes_usage and charge_type is not None,
+        "checkout_session_id": f"cks_{payment_id[4:]}" if charge_type in (None, "new") else None,
+        "card_type": CARD_TYPES[mark % 3] if card else None,
+        "card_exp_month": f"{mark % 12 + 1:02d}" if card else None,
+        "card_exp_year": str(2027 + mark % 5) if card else None,
+        "three_ds_flow": THREE_DS_FLOWS[mark % 3] if card else None,
+        "three_ds_status": "authenticated" if card and mark % 3 < 2 else None,
+        "three_ds_version": "2.2.0" if card and mark % 3 < 2 else None,
     }
+
+
+def proration(start_us: int, change_us: int, end_us: int) -> str:
+    """The share of the period [start, end) left after `change` as a decimal string ("0.4833")."""
+    if end_us <= start_us:
+        return "1"
+    share = max(0.0, min(1.0, (end_us - change_us) / (end_us - start_us)))
+    return "1" if share >= 1 else f"{share:.4f}"
 
 
 def ledger_record(
@@ -296,8 +353,9 @@ def ledger_record(
     is_credit: bool,
     reference: str | None,
     description: str | None = None,
+    payout_id: str | None = None,
 ) -> dict[str, Any]:
-    """A BalanceLedgerEntryResponse; balances are filled in chronological order later."""
+    """A BalanceLedgerEntry (API 1.123: `payout_id`); balances are filled in time order later."""
     return {
         "id": new_id(rng, "ble_"),
         "business_id": BUSINESS_ID,
@@ -311,6 +369,7 @@ def ledger_record(
         "before_balance": None,
         "after_balance": None,
         "description": description,
+        "payout_id": payout_id,
     }
 
 

@@ -81,7 +81,7 @@ def _predicates(biz: Business, resource: str, query: dict[str, str]) -> list[Pre
             payment = payments.get(item["payment_id"]) or {}
             if field == "customer_id":
                 return (payment.get("customer") or {}).get("customer_id") == value
-            return payment.get(field) == value
+            return value in (payment.get("subscription_ids") or ())
 
         preds.append(pred)
 
@@ -89,7 +89,9 @@ def _predicates(biz: Business, resource: str, query: dict[str, str]) -> list[Pre
         allowed = ENUMS.get((resource, name))
         if allowed is not None and value not in allowed:
             raise ApiError(422, "INVALID_REQUEST", f"unknown {name}: {value!r}")
-        if resource == "payments" and name in ("status", "subscription_id", "brand_id", "currency"):
+        if resource == "payments" and name == "subscription_id":  # API 1.123: any it charges
+            preds.append(lambda item, v=value: v in (item.get("subscription_ids") or ()))
+        elif resource == "payments" and name in ("status", "brand_id", "currency"):
             eq(name, value)
         elif resource in ("payments", "subscriptions") and name == "customer_id":
             preds.append(lambda item, v=value: item["customer"]["customer_id"] == v)

@@ -35,6 +35,10 @@ class ChangingBusiness(Protocol):
     def set_payment_status(self, *args: Any, **kwargs: Any) -> Any: ...
     def set_refund_status(self, *args: Any, **kwargs: Any) -> Any: ...
     def set_dispute_status(self, *args: Any, **kwargs: Any) -> Any: ...
+    def fail_renewal(self, *args: Any, **kwargs: Any) -> Any: ...
+    def retry_renewal(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    dunning_attempts: dict[str, int]
 
 
 MONTHLY_PLANS = ("Starter Monthly", "Pro Monthly", "Team Monthly", "Legacy Pro (2024)")
@@ -58,6 +62,7 @@ def advance(biz: ChangingBusiness, end: datetime, rng: random.Random) -> dict[st
     plain = [s for s in active if not s["cancel_at_next_billing_date"]]
     picks = rng.sample(plain, min(5, len(plain)))
     on_hold = [s["subscription_id"] for s in biz.subscriptions if s["status"] == "on_hold"]
+    past_due = [s["subscription_id"] for s in biz.subscriptions if s["status"] == "past_due"]
     changes = {
         "cancelled": picks[0:1], "cancel_at_next_billing_date": picks[1:2], "on_hold": picks[2:3],
         "paused": picks[3:4], "plan_changed": [s for s in picks[4:5]],
@@ -82,7 +87,39 @@ def advance(biz: ChangingBusiness, end: datetime, rng: random.Random) -> dict[st
         summary["resumed"].append(resumed)
     summary |= _settlements(biz, rng, when)
     summary |= _new_business(biz, rng, days, when)
+    summary |= _dunning(biz, rng, when, past_due, {s["subscription_id"] for s in picks})
     return summary
+
+
+def _dunning(
+    biz: ChangingBusiness, rng: random.Random, when: Any, past_due: list[str], taken: set[str]
+) -> dict[str, list[str]]:
+    """API 1.123 grace periods: a renewal fails (active -> past_due); each subscription that
+    was past_due gets its next retry, which recovers it (-> active) or, after the third,
+    ends the grace period (-> on_hold or cancelled). Drawn after everything else, so the rest
+    of an advance is what it was before past_due existed."""
+    out: dict[str, list[str]] = {"past_due": [], "recovered": [], "dunning_ended": []}
+    for sid in past_due:
+        attempt = biz.dunning_attempts.get(sid, 0) + 1
+        draw = rng.random()
+        if draw < 0.5:
+            biz.retry_renewal(sid, True, when())
+            out["recovered"].append(sid)
+        elif attempt >= 3:
+            biz.retry_renewal(sid, False, when(), "on_hold" if draw < 0.8 else "cancelled")
+            out["dunning_ended"].append(sid)
+        else:
+            biz.retry_renewal(sid, False, when(), "past_due")
+    plain = [
+        s for s in biz.subscriptions
+        if s["status"] == "active" and not s["cancel_at_next_billing_date"]
+        and s["subscription_id"] not in taken
+    ]  # fmt: skip
+    if plain:
+        sub = rng.choice(plain)
+        biz.fail_renewal(sub["subscription_id"], when())
+        out["past_due"].append(sub["subscription_id"])
+    return out
 
 
 def _renewals(biz: ChangingBusiness, end_us: int) -> dict[str, list[str]]:

@@ -134,7 +134,8 @@ active_mrr_by_currency as (
     left join ledger_rates
         on ledger_rates.customer_id = subscriptions.customer_id
         and ledger_rates.currency = subscriptions.currency
-    where subscriptions.status = 'active'
+    -- a customer in a grace period (past_due) is still served: counted, as ChartMogul does
+    where subscriptions.status in ('active', 'past_due')
     group by subscriptions.customer_id, subscriptions.currency
 ),
 
@@ -156,7 +157,8 @@ subscription_stats as (
         customer_id,
         count(*) filter (where status = 'active') as active_subscriptions,
         arg_max(status, (created_at, subscription_id)) as subscription_status,
-        bool_or(has_started) and not bool_or(is_live) as churned
+        bool_or(has_started) and not bool_or(is_live) as churned,
+        bool_or(status = 'past_due') as past_due
     from subscriptions
     group by customer_id
 ),
@@ -216,7 +218,8 @@ final as (
         subscription_stats.subscription_status,
         coalesce(active_mrr.mrr, 0.0) as mrr,
         active_mrr.mrr_currency,
-        coalesce(subscription_stats.churned, false) as churned
+        coalesce(subscription_stats.churned, false) as churned,
+        coalesce(subscription_stats.past_due, false) as past_due
     from customers
     left join payment_stats on payment_stats.customer_id = customers.customer_id
     left join money_totals on money_totals.customer_id = customers.customer_id
@@ -244,6 +247,7 @@ select
     subscription_status,
     mrr,
     mrr_currency,
-    churned
+    churned,
+    past_due
 from final
 order by customer_id

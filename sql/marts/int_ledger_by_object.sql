@@ -1,5 +1,7 @@
 -- Ledger USD equivalents (US cents, absolute values) summed per referenced object (payment or
--- refund id) and event type. Fees and tax are ignored by every consumer.
+-- refund id) and event type. Fees are ignored by every consumer; tax_amount_minor (the
+-- payment's tax entries, in its currency's minor units) gives int_service_periods the pre-tax
+-- amount of a subscription charge.
 with ledger as (
     select * from analytics.stg_balance_ledger
 ),
@@ -17,10 +19,11 @@ final as (
             where event_type = 'payment'
         ) as payment_amount_minor,
         arg_max(currency, created_at) filter (where event_type = 'payment') as payment_currency,
-        max(created_at) filter (where event_type = 'payment') as payment_entry_at
+        max(created_at) filter (where event_type = 'payment') as payment_entry_at,
+        sum(abs(amount_minor)) filter (where event_type = 'tax') as tax_amount_minor
     from ledger
     where reference_object_id is not null
-      and event_type in ('payment', 'refund', 'refund_reversal')
+      and event_type in ('payment', 'refund', 'refund_reversal', 'tax')
     group by reference_object_id
 )
 

@@ -30,7 +30,8 @@ status_changes as (
         case
             when status = 'on_hold' then 'subscription_on_hold'
             when status = 'paused' then 'subscription_paused'
-            when status = 'active' and previous_status in ('on_hold', 'paused')
+            when status = 'past_due' then 'subscription_past_due'
+            when status = 'active' and previous_status in ('on_hold', 'paused', 'past_due')
                 then 'subscription_resumed'
             when status = 'expired' then 'subscription_expired'
             when status = 'failed' then 'subscription_failed'

@@ -4,12 +4,14 @@
 -- sync saw it in one of those. monthly_amount_minor: recurring_pre_tax_amount / (months per
 -- interval x payment_frequency_count), in minor units of `currency` (DOUBLE, unrounded).
 -- trial_converted: a succeeded non-zero payment at or after trial_end_date (1 hour tolerance).
+-- A payment belongs to every subscription of its `subscription_ids` (else `subscription_id`):
+-- analytics.stg_payment_subscriptions. API 1.123: has_payment_method, cancelled_by_actor.
 with subscriptions as (
     select * from analytics.stg_subscriptions
 ),
 
 payments as (
-    select * from analytics.stg_payments
+    select * from analytics.stg_payment_subscriptions
 ),
 
 history as (
@@ -26,7 +28,7 @@ succeeded_payments as (
         count(*) as succeeded_payments,
         min(created_at) as first_paid_at
     from payments
-    where status = 'succeeded' and subscription_id is not null
+    where status = 'succeeded'
     group by subscription_id
 ),
 
@@ -75,6 +77,8 @@ final as (
         subscriptions.cancel_at_next_billing_date,
         subscriptions.paused_at,
         subscriptions.trial_period_days,
+        subscriptions.has_payment_method,
+        subscriptions.cancelled_by_actor,
         (
             succeeded_payments.subscription_id is not null
             or subscriptions.status in ('active', 'on_hold', 'paused', 'past_due')

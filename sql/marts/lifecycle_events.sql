@@ -13,6 +13,10 @@ with payments as (
     select * from analytics.stg_payments
 ),
 
+payment_subscriptions as (
+    select * from analytics.stg_payment_subscriptions
+),
+
 refunds as (
     select * from analytics.stg_refunds
 ),
@@ -70,7 +74,9 @@ payment_completed as (
                 'payment_method', payments.payment_method,
                 'subscription_id', payments.subscription_id,
                 'customer_email', payments.customer_email,
-                'customer_name', payments.customer_name
+                'customer_name', payments.customer_name,
+                'charge_type', payments.charge_type,
+                'retry_attempt', payments.retry_attempt
             )
         end as properties,
         payments.payment_id as object_id
@@ -93,11 +99,33 @@ payment_failed as (
             'amount', amount,
             'currency', currency,
             'payment_method', payment_method,
-            'subscription_id', subscription_id
+            'subscription_id', subscription_id,
+            'charge_type', charge_type,
+            'retry_attempt', retry_attempt
         ) as properties,
         payment_id as object_id
     from payments
     where status = 'failed'
+),
+
+-- a dunning retry that succeeded (API 1.123 retry_attempt >= 1): needs no earlier sync
+payment_recovered as (
+    select
+        'payment_recovered' as fact_kind,
+        payment_id as fact_key,
+        'Payment Recovered' as event,
+        customer_id,
+        created_at as occurred_at,
+        json_object(
+            'payment_id', payment_id,
+            'subscription_id', coalesce(subscription_id, subscription_ids[1]),
+            'amount', amount,
+            'currency', currency,
+            'retry_attempt', retry_attempt
+        ) as properties,
+        payment_id as object_id
+    from payments
+    where status = 'succeeded' and retry_attempt >= 1
 ),
 
 payment_refunded as (
@@ -223,25 +251,38 @@ subscription_cancelled as (
             'product_id', product_id,
             'cancelled_at', analytics.iso_utc(cancelled_at),
             'cancel_at_next_billing', cancel_at_next_billing_date,
-            'customer_email', customer_email
+            'customer_email', customer_email,
+            'cancelled_by', cancelled_by_actor
         ) as properties,
         subscription_id as object_id
     from subscriptions
     where cancelled_at is not null
 ),
 
+-- One per (succeeded payment, subscription) that renews it: charge_type = 'renewal' with a
+-- service period for that subscription (none: a usage-only bill); where charge_type is NULL (rows
+-- older than the field), not the subscription's first succeeded payment and amount > 0. A row
+-- older than `service_periods` keeps the rule it was sent under (charge_type NULL or renewal,
+-- not the first, amount > 0), so an upgrade neither drops nor re-keys a delivered renewal.
+-- fact_key = payment_id when the payment names one subscription (the key of the releases
+-- before API 1.123), else payment_id:subscription_id.
 subscription_renewed as (
     select
         'subscription_renewed' as fact_kind,
-        payment_id as fact_key,
+        case
+            when subscriptions_in_payment = 1 then payment_id
+            else payment_id || ':' || subscription_id
+        end as fact_key,
         'Subscription Renewed' as event,
         customer_id,
         created_at as occurred_at,
         json_object(
             'subscription_id', subscription_id,
             'payment_id', payment_id,
-            'amount', amount,
-            'currency', currency
+            'amount', analytics.to_major(amount_minor, currency),
+            'currency', currency,
+            'period_start', analytics.iso_utc(period_start),
+            'period_end', analytics.iso_utc(period_end)
         ) as properties,
         payment_id as object_id
     from (
@@ -250,12 +291,15 @@ subscription_renewed as (
             row_number() over (
                 partition by subscription_id order by created_at, payment_id
             ) as succeeded_payment_number
-        from payments
-        where status = 'succeeded' and subscription_id is not null
+        from payment_subscriptions
+        where status = 'succeeded'
     )
-    where succeeded_payment_number > 1
-      and amount_minor > 0
-      and (charge_type is null or charge_type = 'renewal')
+    where (charge_type = 'renewal' and has_service_period)
+       or (
+           (charge_type is null or (charge_type = 'renewal' and not service_periods_known))
+           and succeeded_payment_number > 1
+           and amount_minor > 0
+       )
 ),
 
 trial_started as (
@@ -306,6 +350,7 @@ subscription_transition_events as (
             when 'subscription_on_hold' then 'Subscription On Hold'
             when 'subscription_paused' then 'Subscription Paused'
             when 'subscription_resumed' then 'Subscription Resumed'
+            when 'subscription_past_due' then 'Subscription Past Due'
             when 'subscription_expired' then 'Subscription Expired'
             when 'subscription_failed' then 'Subscription Failed'
             when 'subscription_plan_changed' then 'Subscription Plan Changed'
@@ -338,6 +383,7 @@ subscription_transition_events as (
 all_events as (
     select * from payment_completed
     union all select * from payment_failed
+    union all select * from payment_recovered
     union all select * from payment_refunded
     union all select * from dispute_opened
     union all select * from dispute_resolved

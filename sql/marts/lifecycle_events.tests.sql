@@ -25,7 +25,7 @@ where event is null or event not in (
     'Subscription Cancelled', 'Subscription Renewed', 'Trial Started', 'Trial Ended',
     'Subscription On Hold', 'Subscription Paused', 'Subscription Resumed',
     'Subscription Expired', 'Subscription Failed', 'Subscription Plan Changed',
-    'Subscription Cancellation Scheduled'
+    'Subscription Cancellation Scheduled', 'Payment Recovered', 'Subscription Past Due'
 )
 
 -- test: lifecycle_events_unknown_customer

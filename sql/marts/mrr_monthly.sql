@@ -1,8 +1,10 @@
 -- MRR per customer per month (USD), with the movement classified mrr-playbook style.
--- Definition: each succeeded, non-zero subscription payment covers a service period and
--- contributes a monthly USD amount (analytics.int_service_periods). A customer's MRR for a
--- month is the sum over the payments whose period covers the last instant of the month (for
--- the current month: as_of).
+-- Definition: each succeeded subscription payment that pays for a service period contributes
+-- the plan's pre-tax amount per month, in USD (analytics.int_service_periods: the API's service
+-- periods where it gives them, tax and metered usage left out). A customer's MRR for a month is
+-- the sum over their subscriptions of the period covering the last instant of the month (for
+-- the current month: as_of); where two periods of one subscription cover it (a plan change
+-- mid-cycle), the one that started last.
 -- Rows: every month from the customer's first month with MRR up to as_of, except months where
 -- both mrr_usd and previous_mrr_usd are 0 (inactive between a churn and a reactivation).
 -- movement, first match wins: new (first month), churn (mrr 0, previous > 0), reactivation
@@ -37,6 +39,10 @@ covered_months as (
     ) as sample
     where service_periods.period_start < sample.cutoff
       and service_periods.period_end >= sample.cutoff
+    qualify row_number() over (
+        partition by service_periods.subscription_id, covered.month
+        order by service_periods.period_start desc, service_periods.payment_id desc
+    ) = 1
 ),
 
 customer_month_mrr as (

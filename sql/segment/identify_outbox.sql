@@ -45,7 +45,8 @@ traits as (
             'subscription_status', subscription_status,
             'mrr', mrr,
             'mrr_currency', mrr_currency,
-            'churned', churned
+            'churned', churned,
+            'past_due', past_due
         )) as builtin_traits,
         customer_traits.customer_id
     from customer_traits

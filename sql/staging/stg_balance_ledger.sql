@@ -18,6 +18,7 @@ final as (
         is_credit,
         reference_object_id,
         description,
+        payout_id,
         cast(_synced_at as timestamptz) as synced_at
     from source
 )

@@ -2,7 +2,11 @@
 -- Columns: payment_id, created_at, status, amount_minor, amount, currency, customer_id,
 -- customer_email, customer_name, customer_phone, subscription_id, payment_method,
 -- payment_method_type, refund_status, dispute_status, charge_type (NULL when the API does not
--- send it), brand_id, payment_provider, invoice_id, metadata, synced_at.
+-- send it), brand_id, payment_provider, invoice_id, metadata, synced_at; API 1.123 (NULL on rows
+-- older than the fields): is_multi_subscription, subscription_ids (VARCHAR[]), service_periods
+-- (JSON; one row each in stg_payment_subscriptions), retry_attempt, includes_usage,
+-- checkout_session_id, card_type (lower-cased), card_exp_month, card_exp_year, three_ds_flow,
+-- three_ds_status, three_ds_version.
 -- metadata: the object's metadata as JSON; one key as text is `metadata ->> 'company'`
 -- (NULL when absent), e.g. `stg_customers.metadata ->> 'company' as company` in custom_traits.
 with source as (
@@ -31,6 +35,18 @@ final as (
         payment_provider,
         invoice_id,
         metadata,
+        try_cast(is_multi_subscription as boolean) as is_multi_subscription,
+        try_cast(subscription_ids as varchar[]) as subscription_ids,
+        try_cast(service_periods as json) as service_periods,
+        try_cast(retry_attempt as bigint) as retry_attempt,
+        try_cast(includes_usage as boolean) as includes_usage,
+        checkout_session_id,
+        lower(card_type) as card_type,
+        card_exp_month,
+        card_exp_year,
+        lower(three_ds_flow) as three_ds_flow,
+        lower(three_ds_status) as three_ds_status,
+        three_ds_version,
         cast(_synced_at as timestamptz) as synced_at
     from source
 )

@@ -1,5 +1,7 @@
 -- One row per subscription (current state). Intervals lower-cased (day, week, month, year).
 -- recurring_amount = recurring_pre_tax_amount in major units of `currency`.
+-- API 1.123: has_payment_method; cancelled_by_actor = cancelled_by.actor_type (customer,
+-- merchant_user, api_key, dodo_team; NULL when no caller is known, e.g. the system cancelled).
 -- metadata: the object's metadata as JSON; one key as text is `metadata ->> 'company'`
 -- (NULL when absent), e.g. `stg_customers.metadata ->> 'company' as company` in custom_traits.
 with source as (
@@ -35,6 +37,8 @@ final as (
         customer__name as customer_name,
         discount_id,
         metadata,
+        try_cast(has_payment_method as boolean) as has_payment_method,
+        lower(try_cast(cancelled_by as json) ->> 'actor_type') as cancelled_by_actor,
         cast(_synced_at as timestamptz) as synced_at
     from source
 )

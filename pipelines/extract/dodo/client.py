@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -196,7 +197,10 @@ def _parse_items(body: bytes, resource: str) -> list[dict[str, Any]]:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _MalformedPage(f"malformed JSON from {ENDPOINTS[resource]}") from exc
+        try:  # valid JSON orjson refuses (an integer beyond 64 bits): the records decide
+            document = json.loads(body)
+        except ValueError:
+            raise _MalformedPage(f"malformed JSON from {ENDPOINTS[resource]}") from exc
     items = document.get("items") if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise _MalformedPage(f"no 'items' list in the response of {ENDPOINTS[resource]}")
