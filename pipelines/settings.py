@@ -376,7 +376,8 @@ PERSONAL_FIELDS: Final = frozenset(
         "email", "name", "phone", "phone_number", "metadata", "billing", "tax_id",
         "customer__email", "customer__name", "customer__phone_number", "customer__metadata",
         "customer_email", "customer_name", "customer_phone", "customer_business_name",
-        "card_last_four", "payment_method_id", "invoice_url",
+        "card_last_four", "card_exp_month", "card_exp_year", "payment_method_id", "invoice_url",
+        "cancelled_by",
         "traits_hash", "outbox_hash",
     }
 )  # fmt: skip
