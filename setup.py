@@ -18,5 +18,5 @@ SQL_PACKAGES = ["pipelines.sql"] + [
 setup(
     packages=[*find_packages(include=["pipelines", "pipelines.*"]), *SQL_PACKAGES],
     package_dir={"pipelines.sql": "sql"},
-    package_data={package: ["*.sql"] for package in SQL_PACKAGES},
+    # their *.sql files are package data in pyproject.toml, which overrides setup() arguments
 )
