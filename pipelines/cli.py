@@ -54,6 +54,7 @@ examples:
   dodo-segment run --skip-emit                  load and model only (no SEGMENT_WRITE_KEY needed)
   dodo-segment run --events-since 2025-01-01    also send historical events from that date
   dodo-segment run --full-refresh customers     re-read all customers
+  dodo-segment run --deep                       the deep pass now (re-read lookback_days)
   dodo-segment run --log-format json >> sync.log 2>&1
 
 A second run while one is in progress exits 0 at once with one line (--wait queues it).
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RESOURCE",
         choices=(*RESOURCES, []),
         help=f"re-read all history of these resources (all when none named): {', '.join(RESOURCES)}",
+    )
+    run.add_argument(
+        "--deep",
+        action="store_true",
+        help="make this run the deep pass: re-read the whole lookback_days window behind each "
+        "cursor (otherwise one run per deep_lookback_hours does)",
     )
     run.add_argument(
         "--skip-emit", action="store_true", help="extract and model only; do not send to Segment"
@@ -323,6 +330,7 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             skip_emit=args.skip_emit,
             only_emit=args.only_emit,
         )
+        options.deep = args.deep
         if options.skip_emit and options.only_emit:
             raise ConfigError("--skip-emit and --only-emit exclude each other")
         check_ready(config, options)

@@ -53,6 +53,8 @@ class RunOptions:
     skip_emit: bool = False
     only_emit: bool = False
     command: str = "run"
+    deep: bool = False
+    """Make this run the deep pass (re-read the whole lookback_days window)."""
 
 
 @dataclass
@@ -210,7 +212,9 @@ def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
     t0 = time.monotonic()
     log.info("extract: reading the Dodo Payments API at %s", config.extract.base_url)
     with heartbeat("extract", "reading the Dodo Payments API"):
-        report.extract = run_extract(config, full_refresh=options.full_refresh)
+        report.extract = run_extract(
+            config, full_refresh=options.full_refresh, deep=options.deep, run_id=report.run_id
+        )
     log.info(
         "extract: loaded %d rows in %.1fs with %d API requests (%s)",
         report.extract.total_rows,
@@ -322,6 +326,12 @@ def summary_line(report: RunReport) -> str:
         parts.append(
             f"loaded {report.extract.total_rows} rows with "
             f"{sum(report.extract.api_requests.values())} API requests"
+        )
+    if report.extract is not None and report.extract.deep and report.extract.deep_found:
+        found = report.extract.deep_found
+        parts.append(
+            f"deep pass found {sum(f['new'] + f['changed'] for f in found.values())} rows the "
+            "short window missed"
         )
     if report.preview is None and report.exit_code != ExitCode.DATA_TEST_FAILED:
         parts.append(f"sent {report.identifies_sent} identify, {report.tracks_sent} track")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Business", "DodoSimulator", "SegmentCollector", "generate_business"]
+__all__ = ["Business", "DodoSimulator", "RateLimit", "SegmentCollector", "generate_business"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from pipelines.sandbox.simulator import DodoSimulator
 
         return DodoSimulator
+    if name == "RateLimit":
+        from pipelines.sandbox.ratelimit import RateLimit
+
+        return RateLimit
     if name == "SegmentCollector":
         from pipelines.sandbox.collector import SegmentCollector
 

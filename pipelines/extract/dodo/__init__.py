@@ -74,6 +74,11 @@ class ExtractPlan:
     """Objects the warehouse holds in a non-terminal status."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     """Items set aside during extraction; the extract step stores them before loading."""
+    deep: bool = False
+    """This run is the deep pass: `lookback` is the whole lookback_days window."""
+    cursors_at_start: dict[str, datetime] = field(default_factory=dict)
+    """Each incremental resource's saved cursor when this run first read it (what a deep pass
+    found is counted behind it)."""
 
 
 def _parse(value: str | None) -> datetime | None:
@@ -200,6 +205,9 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
     re-reads older objects, turns the load back into a merge on the primary key.
     """
     state = dlt.current.resource_state()
+    saved = _parse(state.get("cursor"))
+    if saved is not None and not (state.get("more") and state.get("more_run") == plan.run_id):
+        plan.cursors_at_start.setdefault(resource, saved)
     reading = _read_range(resource, plan, state)
     start, cursor, end = reading.start, reading.cursor, plan.run_started_at
     first = timedelta(seconds=state["window_seconds"]) if state.get("window_seconds") else None
