@@ -314,6 +314,7 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             limit=args.limit,
             as_json=args.json,
             excluded_fields=config.segment.excluded_fields,
+            deep_every_hours=config.extract.deep_lookback_hours,
         )
     if args.command == "doctor":
         from pipelines.commands.doctor import run_doctor

@@ -327,12 +327,6 @@ def summary_line(report: RunReport) -> str:
             f"loaded {report.extract.total_rows} rows with "
             f"{sum(report.extract.api_requests.values())} API requests"
         )
-    if report.extract is not None and report.extract.deep and report.extract.deep_found:
-        found = report.extract.deep_found
-        parts.append(
-            f"deep pass found {sum(f['new'] + f['changed'] for f in found.values())} rows the "
-            "short window missed"
-        )
     if report.preview is None and report.exit_code != ExitCode.DATA_TEST_FAILED:
         parts.append(f"sent {report.identifies_sent} identify, {report.tracks_sent} track")
     if report.skipped_backlog:

@@ -1,7 +1,8 @@
 """Extract and load: read the Dodo Payments API (`dodo/`, a dlt source) into `dodo_raw` (`load`).
 
-`dodo/` is the source: paging, windows, retries and typed Arrow pages; `load` runs it through a
-dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables.
+`dodo/` is the source: paging, windows, retries, pacing and typed Arrow pages; `load` runs it
+through a dlt pipeline into DuckDB, recovers failed loads and keeps the status history tables;
+`lookback` decides when a run is the deep pass and records what it found.
 """
 
 from pipelines.extract.dodo import ExtractPlan, dodo_source
@@ -14,6 +15,7 @@ from pipelines.extract.load import (
     make_pipeline,
     run_extract,
 )
+from pipelines.extract.lookback import LookbackPass, last_deep_pass, recent_passes
 
 __all__ = [
     "JOB_FORMAT",
@@ -23,8 +25,11 @@ __all__ = [
     "ExtractFormat",
     "ExtractPlan",
     "ExtractResult",
+    "LookbackPass",
     "build_plan",
     "dodo_source",
+    "last_deep_pass",
     "make_pipeline",
+    "recent_passes",
     "run_extract",
 ]

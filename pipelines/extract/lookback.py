@@ -152,7 +152,7 @@ def snapshot(con: duckdb.DuckDBPyConnection, since: dict[str, datetime]) -> Deep
         if not columns:
             continue
         query = _hashed(con, resource, columns) + " where created_at >= ?"
-        taken.rows[resource] = con.execute(query, [start]).fetch_arrow_table()
+        taken.rows[resource] = con.sql(query, params=[start]).to_arrow_table()
         taken.columns[resource] = columns
     return taken
 
@@ -174,17 +174,16 @@ def found_by_deep_pass(
                 continue
             con.register("before_rows", before.rows[resource])
             now = _hashed(con, resource, before.columns[resource])
-            row = con.execute(
+            ((new, changed),) = con.execute(
                 f"with after_rows as ({now} where created_at >= ? and created_at < ?) "
                 "select count(*) filter (where b.key is null), "
                 "count(*) filter (where b.key is not null and not b.is_open "
                 "and a.row_hash <> b.row_hash) "
                 "from after_rows as a left join before_rows as b using (key)",
                 [start, end],
-            ).fetchone()
+            ).fetchall()
             con.unregister("before_rows")
-            new, changed = (int(row[0]), int(row[1])) if row else (0, 0)
-            found[resource] = {"new": new, "changed": changed}
+            found[resource] = {"new": int(new), "changed": int(changed)}
     return found
 
 
