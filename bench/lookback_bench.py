@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS
 PAGE_SIZE = 100
 SHORT = timedelta(minutes=60)
 OLD_LOOKBACK_MINUTES = str(3 * 24 * 60)
+SCHEDULE_S = 60.0
+"""The limiter's no-change runs start this far apart, as a job scheduled every minute."""
 INCREMENTAL = ("payments", "subscriptions", "customers", "refunds", "disputes", "balance_ledger")
 
 
@@ -117,10 +120,17 @@ def bench_tiers(payments: int, seed: int, repeat: int, work: Path) -> dict[str, 
 
 
 def bench_limiter(
-    payments: int, seed: int, repeat: int, work: Path, per_minute: float = 240, burst: int = 40
+    payments: int,
+    seed: int,
+    repeat: int,
+    work: Path,
+    per_minute: float = 240,
+    burst: int = 40,
+    schedule_s: float = SCHEDULE_S,
 ) -> dict[str, Any]:
     """The first sync (extract + load) and no-change runs against the simulator's limiter,
-    paced by its headers (no client-side ceiling): requests, wall time, 429s."""
+    paced by its headers (no client-side ceiling): requests, wall time, 429s. The no-change runs
+    start `schedule_s` apart (a minute: a job scheduled every minute)."""
     sim = start_simulator(
         payments, seed,
         extra=("--rate-limit-per-minute", f"{per_minute:g}", "--rate-limit-burst", str(burst)),
@@ -132,8 +142,13 @@ def bench_limiter(
     try:
         first = run_probe(env, work, "--extract-only")
         run_probe(env, work)  # models, the first emit
+        started = time.monotonic()
         run_probe(env, work)  # builds the models the next runs keep
-        runs = [run_probe(env, work) for _ in range(repeat)]
+        runs = []
+        for _ in range(repeat):  # scheduled every minute: each starts a minute after the last
+            time.sleep(max(0.0, schedule_s - (time.monotonic() - started)))
+            started = time.monotonic()
+            runs.append(run_probe(env, work))
     finally:
         stop(sim.proc)
         stop(collector)
@@ -144,6 +159,7 @@ def bench_limiter(
     return {
         "payments": payments,
         "limit": {"per_minute": per_minute, "burst": burst},
+        "no_change_runs_every_s": schedule_s,
         "first_sync": {
             "api_requests": requests,
             "responses_429": first["extract"]["pacing"].get("throttled"),

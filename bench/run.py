@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limiter-size", default=None,
                         help="the size synced against the simulator's 240/min limiter (default "
                              "as --lookback-size; '0': skip)")  # fmt: skip
+    parser.add_argument("--limiter-schedule-seconds", type=float, default=60,
+                        help="the limiter's no-change runs start this far apart")  # fmt: skip
     parser.add_argument("--only-lookback", action="store_true",
                         help="only the lookback and limiter figures")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
@@ -573,7 +575,9 @@ def lookback_figures(
         results["lookback_tiers"] = bench_tiers(size, args.seed, repeat, work)
     size = parse_size(args.limiter_size) if args.limiter_size else default
     if size:
-        results["limiter"] = bench_limiter(size, args.seed, repeat, work)
+        results["limiter"] = bench_limiter(
+            size, args.seed, repeat, work, schedule_s=args.limiter_schedule_seconds
+        )
 
 
 def _finish(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     main(
         ["--sizes", "2k", "--repeat", "1", "--formats-size", "2k", "--baseline-events", "50",
-         "--baseline-latency-events", "20", "--out", str(out)]
+         "--baseline-latency-events", "20", "--limiter-schedule-seconds", "0", "--out", str(out)]
     )  # fmt: skip
     results = json.loads(out.read_text())
     (size,) = results["sizes"]
