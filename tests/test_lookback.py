@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from datetime import timedelta
 
 import duckdb
+import pytest
 
 from pipelines.config import pipeline_dir
 from pipelines.extract import run_extract
 from pipelines.extract.dodo.client import format_timestamp
 from pipelines.extract.dodo.pacing import Pacer
+from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.ratelimit import RateLimit, TokenBuckets
 from tests.conftest import Sandbox, run_cli
 from tests.test_extract import assert_matches_truth, warehouse_ids
@@ -186,3 +189,15 @@ def test_the_users_ceiling_applies_with_headers_too() -> None:
     pacer.acquire()  # plenty of allowance, but the user allows one request a second
     pacer.observe(200, {"X-RateLimit-Remaining": "199", "X-RateLimit-Reset": "60"})
     assert slept == [1.0]
+
+
+def test_a_no_change_run_keeps_the_models_although_it_records_its_pass(
+    sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dodo_segment")
+    config = sandbox.config()
+    assert run_job(config, RunOptions(skip_emit=True)).exit_code == 0
+    caplog.clear()
+    assert run_job(config, RunOptions(skip_emit=True)).exit_code == 0
+    assert "models: inputs unchanged" in caplog.text
+    assert [deep for deep, _ in passes(sandbox.db)] == [True, False]

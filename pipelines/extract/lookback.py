@@ -21,11 +21,16 @@ import duckdb
 import pyarrow as pa
 
 from pipelines.extract.dodo import ExtractPlan
-from pipelines.settings import NON_TERMINAL_STATUSES, PRIMARY_KEYS, RAW_DATASET, STATUS_FIELDS
+from pipelines.settings import (
+    LOOKBACK_PASSES_TABLE,
+    NON_TERMINAL_STATUSES,
+    PRIMARY_KEYS,
+    RAW_DATASET,
+    STATUS_FIELDS,
+)
 
 log = logging.getLogger(__name__)
 
-LOOKBACK_PASSES_TABLE = "lookback_passes"
 LOOKBACK_PASSES_SQL = f"""
 create table if not exists {RAW_DATASET}.{LOOKBACK_PASSES_TABLE} (
     run_id varchar primary key, as_of timestamptz not null, deep boolean not null,
