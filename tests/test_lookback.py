@@ -10,7 +10,7 @@ from datetime import timedelta
 import duckdb
 import pytest
 
-from pipelines.config import pipeline_dir
+from pipelines.config import ConfigError, load_config, pipeline_dir
 from pipelines.extract import run_extract
 from pipelines.extract.dodo.client import format_timestamp
 from pipelines.extract.dodo.pacing import Pacer
@@ -201,3 +201,12 @@ def test_a_no_change_run_keeps_the_models_although_it_records_its_pass(
     assert run_job(config, RunOptions(skip_emit=True)).exit_code == 0
     assert "models: inputs unchanged" in caplog.text
     assert [deep for deep, _ in passes(sandbox.db)] == [True, False]
+
+
+def test_the_lookback_and_ceiling_settings() -> None:
+    defaults = load_config({}).extract
+    assert (defaults.lookback_minutes, defaults.deep_lookback_hours) == (60, 24)
+    assert defaults.requests_per_minute is None  # the server's headers pace the job
+    assert load_config({"sources.dodo.requests_per_minute": "90"}).extract.requests_per_minute == 90
+    with pytest.raises(ConfigError, match="lookback_minutes must be a number above 0"):
+        load_config({"sources.dodo.lookback_minutes": 0})
