@@ -256,7 +256,9 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
             rows += read.items
             if cursor is None or window.end > cursor:
                 state["cursor"] = window.end.isoformat()
-            state["window_seconds"] = (window.end - window.start).total_seconds()
+            # the span of [start, end] inclusive: a walk of the same length next time is one
+            # window, not one and a query for its last microsecond (short windows repeat it)
+            state["window_seconds"] = (window.end - window.start + ONE_MICROSECOND).total_seconds()
             if rows >= plan.rows_per_load and window.end < end:
                 # Commit this load and let the extract step start another one (resumable backfill).
                 if pending:
