@@ -1,6 +1,6 @@
 """Run one `dodo-segment run` in this process and print its figures as one JSON line.
 
-    python -m bench.job_probe [--events-since DATE] [--rebuild-models]
+    python -m bench.job_probe [--events-since DATE] [--rebuild-models] [--deep]
     python -m bench.job_probe --extract-only [--extract-format job|dlt-normaliser|dlt-defaults]
 
 Configured by the job's own environment variables (bench/run.py sets them). Peak RSS is sampled
@@ -72,6 +72,10 @@ def extract_figures(ex: ExtractResult | None) -> dict[str, Any]:
         "api_retries": ex.api_retries if ex else {},
         "loads": ex.loads if ex else 0,
         "seconds": {k: round(v, 3) for k, v in (ex.seconds if ex else {}).items()},
+        "deep": ex.deep if ex else None,
+        "lookback_seconds": ex.lookback_seconds if ex else None,
+        "deep_found": ex.deep_found if ex else {},
+        "pacing": ex.pacing if ex else {},
     }
 
 
@@ -105,6 +109,7 @@ def main() -> None:
         "--extract-only", action="store_true", help="only extract + load, no models or emit"
     )
     parser.add_argument("--extract-format", choices=EXTRACT_FORMATS, default="job")
+    parser.add_argument("--deep", action="store_true", help="make the run the deep pass")
     args = parser.parse_args()
     if args.extract_only:
         extract_only(EXTRACT_FORMATS[args.extract_format])
@@ -131,7 +136,10 @@ def main() -> None:
     since = args.events_since
     report = run_job(
         load_config(),
-        RunOptions(events_since=since.replace(tzinfo=since.tzinfo or UTC) if since else None),
+        RunOptions(
+            events_since=since.replace(tzinfo=since.tzinfo or UTC) if since else None,
+            deep=args.deep,
+        ),
     )
     wall = time.perf_counter() - started
     cpu1 = psutil.Process().cpu_times()

@@ -73,13 +73,15 @@ class Simulator:
     generation_s: float
 
 
-def start_simulator(payments: int, seed: int, older_closed_payments: int = 0) -> Simulator:
-    """The simulator in its own process, once it serves."""
+def start_simulator(
+    payments: int, seed: int, older_closed_payments: int = 0, extra: tuple[str, ...] = ()
+) -> Simulator:
+    """The simulator in its own process, once it serves (`extra`: more of its flags)."""
     t0 = time.perf_counter()
     proc, line = _spawn(
         ["pipelines.sandbox.simulator", "--port", "0", "--payments", str(payments),
          "--seed", str(seed), "--api-key", API_KEY,
-         "--older-closed-payments", str(older_closed_payments)], REPO,
+         "--older-closed-payments", str(older_closed_payments), *extra], REPO,
     )  # fmt: skip
     base_url, _, now = line.split()
     return Simulator(proc, base_url, now, time.perf_counter() - t0)
@@ -472,6 +474,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--formats-size", default="100k",
                         help="the size comparison (c) loads in each extract format")  # fmt: skip
     parser.add_argument("--skip-formats", action="store_true")
+    parser.add_argument("--lookback-size", default=None,
+                        help="the size whose no-change runs compare the short window, the old "
+                             "3-day lookback and the deep pass (default: the largest of --sizes "
+                             "up to 100k; '0': skip)")  # fmt: skip
+    parser.add_argument("--limiter-size", default=None,
+                        help="the size synced against the simulator's 240/min limiter (default "
+                             "as --lookback-size; '0': skip)")  # fmt: skip
+    parser.add_argument("--limiter-schedule-seconds", type=float, default=60,
+                        help="the limiter's no-change runs start this far apart")  # fmt: skip
+    parser.add_argument("--only-lookback", action="store_true",
+                        help="only the lookback and limiter figures")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
     sizes = [10_000] if args.quick else [parse_size(s) for s in args.sizes.split(",")]
@@ -487,10 +500,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
         work = Path(tmp)
+        lookback_figures(args, repeat, work, results)
+        if args.only_lookback:
+            sizes = []
         backfill_max = parse_size(args.backfill_emit_max)
         for payments in sizes:
             results["sizes"].append(bench_size(payments, args.seed, repeat, backfill_max, work))
         by_size = {s["payments"]: s for s in results["sizes"]}
+        if not by_size:
+            return _finish(args, results)
         small, large = min(by_size), max(by_size)
         ratios: dict[str, float] = {}
         if small != large:
@@ -541,9 +559,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 20,
                 outboxes,
             )
+    return _finish(args, results)
+
+
+def lookback_figures(
+    args: argparse.Namespace, repeat: int, work: Path, results: dict[str, Any]
+) -> None:
+    """The tiered lookback against the old 3-day lookback, and the limiter runs."""
+    from bench.lookback_bench import bench_limiter, bench_tiers
+
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    default = 2_000 if args.quick else max([s for s in sizes if s <= 100_000] or [min(sizes)])
+    size = parse_size(args.lookback_size) if args.lookback_size else default
+    if size:
+        results["lookback_tiers"] = bench_tiers(size, args.seed, repeat, work)
+    size = parse_size(args.limiter_size) if args.limiter_size else default
+    if size:
+        results["limiter"] = bench_limiter(
+            size, args.seed, repeat, work, schedule_s=args.limiter_schedule_seconds
+        )
+
+
+def _finish(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    from bench.lookback_bench import print_lookback
+
     results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)
+    print_lookback(results)
     return results
 
 

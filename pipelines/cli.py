@@ -57,6 +57,7 @@ examples:
   dodo-segment run --skip-emit                  load and model only (no SEGMENT_WRITE_KEY needed)
   dodo-segment run --events-since 2025-01-01    also send historical events from that date
   dodo-segment run --full-refresh customers     re-read all customers
+  dodo-segment run --deep                       the deep pass now (re-read lookback_days)
   dodo-segment run --log-format json >> sync.log 2>&1
 
 A second run while one is in progress exits 0 at once with one line (--wait queues it).
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RESOURCE",
         choices=(*RESOURCES, []),
         help=f"re-read all history of these resources (all when none named): {', '.join(RESOURCES)}",
+    )
+    run.add_argument(
+        "--deep",
+        action="store_true",
+        help="make this run the deep pass: re-read the whole lookback_days window behind each "
+        "cursor (otherwise one run per deep_lookback_hours does)",
     )
     run.add_argument(
         "--skip-emit", action="store_true", help="extract and model only; do not send to Segment"
@@ -402,6 +409,7 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             limit=args.limit,
             as_json=args.json or args.format == "json",
             excluded_fields=config.segment.excluded_fields,
+            deep_every_hours=config.extract.deep_lookback_hours,
         )
     if args.command == "listen":
         from pipelines.commands.listen import serve
@@ -423,11 +431,12 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
             skip_emit=args.skip_emit,
             only_emit=args.only_emit,
             webhook_only=args.webhook_only,
+            deep=args.deep,
         )
         if options.skip_emit and options.only_emit:
             raise ConfigError("--skip-emit and --only-emit exclude each other")
-        if options.webhook_only and (options.only_emit or options.full_refresh):
-            raise ConfigError("--webhook-only excludes --only-emit and --full-refresh")
+        if options.webhook_only and (options.only_emit or options.full_refresh or options.deep):
+            raise ConfigError("--webhook-only excludes --only-emit, --full-refresh and --deep")
         check_ready(config, options)
         if args.serve_stdin:
             return _serve_runs(config, options)

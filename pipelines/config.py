@@ -56,8 +56,10 @@ class ExtractConfig:
     api_key: str = field(repr=False)
     environment: str
     base_url: str
-    requests_per_minute: float
+    requests_per_minute: float | None
+    """The user's ceiling; None: pace to the server's rate-limit headers (100/min without)."""
     lookback_days: float
+    """The deep pass's window behind each cursor (once per deep_lookback_hours)."""
     customers_full_refresh_hours: float
     subscriptions_full_sweep_hours: float
     max_pages_per_query: int
@@ -68,6 +70,10 @@ class ExtractConfig:
     rows_per_load: int
     as_of: datetime | None = None
     """Read the API as of this time instead of now (replays, and the sandbox's own clock)."""
+    lookback_minutes: float = 60
+    """Every run's short window behind each cursor (open objects are re-read besides)."""
+    deep_lookback_hours: float = 24
+    """One run this often re-reads the whole lookback_days window (the deep pass)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,20 @@ def _number(path: str, flags: Mapping[str, Any] | None, default: float) -> float
         raise ConfigError(f"{path} must be a number, got {value!r}") from exc
 
 
+def _optional_number(path: str, flags: Mapping[str, Any] | None) -> float | None:
+    value = lookup(path, flags, None)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _number(path, flags, 0)
+
+
+def _positive(path: str, flags: Mapping[str, Any] | None, default: float) -> float:
+    value = _number(path, flags, default)
+    if value <= 0:
+        raise ConfigError(f"{path} must be a number above 0, got {value:g}")
+    return value
+
+
 def _flag(path: str, flags: Mapping[str, Any] | None, default: bool) -> bool:
     value = lookup(path, flags, default)
     if isinstance(value, bool):
@@ -253,7 +273,7 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         api_key=str(lookup("sources.dodo.api_key", flags, "") or ""),
         environment=environment,
         base_url=base_url,
-        requests_per_minute=_number("sources.dodo.requests_per_minute", flags, 100),
+        requests_per_minute=_optional_number("sources.dodo.requests_per_minute", flags),
         lookback_days=_number("sources.dodo.lookback_days", flags, 3),
         customers_full_refresh_hours=_number(
             "sources.dodo.customers_full_refresh_hours", flags, 24
@@ -270,6 +290,8 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         as_of=_datetime("sources.dodo.as_of", flags, "")
         if lookup("sources.dodo.as_of", flags)
         else None,
+        lookback_minutes=_positive("sources.dodo.lookback_minutes", flags, 60),
+        deep_lookback_hours=_positive("sources.dodo.deep_lookback_hours", flags, 24),
     )
     segment = SegmentConfig(
         write_key=str(lookup("segment.write_key", flags, "") or ""),

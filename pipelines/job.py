@@ -63,6 +63,8 @@ class RunOptions:
     webhook_only: bool = False
     """Merge the stored webhook deliveries and skip reading the API (runs started by `listen`)."""
     command: str = "run"
+    deep: bool = False
+    """Make this run the deep pass (re-read the whole lookback_days window)."""
 
 
 @dataclass
@@ -272,7 +274,11 @@ def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
     try:
         with heartbeat("extract", "reading the Dodo Payments API"):
             report.extract = run_extract(
-                config, full_refresh=options.full_refresh, on_page=progress.count_page
+                config,
+                full_refresh=options.full_refresh,
+                on_page=progress.count_page,
+                deep=options.deep,
+                run_id=report.run_id,
             )
     finally:
         progress.close()

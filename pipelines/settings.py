@@ -349,6 +349,12 @@ REJECTED_RECORDS_TABLE: Final = "rejected_records"
 SUBSCRIPTION_HISTORY_TABLE: Final = "subscription_history"
 DISPUTE_HISTORY_TABLE: Final = "dispute_history"
 
+LOOKBACK_PASSES_TABLE: Final = "lookback_passes"
+"""dodo_raw.lookback_passes: one row per extract (short window or deep pass, what it found)."""
+RAW_BOOKKEEPING_TABLES: Final = (LOOKBACK_PASSES_TABLE,)
+"""Raw-schema tables that record how the extract ran, not what the API said: no model reads
+them, so they are not part of the raw data the models' keep-the-last-build check compares."""
+
 # --- Warehouse schemas of the later steps ------------------------------------------------------
 
 ANALYTICS_SCHEMA: Final = "analytics"

@@ -12,7 +12,7 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     main(
         ["--sizes", "2k", "--repeat", "1", "--formats-size", "2k", "--baseline-events", "50",
-         "--baseline-latency-events", "20", "--out", str(out)]
+         "--baseline-latency-events", "20", "--limiter-schedule-seconds", "0", "--out", str(out)]
     )  # fmt: skip
     results = json.loads(out.read_text())
     (size,) = results["sizes"]
@@ -52,6 +52,21 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
         assert emitter["events"] == first["emit_messages"]
         assert 0 < emitter["fill_ratio"] <= 1
         assert pair["one_request_per_event"]["events"] in (50, 20)
+
+    # the tiered lookback against the old 3-day lookback, the deep pass against the old bound
+    tiers = results["lookback_tiers"]
+    short, old, deep = (tiers[k] for k in ("no_change_short", "no_change_old_3_day_lookback",
+                                           "deep_pass"))  # fmt: skip
+    assert short["deep"] is False and old["deep"] is False and deep["deep"] is True
+    assert short["api_requests"] <= tiers["floor"]["total"] + 7  # a short page per resource
+    assert deep["api_requests"] <= tiers["bound"]["total"]
+    assert set(deep["deep_found"]) >= {"payments", "balance_ledger"}
+    # against the simulator's 240/min limiter: paced by its headers, never refused
+    limited = results["limiter"]
+    assert limited["first_sync"]["responses_429"] == 0 and limited["first_sync"]["retries"] == 0
+    assert limited["first_sync"]["pacing"]["headers_seen"] is True
+    assert limited["first_sync"]["api_requests"] > limited["limit"]["burst"]
+    assert limited["no_change"]["pacing"]["throttled"] == 0
 
 
 def test_emitter_comparison_on_synthetic_events_reports_a_ratio() -> None:

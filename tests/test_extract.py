@@ -261,7 +261,8 @@ def test_an_incremental_run_in_several_loads_still_rereads_open_objects(sandbox:
     for minutes in range(1, 301):  # new payments in the lookback window, a minute apart
         sandbox.business.add_payments(1, at=sandbox.business.now - timedelta(minutes=minutes))
     sandbox.business.set_payment_status(processing["payment_id"], "succeeded")
-    result = run_extract(sandbox.config(**small, **{"sources.dodo.rows_per_load": 150}))
+    window = {"sources.dodo.rows_per_load": 150, "sources.dodo.lookback_minutes": 360}
+    result = run_extract(sandbox.config(**small, **window))
     assert result.loads > 1  # the re-reads the first load owed are made by a later one
     with duckdb.connect(sandbox.db, read_only=True) as con:
         status = con.execute(

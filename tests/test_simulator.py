@@ -15,6 +15,7 @@ from dodopayments import types as sdk
 
 from pipelines.sandbox.business import Business, generate_business
 from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
+from pipelines.sandbox.ratelimit import RateLimit
 from pipelines.sandbox.simulator import DodoSimulator
 from pipelines.settings import ENDPOINTS, LEDGER_EVENT_TYPES, PRIMARY_KEYS
 
@@ -403,3 +404,27 @@ def test_fault_injection(api: requests.Session, sim: DodoSimulator) -> None:
     assert counts["/payments"] >= 12
     sim.reset_counts()
     assert sim.request_counts_by_endpoint() == {}
+
+
+def test_the_rate_limit_is_off_by_default(api: requests.Session, sim: DodoSimulator) -> None:
+    response = api.get(sim.base_url + ENDPOINTS["payments"], timeout=10)
+    assert response.status_code == 200
+    assert "X-RateLimit-Remaining" not in response.headers
+
+
+def test_the_rate_limit_is_a_token_bucket_with_headers_and_429(business: Business) -> None:
+    with DodoSimulator(business, rate_limit=RateLimit(per_minute=60, burst=3)) as limited:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {limited.api_key}"
+        answers = [
+            session.get(limited.base_url + ENDPOINTS["customers"], timeout=10) for _ in range(4)
+        ]
+        session.close()
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers] == ["2", "1", "0", "0"]
+    assert {a.headers["X-RateLimit-Limit"] for a in answers} == {"60"}
+    resets = [float(a.headers["X-RateLimit-Reset"]) for a in answers[:3]]
+    assert 0 < resets[0] < resets[1] < resets[2] <= 3  # seconds until the bucket is full again
+    assert answers[3].headers["Retry-After"] == "1"
+    assert answers[3].json()["code"] == "TOO_MANY_REQUESTS"
+    assert "Retry-After" not in answers[0].headers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pipelines import lock, warehouse
@@ -68,7 +68,10 @@ def _webhooks(warehouse_path: str) -> dict[str, Any] | None:
 
 
 def collect(
-    warehouse_path: str, limit: int = 10, excluded_fields: Sequence[str] = ()
+    warehouse_path: str,
+    limit: int = 10,
+    excluded_fields: Sequence[str] = (),
+    deep_every_hours: float | None = None,
 ) -> dict[str, Any]:
     """Everything status shows, as one JSON-ready document. Never writes to the warehouse.
 
@@ -101,6 +104,7 @@ def collect(
             document["schema_version"] = version
             document["runs"] = warehouse.recent_runs(con, limit) if version else []
             document["pending"] = pending_counts(con, excluded_fields)
+            document["lookback"] = _lookback(con, deep_every_hours)
     except warehouse.WarehouseBusy:
         # Held by a process that does not take the run lock (a notebook, the duckdb shell).
         document["note"] = (
@@ -108,6 +112,70 @@ def collect(
             "close it to see the figures"
         )
     return document
+
+
+def _lookback(con: Any, deep_every_hours: float | None) -> dict[str, Any]:
+    """Which recent runs were the deep pass, the last deep pass, what it found, when the next."""
+    from pipelines.extract import last_deep_pass, recent_passes  # the extract loads dlt
+
+    deep = last_deep_pass(con)
+    due = deep.as_of + timedelta(hours=deep_every_hours) if deep and deep_every_hours else None
+    return {
+        "runs": {p.run_id: {"deep": p.deep, "window_seconds": p.window_seconds}
+                 for p in recent_passes(con, 50)},
+        "last_deep_pass": None if deep is None else {
+            "run_id": deep.run_id,
+            "as_of": deep.as_of,
+            "window_seconds": deep.window_seconds,
+            "api_requests": sum(deep.api_requests.values()),
+            "found": deep.found,
+        },
+        "next_deep_pass_from": due,
+    }  # fmt: skip
+
+
+def _window(seconds: float) -> str:
+    if seconds >= 86_400 and seconds % 86_400 == 0:
+        return f"{seconds / 86_400:g}-day"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}-hour"
+    return f"{seconds / 60:g}-minute"
+
+
+def _show_lookback(runs: list[dict[str, Any]], lookback: dict[str, Any] | None) -> None:
+    """API requests per run and per resource, and the last deep pass with what it found."""
+    if not lookback or not runs:
+        return
+    passes = lookback["runs"]
+    print("API requests per run and resource (deep: the run re-read the whole lookback window):")
+    for run in runs:
+        requests = run["api_requests"] or {}
+        if not requests:
+            continue
+        kind = passes.get(run["run_id"])
+        label = "-" if kind is None else ("deep" if kind["deep"] else "short")
+        parts = ", ".join(f"{name} {n}" for name, n in sorted(requests.items()))
+        print(f"  {_when(run['started_at']):<20} {label:<5} {sum(requests.values()):>6}: {parts}")
+    deep = lookback["last_deep_pass"]
+    if deep is None:
+        print("Last deep pass: none recorded yet (the next run is the deep pass)")
+        return
+    found = deep["found"]
+    missed = [f"{r} {f['new']} new, {f['changed']} changed" for r, f in sorted(found.items())
+              if f["new"] or f["changed"]]  # fmt: skip
+    what = (
+        "found what the short runs missed: " + "; ".join(missed)
+        if missed
+        else "found nothing the short runs had missed"
+        if found
+        else "first sync, nothing to compare"
+    )
+    due = lookback["next_deep_pass_from"]
+    print(
+        f"Last deep pass: {_when(deep['as_of'])} ({_window(deep['window_seconds'])} window, "
+        f"{deep['api_requests']} API requests), {what}"
+        + (f"; next from {_when(due)}" if due else "")
+    )
 
 
 def _when(value: Any) -> str:
@@ -125,10 +193,14 @@ def _figure(value: Any) -> str:
 
 
 def show(
-    warehouse_path: str, limit: int = 10, as_json: bool = False, excluded_fields: Sequence[str] = ()
+    warehouse_path: str,
+    limit: int = 10,
+    as_json: bool = False,
+    excluded_fields: Sequence[str] = (),
+    deep_every_hours: float | None = None,
 ) -> int:
     """Print the status; exit code 0 (status itself never fails a cron)."""
-    document = collect(warehouse_path, limit, excluded_fields)
+    document = collect(warehouse_path, limit, excluded_fields, deep_every_hours)
     if as_json:
         print(json.dumps(document, default=str, indent=2))
         return 0
@@ -178,6 +250,7 @@ def show(
         )
         if run["error"]:
             print(f"{'':<20} error: {run['error']}")
+    _show_lookback(runs, document.get("lookback"))
     pending = document.get("pending") or {}
     if pending:
         backlog = pending.get("skipped_backlog")

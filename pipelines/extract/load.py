@@ -9,7 +9,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,7 @@ from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObjec
 from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
 from pipelines.extract.dodo.settled import settled_before, settled_ledger_source
 from pipelines.extract.forgotten import forgotten_ids, remove_completed_packages, scrub_rejected
+from pipelines.extract.lookback import before_deep_pass, close_pass, deep_pass_due
 from pipelines.gc_passes import fewer_gc_passes
 from pipelines.logs import quiet_dlt
 from pipelines.settings import (
@@ -111,6 +112,13 @@ class ExtractResult:
     loads: int = 0
     recovered: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    deep: bool = False
+    """This run was the deep pass (the whole lookback_days window behind each cursor)."""
+    lookback_seconds: float = 0.0
+    deep_found: dict[str, dict[str, int]] = field(default_factory=dict)
+    """What the deep pass found that the short runs had missed, per resource (new, changed)."""
+    pacing: dict[str, Any] = field(default_factory=dict)
+    """Rate-limit pacing: headers seen, seconds held back, waits, responses 429."""
 
     @property
     def total_rows(self) -> int:
@@ -288,8 +296,10 @@ def build_plan(
     config: AppConfig,
     full_refresh: frozenset[str] = frozenset(),
     run_started_at: datetime | None = None,
+    deep: bool = False,
 ) -> ExtractPlan:
-    """Decide what this run reads: clock, lookback, sweeps, and the objects still open."""
+    """Decide what this run reads: clock, lookback (short, or the deep pass when due or
+    `deep`), sweeps, and the objects still open."""
     xc = config.extract
     client = DodoClient(
         ClientSettings(
@@ -307,7 +317,7 @@ def build_plan(
         client=client,
         run_started_at=(run_started_at or xc.as_of or datetime.now(UTC)).replace(microsecond=0),
         backfill_start=xc.backfill_start,
-        lookback=timedelta(days=xc.lookback_days),
+        lookback=timedelta(minutes=xc.lookback_minutes),
         full_sweep_max_age={
             "customers": timedelta(hours=xc.customers_full_refresh_hours),
             "subscriptions": timedelta(hours=xc.subscriptions_full_sweep_hours),
@@ -315,8 +325,14 @@ def build_plan(
         full_refresh=full_refresh,
         rows_per_load=xc.rows_per_load,
     )
+    deep_window = max(plan.lookback, timedelta(days=xc.lookback_days))
+    # without a warehouse the first sync reads everything: it is the deep pass too
+    plan.deep, plan.lookback = True, deep_window
     if _warehouse_exists(config.warehouse_path):
         with duckdb.connect(config.warehouse_path, read_only=True) as con:
+            every = timedelta(hours=xc.deep_lookback_hours)
+            plan.deep = deep or deep_pass_due(con, plan.run_started_at, every)
+            plan.lookback = deep_window if plan.deep else timedelta(minutes=xc.lookback_minutes)
             plan.known_non_terminal = _known_non_terminal(con)
             plan.known_recent = _known_recent(con, plan.lookback)
             plan.newest_loaded = _newest_loaded(con)
@@ -331,17 +347,21 @@ def run_extract(
     run_started_at: datetime | None = None,
     extract_format: ExtractFormat = JOB_FORMAT,
     on_page: Callable[[str, int], None] | None = None,
+    deep: bool = False,
+    run_id: str | None = None,
 ) -> ExtractResult:
     """Extract every resource from the API and load it into dodo_raw, as many loads as needed.
 
-    `on_page(resource, rows)` is told after each page read (from the readers' threads)."""
+    `on_page(resource, rows)` is told after each page read (from the readers' threads); `deep`
+    forces the deep pass; `run_id` names the run in `dodo_raw.lookback_passes`."""
     result = ExtractResult()
     started = time.monotonic()
     result.recovered = recover_pending(config.warehouse_path)
     if result.recovered:
         log.warning("%s", result.recovered)
-    plan = build_plan(config, full_refresh, run_started_at)
+    plan = build_plan(config, full_refresh, run_started_at, deep)
     plan.item_format = extract_format.items
+    before = before_deep_pass(config.warehouse_path, plan)
     client = plan.client
     client.on_page = on_page
     rows: Counter[str] = Counter()
@@ -359,9 +379,15 @@ def run_extract(
         client.close()
         result.api_requests = dict(client.requests_by_resource)
         result.api_retries = dict(client.retries_by_resource)
+        result.pacing = asdict(client.pacing())
     t0 = time.monotonic()
     record_history(config.warehouse_path)
     timings["history"] += time.monotonic() - t0
+    result.deep, result.lookback_seconds = plan.deep, plan.lookback.total_seconds()
+    short = timedelta(minutes=config.extract.lookback_minutes)
+    result.deep_found = close_pass(
+        config.warehouse_path, plan, before, short, result.api_requests, run_id or plan.run_id
+    )
     result.rows_loaded = {t: n for t, n in rows.items() if not t.startswith("_dlt")}
     result.seconds = {**timings, "total": time.monotonic() - started}
     return result

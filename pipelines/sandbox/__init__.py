@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "Business",
     "DodoSimulator",
+    "RateLimit",
     "SegmentCollector",
     "WebhookSender",
     "changes_since",
@@ -28,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from pipelines.sandbox.simulator import DodoSimulator
 
         return DodoSimulator
+    if name == "RateLimit":
+        from pipelines.sandbox.ratelimit import RateLimit
+
+        return RateLimit
     if name == "SegmentCollector":
         from pipelines.sandbox.collector import SegmentCollector
 

@@ -19,6 +19,7 @@ import orjson
 from pipelines.sandbox.business import Business, Item, generate_business
 from pipelines.sandbox.faults import FAULT_KINDS, Fault, Mutator, PageContext
 from pipelines.sandbox.loopback import LoopbackServer
+from pipelines.sandbox.ratelimit import RateLimit, TokenBuckets
 from pipelines.sandbox.records import parse_iso
 from pipelines.settings import (
     DISPUTE_STAGES,
@@ -139,8 +140,11 @@ class DodoSimulator(LoopbackServer):
         page_cap: int = 100,
         host: str = "127.0.0.1",
         port: int = 0,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.business, self.api_key, self.page_cap = business, api_key, page_cap
+        self.limiter = TokenBuckets(rate_limit) if rate_limit is not None else None
+        """A server's rate limit per key (None: unlimited, as for the demo)."""
         self.host, self.port = host, port
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.faults: list[Fault] = []
@@ -265,6 +269,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization", "") != f"Bearer {sim.api_key}":
             self._error(ApiError(401, "UNAUTHORIZED", "Invalid or missing API key"))
             return
+        limits: dict[str, str] = {}
+        if sim.limiter is not None:
+            decision = sim.limiter.take(sim.api_key)
+            limits = decision.headers
+            if not decision.allowed:
+                self._error(ApiError(429, "TOO_MANY_REQUESTS", "rate limit exceeded"), limits)
+                return
         fault = sim._take_fault(path, query)
         if fault is not None and fault.kind == "status":
             headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after else {}
@@ -287,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "reset":
             self._send(200, body, {}, cut=True)
             return
-        self._send(200, body)
+        self._send(200, body, limits)
 
     def do_POST(self) -> None:
         """The simulator is read-only."""
@@ -329,6 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         "--older-closed-payments", type=int, default=0,
         help="that many more payments, all closed, before the generated history (a deeper past)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rate-limit-per-minute", type=float, default=0,
+        help="limit each key to this many requests a minute, token bucket (0: no limit)",
+    )  # fmt: skip
+    parser.add_argument("--rate-limit-burst", type=int, default=40)
+    parser.add_argument(
+        "--rate-limit-no-headers", action="store_true",
+        help="answer no X-RateLimit headers (429 and Retry-After only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     customers = args.customers or max(300, (args.payments or 0) // 10)
     began = time.perf_counter()
@@ -337,7 +357,12 @@ def main(argv: list[str] | None = None) -> None:
         older_closed_payments=args.older_closed_payments,
     )  # fmt: skip
     print(f"generated {business.counts()} in {time.perf_counter() - began:.1f}s", file=sys.stderr)
-    sim = DodoSimulator(business, args.api_key, args.page_cap, args.host, args.port)
+    limit = (
+        RateLimit(args.rate_limit_per_minute, args.rate_limit_burst, not args.rate_limit_no_headers)
+        if args.rate_limit_per_minute > 0
+        else None
+    )
+    sim = DodoSimulator(business, args.api_key, args.page_cap, args.host, args.port, limit)
     # the business's clock: a job run against this frozen world uses it as its now
     print(f"{sim.start()} {sim.api_key} {business.now.isoformat()}", flush=True)
     try:

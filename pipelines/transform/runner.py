@@ -441,7 +441,8 @@ def raw_table_hashes(
     con: duckdb.DuckDBPyConnection, skip_columns: tuple[str, ...]
 ) -> dict[str, tuple[int, str | None]]:
     """Per raw table: its row count and the sum of its row hashes over every column but
-    `skip_columns`, taken in name order (so two warehouses loaded by different paths compare)."""
+    `skip_columns`, taken in name order (so two warehouses loaded by different paths compare);
+    the extract's bookkeeping tables (`settings.RAW_BOOKKEEPING_TABLES`) are left out."""
     columns: dict[str, list[str]] = {}
     for table, column in con.execute(
         "select table_name, column_name from information_schema.columns "
@@ -449,7 +450,7 @@ def raw_table_hashes(
         "order by table_name, column_name",
         [settings.RAW_DATASET],
     ).fetchall():
-        if column not in skip_columns:
+        if column not in skip_columns and table not in settings.RAW_BOOKKEEPING_TABLES:
             columns.setdefault(table, []).append(column)
     hashes: dict[str, tuple[int, str | None]] = {}
     for table, names in columns.items():

@@ -77,6 +77,11 @@ class ExtractPlan:
     """Items set aside during extraction; the extract step stores them before loading."""
     forgotten: frozenset[str] = frozenset()
     """Customers recorded as forgotten: their personal fields are dropped before dlt sees a page."""
+    deep: bool = False
+    """This run is the deep pass: `lookback` is the whole lookback_days window."""
+    cursors_at_start: dict[str, datetime] = field(default_factory=dict)
+    """Each incremental resource's saved cursor when this run first read it (what a deep pass
+    found is counted behind it)."""
 
 
 def _parse(value: str | None) -> datetime | None:
@@ -205,6 +210,9 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
     re-reads older objects, turns the load back into a merge on the primary key.
     """
     state = dlt.current.resource_state()
+    saved = _parse(state.get("cursor"))
+    if saved is not None and not (state.get("more") and state.get("more_run") == plan.run_id):
+        plan.cursors_at_start.setdefault(resource, saved)
     reading = _read_range(resource, plan, state)
     start, cursor, end = reading.start, reading.cursor, plan.run_started_at
     first = timedelta(seconds=state["window_seconds"]) if state.get("window_seconds") else None
@@ -253,7 +261,9 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
             rows += read.items
             if cursor is None or window.end > cursor:
                 state["cursor"] = window.end.isoformat()
-            state["window_seconds"] = (window.end - window.start).total_seconds()
+            # the span of [start, end] inclusive: a walk of the same length next time is one
+            # window, not one and a query for its last microsecond (short windows repeat it)
+            state["window_seconds"] = (window.end - window.start + ONE_MICROSECOND).total_seconds()
             if rows >= plan.rows_per_load and window.end < end:
                 # Commit this load and let the extract step start another one (resumable backfill).
                 if pending:

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import orjson
 
 from pipelines.extract.dodo.connections import TRANSIENT_ERRORS, ApiConnections
+from pipelines.extract.dodo.pacing import DEFAULT_FALLBACK_PER_MINUTE, PaceFigures, Pacer
 from pipelines.settings import ENDPOINTS, MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ class ClientSettings:
     environment: str = "live_mode"
     page_size: int = MAX_PAGE_SIZE
     max_pages_per_query: int = 50
-    requests_per_minute: float = 100.0  # 0 = no client-side limit
+    requests_per_minute: float | None = None
+    """The user's ceiling (a key shared with their app); None: the server's headers alone, and
+    DEFAULT_FALLBACK_PER_MINUTE while the server sends none; 0: no client-side limit at all."""
     timeout_seconds: float = 60.0
     max_retries: int = 8
     backoff_base_seconds: float = 1.0
@@ -66,25 +69,6 @@ def format_timestamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class _RateLimiter:
-    """Spaces requests evenly so a run never exceeds the configured requests per minute."""
-
-    def __init__(self, per_minute: float) -> None:
-        self._interval = 60.0 / per_minute if per_minute > 0 else 0.0
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        if not self._interval:
-            return
-        with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self._interval
-        if delay > 0:
-            time.sleep(delay)
-
-
 class DodoClient:
     """A thin, counted, retrying client over the list endpoints."""
 
@@ -92,7 +76,10 @@ class DodoClient:
         self.settings = settings
         self.requests_by_resource: Counter[str] = Counter()
         self.retries_by_resource: Counter[str] = Counter()
-        self._limiter = _RateLimiter(settings.requests_per_minute)
+        ceiling = settings.requests_per_minute
+        self.pacer = Pacer(
+            ceiling or None, DEFAULT_FALLBACK_PER_MINUTE if ceiling is None else ceiling or None
+        )
         self._count_lock = threading.Lock()  # resources read from their own threads
         self._connections = ApiConnections(settings.base_url, settings.timeout_seconds)
         self._headers = {
@@ -106,17 +93,26 @@ class DodoClient:
         """Close the connections."""
         self._connections.close()
 
+    def pacing(self) -> PaceFigures:
+        """What pacing to the rate limit cost so far (waits, 429s)."""
+        return self.pacer.figures()
+
     def get_page(self, resource: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Fetch one page of a list endpoint, retrying transient failures."""
         path = ENDPOINTS[resource]
         attempt = 0
         while True:
-            self._limiter.wait()
+            self.pacer.acquire()
             with self._count_lock:
                 self.requests_by_resource[resource] += 1
             try:
                 # not retried nor redirected by the connections: retried below, with backoff
-                response = self._connections.get(f"{path}?{urlencode(params)}", self._headers)
+                try:
+                    response = self._connections.get(f"{path}?{urlencode(params)}", self._headers)
+                except BaseException:  # no answer: the request no longer holds a place
+                    self.pacer.observe(0, None)
+                    raise
+                self.pacer.observe(response.status, response.headers)
                 status = response.status
                 if status == 200:
                     items = _parse_items(response.body, resource)
@@ -132,6 +128,8 @@ class DodoClient:
                     )
                 reason = f"HTTP {status}"
                 retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+                if status == 429 and retry_after is not None:  # every thread waits, not only this
+                    self.pacer.hold(min(retry_after, self.settings.max_retry_after_seconds))
             except TRANSIENT_ERRORS as exc:
                 reason, retry_after = type(exc).__name__, None
             except _MalformedPage as exc:
