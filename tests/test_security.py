@@ -173,6 +173,9 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/data_tests.py": {"test.sql", "test.quarantine"},  # sql/**.tests.sql
     "pipelines/commands/demo.py": {"db_path"},  # a printed "next, try" command, never executed
     "pipelines/extract/load.py": {"key", "status", "resource"},  # PRIMARY_KEYS/STATUS_FIELDS
+    # issue 14: PRIMARY_KEYS/STATUS_FIELDS/NON_TERMINAL_STATUSES (code constants), RESOURCES, the
+    # raw tables' column names (dlt's snake_case: [a-z0-9_] only) and the query built from them
+    "pipelines/extract/lookback.py": {"content", "is_open", "key", "now", "resource"},
     # PRIMARY_KEYS, and column names of an Arrow table built from RAW_COLUMNS' fields only
     # (webhook fields without a raw column are dropped first), with types DuckDB described
     "pipelines/extract/webhooks.py": {"key", "resource", "name", "kind", "names"},

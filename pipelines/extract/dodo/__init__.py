@@ -16,7 +16,7 @@ from dlt.extract.resource import DltResource
 
 from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_timestamp
 from pipelines.extract.dodo.readers import Reader
-from pipelines.extract.dodo.records import dlt_column_hints, to_arrow
+from pipelines.extract.dodo.records import dlt_column_hints, fold_colliding_columns, to_arrow
 from pipelines.extract.dodo.windows import ONE_MICROSECOND, Window, plan_window_ends, walk_windows
 from pipelines.extract.forgotten import scrub_table
 from pipelines.settings import (
@@ -148,10 +148,10 @@ def _read_windows(
             return
 
 
-def _batched(tables: list[pa.Table]) -> pa.Table:
+def _batched(resource: str, tables: list[pa.Table]) -> pa.Table:
     if len(tables) == 1:
         return tables[0]
-    return pa.concat_tables(tables, promote_options="default")
+    return fold_colliding_columns(resource, pa.concat_tables(tables, promote_options="default"))
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
                 pending.append(read.table)
                 pending_rows += read.table.num_rows
             if pending_rows >= plan.rows_per_batch:
-                yield handed(_batched(pending))
+                yield handed(_batched(resource, pending))
                 pending, pending_rows = [], 0
             rows += read.items
             if cursor is None or window.end > cursor:
@@ -267,7 +267,7 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
             if rows >= plan.rows_per_load and window.end < end:
                 # Commit this load and let the extract step start another one (resumable backfill).
                 if pending:
-                    yield handed(_batched(pending))
+                    yield handed(_batched(resource, pending))
                 state["sweep_in_progress"] = reading.sweeping
                 state["more"] = True
                 # where the next load of this run goes on (the cursor stays the newest row
@@ -277,7 +277,7 @@ def _created_at_rows(resource: str, plan: ExtractPlan) -> Iterator[Any]:
                 state["reread_before"] = reading.reread_before.isoformat()
                 return
         if pending:
-            yield handed(_batched(pending))
+            yield handed(_batched(resource, pending))
         state["more"] = False
         state["sweep_in_progress"] = False
         for key in ("more_run", "stopped_at", "reread_before"):

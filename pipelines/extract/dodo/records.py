@@ -157,6 +157,30 @@ def _unknown_columns(resource: str, items: list[Any]) -> dict[str, pa.Array]:
     return arrays
 
 
+def fold_colliding_columns(resource: str, table: pa.Table) -> pa.Table:
+    """Pages joined into one table may bring unknown fields whose column names collide across
+    pages (each page alone was fine): fold those into `_extra_fields`, as one page would."""
+    known = set(RAW_COLUMNS[resource]) | _RESERVED
+    taken = {_column_name(c) for c in RAW_COLUMNS[resource]} | _RESERVED
+    by_column: dict[str, list[str]] = {}
+    for name in table.column_names:
+        if name not in known:
+            by_column.setdefault(_column_name(name), []).append(name)
+    odd = [n for column, names in by_column.items()
+           if not column or column in taken or len(names) > 1 for n in names]  # fmt: skip
+    if not odd:
+        return table
+    has_extra = EXTRA_FIELDS_COLUMN in table.column_names
+    earlier = table[EXTRA_FIELDS_COLUMN].to_pylist() if has_extra else [None] * table.num_rows
+    folded = []
+    for text, row in zip(earlier, table.select(odd).to_pylist(), strict=True):
+        fields = orjson.loads(text) if text else {}
+        fields.update({name: value for name, value in row.items() if value is not None})
+        folded.append(_dumps_lossless(fields) if fields else None)
+    table = table.drop_columns([*odd, *([EXTRA_FIELDS_COLUMN] if has_extra else [])])
+    return table.append_column(EXTRA_FIELDS_COLUMN, pa.array(folded, pa.string()))
+
+
 def _dumps_lossless(value: Any) -> str:
     """JSON text of any decoded JSON value, integers beyond 64 bits included."""
     try:
