@@ -30,7 +30,7 @@ from bench.run import (
     start_simulator,
     stop,
 )
-from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS
+from pipelines.dodo_contract import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS
 
 PAGE_SIZE = 100
 SHORT = timedelta(minutes=60)

@@ -32,7 +32,12 @@ import duckdb
 import requests
 
 from pipelines.config import pipeline_dir
-from pipelines.settings import NON_TERMINAL_STATUSES, RAW_DATASET, STATUS_FIELDS, SYNCED_AT_COLUMN
+from pipelines.dodo_contract import (
+    NON_TERMINAL_STATUSES,
+    RAW_DATASET,
+    STATUS_FIELDS,
+    SYNCED_AT_COLUMN,
+)
 from pipelines.transform import raw_table_hashes
 
 REPO = Path(__file__).resolve().parents[1]

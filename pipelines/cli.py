@@ -13,8 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from pipelines import lock
+from pipelines.dodo_contract import RESOURCES
 from pipelines.logs import complain, register_secrets, say, setup_logging
-from pipelines.settings import RESOURCES
 
 # The job, its configuration (dlt) and the steps are imported once the arguments are valid:
 # `--help` and argument errors answer at once.

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.settings import BASE_URLS
+from pipelines.dodo_contract import BASE_URLS
 
 DEFAULT_WAREHOUSE = "dodo_segment.duckdb"
 DEFAULT_SEGMENT_HOST = "https://api.segment.io"

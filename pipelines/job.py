@@ -15,6 +15,7 @@ from typing import Any
 
 from pipelines import alerts, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
+from pipelines.dodo_contract import RESOURCES
 from pipelines.extract import (
     DodoApiError,
     DodoUnavailable,
@@ -24,7 +25,6 @@ from pipelines.extract import (
     run_extract,
 )
 from pipelines.logs import Progress, heartbeat, scrub
-from pipelines.settings import RESOURCES
 from pipelines.transform import ModelError, run_models
 
 log = logging.getLogger("dodo_segment")

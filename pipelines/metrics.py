@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from pipelines import lock, warehouse
 from pipelines.alerts import KINDS, open_alerts
-from pipelines.settings import SYNC_SCHEMA
+from pipelines.dodo_contract import SYNC_SCHEMA
 
 RUN_STEPS_DDL = (
     f"create schema if not exists {SYNC_SCHEMA};\n"

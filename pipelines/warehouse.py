@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from pipelines.settings import RAW_COLUMNS, RAW_DATASET, SYNC_SCHEMA, WAREHOUSE_SCHEMA_VERSION
+from pipelines.dodo_contract import RAW_COLUMNS, RAW_DATASET, SYNC_SCHEMA, WAREHOUSE_SCHEMA_VERSION
 
 
 class WarehouseError(RuntimeError):

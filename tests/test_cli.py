@@ -26,7 +26,7 @@ import duckdb
 import pytest
 
 from pipelines import lock, warehouse
-from pipelines.settings import ENDPOINTS, PRIMARY_KEYS, RESOURCES, WAREHOUSE_SCHEMA_VERSION
+from pipelines.dodo_contract import ENDPOINTS, PRIMARY_KEYS, RESOURCES, WAREHOUSE_SCHEMA_VERSION
 from tests.conftest import API_KEY, WRITE_KEY, Sandbox, make_sandbox, run_cli
 
 EXE = str(Path(sys.executable).with_name("dodo-segment"))

@@ -17,11 +17,11 @@ import orjson
 import pytest
 
 from pipelines.config import pipeline_dir
+from pipelines.dodo_contract import NON_TERMINAL_STATUSES, PRIMARY_KEYS, RESOURCES, STATUS_FIELDS
 from pipelines.extract import build_plan, dodo_source, make_pipeline, run_extract
 from pipelines.extract.dodo.client import ClientSettings, DodoClient, format_timestamp
 from pipelines.sandbox.faults import PageContext, set_field
 from pipelines.sandbox.loopback import LoopbackServer
-from pipelines.settings import NON_TERMINAL_STATUSES, PRIMARY_KEYS, RESOURCES, STATUS_FIELDS
 from tests.conftest import API_KEY, Sandbox, make_sandbox, run_cli
 
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipelines"
 
 FOUNDATIONS = {
-    "config", "settings", "warehouse", "lock", "logs", "gc_passes", "webhook_store", "alerts",
+    "config", "dodo_contract", "warehouse", "lock", "logs", "gc_passes", "webhook_store", "alerts",
     "metrics",
 }  # fmt: skip
 """Shared by every step; they import one another only."""

@@ -10,8 +10,8 @@ from decimal import Decimal
 import duckdb
 import pytest
 
+from pipelines.dodo_contract import currency_exponent
 from pipelines.extract import run_extract
-from pipelines.settings import currency_exponent
 from pipelines.transform import run_models
 from tests.conftest import Sandbox, make_sandbox
 

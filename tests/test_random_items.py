@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
+from pipelines.dodo_contract import ENDPOINTS, PRIMARY_KEYS, STATUS_FIELDS
 from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.collector import SegmentCollector
 from pipelines.sandbox.loopback import LoopbackServer
-from pipelines.settings import ENDPOINTS, PRIMARY_KEYS, STATUS_FIELDS
 from tests.conftest import API_KEY, WRITE_KEY, Sandbox
 
 MODELS = {

@@ -31,9 +31,9 @@ import orjson
 import pytest
 
 from pipelines import job
+from pipelines.dodo_contract import PRIMARY_KEYS, RESOURCES, STATUS_FIELDS
 from pipelines.job import RunOptions, RunReport, run_job
 from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
-from pipelines.settings import PRIMARY_KEYS, RESOURCES, STATUS_FIELDS
 from tests.conftest import Sandbox, make_sandbox, run_cli
 
 SINCE = datetime(2000, 1, 1, tzinfo=UTC)

@@ -168,7 +168,7 @@ SQL_WORDS = re.compile(
     re.I,
 )
 REVIEWED_INTERPOLATIONS = {
-    # Reviewed: each is an identifier or clause built from code (settings.*, module constants),
+    # Reviewed: each is an identifier or clause built from code (dodo_contract.*, module constants),
     # from the repo's own .sql files, or a printed hint; none carries an API value.
     "pipelines/transform/data_tests.py": {"test.sql", "test.quarantine"},  # sql/**.tests.sql
     "pipelines/commands/demo.py": {"db_path"},  # a printed "next, try" command, never executed
@@ -206,7 +206,7 @@ REVIEWED_INTERPOLATIONS = {
     },  # fmt: skip
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     "pipelines/emit/ledger.py": {"changed_only"},  # a fixed clause, its value is a parameter
-    # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (settings.RAW_COLUMNS)
+    # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (dodo_contract.RAW_COLUMNS)
     "pipelines/extract/dodo/settled.py": {"key", "status", "resource"},
     "pipelines/warehouse.py": {
         "', '.join((f'{name} {kind}' for name, kind in RUNS_COLUMNS))",
@@ -217,7 +217,7 @@ REVIEWED_INTERPOLATIONS = {
         "updates",
         "target",
         "qualified",  # the warehouse's own table names (duckdb_tables()), quotes doubled
-        "table",  # issue 13, type_raw_columns: settings.RAW_COLUMNS names and types
+        "table",  # issue 13, type_raw_columns: dodo_contract.RAW_COLUMNS names and types
         "column",
         "wanted",
     },  # fmt: skip

@@ -13,11 +13,11 @@ import pytest
 import requests
 from dodopayments import types as sdk
 
+from pipelines.dodo_contract import ENDPOINTS, LEDGER_EVENT_TYPES, PRIMARY_KEYS
 from pipelines.sandbox.business import Business, generate_business
 from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
 from pipelines.sandbox.ratelimit import RateLimit
 from pipelines.sandbox.simulator import DodoSimulator
-from pipelines.settings import ENDPOINTS, LEDGER_EVENT_TYPES, PRIMARY_KEYS
 
 SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SPEC_PATH = SPEC_PATH / "dodopayments-openapi.json"

@@ -9,10 +9,10 @@ from typing import Any
 import duckdb
 
 from pipelines import warehouse
+from pipelines.dodo_contract import RAW_COLUMNS, WAREHOUSE_SCHEMA_VERSION
 from pipelines.emit import emit
 from pipelines.job import RunOptions, emit_settings, run_job
 from pipelines.sandbox.faults import PageContext
-from pipelines.settings import RAW_COLUMNS, WAREHOUSE_SCHEMA_VERSION
 from pipelines.transform import run_models
 from tests.conftest import Sandbox
 

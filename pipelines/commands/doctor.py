@@ -10,9 +10,9 @@ import requests
 
 from pipelines import lock, warehouse
 from pipelines.config import AppConfig, lookup, webhook_key
+from pipelines.dodo_contract import ENDPOINTS, WAREHOUSE_SCHEMA_VERSION
 from pipelines.job import ExitCode
 from pipelines.logs import say
-from pipelines.settings import ENDPOINTS, WAREHOUSE_SCHEMA_VERSION
 from pipelines.webhook_store import WebhookStore, store_folder
 
 Check = Callable[[AppConfig], tuple[bool, str] | None]

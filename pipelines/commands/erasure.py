@@ -11,8 +11,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from pipelines.extract import scrub_json
-from pipelines.settings import (
+from pipelines.dodo_contract import (
     CUSTOMER_KEY_COLUMNS,
     FORGOTTEN_CUSTOMERS_TABLE,
     PERSONAL_FIELDS,
@@ -20,6 +19,7 @@ from pipelines.settings import (
     RAW_DATASET,
     SYNCED_AT_COLUMN,
 )
+from pipelines.extract import scrub_json
 
 TEXT_TYPES = ("VARCHAR", "JSON")
 HASHED_TEXT = {"record_json": "record_hash"}

@@ -19,6 +19,7 @@ from pipelines.commands.erasure import (
     rewrite_file,
 )
 from pipelines.config import AppConfig, pipeline_dir
+from pipelines.dodo_contract import RAW_DATASET
 from pipelines.extract import (
     ensure_tombstone,
     forgotten_ids,
@@ -31,7 +32,6 @@ from pipelines.extract import (
 )
 from pipelines.job import ExitCode, package_version
 from pipelines.logs import complain, say
-from pipelines.settings import RAW_DATASET
 from pipelines.transform import ModelError, run_models
 from pipelines.webhook_store import WebhookStore, store_folder
 

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pipelines import lock, warehouse
+from pipelines.dodo_contract import WAREHOUSE_SCHEMA_VERSION
 from pipelines.emit import pending_counts
-from pipelines.settings import WAREHOUSE_SCHEMA_VERSION
 from pipelines.webhook_store import WebhookStore, store_folder
 
 LONG_RUN_SECONDS = 2 * 3600

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import pipeline_dir
-from pipelines.settings import (
+from pipelines.dodo_contract import (
     CUSTOMER_KEY_COLUMNS,
     FORGOTTEN_CUSTOMERS_COLUMNS,
     FORGOTTEN_CUSTOMERS_TABLE,

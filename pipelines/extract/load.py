@@ -18,14 +18,7 @@ import duckdb
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from pipelines.config import AppConfig, pipeline_dir
-from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
-from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
-from pipelines.extract.dodo.settled import settled_before, settled_ledger_source
-from pipelines.extract.forgotten import forgotten_ids, remove_completed_packages, scrub_rejected
-from pipelines.extract.lookback import before_deep_pass, close_pass, deep_pass_due
-from pipelines.gc_passes import fewer_gc_passes
-from pipelines.logs import quiet_dlt
-from pipelines.settings import (
+from pipelines.dodo_contract import (
     DISPUTE_HISTORY_TABLE,
     NON_TERMINAL_STATUSES,
     PRIMARY_KEYS,
@@ -35,6 +28,13 @@ from pipelines.settings import (
     STATUS_FIELDS,
     SUBSCRIPTION_HISTORY_TABLE,
 )
+from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
+from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
+from pipelines.extract.dodo.settled import settled_before, settled_ledger_source
+from pipelines.extract.forgotten import forgotten_ids, remove_completed_packages, scrub_rejected
+from pipelines.extract.lookback import before_deep_pass, close_pass, deep_pass_due
+from pipelines.gc_passes import fewer_gc_passes
+from pipelines.logs import quiet_dlt
 from pipelines.warehouse import WarehouseError
 
 log = logging.getLogger(__name__)

@@ -20,14 +20,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from pipelines.extract.dodo import ExtractPlan
-from pipelines.settings import (
+from pipelines.dodo_contract import (
     LOOKBACK_PASSES_TABLE,
     NON_TERMINAL_STATUSES,
     PRIMARY_KEYS,
     RAW_DATASET,
     STATUS_FIELDS,
 )
+from pipelines.extract.dodo import ExtractPlan
 
 log = logging.getLogger(__name__)
 

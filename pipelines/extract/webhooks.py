@@ -22,10 +22,10 @@ import pyarrow as pa
 from dlt.extract.resource import DltResource
 
 from pipelines.config import AppConfig
+from pipelines.dodo_contract import PRIMARY_KEYS, RAW_DATASET, SYNCED_AT_COLUMN
 from pipelines.extract.dodo.records import dlt_column_hints, item_fields, to_arrow
 from pipelines.extract.forgotten import forgotten_ids, scrub_rejected, scrub_table
 from pipelines.extract.load import make_pipeline, record_history, store_rejected
-from pipelines.settings import PRIMARY_KEYS, RAW_DATASET, SYNCED_AT_COLUMN
 from pipelines.webhook_store import StoredDelivery, WebhookStore, store_folder
 
 log = logging.getLogger(__name__)

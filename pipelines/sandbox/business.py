@@ -9,13 +9,13 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pipelines.dodo_contract import PRIMARY_KEYS, RESOURCES
 from pipelines.sandbox import records as rec
 from pipelines.sandbox.billing import cancelled_by, subscription_record
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer
 from pipelines.sandbox.history import History, build_history
 from pipelines.sandbox.records import US_PER_DAY, add_interval, iso, parse_iso, to_us
 from pipelines.sandbox.timeflow import advance
-from pipelines.settings import PRIMARY_KEYS, RESOURCES
 
 Item = dict[str, Any]
 

@@ -16,12 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from pipelines.sandbox.business import Business, Item, generate_business
-from pipelines.sandbox.faults import FAULT_KINDS, Fault, Mutator, PageContext
-from pipelines.sandbox.loopback import LoopbackServer
-from pipelines.sandbox.ratelimit import RateLimit, TokenBuckets
-from pipelines.sandbox.records import parse_iso
-from pipelines.settings import (
+from pipelines.dodo_contract import (
     DISPUTE_STAGES,
     DISPUTE_STATUSES,
     ENDPOINTS,
@@ -31,6 +26,11 @@ from pipelines.settings import (
     REFUND_STATUSES,
     SUBSCRIPTION_STATUSES,
 )
+from pipelines.sandbox.business import Business, Item, generate_business
+from pipelines.sandbox.faults import FAULT_KINDS, Fault, Mutator, PageContext
+from pipelines.sandbox.loopback import LoopbackServer
+from pipelines.sandbox.ratelimit import RateLimit, TokenBuckets
+from pipelines.sandbox.records import parse_iso
 
 DEFAULT_PAGE_SIZE = 10
 RESOURCE_OF_PATH = {path: name for name, path in ENDPOINTS.items()}

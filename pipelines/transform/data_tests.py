@@ -21,9 +21,9 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines import settings
+from pipelines import dodo_contract
 
-SCHEMA = settings.ANALYTICS_SCHEMA
+SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 SEVERITIES = ("error", "warn")
 QUARANTINE_KINDS = ("event_id", "user_id")
 SAMPLE_SIZE = 20

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines import settings
+from pipelines import dodo_contract
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -53,7 +53,7 @@ SQL_DIR: Path = _product_sql_dir()
 LAYERS: tuple[str, ...] = ("staging", "marts", "segment")
 USER_LAYER = "user"
 """The layer of a model from the user's folders (`[models] paths`)."""
-SCHEMA = settings.ANALYTICS_SCHEMA
+SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 EVENT_CATALOGS: tuple[str, ...] = ("default", "ecommerce")
 
 _DUCKDB_TYPES = {
@@ -65,7 +65,7 @@ _DUCKDB_TYPES = {
 }
 
 HISTORY_COLUMNS: dict[str, dict[str, str]] = {
-    settings.SUBSCRIPTION_HISTORY_TABLE: {
+    dodo_contract.SUBSCRIPTION_HISTORY_TABLE: {
         "subscription_id": "text",
         "observed_at": "timestamp",
         "status": "text",
@@ -75,7 +75,7 @@ HISTORY_COLUMNS: dict[str, dict[str, str]] = {
         "paused_at": "timestamp",
         "cancelled_at": "timestamp",
     },
-    settings.DISPUTE_HISTORY_TABLE: {
+    dodo_contract.DISPUTE_HISTORY_TABLE: {
         "dispute_id": "text",
         "observed_at": "timestamp",
         "dispute_status": "text",
@@ -215,15 +215,17 @@ def list_models(sql_dir: Path | None = None, user_paths: Sequence[Path] = ()) ->
 def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create absent raw tables (empty, contract columns) and the `analytics.source_<table>()`
     table macros that staging reads: the raw table plus any contract column it lacks (as NULL)."""
-    raw = settings.RAW_DATASET
+    raw = dodo_contract.RAW_DATASET
     con.execute(f"create schema if not exists {raw}")
     con.execute(f"create schema if not exists {SCHEMA}")
     contracts = {
-        table: {**columns, settings.SYNCED_AT_COLUMN: "timestamp"}
-        for table, columns in settings.RAW_COLUMNS.items()
+        table: {**columns, dodo_contract.SYNCED_AT_COLUMN: "timestamp"}
+        for table, columns in dodo_contract.RAW_COLUMNS.items()
     }
     contracts.update(HISTORY_COLUMNS)
-    contracts[settings.FORGOTTEN_CUSTOMERS_TABLE] = dict(settings.FORGOTTEN_CUSTOMERS_COLUMNS)
+    contracts[dodo_contract.FORGOTTEN_CUSTOMERS_TABLE] = dict(
+        dodo_contract.FORGOTTEN_CUSTOMERS_COLUMNS
+    )
     for table, columns in contracts.items():
         typed = ", ".join(f'"{col}" {_DUCKDB_TYPES[kind]}' for col, kind in columns.items())
         con.execute(f"create table if not exists {raw}.{table} ({typed})")
@@ -432,7 +434,7 @@ def build_fingerprint(
     digest = hashlib.sha256(event_catalog.encode() + extra.encode())
     for path in sorted(sql_dir.rglob("*.sql")):
         digest.update(path.relative_to(sql_dir).as_posix().encode() + b"\0" + path.read_bytes())
-    for table, (count, total) in raw_table_hashes(con, (settings.SYNCED_AT_COLUMN,)).items():
+    for table, (count, total) in raw_table_hashes(con, (dodo_contract.SYNCED_AT_COLUMN,)).items():
         digest.update(f"{table}:{count}:{total};".encode())
     return digest.hexdigest()
 
@@ -442,22 +444,22 @@ def raw_table_hashes(
 ) -> dict[str, tuple[int, str | None]]:
     """Per raw table: its row count and the sum of its row hashes over every column but
     `skip_columns`, taken in name order (so two warehouses loaded by different paths compare);
-    the extract's bookkeeping tables (`settings.RAW_BOOKKEEPING_TABLES`) are left out."""
+    the extract's bookkeeping tables (`dodo_contract.RAW_BOOKKEEPING_TABLES`) are left out."""
     columns: dict[str, list[str]] = {}
     for table, column in con.execute(
         "select table_name, column_name from information_schema.columns "
         "where table_schema = ? and table_name not like '\\_dlt%' escape '\\' "
         "order by table_name, column_name",
-        [settings.RAW_DATASET],
+        [dodo_contract.RAW_DATASET],
     ).fetchall():
-        if column not in skip_columns and table not in settings.RAW_BOOKKEEPING_TABLES:
+        if column not in skip_columns and table not in dodo_contract.RAW_BOOKKEEPING_TABLES:
             columns.setdefault(table, []).append(column)
     hashes: dict[str, tuple[int, str | None]] = {}
     for table, names in columns.items():
         row_hash = "hash(" + ", ".join(f'"{n}"' for n in names) + ")"
         count, total = con.execute(
             f"select count(*), sum({row_hash}::hugeint)::varchar "
-            f'from "{settings.RAW_DATASET}"."{table}"'
+            f'from "{dodo_contract.RAW_DATASET}"."{table}"'
         ).fetchone() or (0, None)
         hashes[table] = (int(count), total)
     return hashes

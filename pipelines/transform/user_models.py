@@ -17,10 +17,10 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines import settings
+from pipelines import dodo_contract
 from pipelines.config import ConfigError
 
-SCHEMA = settings.ANALYTICS_SCHEMA
+SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 
 EXTENSION_POINTS: frozenset[str] = frozenset({"custom_traits", "custom_events"})
 """Product models that are empty on purpose: a user model of that name fills them (no warning)."""

@@ -14,17 +14,17 @@ import pyarrow.compute as pc
 from dlt.extract.items import DataItemWithMeta
 from dlt.extract.resource import DltResource
 
-from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_timestamp
-from pipelines.extract.dodo.readers import Reader
-from pipelines.extract.dodo.records import dlt_column_hints, fold_colliding_columns, to_arrow
-from pipelines.extract.dodo.windows import ONE_MICROSECOND, Window, plan_window_ends, walk_windows
-from pipelines.extract.forgotten import scrub_table
-from pipelines.settings import (
+from pipelines.dodo_contract import (
     NON_TERMINAL_STATUSES,
     PRIMARY_KEYS,
     RESOURCES,
     STATUS_FILTER_PARAMS,
 )
+from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_timestamp
+from pipelines.extract.dodo.readers import Reader
+from pipelines.extract.dodo.records import dlt_column_hints, fold_colliding_columns, to_arrow
+from pipelines.extract.dodo.windows import ONE_MICROSECOND, Window, plan_window_ends, walk_windows
+from pipelines.extract.forgotten import scrub_table
 
 ItemFormat = Literal["arrow", "dicts"]
 """How pages reach dlt: typed Arrow tables (the job), or the same rows as Python dicts for dlt's

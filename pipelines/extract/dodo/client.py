@@ -17,9 +17,9 @@ from urllib.parse import urlencode
 
 import orjson
 
+from pipelines.dodo_contract import ENDPOINTS, MAX_PAGE_SIZE
 from pipelines.extract.dodo.connections import TRANSIENT_ERRORS, ApiConnections
 from pipelines.extract.dodo.pacing import DEFAULT_FALLBACK_PER_MINUTE, PaceFigures, Pacer
-from pipelines.settings import ENDPOINTS, MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dlt.common.normalizers.naming.snake_case import NamingConvention
 
-from pipelines.settings import PRIMARY_KEYS, RAW_COLUMNS, SYNCED_AT_COLUMN, ColumnType
+from pipelines.dodo_contract import PRIMARY_KEYS, RAW_COLUMNS, SYNCED_AT_COLUMN, ColumnType
 
 ARROW_TYPES: dict[ColumnType, pa.DataType] = {
     "text": pa.string(),

@@ -16,8 +16,8 @@ import dlt
 import duckdb
 from dlt.extract.resource import DltResource
 
+from pipelines.dodo_contract import NON_TERMINAL_STATUSES, PRIMARY_KEYS, RAW_DATASET, STATUS_FIELDS
 from pipelines.extract.dodo.records import dlt_column_hints, to_arrow
-from pipelines.settings import NON_TERMINAL_STATUSES, PRIMARY_KEYS, RAW_DATASET, STATUS_FIELDS
 
 SETTLING_RESOURCES = ("payments", "refunds")
 """The objects the ledger references whose entries are booked when they settle."""

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pipelines.dodo_contract import PRIMARY_KEYS
 from pipelines.extract.dodo.client import DodoClient, WindowOverflow, format_timestamp
-from pipelines.settings import PRIMARY_KEYS
 
 log = logging.getLogger(__name__)
 
