@@ -21,7 +21,7 @@ from typing import Any
 
 import duckdb
 
-from bench.run import (
+from bench.harness import (
     job_env,
     phase_rows,
     request_bound,

@@ -43,6 +43,21 @@ class LockBusy(Exception):
         self.holder = holder
 
 
+LONG_RUN_SECONDS = 2 * 3600
+"""Without run history, a lock held longer than this is flagged (cron runs take minutes)."""
+LONG_RUN_FACTOR = 5
+LONG_RUN_FLOOR_SECONDS = 15 * 60
+"""With history, a lock held LONG_RUN_FACTOR times the typical run (but at least the floor)
+is flagged: a hung run, or a backfill worth knowing about."""
+
+
+def long_run_threshold(holder: LockHolder) -> float:
+    """Seconds after which a lock holder counts as unusually long."""
+    if holder.typical_seconds:
+        return max(LONG_RUN_FLOOR_SECONDS, LONG_RUN_FACTOR * holder.typical_seconds)
+    return LONG_RUN_SECONDS
+
+
 def lock_path(warehouse_path: str) -> Path:
     """The lock file of a warehouse."""
     if warehouse_path.startswith("md:"):

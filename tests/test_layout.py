@@ -196,3 +196,27 @@ def documented_tree() -> set[str]:
 def test_the_documented_tree_is_the_tree() -> None:
     actual = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")}
     assert documented_tree() == actual
+
+
+def test_no_import_circles_in_the_benchmarks() -> None:
+    bench = REPO / "bench"
+    graph: dict[str, set[str]] = {}
+    for path in sorted(bench.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        imported = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench.")
+        } | {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+            if alias.name.startswith("bench.")
+        }
+        graph[f"bench.{path.stem}"] = imported - {f"bench.{path.stem}"}
+    assert graph["bench.lookback_bench"] >= {"bench.harness"}
+    try:
+        graph_order(graph)
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import circle in bench/: {' -> '.join(exc.args[1])}")

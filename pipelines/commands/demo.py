@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from pipelines.commands.common import Subcommands, add_command
 from pipelines.commands.listen import Listener
 from pipelines.config import ListenConfig, load_config, pipeline_dir
 from pipelines.job import ExitCode, RunOptions, RunReport, run_job
@@ -30,6 +31,26 @@ log = logging.getLogger("dodo_segment")
 DEMO_API_KEY = "sandbox_api_key"
 DEMO_WRITE_KEY = "sandbox_write_key"
 DEMO_WEBHOOK_KEY = "whsec_" + base64.b64encode(b"dodo-segment demo webhook secret").decode()
+
+
+DESCRIPTION = (
+    "Start a Dodo API simulator and a Segment-compatible collector on loopback, run the job into "
+    "a fresh demo warehouse, advance the simulator's clock a week, run again, and summarise what "
+    "was loaded and sent. Needs no keys; never touches your warehouse."
+)
+
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`demo` and its flags (no --db default of the job's: the demo has a warehouse of its own)."""
+    parser = add_command(commands, "demo", summary, DESCRIPTION, lambda args: run_demo(args.db))
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default="demo.duckdb",
+        help="demo warehouse path, recreated on every demo (default: demo.duckdb)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _fresh(path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -9,11 +10,18 @@ from pathlib import Path
 import requests
 
 from pipelines import lock, warehouse
+from pipelines.commands.common import Subcommands, add_command, add_common, load_command_config
 from pipelines.config import AppConfig, lookup, webhook_key
 from pipelines.dodo_contract import ENDPOINTS, WAREHOUSE_SCHEMA_VERSION
 from pipelines.job import ExitCode
 from pipelines.logs import say
 from pipelines.webhook_store import WebhookStore, store_folder
+
+DESCRIPTION = (
+    "Check, one line each: the API key is accepted by Dodo, the Segment host answers, the "
+    "warehouse opens (and its schema version fits this release), the run lock is free. Exit 0 "
+    "when every check passes, 1 otherwise."
+)
 
 Check = Callable[[AppConfig], tuple[bool, str] | None]
 """A check: (passed, one line), or None when it does not apply to this setup."""
@@ -157,3 +165,13 @@ def run_doctor(config: AppConfig) -> int:
         ok_all &= ok
         say(f"{'ok  ' if ok else 'FAIL'} {name:<9} {message}", check=name, ok=ok)
     return int(ExitCode.OK if ok_all else ExitCode.FAILED)
+
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`doctor` and its flags."""
+    add_common(add_command(commands, "doctor", summary, DESCRIPTION, handle))
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run the checks with the job's configuration."""
+    return run_doctor(load_command_config(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -10,6 +11,14 @@ import duckdb
 import orjson
 
 from pipelines import warehouse
+from pipelines.commands.common import (
+    Subcommands,
+    add_command,
+    add_common,
+    add_wait,
+    load_command_config,
+    with_lock,
+)
 from pipelines.commands.erasure import (
     Change,
     PersonalValues,
@@ -49,6 +58,45 @@ _LOOKUPS = (
     (f"{RAW_DATASET}.subscriptions", "customer__customer_id", "customer__email"),
     ("analytics.customer_traits", "customer_id", "email"),
 )
+
+
+DESCRIPTION = (
+    "Remove the customers' personal data (email, name, phone, metadata, billing address, ...) "
+    "from every table of the warehouse and from the dlt load files beside it, keep what "
+    "accounting needs without the person (ids, amounts, currencies, dates), record a tombstone "
+    "so later syncs neither store nor send them again, rewrite the warehouse file so the erased "
+    "values leave its bytes, and file a SUPPRESS_WITH_DELETE regulation with Segment "
+    "(SEGMENT_PUBLIC_API_TOKEN) or print the Privacy Portal steps."
+)
+
+EPILOG = """\
+examples:
+  dodo-segment forget cus_123 --dry-run
+  dodo-segment forget ana@example.com
+
+Exit codes: 0 forgotten, 1 failure, 2 usage, 5 unknown customer (nothing changed), 6 erased here
+but Segment did not take the request (run it again).
+"""
+
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`forget` and its arguments."""
+    parser = add_command(commands, "forget", summary, DESCRIPTION, handle, EPILOG)
+    add_common(parser)
+    parser.add_argument("customer", nargs="+", metavar="CUSTOMER_ID_OR_EMAIL")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed; change nothing"
+    )
+    add_wait(parser)
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Forget the named customers under the run lock."""
+    config = load_command_config(args)
+    return with_lock(
+        config, "forget", args.wait,
+        lambda: forget_customers(config, args.customer, dry_run=args.dry_run),
+    )  # fmt: skip
 
 
 class UnknownCustomer(LookupError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipelines.commands.common import Subcommands, add_command
 from pipelines.logs import complain, say
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "project_template"
@@ -18,6 +19,25 @@ SECRETS = Path(".dlt") / "secrets.toml"
 """Written owner-only (0600)."""
 
 USAGE_ERROR = 2
+
+
+DESCRIPTION = (
+    "Create DIR (default: the current folder) with .dlt/config.toml (every setting, commented), "
+    ".dlt/secrets.toml (key placeholders, owner-only), .gitignore, models/ with an example custom "
+    "trait and custom event, and a README. Run dodo-segment from that folder to use them. "
+    "Existing files are never overwritten without --force (exit 2)."
+)
+
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`init` and its arguments."""
+    parser = add_command(
+        commands, "init", summary, DESCRIPTION,
+        lambda args: init_project(args.dir, force=args.force),
+        "example:\n  dodo-segment init my-sync && cd my-sync && dodo-segment demo",
+    )  # fmt: skip
+    parser.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
 def _target(relative: Path) -> Path:

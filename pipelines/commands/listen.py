@@ -9,6 +9,7 @@ overlapping a scheduled run), debounced so a burst of deliveries makes one run.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import subprocess
 import sys
@@ -22,10 +23,46 @@ from typing import Any
 import orjson
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from pipelines.commands.common import (
+    Subcommands,
+    add_command,
+    add_common,
+    flags,
+    load_command_config,
+)
 from pipelines.config import ListenConfig
 from pipelines.webhook_store import WebhookStore, store_folder
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "Serve one HTTP endpoint for Dodo's webhooks (loopback by default: put it behind your TLS "
+    "reverse proxy). Each delivery is verified with DODO_PAYMENTS_WEBHOOK_KEY (Standard "
+    "Webhooks), stored durably beside the warehouse and answered 2xx; a burst of deliveries then "
+    "starts one `run --webhook-only`, which waits for a scheduled run to finish."
+)
+
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`listen` and its flags."""
+    parser = add_command(
+        commands, "listen", summary, DESCRIPTION, handle,
+        "example:\n  DODO_PAYMENTS_WEBHOOK_KEY=whsec_... dodo-segment listen --port 8787",
+    )  # fmt: skip
+    add_common(parser)
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; [listen] host)")
+    parser.add_argument("--port", type=int, help="port (default 8787; [listen] port)")
+    parser.add_argument(
+        "--path", help="the endpoint's path (default /webhooks/dodo; [listen] path)"
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Serve the webhook endpoint with the listener's settings."""
+    from pipelines.config import load_listen_config
+
+    config = load_command_config(args)
+    return serve(load_listen_config(config, flags(args)))
 
 
 class Listener:

@@ -2,17 +2,101 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from pipelines import warehouse
+from pipelines.commands.common import (
+    Subcommands,
+    add_command,
+    add_common,
+    add_wait,
+    load_command_config,
+    parse_date,
+    with_lock,
+)
 from pipelines.config import AppConfig, ConfigError
 from pipelines.job import ExitCode, RunReport, emit_settings, new_run_id, package_version
 from pipelines.logs import complain, json_mode, say, scrub
 
 log = logging.getLogger("dodo_segment")
+
+
+def add_preview_arguments(commands: Subcommands, summary: str) -> None:
+    """`preview` and its flags."""
+    parser = add_command(
+        commands, "preview", summary,
+        "Count the identify and track calls the next run would send from what the warehouse "
+        "holds now, and print a sample of each exactly as it would be sent. Sends nothing.",
+        lambda args: _locked(args, "preview", lambda config: show_preview(
+            config, args.events_since, args.sample
+        )),
+    )  # fmt: skip
+    add_common(parser)
+    parser.add_argument(
+        "--events-since", type=parse_date, metavar="DATE", help="as `run --events-since DATE` would"
+    )
+    parser.add_argument(
+        "--sample", type=int, default=3, help="sample messages of each kind (default 3)"
+    )
+    add_wait(parser)
+
+
+def add_resend_arguments(commands: Subcommands, summary: str) -> None:
+    """`resend` and its flags."""
+    parser = add_command(
+        commands, "resend", summary,
+        "Re-send the events that occurred on or after --since, with their original messageIds, "
+        "whether delivered, skipped or rejected before. Segment answers 200 to a wrong write key "
+        "or region, so this is how to repair a sync that went nowhere.",
+        lambda args: _locked(args, "resend", lambda config: resend(
+            config, args.since, args.event
+        )),
+        "example:\n  dodo-segment resend --since 2025-06-01 --event 'Payment Completed'",
+    )  # fmt: skip
+    add_common(parser)
+    parser.add_argument("--since", type=parse_date, required=True, metavar="DATE")
+    parser.add_argument(
+        "--event", metavar="NAME", help="only this event name, e.g. 'Payment Completed'"
+    )
+    add_wait(parser)
+
+
+def add_traits_arguments(commands: Subcommands, summary: str) -> None:
+    """`traits recompute` and its flags."""
+    traits = add_command(
+        commands, "traits", summary, "Commands about customer traits (identify calls).",
+        epilog="example:\n  dodo-segment traits recompute --customer cus_123",
+    )  # fmt: skip
+    traits.set_defaults(handler=lambda args: _usage(traits))
+    subcommands = traits.add_subparsers(dest="traits_command", metavar="SUBCOMMAND")
+    parser = add_command(
+        subcommands, "recompute", "send identify again for all or some customers",
+        "Re-send identify calls regardless of the stored trait hash: after changing a trait "
+        "definition or reconnecting a destination.",
+        lambda args: _locked(args, "traits recompute", lambda config: recompute_traits(
+            config, args.customer
+        )),
+    )  # fmt: skip
+    add_common(parser)
+    parser.add_argument(
+        "--customer", action="append", metavar="ID", help="only this customer (repeatable)"
+    )
+    add_wait(parser)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return int(ExitCode.USAGE)
+
+
+def _locked(args: argparse.Namespace, command: str, body: Any) -> int:
+    config = load_command_config(args)
+    return with_lock(config, command, args.wait, lambda: body(config))
 
 
 def print_preview(preview: Any) -> None:

@@ -2,40 +2,69 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from pipelines import lock, warehouse
+from pipelines.commands.common import Subcommands, add_command, add_common, load_command_config
 from pipelines.dodo_contract import WAREHOUSE_SCHEMA_VERSION
 from pipelines.emit import pending_counts
 from pipelines.webhook_store import WebhookStore, store_folder
-
-LONG_RUN_SECONDS = 2 * 3600
-"""Without run history, a lock held longer than this is flagged (cron runs take minutes)."""
-LONG_RUN_FACTOR = 5
-LONG_RUN_FLOOR_SECONDS = 15 * 60
-"""With history, a lock held LONG_RUN_FACTOR times the typical run (but at least the floor)
-is flagged: a hung run, or a backfill worth knowing about."""
 
 BUSY_NOTE = (
     "the warehouse belongs to the run in progress until it ends (DuckDB allows one writer and no "
     "readers beside it); run history and pending figures appear when it finishes"
 )
 
+DESCRIPTION = (
+    "Show the last runs (start, duration, outcome, rows loaded, API requests, identifies and "
+    "events sent, rejected, quarantined, pending) and what the next run would send. Never "
+    "writes. While a run holds the warehouse, answers from the lock file: which command, which "
+    "step, for how long, and whether that is unusually long."
+)
 
-def long_run_threshold(holder: lock.LockHolder) -> float:
-    """Seconds after which a lock holder counts as unusually long."""
-    if holder.typical_seconds:
-        return max(LONG_RUN_FLOOR_SECONDS, LONG_RUN_FACTOR * holder.typical_seconds)
-    return LONG_RUN_SECONDS
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`status` and its flags."""
+    parser = add_command(commands, "status", summary, DESCRIPTION, handle)
+    add_common(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--format",
+        choices=("text", "json", "prometheus"),
+        default="text",
+        help="text (default), json (as --json) or prometheus (metrics in Prometheus' text format)",
+    )
+    parser.add_argument(
+        "-n", "--limit", type=int, default=10, help="how many runs to show (default 10)"
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Print the status as text, JSON or Prometheus metrics."""
+    config = load_command_config(args)
+    if args.format == "prometheus":
+        from pipelines import metrics
+
+        sys.stdout.write(metrics.render(config.warehouse_path).decode())
+        return 0
+    return show(
+        config.warehouse_path,
+        limit=args.limit,
+        as_json=args.json or args.format == "json",
+        excluded_fields=config.segment.excluded_fields,
+        deep_every_hours=config.extract.deep_lookback_hours,
+    )
 
 
 def _in_progress(holder: lock.LockHolder) -> dict[str, Any]:
     held = holder.held_seconds
-    threshold = long_run_threshold(holder)
+    threshold = lock.long_run_threshold(holder)
     return {
         "pid": holder.pid,
         "command": holder.command,

@@ -1,12 +1,50 @@
-"""`dodo-segment transform --list`: the models in build order, the user's marked."""
+"""`dodo-segment transform`: build the models and run the data tests only; `--list` shows them."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from pipelines.commands.common import (
+    Subcommands,
+    add_command,
+    add_common,
+    add_wait,
+    load_command_config,
+    with_lock,
+)
 from pipelines.config import AppConfig, ModelsConfig
 from pipelines.logs import complain
 from pipelines.transform import ModelError, list_models
+
+DESCRIPTION = (
+    "Rebuild analytics.* from the raw tables and run the data tests; nothing is read from the "
+    "API and nothing is sent. Exit 3 when rows were quarantined, 4 when an error test failed."
+)
+
+
+def add_arguments(commands: Subcommands, summary: str) -> None:
+    """`transform` and its flags."""
+    parser = add_command(commands, "transform", summary, DESCRIPTION, handle)
+    add_common(parser)
+    add_wait(parser)
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="list the models in build order, the user's (`[models] paths`) marked, and exit",
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    """List the models, or build them in full under the run lock."""
+    from pipelines.commands.run import run_and_report
+    from pipelines.job import RunOptions
+
+    config = load_command_config(args)
+    if args.list:
+        return show_models(config)
+    options = RunOptions(only_emit=True, skip_emit=True, command="transform")
+    return with_lock(config, "transform", args.wait, lambda: run_and_report(config, options))
 
 
 def _shown(path: Path) -> str:
