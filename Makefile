@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dodo-segment demo
 
+# The suite on both cores (pytest-xdist); a module's tests stay on one worker, so a module-scoped
+# fixture (a generated business, a first sync) is built once. test-fast: no subprocess, no wheel,
+# no notebook kernel, no browser (the tests marked slow are left out).
+PYTEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

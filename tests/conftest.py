@@ -43,12 +43,32 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """End the process after pytest's summary, with its exit status.
 
     DuckDB's native bindings print pages of "nanobind: leaked instance" lines during interpreter
-    teardown (harmless, but they bury the summary line that CI reads).
+    teardown (harmless, but they bury the summary line that CI reads). An xdist worker ends the
+    same way once it has reported to the controller.
     """
     if _EXIT_STATUS and not os.environ.get("DODO_SEGMENT_FULL_TEARDOWN"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The fast tier stays fast: a test (or a fixture it sets up) that starts a subprocess (the
+    real CLI, a wheel build, a notebook kernel, a browser) must be marked `slow`."""
+    if item.get_closest_marker("slow"):
+        yield
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def refuse(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"{item.nodeid} starts a subprocess ({args!r}): mark it slow")
+
+    subprocess.Popen.__init__ = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init  # type: ignore[method-assign]
 
 
 @pytest.fixture(autouse=True)

@@ -146,6 +146,7 @@ def warehouse_bytes(env: dict[str, str]) -> bytes:
 # --- each condition fires once and clears once ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_run_alerts_once_then_recovers_once(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -169,6 +170,7 @@ def test_failed_run_alerts_once_then_recovers_once(
     assert_no_hook_url(*OUTPUTS, json.dumps(status))
 
 
+@pytest.mark.slow
 def test_outages_of_segment_and_dodo_alert_once_each_and_clear(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -202,6 +204,7 @@ def test_outages_of_segment_and_dodo_alert_once_each_and_clear(
     assert len(loaded.sandbox.collector.identifies()) == customers
 
 
+@pytest.mark.slow
 def test_error_data_test_alerts_once_then_clears(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -237,6 +240,7 @@ def _ghost_payment(db: str) -> str:
         ).fetchone()[0]
 
 
+@pytest.mark.slow
 def test_rejections_above_the_threshold_alert_once_then_clear(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -262,6 +266,7 @@ def test_rejections_above_the_threshold_alert_once_then_clear(
     assert receiver.events() == [("rejections", "firing"), ("rejections", "recovered")]
 
 
+@pytest.mark.slow
 def test_a_share_threshold_ignores_a_few_rejections_among_many(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -274,6 +279,7 @@ def test_a_share_threshold_ignores_a_few_rejections_among_many(
     assert receiver.events() == []
 
 
+@pytest.mark.slow
 def test_a_lock_held_unusually_long_alerts_once_then_clears(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -299,6 +305,7 @@ def test_a_lock_held_unusually_long_alerts_once_then_clears(
 # --- a failing endpoint never fails the run; the URL is never shown -------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", ["answers_500", "unreachable"])
 def test_a_failing_alert_endpoint_never_fails_the_run_and_is_retried(
     loaded: Loaded, receiver: Receiver, tmp_path: Path, endpoint: str
@@ -331,6 +338,7 @@ def test_a_failing_alert_endpoint_never_fails_the_run_and_is_retried(
     assert_no_hook_url(*OUTPUTS, status.stdout, warehouse_bytes(env).decode("latin-1"))
 
 
+@pytest.mark.slow
 def test_the_webhook_url_appears_in_no_output(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -364,6 +372,7 @@ def test_the_webhook_url_appears_in_no_output(
 # --- alerts test ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_alerts_test_sends_one_test_alert(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:
@@ -403,6 +412,7 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+@pytest.mark.slow
 def test_prometheus_metrics_from_status_and_the_textfile(
     loaded: Loaded, receiver: Receiver, tmp_path: Path
 ) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.run import bench_emitter, main
+
+pytestmark = pytest.mark.slow  # every test here drives a subprocess
 
 
 def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:

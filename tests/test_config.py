@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here drives a subprocess
+
 PROBE = """
 import json
 from pipelines.config import load_config

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import Sandbox, make_sandbox, run_cli
 
+pytestmark = pytest.mark.slow  # every test here drives a subprocess
+
 TRAITS_V1 = """\
 -- one trait from the customer's metadata, one computed
 with customers as (

@@ -312,6 +312,7 @@ def test_outage_midway_marks_only_what_was_received(con, collector, settings) ->
     assert_exactly_once_in_effect(con, collector)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_send_then_rerun_loses_nothing(tmp_path, con, collector, settings) -> None:
     add_events(con, 3000)
     set_customers(con)

@@ -349,6 +349,7 @@ def test_an_item_missing_its_key_is_set_aside_and_reported(sandbox: Sandbox) -> 
     assert loaded + result.rejected_records == len(sandbox.business.refunds)
 
 
+@pytest.mark.slow
 def test_a_failed_load_is_cleaned_and_its_rows_read_again(sandbox: Sandbox) -> None:
     config = sandbox.config()
     run_extract(config)
@@ -388,6 +389,7 @@ def test_state_is_restored_from_the_warehouse_when_the_local_folder_is_gone(
     assert_matches_truth(sandbox)
 
 
+@pytest.mark.slow
 def test_bad_key_gives_one_line_error_and_nonzero_exit(sandbox: Sandbox) -> None:
     env = sandbox.env(DODO_PAYMENTS_API_KEY="sk_wrong_key_123456")
     started = time.monotonic()

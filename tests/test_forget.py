@@ -190,6 +190,7 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forgotten]:
         os.chdir(cwd)
 
 
+@pytest.mark.slow
 def test_dry_run_lists_what_would_be_removed_and_changes_nothing(forgotten: Forgotten) -> None:
     dry = forgotten.dry_run
     assert dry.returncode == 0, dry.stderr
@@ -202,6 +203,7 @@ def test_dry_run_lists_what_would_be_removed_and_changes_nothing(forgotten: Forg
     assert forgotten.person.email not in dry.stdout  # the listing shows no personal value
 
 
+@pytest.mark.slow
 def test_forget_erases_the_person_from_every_table_file_and_byte(forgotten: Forgotten) -> None:
     result, person, db = forgotten.forget, forgotten.person, forgotten.sandbox.db
     assert result.returncode == 0, result.stderr
@@ -212,6 +214,7 @@ def test_forget_erases_the_person_from_every_table_file_and_byte(forgotten: Forg
     assert oct(Path(db).stat().st_mode & 0o777) == oct(0o600)
 
 
+@pytest.mark.slow
 def test_forget_keeps_what_accounting_needs(forgotten: Forgotten) -> None:
     db, person = forgotten.sandbox.db, forgotten.person
     payments = _query(
@@ -231,6 +234,7 @@ def test_forget_keeps_what_accounting_needs(forgotten: Forgotten) -> None:
     assert tombstone and tombstone[0][0]
 
 
+@pytest.mark.slow
 def test_other_customers_events_and_traits_are_unchanged(forgotten: Forgotten) -> None:
     assert forgotten.after_outboxes == forgotten.before_outboxes
     assert forgotten.before_outboxes["identify"] and forgotten.before_outboxes["track"]
@@ -243,6 +247,7 @@ def test_other_customers_events_and_traits_are_unchanged(forgotten: Forgotten) -
     )
 
 
+@pytest.mark.slow
 def test_regulation_reached_segment_with_the_documented_body(forgotten: Forgotten) -> None:
     requests = forgotten.regulations
     assert [r["status"] for r in requests] == [200]
@@ -257,6 +262,7 @@ def test_regulation_reached_segment_with_the_documented_body(forgotten: Forgotte
         assert PUBLIC_API_TOKEN not in stream
 
 
+@pytest.mark.slow
 def test_the_next_two_syncs_neither_store_nor_send_the_person(forgotten: Forgotten) -> None:
     person, db = forgotten.person, forgotten.sandbox.db
     assert [s.returncode for s in forgotten.syncs] in ([0, 0], [0, 3], [3, 0], [3, 3]), [
@@ -281,6 +287,7 @@ def test_the_next_two_syncs_neither_store_nor_send_the_person(forgotten: Forgott
     assert not list(Path(db + ".dlt").rglob("*.parquet"))  # no load files kept by a run
 
 
+@pytest.mark.slow
 def test_forget_by_email_without_token_prints_the_privacy_portal_steps(
     forgotten: Forgotten,
 ) -> None:
@@ -299,6 +306,7 @@ def test_forget_by_email_without_token_prints_the_privacy_portal_steps(
     assert sandbox.collector.regulation_requests() == []  # nothing filed without a token
 
 
+@pytest.mark.slow
 def test_unknown_customer_is_one_line_and_exit_5(forgotten: Forgotten) -> None:
     before = _sha(forgotten.sandbox.db)
     result = run_cli("forget", "cus_does_not_exist", env=forgotten.sandbox.env())
@@ -309,6 +317,7 @@ def test_unknown_customer_is_one_line_and_exit_5(forgotten: Forgotten) -> None:
     assert _sha(forgotten.sandbox.db) == before
 
 
+@pytest.mark.slow
 def test_segment_refusing_the_token_exits_6_and_a_second_forget_files_it(sandbox: Sandbox) -> None:
     sandbox.collector.public_api_token = PUBLIC_API_TOKEN
     assert run_cli("run", env=sandbox.env()).returncode in (0, 3)

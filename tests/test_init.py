@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import Sandbox, run_cli
 
+pytestmark = pytest.mark.slow  # every test here drives a subprocess
+
 FILES = (
     ".dlt/config.toml",
     ".dlt/secrets.toml",

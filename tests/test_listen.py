@@ -102,6 +102,7 @@ def payment_events(sandbox: Sandbox) -> Counter[tuple[str, str]]:
     )
 
 
+@pytest.mark.slow
 def test_deliveries_become_events_once_without_reading_the_api(sandbox: Sandbox) -> None:
     first_sync(sandbox)
     listener = ListenerProcess(sandbox)
@@ -174,6 +175,7 @@ def test_bad_deliveries_are_refused_and_nothing_is_stored(sandbox: Sandbox) -> N
     assert SECRET not in output
 
 
+@pytest.mark.slow
 def test_a_listener_killed_after_answering_loses_nothing(sandbox: Sandbox) -> None:
     first_sync(sandbox)
     # no run starts before the kill: the delivery must survive in the store alone
@@ -201,6 +203,7 @@ def test_a_listener_killed_after_answering_loses_nothing(sandbox: Sandbox) -> No
     assert len(ids) == len(set(ids))
 
 
+@pytest.mark.slow
 def test_an_older_webhook_never_overwrites_a_newer_api_state(sandbox: Sandbox) -> None:
     first_sync(sandbox)
     sub = next(s for s in sandbox.business.subscriptions if s["status"] == "active")
@@ -227,6 +230,7 @@ def test_an_older_webhook_never_overwrites_a_newer_api_state(sandbox: Sandbox) -
     assert store.pending_count() == 0
 
 
+@pytest.mark.slow
 def test_listen_needs_the_secret(sandbox: Sandbox) -> None:
     env = sandbox.env()
     env.pop("DODO_PAYMENTS_WEBHOOK_KEY", None)
@@ -236,6 +240,7 @@ def test_listen_needs_the_secret(sandbox: Sandbox) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_runs_of_the_listener_never_overlap_a_scheduled_run(sandbox: Sandbox) -> None:
     first_sync(sandbox)
     listener = ListenerProcess(sandbox, LISTEN__DEBOUNCE_SECONDS="0.2")
@@ -263,6 +268,7 @@ def test_runs_of_the_listener_never_overlap_a_scheduled_run(sandbox: Sandbox) ->
     assert succeeded <= completed
 
 
+@pytest.mark.slow
 def test_doctor_checks_the_secret_once_the_listener_is_used(sandbox: Sandbox) -> None:
     env = sandbox.env()
     env.pop("DODO_PAYMENTS_WEBHOOK_KEY", None)
@@ -282,6 +288,7 @@ def test_doctor_checks_the_secret_once_the_listener_is_used(sandbox: Sandbox) ->
     assert SECRET not in good.stdout + good.stderr
 
 
+@pytest.mark.slow
 def test_a_forgotten_customer_leaves_the_webhook_store_and_never_comes_back(
     sandbox: Sandbox,
 ) -> None:

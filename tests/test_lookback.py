@@ -88,6 +88,7 @@ def test_the_deep_pass_schedule_survives_losing_the_pipeline_folder(sandbox: San
     assert_matches_truth(sandbox)
 
 
+@pytest.mark.slow
 def test_run_deep_and_status_show_the_deep_pass_and_requests_per_resource(
     sandbox: Sandbox,
 ) -> None:

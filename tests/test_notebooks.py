@@ -87,12 +87,14 @@ def sandbox_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return execute_all(Path(sandbox.db), tmp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", analysis.NOTEBOOKS)
 def test_notebook_runs_on_the_sandbox_warehouse(sandbox_results, name: str) -> None:
     figures = figures_of(sandbox_results, name)  # raises the failing cell's error
     assert figures["is_demo"] is False
 
 
+@pytest.mark.slow
 def test_sandbox_figures_are_plausible(sandbox_results) -> None:
     revenue = figures_of(sandbox_results, "01_revenue_overview")
     assert revenue["succeeded_payments"] > 0 and 0 < revenue["payment_success_rate"] <= 1
@@ -144,6 +146,7 @@ def hand_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return execute_all(db, tmp, parameters={"04_segment_sync_health": {"CUSTOMER_ID": "cus_renew"}})
 
 
+@pytest.mark.slow
 def test_revenue_overview_matches_the_fixture(hand_results) -> None:
     figures = figures_of(hand_results, "01_revenue_overview")
     daily = EXPECTED["revenue_daily"]
@@ -170,6 +173,7 @@ def test_revenue_overview_matches_the_fixture(hand_results) -> None:
     assert figures["dispute_rate"] == pytest.approx(1 / succeeded, abs=1e-6)  # dp_1
 
 
+@pytest.mark.slow
 def test_subscriptions_mrr_matches_the_fixture(hand_results) -> None:
     figures = figures_of(hand_results, "02_subscriptions_mrr")
     assert figures["mrr_by_month"]["2024-06"] == pytest.approx(EXPECTED["mrr_total_2024_06"])
@@ -192,6 +196,7 @@ def test_subscriptions_mrr_matches_the_fixture(hand_results) -> None:
     assert figures["trial_conversion_rate"] == 1.0
 
 
+@pytest.mark.slow
 def test_retention_cohorts_match_the_fixture(hand_results) -> None:
     figures = figures_of(hand_results, "03_retention_cohorts")
     known = {c[0] for c in CUSTOMERS}
@@ -211,6 +216,7 @@ def test_retention_cohorts_match_the_fixture(hand_results) -> None:
     assert len(january) == 6 and figures["logo_retention"]["2024-05"][2:] == [None] * 4
 
 
+@pytest.mark.slow
 def test_segment_sync_health_matches_the_fixture(hand_results) -> None:
     figures = figures_of(hand_results, "04_segment_sync_health")
     latest = figures["latest_run"]

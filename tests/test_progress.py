@@ -10,7 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Sandbox, run_cli
+
+pytestmark = pytest.mark.slow  # every test here drives a subprocess
 
 EXE = str(Path(sys.executable).with_name("dodo-segment"))
 

@@ -453,6 +453,7 @@ def test_object_that_disappears_between_runs_is_kept_not_fatal(sandbox: Sandbox)
     assert_nothing_lost(sandbox)
 
 
+@pytest.mark.slow
 def test_key_revoked_between_runs_fails_clearly_and_loses_nothing(sandbox: Sandbox) -> None:
     cli_ok(run_cli("run", *EVERYTHING, env=sandbox.env()))
     before = {name: _count(sandbox.db, name) for name in RESOURCES}
@@ -634,6 +635,7 @@ def _watched_run(
     return marks, killed_in, rc
 
 
+@pytest.mark.slow
 def test_kill_at_random_points_then_a_clean_run_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL during extract/load, models and emit (seeded), then one clean run."""
     rng = random.Random(SOAK_SEED)
@@ -676,6 +678,7 @@ def test_kill_at_random_points_then_a_clean_run_loses_nothing(tmp_path: Path) ->
 # --- operator -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_proceeds_one_skips_quietly(sandbox: Sandbox) -> None:
     sandbox.collector.latency_ms = 300  # the first run holds the lock for a while
     exe = Path(sys.executable).with_name("dodo-segment")
@@ -704,6 +707,7 @@ def test_two_concurrent_runs_one_proceeds_one_skips_quietly(sandbox: Sandbox) ->
     assert max(len(c) for c in d.received.values()) == 1  # the overlap sent nothing twice
 
 
+@pytest.mark.slow
 def test_warehouse_from_a_newer_schema_version_is_refused_untouched(sandbox: Sandbox) -> None:
     cli_ok(run_cli("run", "--skip-emit", env=sandbox.env()))
     with duckdb.connect(sandbox.db) as con:
@@ -720,6 +724,7 @@ def test_warehouse_from_a_newer_schema_version_is_refused_untouched(sandbox: San
     assert sandbox.collector.messages == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_warehouse_gives_a_clear_error_and_is_not_overwritten(
     sandbox: Sandbox, damage: str
@@ -762,6 +767,7 @@ def _chattr_works(directory: Path) -> bool:
         probe.rmdir()
 
 
+@pytest.mark.slow
 def test_read_only_warehouse_directory_fails_clearly(sandbox: Sandbox, tmp_path: Path) -> None:
     # Tests run as root, for whom chmod does not stop writes: an immutable directory does.
     if not _chattr_works(tmp_path):
@@ -782,6 +788,7 @@ def test_read_only_warehouse_directory_fails_clearly(sandbox: Sandbox, tmp_path:
     one_line_error(result)  # the expected failure explained in one line, without a traceback
 
 
+@pytest.mark.slow
 def test_warehouse_path_under_a_file_fails_clearly(sandbox: Sandbox, tmp_path: Path) -> None:
     (tmp_path / "plainfile").write_text("not a directory")
     db = tmp_path / "plainfile" / "w.duckdb"
@@ -793,6 +800,7 @@ def test_warehouse_path_under_a_file_fails_clearly(sandbox: Sandbox, tmp_path: P
     assert sandbox.collector.messages == []
 
 
+@pytest.mark.slow
 def test_warehouse_path_in_a_missing_directory_is_created_owner_only(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
@@ -812,6 +820,7 @@ def _file_size_limit(limit: int) -> Any:
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_fails_clearly_and_the_next_run_catches_up(sandbox: Sandbox) -> None:
     # A full disk, simulated per process: writes past RLIMIT_FSIZE fail with EFBIG.
     cli_ok(run_cli("run", *EVERYTHING, env=sandbox.env()))

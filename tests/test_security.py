@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 import orjson
+import pytest
 
 from pipelines.commands.demo import DEMO_API_KEY, DEMO_WRITE_KEY
 from pipelines.sandbox.faults import set_field
@@ -52,6 +53,7 @@ def cli(*args: str, env: dict[str, str], outputs: list[str], **kw) -> subprocess
     return result
 
 
+@pytest.mark.slow
 def test_no_key_anywhere_after_runs_that_fail_every_way(sandbox: Sandbox, tmp_path: Path) -> None:
     outputs: list[str] = []
     env = sandbox.env()
@@ -140,6 +142,7 @@ def _assert_no_personal_data_sent(sandbox: Sandbox) -> None:
     assert not [e for e in emails if e in sent] and not [p for p in phones if p in sent]
 
 
+@pytest.mark.slow
 def test_excluded_fields_from_the_environment_never_reach_segment(sandbox: Sandbox) -> None:
     env = sandbox.env(SEGMENT__EXCLUDED_FIELDS=",".join(EXCLUDED))
     result = run_cli("run", *EVERYTHING, env=env)
@@ -148,6 +151,7 @@ def test_excluded_fields_from_the_environment_never_reach_segment(sandbox: Sandb
     assert_nothing_lost(sandbox, excluded=EXCLUDED)
 
 
+@pytest.mark.slow
 def test_excluded_fields_from_config_toml_never_reach_segment(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
@@ -267,6 +271,7 @@ HOSTILE_META = {
 }
 
 
+@pytest.mark.slow
 def test_hostile_names_and_metadata_round_trip_as_data(sandbox: Sandbox) -> None:
     business = sandbox.business
     victims = business.customers[:3]
