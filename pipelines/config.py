@@ -74,6 +74,8 @@ class ExtractConfig:
     """Every run's short window behind each cursor (open objects are re-read besides)."""
     deep_lookback_hours: float = 24
     """One run this often re-reads the whole lookback_days window (the deep pass)."""
+    backoff_seconds: float = 1.0
+    """The first retry's backoff without Retry-After; it doubles per retry (up to 60 s)."""
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,7 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         else None,
         lookback_minutes=_positive("sources.dodo.lookback_minutes", flags, 60),
         deep_lookback_hours=_positive("sources.dodo.deep_lookback_hours", flags, 24),
+        backoff_seconds=_positive("sources.dodo.backoff_seconds", flags, 1.0),
     )
     segment = SegmentConfig(
         write_key=str(lookup("segment.write_key", flags, "") or ""),

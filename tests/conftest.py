@@ -103,6 +103,8 @@ class Sandbox:
             "sources.dodo.requests_per_minute": 0,
             "sources.dodo.max_retries": 4,
             "sources.dodo.timeout_seconds": 5,
+            # retries wait 50 ms, 100 ms, ... instead of 1 s, 2 s, ...: the count is what's tested
+            "sources.dodo.backoff_seconds": 0.05,
             "segment.write_key": WRITE_KEY,
             "segment.host": self.collector.base_url,
             "segment.max_retries": 2,
@@ -131,6 +133,7 @@ class Sandbox:
                 "SOURCES__DODO__REQUESTS_PER_MINUTE": "0",
                 "SOURCES__DODO__MAX_RETRIES": "3",
                 "SOURCES__DODO__TIMEOUT_SECONDS": "5",
+                "SOURCES__DODO__BACKOFF_SECONDS": "0.05",
                 "SEGMENT__MAX_RETRIES": "2",
                 "SEGMENT__TIMEOUT_SECONDS": "5",
                 "SOURCES__DODO__AS_OF": self.business.now.isoformat(),

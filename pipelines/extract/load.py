@@ -311,6 +311,7 @@ def build_plan(
             requests_per_minute=xc.requests_per_minute,
             timeout_seconds=xc.timeout_seconds,
             max_retries=xc.max_retries,
+            backoff_base_seconds=xc.backoff_seconds,
         )
     )
     plan = ExtractPlan(
