@@ -148,6 +148,7 @@ def signed(webhook_id: str, body: bytes, at: datetime, secret: str = SECRET) -> 
     return headers
 
 
+@pytest.mark.slow
 def test_bad_deliveries_are_refused_and_nothing_is_stored(sandbox: Sandbox) -> None:
     listener = ListenerProcess(sandbox, LISTEN__MAX_BODY_BYTES="2000")
     now = datetime.now(UTC)
