@@ -18,16 +18,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dodo-segment demo
 
-# The suite on both cores (pytest-xdist); a module's tests stay on one worker, so a module-scoped
-# fixture (a generated business, a first sync) is built once. test-fast: no subprocess, no wheel,
-# no notebook kernel, no browser (the tests marked slow are left out).
+# The suite on both cores (pytest-xdist): tests go one by one to the next free worker, except a
+# module whose tests share a module-scoped setup (marked xdist_group), which stays on one worker.
+# test-fast: no subprocess, no wheel, no notebook kernel, no browser (tests marked slow left out).
 PYTEST_WORKERS ?= 2
 
 test: install
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -26,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipelines import lock
 from tests.conftest import API_KEY, WRITE_KEY, Sandbox, make_sandbox, run_cli
 
+pytestmark = pytest.mark.xdist_group("test_alerts")  # one worker builds the module-scoped setup
+
 HOOK_TOKEN = "T0DODO/B0SEG/hook-s3cr3t-4f9a1c"
 """The secret part of a Slack incoming-webhook URL: its path."""
 

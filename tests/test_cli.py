@@ -29,7 +29,8 @@ from pipelines import lock, warehouse
 from pipelines.dodo_contract import ENDPOINTS, PRIMARY_KEYS, RESOURCES, WAREHOUSE_SCHEMA_VERSION
 from tests.conftest import API_KEY, WRITE_KEY, Sandbox, make_sandbox, run_cli
 
-pytestmark = pytest.mark.slow  # every test here drives a subprocess
+# every test here drives a subprocess; one worker builds the module's shared setup
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_cli")]
 
 EXE = str(Path(sys.executable).with_name("dodo-segment"))
 SUBCOMMANDS = (

@@ -18,6 +18,8 @@ import requests
 from pipelines.emit import RegulationError, file_suppress_with_delete
 from tests.conftest import Sandbox, make_sandbox, run_cli
 
+pytestmark = pytest.mark.xdist_group("test_forget")  # one worker builds the module-scoped setup
+
 PUBLIC_API_TOKEN = "test_public_api_token_4e9a0c"
 
 

@@ -20,6 +20,8 @@ from tests.fixtures.hand_worked import (
     build_hand_worked_warehouse,
 )
 
+pytestmark = pytest.mark.xdist_group("test_models")  # one worker builds the module-scoped setup
+
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 

@@ -15,6 +15,10 @@ from pipelines.extract import run_extract
 from pipelines.transform import run_models
 from tests.conftest import Sandbox, make_sandbox
 
+pytestmark = pytest.mark.xdist_group(
+    "test_models_sandbox"
+)  # one worker builds the module-scoped setup
+
 DEFAULT_CATALOG = {
     "Payment Completed", "Subscription Started", "Subscription Cancelled", "Payment Failed",
     "Payment Refunded", "Dispute Opened", "Subscription Renewed", "Trial Started", "Trial Ended",

@@ -30,6 +30,8 @@ from tests.fixtures.hand_worked import (
     build_hand_worked_warehouse,
 )
 
+pytestmark = pytest.mark.xdist_group("test_notebooks")  # one worker builds the module-scoped setup
+
 NOTEBOOKS = REPO / "notebooks"
 HAND_RUN_ID = "20240630T000000Z-handwork"
 

@@ -19,6 +19,8 @@ from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift
 from pipelines.sandbox.ratelimit import RateLimit
 from pipelines.sandbox.simulator import DodoSimulator
 
+pytestmark = pytest.mark.xdist_group("test_simulator")  # one worker builds the module-scoped setup
+
 SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SPEC_PATH = SPEC_PATH / "dodopayments-openapi.json"
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
