@@ -47,4 +47,4 @@ notebooks: install
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) demo.duckdb demo.duckdb.* .pytest_cache
+	rm -rf $(VENV) demo.duckdb demo.duckdb.* demo-report.html report.html .pytest_cache

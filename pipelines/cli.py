@@ -38,6 +38,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment init       create a project folder with settings and your own models
   dodo-segment alerts test        send one test alert to [alerts] webhook_url
   dodo-segment forget     erase customers (by id or email) here and in Segment
+  dodo-segment report     one HTML page of MRR, revenue, dunning and sync health (offline)
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -307,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_common(at)
 
+    rp = _command(
+        commands, "report", "write one self-contained HTML report of the warehouse",
+        "Write one static HTML page (charts inlined, readable offline in any browser): MRR and "
+        "its movements, revenue by month (USD), customers gained and churned, dunning outcomes "
+        "and revenue recovered, and sync health. Reads the warehouse read-only. Exit 2 when "
+        "the warehouse file does not exist.",
+    )  # fmt: skip
+    _add_common(rp)
+    rp.add_argument("--out", metavar="FILE", default="report.html",
+                    help="where to write the page (default: report.html)")  # fmt: skip
+
     fg = _command(
         commands, "forget", "erase customers' personal data (erasure requests)",
         "Remove the customers' personal data (email, name, phone, metadata, billing address, "
@@ -445,6 +457,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from pipelines.commands.models import show_models
 
         return show_models(config)
+    if args.command == "report":
+        from pipelines.commands.report import run_report
+
+        return run_report(config.warehouse_path, args.out)
     if args.command == "forget":
         from pipelines.commands.forget import forget_customers
 
