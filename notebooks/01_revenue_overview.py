@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -95,35 +95,9 @@ plt.show()
 # (and so no USD value): when that column is not 0, the USD total is a lower bound.
 
 # %%
-REVENUE_USD = """
-with ledger_coverage as (
-    select
-        cast(date_trunc('month', timezone('UTC', p.created_at)) as date) as month,
-        count(*) filter (where l.payment_usd_cents is null) as payments_without_usd
-    from analytics.stg_payments as p
-    left join analytics.int_ledger_by_object as l on l.object_id = p.payment_id
-    where p.status = 'succeeded'
-    group by all
-),
-
-monthly as (
-    select
-        cast(date_trunc('month', date) as date) as month,
-        round(sum(gross_usd), 2) as gross_usd,
-        round(sum(refunds_usd), 2) as refunds_usd,
-        round(sum(net_usd), 2) as net_usd,
-        sum(payments) as payments
-    from analytics.revenue_daily
-    group by all
-)
-
-select monthly.*, coalesce(ledger_coverage.payments_without_usd, 0) as payments_without_usd
-from monthly
-left join ledger_coverage using (month)
-order by month
-"""
-usd = wh.query(REVENUE_USD)
-usd["month"] = pd.to_datetime(usd["month"])
+REVENUE_USD = analysis.queries.REVENUE_USD_BY_MONTH  # shared with `dodo-segment report`
+print(REVENUE_USD)
+usd = analysis.queries.revenue_usd_by_month(wh)
 display(usd.tail(MONTHS).set_index("month"))
 
 # %%

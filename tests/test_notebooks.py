@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ import pytest
 
 from pipelines import analysis, warehouse
 from pipelines.emit import EmitSettings, emit
-from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.collector import SegmentCollector
 from pipelines.transform import run_models
-from tests.conftest import REPO, WRITE_KEY, make_sandbox
+from tests.conftest import REPO, WRITE_KEY
 from tests.fixtures.hand_worked import (
     CUSTOMERS,
     EXPECTED,
@@ -64,27 +62,9 @@ def figures_of(results: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sandbox_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two runs of the job on the sandbox (first sync with recent events, then a week later)."""
-    tmp = tmp_path_factory.mktemp("sandbox")
-    sandboxes = make_sandbox(tmp, customers=80)
-    sandbox = next(sandboxes)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(tmp)
-            config = sandbox.config()
-            business = sandbox.business
-            first = run_job(
-                replace(config, extract=replace(config.extract, as_of=business.now)),
-                RunOptions(events_since=business.now - timedelta(days=60)),
-            )
-            assert first.exit_code in (0, 3), first.error
-            business.advance_time(until=sandbox.wall)
-            second = run_job(config, RunOptions())
-            assert second.exit_code in (0, 3), second.error
-    finally:
-        sandboxes.close()
-    return execute_all(Path(sandbox.db), tmp)
+def sandbox_results(synced_sandbox_db: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every notebook on the shared sandbox warehouse (two runs: a first sync, a week later)."""
+    return execute_all(synced_sandbox_db, tmp_path_factory.mktemp("sandbox"))
 
 
 @pytest.mark.parametrize("name", analysis.NOTEBOOKS)
