@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install demo test test-fast lint format bench bench-smoke bench-webhooks soak notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-webhooks soak notebooks clean
 
 install: $(STAMP)
 
@@ -15,10 +15,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks]"
 	touch $(STAMP)
 
+# Debian's Chromium for the report's browser test (tests/test_report.py), where it is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 demo: install
 	$(BIN)/dodo-segment demo
 
-test: install
+report: install
+	$(BIN)/dodo-segment report
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -84,6 +84,7 @@ class Warehouse:
         self.path = choice.path
         self.is_demo = choice.is_demo
         self.reason = choice.reason
+        self._session: duckdb.DuckDBPyConnection | None = None
         try:
             self.as_of = self.scalar("select max(as_of) from analytics.int_as_of")
         except duckdb.CatalogException as exc:
@@ -119,12 +120,31 @@ class Warehouse:
         `variables` are set with `SET VARIABLE` first, so the query reads them with
         `getvariable('name')` exactly as it would in the DuckDB CLI.
         """
+        if self._session is not None:
+            return self._run(self._session, sql, variables)
         with self.connect() as con:
-            for name, value in (variables or {}).items():
-                con.execute(f"set variable {name} = ?", [value])
-            with warnings.catch_warnings():  # duckdb's own pandas conversion, not ours
-                warnings.filterwarnings("ignore", message="The inplace keyword")
-                return con.execute(sql).df()
+            return self._run(con, sql, variables)
+
+    @staticmethod
+    def _run(
+        con: duckdb.DuckDBPyConnection, sql: str, variables: dict[str, Any] | None
+    ) -> pd.DataFrame:
+        for name, value in (variables or {}).items():
+            con.execute(f"set variable {name} = ?", [value])
+        with warnings.catch_warnings():  # duckdb's own pandas conversion, not ours
+            warnings.filterwarnings("ignore", message="The inplace keyword")
+            return con.execute(sql).df()
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Run the queries inside on one read-only connection (the report reads in one go, so
+        it holds the file once and briefly rather than opening it for every query)."""
+        with self.connect() as con:
+            self._session = con
+            try:
+                yield
+            finally:
+                self._session = None
 
     def scalar(self, sql: str, variables: dict[str, Any] | None = None) -> Any:
         """The single value of a one-row, one-column query."""

@@ -67,12 +67,12 @@ def _empty(text: str) -> str:
     return f'<p class="empty">{html.escape(text)}</p>'
 
 
-def mrr_section(wh: Warehouse) -> tuple[str, bool]:
+def mrr_section(data: dict[str, Any]) -> tuple[str, bool]:
     """MRR now, over time, and its movements per month."""
-    mrr = queries.mrr_by_month(wh)
+    mrr = data["mrr"]
     if mrr.empty:
         return _empty("No MRR yet: no subscription payment covers a month so far."), False
-    movements = queries.mrr_movements(wh)
+    movements = data["movements"]
     now = mrr.iloc[-1]
     recent = mrr.tail(MONTHS)
     heads = headline("current_mrr_usd", f"MRR, {now['month']:%B %Y}", usd(now["mrr_usd"]))
@@ -95,12 +95,12 @@ def mrr_section(wh: Warehouse) -> tuple[str, bool]:
     return body, True
 
 
-def revenue_section(wh: Warehouse) -> tuple[str, bool]:
+def revenue_section(data: dict[str, Any]) -> tuple[str, bool]:
     """Gross, refunds and net revenue in USD per month; the last full month as the headline."""
-    revenue = queries.revenue_usd_by_month(wh)
+    revenue = data["revenue"]
     if revenue.empty:
         return _empty("No revenue yet: no succeeded payment or refund."), False
-    as_of_month = pd.Timestamp(wh.as_of).tz_convert(None).to_period("M").to_timestamp()
+    as_of_month = pd.Timestamp(data["as_of"]).tz_convert(None).to_period("M").to_timestamp()
     full = revenue[revenue["month"] < as_of_month]
     heads = ""
     if len(full):
@@ -127,9 +127,9 @@ def revenue_section(wh: Warehouse) -> tuple[str, bool]:
     return body, True
 
 
-def customers_section(wh: Warehouse) -> tuple[str, bool]:
+def customers_section(data: dict[str, Any]) -> tuple[str, bool]:
     """Paying customers gained (new, reactivated) and churned per month."""
-    customers = queries.customers_gained_and_churned(wh)
+    customers = data["customers"]
     if customers.empty:
         return _empty("No paying customers yet."), False
     recent = customers.tail(MONTHS)
@@ -143,11 +143,9 @@ def customers_section(wh: Warehouse) -> tuple[str, bool]:
     return body, True
 
 
-def dunning_section(wh: Warehouse) -> tuple[str, bool]:
+def dunning_section(data: dict[str, Any]) -> tuple[str, bool]:
     """Failed renewals and their outcomes, recovery by retry, revenue recovered, plan changes."""
-    episodes = dunning.dunning_episodes(wh)
-    changes = dunning.plan_changes(wh)
-    checkouts = dunning.multi_subscription_checkouts(wh)
+    episodes, changes, checkouts = data["episodes"], data["plan_changes"], data["checkouts"]
     extra = ""
     if len(changes):
         extra += (
@@ -173,7 +171,7 @@ def dunning_section(wh: Warehouse) -> tuple[str, bool]:
         )  # fmt: skip
     )
     by_month = dunning.dunning_by_month(episodes).tail(MONTHS)
-    by_attempt = dunning.recovery_by_retry_attempt(wh)
+    by_attempt = data["by_attempt"]
     outcomes = ", ".join(f"{n} {o}" for o, n in totals["outcomes"].items() if n)
     body = (
         f'<div class="headlines">{heads}</div><p>Outcomes: {html.escape(outcomes)}.</p>'
@@ -188,13 +186,12 @@ def dunning_section(wh: Warehouse) -> tuple[str, bool]:
     return body, True
 
 
-def sync_section(wh: Warehouse) -> tuple[str, bool]:
+def sync_section(data: dict[str, Any]) -> tuple[str, bool]:
     """The last runs, what is pending or rejected, open alerts, delivery delay, step durations."""
-    runs = queries.recent_runs(wh, limit=10)
-    if runs.empty or not queries.sync_is_set_up(wh):
+    runs = data["runs"]
+    if runs.empty or data["pending"] is None:
         return _empty("Nothing sent to Segment yet: no run has reached the emit step."), False
-    now = queries.pending(wh)
-    open_alerts = alerts.open_alerts(wh.path)
+    now, open_alerts = data["pending"], data["open_alerts"]
     heads = (
         headline("pending_tracks", "Events pending", str(now["pending_tracks"]))
         + headline("rejected_total", "Rejected by Segment", str(now["rejected_total"]))
@@ -210,12 +207,12 @@ def sync_section(wh: Warehouse) -> tuple[str, bool]:
          r.identifies_sent, r.tracks_sent, r.rejected, r.pending]
         for r in runs.itertuples()
     ][::-1]  # fmt: skip
-    by_path = queries.delivery_delay_by_path(wh)
+    by_path = data["delay_by_path"]
     delay_rows = [
         [r.path, r.runs, r.events, _seconds(r.median_seconds), _seconds(r.p90_seconds)]
         for r in by_path.itertuples()
     ]
-    steps = queries.run_steps(wh)
+    steps = data["steps"]
     body = (
         f'<div class="headlines">{heads}</div>'
         + (f"<ul class='alerts'>{alert_list}</ul>" if alert_list else "")
@@ -241,7 +238,7 @@ def sync_section(wh: Warehouse) -> tuple[str, bool]:
             else _empty("No event delivered yet.")
         )  # fmt: skip
         + (
-            chart("delivery_delay", charts.draw_delivery_delay, queries.delivery_delay_by_run(wh))
+            chart("delivery_delay", charts.draw_delivery_delay, data["delay_by_run"])
             if delay_rows
             else ""
         )  # fmt: skip
@@ -258,6 +255,29 @@ def _seconds(value: float | None) -> str:
     if abs(value) >= 3600:
         return f"{value / 3600:,.1f} h"
     return f"{value:,.1f} s"
+
+
+def fetch(wh: Warehouse) -> dict[str, Any]:
+    """Every frame the page shows, read on one connection (the charts are drawn after it closed)."""
+    with wh.session():
+        synced = queries.sync_is_set_up(wh)
+        return {
+            "as_of": wh.as_of,
+            "mrr": queries.mrr_by_month(wh),
+            "movements": queries.mrr_movements(wh),
+            "revenue": queries.revenue_usd_by_month(wh),
+            "customers": queries.customers_gained_and_churned(wh),
+            "episodes": dunning.dunning_episodes(wh),
+            "by_attempt": dunning.recovery_by_retry_attempt(wh),
+            "plan_changes": dunning.plan_changes(wh),
+            "checkouts": dunning.multi_subscription_checkouts(wh),
+            "runs": queries.recent_runs(wh, limit=10),
+            "pending": queries.pending(wh) if synced else None,
+            "open_alerts": alerts.open_alerts(wh.path),
+            "delay_by_path": queries.delivery_delay_by_path(wh),
+            "delay_by_run": queries.delivery_delay_by_run(wh),
+            "steps": queries.run_steps(wh),
+        }
 
 
 SECTIONS = (
@@ -281,9 +301,10 @@ def build_report(db_path: str) -> tuple[str, int]:
         )
         return page(banner="", as_of="no data yet", source=html.escape(Path(db_path).name),
                     generated=generated, nav="", body=body), 0  # fmt: skip
+    data = fetch(wh)
     parts, filled = [], 0
     for anchor, title, build in SECTIONS:
-        content, has_data = build(wh)
+        content, has_data = build(data)
         filled += has_data
         parts.append(section(anchor, title, content))
     banner = (
