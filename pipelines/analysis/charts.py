@@ -173,10 +173,17 @@ def draw_delivery_delay(ax: Any, by_run: pd.DataFrame) -> None:
     """Median and p90 event-to-acknowledgement delay per run, by path, on a log scale."""
     for path, group in by_run.groupby("path", sort=True):
         color = PATH_COLORS.get(str(path), "#b279a2")
-        ax.vlines(group["started_at"], group["median_seconds"].clip(lower=0.1),
-                  group["p90_seconds"].clip(lower=0.1), color=color, alpha=0.5)  # fmt: skip
-        ax.plot(group["started_at"], group["median_seconds"].clip(lower=0.1), "o", color=color,
-                label=f"{path} ({int(group['events'].sum())} events)")  # fmt: skip
+        # a log scale has no room for a delay <= 0: an event time after its acknowledgement
+        # (a source clock ahead of this one, as the sandbox's is for its webhook run)
+        shown = group[group["median_seconds"] > 0]
+        hidden = len(group) - len(shown)
+        label = f"{path} ({int(group['events'].sum())} events)"
+        if hidden:
+            label += f"; {hidden} run(s) with a median <= 0 not shown"
+        ax.vlines(shown["started_at"], shown["median_seconds"],
+                  shown["p90_seconds"].clip(lower=shown["median_seconds"]), color=color,
+                  alpha=0.5)  # fmt: skip
+        ax.plot(shown["started_at"], shown["median_seconds"], "o", color=color, label=label)
     ax.set_yscale("log")
     ax.set_title("Delay from an event to Segment's acknowledgement, per run")
     ax.set_xlabel("run start (UTC)")
@@ -199,7 +206,7 @@ def draw_run_steps(ax: Any, steps: pd.DataFrame) -> None:
         values = table[step].tolist()
         ax.bar(x, values, bottom=bottom, color=color, label=step, width=0.75)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    labels = [f"{started:%m-%d %H:%M}" for started, _ in table.index]
+    labels = [f"{started:%m-%d %H:%M:%S}" for started, _ in table.index]
     step = max(1, len(labels) // 20)
     ax.set_xticks(list(x)[::step], labels[::step], rotation=45, ha="right")
     ax.set_title("Duration of each run, by step")

@@ -187,7 +187,8 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
         ".sql('select * from analytics.customer_traits order by total_spent_usd desc nulls last limit 5'))\""
     )
     print(
-        "  make notebooks    (revenue, MRR, cohorts and sync health on this warehouse)\n  make test"
+        "  make notebooks    (revenue, MRR, cohorts, sync health and dunning on this warehouse)\n"
+        "  make test"
     )
     worst = max(int(first.exit_code or 0), int(second.exit_code or 0))
     return ExitCode.OK if worst == ExitCode.REJECTED_OR_QUARANTINED else worst

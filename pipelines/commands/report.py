@@ -173,6 +173,9 @@ def dunning_section(data: dict[str, Any]) -> tuple[str, bool]:
     by_month = dunning.dunning_by_month(episodes).tail(MONTHS)
     by_attempt = data["by_attempt"]
     outcomes = ", ".join(f"{n} {o}" for o, n in totals["outcomes"].items() if n)
+    if totals["outcomes"]["other"]:
+        outcomes += (" (other: the subscription is active or paused now with no succeeded retry "
+                     "in the data, e.g. paid another way)")  # fmt: skip
     body = (
         f'<div class="headlines">{heads}</div><p>Outcomes: {html.escape(outcomes)}.</p>'
         + chart("dunning_outcomes", charts.draw_dunning_outcomes, by_month)
@@ -237,6 +240,7 @@ def sync_section(data: dict[str, Any]) -> tuple[str, bool]:
             if delay_rows
             else _empty("No event delivered yet.")
         )  # fmt: skip
+        + (DELAY_NOTE if delay_rows else "")
         + (
             chart("delivery_delay", charts.draw_delivery_delay, data["delay_by_run"])
             if delay_rows
@@ -245,6 +249,14 @@ def sync_section(data: dict[str, Any]) -> tuple[str, bool]:
         + (chart("run_steps", charts.draw_run_steps, steps) if len(steps) else "")
     )
     return body, True
+
+
+DELAY_NOTE = (
+    "<p class='note'>The first sync's events are the history it was asked to send: their delay "
+    "is the age of that history. A negative delay is an event time after Segment's "
+    "acknowledgement: the source's clock is ahead (the sandbox's business clock runs ahead for "
+    "its webhook run).</p>"
+)
 
 
 def _seconds(value: float | None) -> str:
