@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-webhooks soak notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-webhooks bench-report soak notebooks clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ format: install
 bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.webhook_bench
+	$(BIN)/python -m bench.report_bench
+
+bench-report: install
+	$(BIN)/python -m bench.report_bench
 
 bench-webhooks: install
 	$(BIN)/python -m bench.webhook_bench
