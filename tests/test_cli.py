@@ -32,7 +32,7 @@ from tests.conftest import API_KEY, WRITE_KEY, Sandbox, make_sandbox, run_cli
 EXE = str(Path(sys.executable).with_name("dodo-segment"))
 SUBCOMMANDS = (
     ("run",), ("demo",), ("status",), ("doctor",), ("preview",), ("resend",), ("transform",),
-    ("traits",), ("traits", "recompute"), ("init",),
+    ("traits",), ("traits", "recompute"), ("init",), ("report",),
 )  # fmt: skip
 
 

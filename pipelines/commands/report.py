@@ -100,13 +100,13 @@ def revenue_section(data: dict[str, Any]) -> tuple[str, bool]:
     revenue = data["revenue"]
     if revenue.empty:
         return _empty("No revenue yet: no succeeded payment or refund."), False
-    as_of_month = pd.Timestamp(data["as_of"]).tz_convert(None).to_period("M").to_timestamp()
-    full = revenue[revenue["month"] < as_of_month]
     heads = ""
-    if len(full):
-        last = full.iloc[-1]
-        heads = headline("last_full_month_net_usd", f"Net revenue, {last['month']:%B %Y}",
-                         usd(last["net_usd"]))  # fmt: skip
+    if data["as_of"] is not None:  # the calendar month before the as-of month, 0 when it had none
+        as_of_month = pd.Timestamp(data["as_of"]).tz_convert(None).to_period("M")
+        last_full = (as_of_month - 1).to_timestamp()
+        net = revenue.loc[revenue["month"] == last_full, "net_usd"]
+        heads = headline("last_full_month_net_usd", f"Net revenue, {last_full:%B %Y}",
+                         usd(float(net.iloc[0]) if len(net) else 0.0))  # fmt: skip
     recent = revenue.tail(MONTHS)
     rows = [
         [f"{r.month:%b %Y}", usd(r.gross_usd), usd(r.refunds_usd), usd(r.net_usd), int(r.payments),
