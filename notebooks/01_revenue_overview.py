@@ -101,17 +101,8 @@ usd = analysis.queries.revenue_usd_by_month(wh)
 display(usd.tail(MONTHS).set_index("month"))
 
 # %%
-recent_usd = usd.tail(MONTHS).fillna({"gross_usd": 0, "refunds_usd": 0, "net_usd": 0})
 fig, ax = plt.subplots()
-ax.bar(recent_usd["month"], recent_usd["gross_usd"], width=20, color="#4c78a8", label="gross (USD)")
-ax.bar(recent_usd["month"], -recent_usd["refunds_usd"], width=20, color="#e45756", label="refunds (USD)")
-ax.plot(recent_usd["month"], recent_usd["net_usd"], "k.-", label="net (USD)")
-ax.axhline(0, color="black", linewidth=0.8)
-ax.set_title("Revenue per month in USD (ledger equivalents of every currency)")
-ax.set_xlabel("month (UTC)")
-ax.set_ylabel("USD per month")
-ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.0f}")
-ax.legend(loc="upper left")
+analysis.charts.draw_revenue(ax, usd.tail(MONTHS))  # the report's revenue chart
 analysis.finish_figure(fig, wh, "revenue_usd")
 plt.show()
 

@@ -85,24 +85,8 @@ last_month = waterfall.index[-2] if len(waterfall) > 1 else waterfall.index[-1] 
 fig, (bars, fall) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1.7, 1]})
 
 # left: stacked movements per month, gains above zero, losses below, net change as a line
-x = range(len(recent))
-positive = pd.Series(0.0, index=recent.index)
-negative = pd.Series(0.0, index=recent.index)
-for movement in MOVEMENTS:
-    values = recent[movement]
-    base = positive.where(values >= 0, negative)
-    bars.bar(x, values, bottom=base, color=COLORS[movement], label=movement, width=0.75)
-    positive = positive + values.clip(lower=0)
-    negative = negative + values.clip(upper=0)
-bars.plot(x, recent["net_change"], "ko-", markersize=4, label="net change")
-bars.axhline(0, color="black", linewidth=0.8)
-bars.set_xticks(list(x), [f"{m:%b %Y}" for m in recent.index], rotation=45, ha="right")
-bars.set_title("MRR movements per month")
-bars.set_xlabel("month (UTC)")
-bars.set_ylabel("change in MRR, USD")
-bars.yaxis.set_major_formatter(lambda v, _: f"${v:,.0f}")
-bars.set_ylim(negative.min() * 1.15 - 1, positive.max() * 1.3 + 1)  # room for the legend
-bars.legend(loc="upper left", ncol=3, fontsize=9)
+# (the report's chart: analysis.charts.draw_movements)
+analysis.charts.draw_movements(bars, movements, recent.index.to_series())
 
 # right: the waterfall of the last complete month, from the MRR it started with to its end
 row = waterfall.loc[last_month]

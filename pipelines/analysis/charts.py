@@ -65,7 +65,7 @@ def money(value: float | None, currency: str = "USD") -> str:
 
 
 def _dollars(ax: Any) -> None:
-    ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.0f}")
+    ax.yaxis.set_major_formatter(lambda v, _: f"-${-v:,.0f}" if v < 0 else f"${v:,.0f}")
 
 
 def _month_ticks(ax: Any, months: pd.Series) -> None:
@@ -101,8 +101,10 @@ def draw_movements(ax: Any, movements: pd.DataFrame, months: pd.Series) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     _month_ticks(ax, table.index.to_series())
     ax.set_title("MRR movements per month")
+    ax.set_xlabel("month (UTC)")
     ax.set_ylabel("change in MRR, USD")
     _dollars(ax)
+    ax.set_ylim(min(below, default=0) * 1.15 - 1, max(above, default=0) * 1.3 + 1)  # legend room
     ax.legend(loc="upper left", ncol=3, fontsize=9)
 
 
@@ -114,7 +116,8 @@ def draw_revenue(ax: Any, revenue: pd.DataFrame) -> None:
     ax.plot(x, revenue["net_usd"].fillna(0), "ko-", markersize=4, label="net")
     ax.axhline(0, color="black", linewidth=0.8)
     _month_ticks(ax, revenue["month"])
-    ax.set_title("Revenue per month (USD, from the balance ledger)")
+    ax.set_title("Revenue per month in USD (ledger equivalents of every currency)")
+    ax.set_xlabel("month (UTC)")
     ax.set_ylabel("USD")
     _dollars(ax)
     ax.legend(loc="upper left", fontsize=9)
