@@ -95,6 +95,18 @@ def test_a_warehouse_without_a_run_gives_a_page_that_says_so(tmp_path: Path) -> 
     assert "<svg" not in page
 
 
+def test_a_file_that_is_not_a_warehouse_is_one_line(tmp_path: Path, capsys) -> None:
+    from pipelines.commands.report import run_report
+
+    bogus = tmp_path / "notes.duckdb"
+    bogus.write_text("not a database\n" * 100)
+    assert run_report(str(bogus), str(tmp_path / "r.html")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot read the warehouse" in err
+    assert bogus.read_text() == "not a database\n" * 100  # untouched
+    assert not (tmp_path / "r.html").exists()
+
+
 @pytest.mark.slow
 def test_cli_refuses_a_missing_warehouse_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.duckdb"

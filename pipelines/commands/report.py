@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pandas as pd
 
 from pipelines import alerts
@@ -342,13 +343,18 @@ def write_report(db_path: str, out: Path) -> ReportResult:
 
 
 def run_report(db_path: str, out: str) -> int:
-    """The command: 2 with one line when the warehouse file does not exist, else write it."""
+    """The command: 2 with one line when the warehouse file does not exist, 1 with one line
+    when it cannot be read, else write the page (0)."""
     from pipelines.logs import complain
 
     if not db_path.startswith("md:") and not Path(db_path).expanduser().exists():
         complain(f"no warehouse at {db_path}: run 'dodo-segment run' first, or pass --db PATH")
         return 2
-    result = write_report(db_path, Path(out).expanduser())
+    try:
+        result = write_report(db_path, Path(out).expanduser())
+    except duckdb.Error as exc:  # not a DuckDB file, damaged, or held by a run for over 10 s
+        complain(f"cannot read the warehouse {db_path}: {str(exc).splitlines()[0][:200]}")
+        return 1
     print(
         f"wrote {result.path} ({result.bytes / 1024:,.0f} KiB, {result.sections_with_data} of "
         f"{len(SECTIONS)} sections with data) in {result.seconds:.1f}s; open it in any browser"
