@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install demo test test-fast lint format bench bench-smoke bench-webhooks soak notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-webhooks bench-report soak notebooks clean
 
 install: $(STAMP)
 
@@ -15,15 +15,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks]"
 	touch $(STAMP)
 
+# Debian's Chromium for the report's browser test (tests/test_report.py), where it is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 demo: install
 	$(BIN)/dodo-segment demo
+
+report: install
+	$(BIN)/dodo-segment report
 
 # The suite on both cores (pytest-xdist): tests go one by one to the next free worker, except a
 # module whose tests share a module-scoped setup (marked xdist_group), which stays on one worker.
 # test-fast: no subprocess, no wheel, no notebook kernel, no browser (tests marked slow left out).
 PYTEST_WORKERS ?= 2
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: install
@@ -40,6 +52,10 @@ format: install
 bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.webhook_bench
+	$(BIN)/python -m bench.report_bench
+
+bench-report: install
+	$(BIN)/python -m bench.report_bench
 
 bench-webhooks: install
 	$(BIN)/python -m bench.webhook_bench
@@ -55,4 +71,4 @@ notebooks: install
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) demo.duckdb demo.duckdb.* .pytest_cache
+	rm -rf $(VENV) demo.duckdb demo.duckdb.* demo-report.html report.html .pytest_cache

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -95,49 +95,14 @@ plt.show()
 # (and so no USD value): when that column is not 0, the USD total is a lower bound.
 
 # %%
-REVENUE_USD = """
-with ledger_coverage as (
-    select
-        cast(date_trunc('month', timezone('UTC', p.created_at)) as date) as month,
-        count(*) filter (where l.payment_usd_cents is null) as payments_without_usd
-    from analytics.stg_payments as p
-    left join analytics.int_ledger_by_object as l on l.object_id = p.payment_id
-    where p.status = 'succeeded'
-    group by all
-),
-
-monthly as (
-    select
-        cast(date_trunc('month', date) as date) as month,
-        round(sum(gross_usd), 2) as gross_usd,
-        round(sum(refunds_usd), 2) as refunds_usd,
-        round(sum(net_usd), 2) as net_usd,
-        sum(payments) as payments
-    from analytics.revenue_daily
-    group by all
-)
-
-select monthly.*, coalesce(ledger_coverage.payments_without_usd, 0) as payments_without_usd
-from monthly
-left join ledger_coverage using (month)
-order by month
-"""
-usd = wh.query(REVENUE_USD)
-usd["month"] = pd.to_datetime(usd["month"])
+REVENUE_USD = analysis.queries.REVENUE_USD_BY_MONTH  # shared with `dodo-segment report`
+print(REVENUE_USD)
+usd = analysis.queries.revenue_usd_by_month(wh)
 display(usd.tail(MONTHS).set_index("month"))
 
 # %%
-recent_usd = usd.tail(MONTHS).fillna({"gross_usd": 0, "refunds_usd": 0, "net_usd": 0})
 fig, ax = plt.subplots()
-ax.bar(recent_usd["month"], recent_usd["gross_usd"], width=20, color="#4c78a8", label="gross (USD)")
-ax.bar(recent_usd["month"], -recent_usd["refunds_usd"], width=20, color="#e45756", label="refunds (USD)")
-ax.plot(recent_usd["month"], recent_usd["net_usd"], "k.-", label="net (USD)")
-ax.axhline(0, color="black", linewidth=0.8)
-ax.set_title("Revenue per month in USD (ledger equivalents of every currency)")
-ax.set_xlabel("month (UTC)")
-ax.set_ylabel("USD per month")
-ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.0f}")
-ax.legend(loc="upper left")
+analysis.charts.draw_revenue(ax, usd.tail(MONTHS))  # the report's revenue chart
 analysis.finish_figure(fig, wh, "revenue_usd")
 plt.show()
 

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -41,33 +41,19 @@ from pipelines import analysis
 analysis.use_style()
 wh = analysis.open_warehouse()
 MOVEMENTS = ["new", "expansion", "reactivation", "contraction", "churn"]
-COLORS = {"new": "#54a24b", "expansion": "#88d27a", "reactivation": "#4c78a8",
-          "contraction": "#f58518", "churn": "#e45756"}
+COLORS = analysis.charts.MOVEMENT_COLORS
 
 # %% [markdown]
 # ## MRR per month
 
 # %%
-MRR_BY_MONTH = """
-select
-    month,
-    round(sum(mrr_usd), 2) as mrr_usd,
-    count(*) filter (where mrr_usd > 0) as paying_customers
-from analytics.mrr_monthly
-group by month
-order by month
-"""
-mrr = wh.query(MRR_BY_MONTH)
-mrr["month"] = pd.to_datetime(mrr["month"])
+MRR_BY_MONTH = analysis.queries.MRR_BY_MONTH  # shared with `dodo-segment report`
+print(MRR_BY_MONTH)
+mrr = analysis.queries.mrr_by_month(wh)
 display(mrr.tail(MONTHS).set_index("month"))
 
 fig, ax = plt.subplots()
-ax.plot(mrr["month"], mrr["mrr_usd"], "o-", color="#4c78a8")
-ax.fill_between(mrr["month"], mrr["mrr_usd"], alpha=0.15, color="#4c78a8")
-ax.set_title("Monthly recurring revenue (USD, billed)")
-ax.set_xlabel("month (UTC; the last month is measured at the data's as-of time)")
-ax.set_ylabel("MRR, USD")
-ax.yaxis.set_major_formatter(lambda v, _: f"${v:,.0f}")
+analysis.charts.draw_mrr(ax, mrr)  # the report's MRR chart
 analysis.finish_figure(fig, wh, "mrr")
 plt.show()
 
@@ -78,19 +64,9 @@ plt.show()
 # MRR(previous month) + the month's movements = MRR(month).
 
 # %%
-MRR_MOVEMENTS = """
-select
-    month,
-    movement,
-    count(*) as customers,
-    round(sum(mrr_change_usd), 2) as mrr_change_usd
-from analytics.mrr_monthly
-where movement <> 'unchanged'
-group by all
-order by month, movement
-"""
-movements = wh.query(MRR_MOVEMENTS)
-movements["month"] = pd.to_datetime(movements["month"])
+MRR_MOVEMENTS = analysis.queries.MRR_MOVEMENTS  # shared with `dodo-segment report`
+print(MRR_MOVEMENTS)
+movements = analysis.queries.mrr_movements(wh)
 waterfall = (
     movements.pivot(index="month", columns="movement", values="mrr_change_usd")
     .reindex(index=mrr["month"], columns=MOVEMENTS)
@@ -109,24 +85,8 @@ last_month = waterfall.index[-2] if len(waterfall) > 1 else waterfall.index[-1] 
 fig, (bars, fall) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1.7, 1]})
 
 # left: stacked movements per month, gains above zero, losses below, net change as a line
-x = range(len(recent))
-positive = pd.Series(0.0, index=recent.index)
-negative = pd.Series(0.0, index=recent.index)
-for movement in MOVEMENTS:
-    values = recent[movement]
-    base = positive.where(values >= 0, negative)
-    bars.bar(x, values, bottom=base, color=COLORS[movement], label=movement, width=0.75)
-    positive = positive + values.clip(lower=0)
-    negative = negative + values.clip(upper=0)
-bars.plot(x, recent["net_change"], "ko-", markersize=4, label="net change")
-bars.axhline(0, color="black", linewidth=0.8)
-bars.set_xticks(list(x), [f"{m:%b %Y}" for m in recent.index], rotation=45, ha="right")
-bars.set_title("MRR movements per month")
-bars.set_xlabel("month (UTC)")
-bars.set_ylabel("change in MRR, USD")
-bars.yaxis.set_major_formatter(lambda v, _: f"${v:,.0f}")
-bars.set_ylim(negative.min() * 1.15 - 1, positive.max() * 1.3 + 1)  # room for the legend
-bars.legend(loc="upper left", ncol=3, fontsize=9)
+# (the report's chart: analysis.charts.draw_movements)
+analysis.charts.draw_movements(bars, movements, recent.index.to_series())
 
 # right: the waterfall of the last complete month, from the MRR it started with to its end
 row = waterfall.loc[last_month]

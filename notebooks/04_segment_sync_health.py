@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -17,12 +17,17 @@
 # # Segment sync health
 #
 # What each run sent to Segment, what is waiting, what was refused, and, for one customer, what
-# Segment knows: the traits of their last identify and their last events.
+# Segment knows: the traits of their last identify and their last events. How fresh the data in
+# Segment is: the delay from each event's time to Segment's acknowledgement, by the path that
+# carried it (a scheduled run or a run triggered by `dodo-segment listen`), and how long each
+# step of each run took.
 #
 # Sources: `segment_sync.runs` (one row per `dodo-segment run`), the delivery ledger
 # `segment_sync.delivered_events` (`delivered`, or `skipped` for the history backlog of the first
 # sync), `segment_sync.identify_state` (hash of the traits Segment last received),
-# `segment_sync.rejected_messages`, `analytics.quarantined_rows`, and the outboxes.
+# `segment_sync.rejected_messages`, `analytics.quarantined_rows`, `segment_sync.run_steps`
+# (seconds per step of each run), and the outboxes. The queries shared with
+# `dodo-segment report` live in `pipelines/analysis/queries.py` (printed below where used).
 # Every SQL query below runs as is in the DuckDB CLI: `duckdb -readonly dodo_segment.duckdb`
 # (for the per-customer queries, first `SET VARIABLE customer_id = 'cus_...';`).
 
@@ -47,25 +52,8 @@ wh = analysis.open_warehouse()
 # ## Runs
 
 # %%
-RECENT_RUNS = """
-select
-    run_id,
-    command,
-    started_at,
-    round(duration_seconds, 1) as seconds,
-    outcome,
-    exit_code,
-    identifies_sent,
-    tracks_sent,
-    skipped_backlog,
-    rejected,
-    quarantined,
-    pending,
-    error
-from segment_sync.runs
-order by started_at desc
-"""
-runs = wh.query(RECENT_RUNS).head(RUNS).iloc[::-1].reset_index(drop=True)
+RECENT_RUNS = analysis.queries.RECENT_RUNS  # with the path: scheduled run or webhook-triggered
+runs = analysis.queries.recent_runs(wh, limit=RUNS)
 display(runs)
 
 # %%
@@ -117,29 +105,13 @@ display(ledger)
 # `identify_state` keeps a hash of the traits as sent.
 
 # %%
-PENDING = """
-select
-    (select count(*) from analytics.track_outbox as o
-     where not exists (select 1 from segment_sync.delivered_events as d where d.event_id = o.event_id)
-       and not exists (select 1 from segment_sync.rejected_messages as r
-                       where r.kind = 'track' and r.message_id = o.event_id)) as pending_tracks,
-    (select count(*) from segment_sync.rejected_messages) as rejected_total,
-    (select count(*) from analytics.quarantined_rows) as quarantined_now,
-    (select count(*) from segment_sync.delivered_events where status = 'delivered') as delivered_total,
-    (select count(*) from segment_sync.delivered_events where status = 'skipped') as skipped_total,
-    (select count(*) from segment_sync.identify_state) as customers_identified
-"""
-pending = wh.query(PENDING).iloc[0].to_dict()
+PENDING = analysis.queries.PENDING
+pending = analysis.queries.pending(wh)
 identify_pending = analysis.pending_identifies(wh)
 pending["pending_identifies"] = len(identify_pending)
 display(pd.Series(pending, name="now"))
 
-REJECTED = """
-select kind, reason, count(*) as messages, max(rejected_at) as last_rejected_at
-from segment_sync.rejected_messages
-group by all
-order by messages desc
-"""
+REJECTED = analysis.queries.REJECTED
 QUARANTINED = """
 select test_name, key_kind, count(*) as rows_held_back
 from analytics.quarantined_rows
@@ -148,6 +120,41 @@ order by rows_held_back desc
 """
 display(wh.query(REJECTED))
 display(wh.query(QUARANTINED))
+
+# %% [markdown]
+# ## Delivery delay: from an event to Segment's acknowledgement
+# Seconds from an event's time (`lifecycle_events.occurred_at`) to Segment's acknowledgement of
+# the batch that carried it (`delivered_events.delivered_at`), by the path of the run:
+# **scheduled run** (read the API: cron, systemd or by hand), **webhook-triggered** (read no API,
+# merged the deliveries `dodo-segment listen` stored), and the **first sync**, whose events are
+# the history it was asked to send (their delay is the age of that history). In the sandbox the
+# webhook run's business clock runs hours ahead of the wall clock, so its delays can be negative.
+
+# %%
+print(analysis.queries.DELIVERY_DELAY_BY_PATH)
+delay_by_path = analysis.queries.delivery_delay_by_path(wh)
+delay_by_run = analysis.queries.delivery_delay_by_run(wh)
+display(delay_by_path)
+if len(delay_by_run):
+    fig, ax = plt.subplots()
+    analysis.charts.draw_delivery_delay(ax, delay_by_run)
+    analysis.finish_figure(fig, wh, "delivery_delay")
+    plt.show()
+
+# %% [markdown]
+# ## Each run's duration, by step
+# `segment_sync.run_steps`: seconds in extract (API -> dodo_raw, with webhook merges), models
+# (SQL and data tests) and emit (Segment), per run, oldest first.
+
+# %%
+steps = analysis.queries.run_steps(wh)
+if len(steps):
+    step_table = steps.pivot_table(index=["started_at", "path"], columns="step", values="seconds")
+    display(step_table.tail(RUNS).round(2))
+    fig, ax = plt.subplots()
+    analysis.charts.draw_run_steps(ax, steps[steps["run_id"].isin(runs["run_id"])])
+    analysis.finish_figure(fig, wh, "run_steps")
+    plt.show()
 
 # %% [markdown]
 # ## What does Segment know about customer X?
@@ -236,6 +243,10 @@ analysis.publish(
         "customer_traits": traits,
         "customer_events_by_state": events["segment_state"].value_counts().to_dict(),
         "customer_last_events": events["event"].head(LAST_EVENTS).tolist(),
+        "delay_by_path": {r.path: {"runs": r.runs, "events": r.events, "median_seconds": r.median_seconds}
+                          for r in delay_by_path.itertuples()},
+        "runs_by_path": runs["path"].value_counts().to_dict(),
+        "step_runs": steps["run_id"].nunique(),
         "is_demo": wh.is_demo,
     }
 )

@@ -30,6 +30,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment init       create a project folder with settings and your own models
   dodo-segment alerts test        send one test alert to [alerts] webhook_url
   dodo-segment forget     erase customers (by id or email) here and in Segment
+  dodo-segment report     one HTML page of MRR, revenue, dunning and sync health (offline)
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -77,6 +78,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "check configuration and reachability without changing anything",
     ),
     "alerts": ("pipelines.commands.alerts:add_arguments", "alert webhook commands"),
+    "report": (
+        "pipelines.commands.report:add_arguments",
+        "write one self-contained HTML report of the warehouse",
+    ),
     "forget": (
         "pipelines.commands.forget:add_arguments",
         "erase customers' personal data (erasure requests)",

@@ -167,3 +167,32 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess
     return subprocess.run(
         [str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+@pytest.fixture(scope="session")
+def synced_sandbox_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A warehouse after two runs on an 80-customer sandbox (a first sync sending the last 60
+    days of events, then a week later): shared by the notebook and report tests, read-only."""
+    from dataclasses import replace
+
+    from pipelines.job import RunOptions, run_job
+
+    tmp = tmp_path_factory.mktemp("synced-sandbox")
+    sandboxes = make_sandbox(tmp, customers=80)
+    sandbox = next(sandboxes)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp)
+            config = sandbox.config()
+            business = sandbox.business
+            first = run_job(
+                replace(config, extract=replace(config.extract, as_of=business.now)),
+                RunOptions(events_since=business.now - timedelta(days=60)),
+            )
+            assert first.exit_code in (0, 3), first.error
+            business.advance_time(until=sandbox.wall)
+            second = run_job(config, RunOptions())
+            assert second.exit_code in (0, 3), second.error
+    finally:
+        sandboxes.close()
+    return Path(sandbox.db)

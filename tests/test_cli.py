@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_cli")]
 EXE = str(Path(sys.executable).with_name("dodo-segment"))
 SUBCOMMANDS = (
     ("run",), ("demo",), ("status",), ("doctor",), ("preview",), ("resend",), ("transform",),
-    ("traits",), ("traits", "recompute"), ("init",),
+    ("traits",), ("traits", "recompute"), ("init",), ("report",),
 )  # fmt: skip
 
 

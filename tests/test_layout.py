@@ -29,7 +29,7 @@ COMPOSERS = {"job", "cli", "analysis", "commands"}
 (the notebooks' helpers) and, above them all, `cli`."""
 MAY_IMPORT_COMPOSERS = {
     "job": set(),
-    "commands": {"job"},
+    "commands": {"job", "analysis"},
     "analysis": set(),
     "cli": {"job", "commands"},
 }

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,15 @@ import pytest
 
 from pipelines import analysis, warehouse
 from pipelines.emit import EmitSettings, emit
-from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.collector import SegmentCollector
 from pipelines.transform import run_models
-from tests.conftest import REPO, WRITE_KEY, make_sandbox
+from tests.conftest import REPO, WRITE_KEY
 from tests.fixtures.hand_worked import (
     CUSTOMERS,
     EXPECTED,
     PAYMENTS,
     SUBSCRIPTIONS,
+    build_api_1_123_warehouse,
     build_hand_worked_warehouse,
 )
 
@@ -66,27 +65,9 @@ def figures_of(results: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sandbox_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two runs of the job on the sandbox (first sync with recent events, then a week later)."""
-    tmp = tmp_path_factory.mktemp("sandbox")
-    sandboxes = make_sandbox(tmp, customers=80)
-    sandbox = next(sandboxes)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(tmp)
-            config = sandbox.config()
-            business = sandbox.business
-            first = run_job(
-                replace(config, extract=replace(config.extract, as_of=business.now)),
-                RunOptions(events_since=business.now - timedelta(days=60)),
-            )
-            assert first.exit_code in (0, 3), first.error
-            business.advance_time(until=sandbox.wall)
-            second = run_job(config, RunOptions())
-            assert second.exit_code in (0, 3), second.error
-    finally:
-        sandboxes.close()
-    return execute_all(Path(sandbox.db), tmp)
+def sandbox_results(synced_sandbox_db: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every notebook on the shared sandbox warehouse (two runs: a first sync, a week later)."""
+    return execute_all(synced_sandbox_db, tmp_path_factory.mktemp("sandbox"))
 
 
 @pytest.mark.slow
@@ -106,6 +87,69 @@ def test_sandbox_figures_are_plausible(sandbox_results) -> None:
     assert all(row[0] == 1.0 for row in cohorts["logo_retention"].values())  # month 0 is 100 %
     sync = figures_of(sandbox_results, "04_segment_sync_health")
     assert sync["runs"] == 2 and sync["tracks_sent_total"] > 0 and sync["pending_tracks"] == 0
+    # both runs read the API (scheduled); the first one's events are the history it was sent
+    assert sync["runs_by_path"] == {"scheduled run": 2} and sync["step_runs"] == 2
+    delays = sync["delay_by_path"]
+    assert set(delays) <= {"first sync (history)", "scheduled run"}
+    assert sum(d["events"] for d in delays.values()) == sync["delivered_total"]
+
+
+@pytest.mark.slow
+def test_dunning_figures_agree_with_the_sandbox_payments(sandbox_results, synced_sandbox_db):
+    figures = figures_of(sandbox_results, "05_dunning")
+    assert figures["is_sandbox"] is False  # written by `run`, not by `demo`
+    with duckdb.connect(str(synced_sandbox_db), read_only=True) as con:
+        retries = con.execute(
+            "select retry_attempt, count(*), count(*) filter (where status = 'succeeded') "
+            "from analytics.stg_payments where retry_attempt >= 1 group by 1"
+        ).fetchall()
+        recovered_usd = con.execute(
+            "select coalesce(sum(amount_usd), 0) from analytics.int_payments_usd "
+            "join analytics.stg_payments using (payment_id) where retry_attempt >= 1"
+        ).fetchone()[0]
+        plan_changes = con.execute(
+            "select count(*) from analytics.stg_payments "
+            "where charge_type = 'plan_change' and status = 'succeeded'"
+        ).fetchone()[0]
+    assert figures["retries_by_attempt"] == {str(n): [t, s] for n, t, s in retries}
+    assert figures["recovered_usd"] == pytest.approx(recovered_usd, abs=0.01)
+    assert figures["outcomes"]["recovered"] == sum(s for _, _, s in retries)
+    assert sum(figures["outcomes"].values()) == figures["episodes"] > 0
+    assert figures["plan_changes"] == plan_changes
+
+
+@pytest.fixture(scope="module")
+def api_1_123_figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Notebook 05 on the hand-worked API 1.123 warehouse (dunning, plan change, checkouts)."""
+    tmp = tmp_path_factory.mktemp("api-1-123")
+    db = tmp / "warehouse.duckdb"
+    build_api_1_123_warehouse(db)
+    with duckdb.connect(str(db)) as con:
+        run_models(con)
+    notebook = analysis.execute_notebook(
+        NOTEBOOKS / "05_dunning.ipynb",
+        env={"DODO_SEGMENT_DB": str(db), "MPLBACKEND": "Agg"},
+        cwd=tmp,
+    )
+    return analysis.read_figures(notebook)
+
+
+@pytest.mark.slow
+def test_dunning_notebook_matches_the_hand_worked_payments(api_1_123_figures) -> None:
+    figures = api_1_123_figures
+    # sub_dun: renewal failed 05-20, retry 1 failed 05-22, retry 2 succeeded 05-24 (15.00 USD);
+    # sub_la: renewal and retries 1, 2 failed -> on_hold; sub_gr: failed 06-28, past_due at as-of
+    assert figures["episodes"] == 3
+    assert figures["outcomes"] == {"recovered": 1, "still in grace": 1, "on hold": 1,
+                                   "cancelled": 0, "other": 0}  # fmt: skip
+    assert figures["recovery_rate"] == pytest.approx(1 / 3)
+    assert figures["recovered_usd"] == 15.0 and figures["median_days_to_recovery"] == 4.0
+    # retry 1: pay_dun3, pay_la3 (both failed); retry 2: pay_dun4 (succeeded), pay_la4
+    assert figures["retries_by_attempt"] == {"1": [2, 0], "2": [2, 1]}
+    assert figures["plan_changes"] == 1  # pay_up2, proration 9/31
+    # pay_mc1 starts sub_mc_a and sub_mc_b; six other `new` charges start one each
+    assert figures["multi_subscription_checkouts"] == {"checkouts": 7, "multi_subscription": 1,
+                                                       "share": pytest.approx(1 / 7)}  # fmt: skip
 
 
 # --- the hand-worked warehouse: figures agree with the hand arithmetic --------------------------
@@ -257,7 +301,7 @@ def test_committed_notebook_has_no_outputs_and_matches_its_pair(name: str) -> No
 
 
 def test_rendered_charts_are_committed() -> None:
-    for image in ("mrr_waterfall.png", "cohort_heatmap.png"):
+    for image in (f"{name}.png" for name in analysis.README_IMAGES):
         assert (NOTEBOOKS / "images" / image).stat().st_size > 10_000, image
 
 

@@ -85,6 +85,9 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(tmp_path: Path) 
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "The collector received" in demo.stdout
     assert (empty / "demo.duckdb").exists()
+    # the report, drawn with the runtime dependencies alone (matplotlib, no notebook extras)
+    assert "demo-report.html" in demo.stdout
+    assert (empty / "demo-report.html").stat().st_size > 50_000
     # the models came from the installed package, not from this checkout
     where = subprocess.run(
         [str(python), "-c", "from pipelines.transform import SQL_DIR; print(SQL_DIR)"],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipelines.commands.common import Subcommands, add_command
 from pipelines.commands.listen import Listener
+from pipelines.commands.report import write_report
 from pipelines.config import ListenConfig, load_config, pipeline_dir
 from pipelines.job import ExitCode, RunOptions, RunReport, run_job
 from pipelines.lock import lock_path
@@ -128,6 +129,12 @@ def _webhook_run(
         listener.stop()
 
 
+def report_path(db_path: str) -> Path:
+    """Where the demo writes its report: beside the warehouse, `demo.duckdb` -> `demo-report.html`."""
+    path = Path(db_path).expanduser()
+    return path.with_name(f"{path.stem}-report.html")
+
+
 def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
     """Start the sandbox, run the job, advance time, run again; print what happened."""
     started = time.monotonic()
@@ -183,18 +190,26 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
         f"{len(collector.tracks())} track calls in {stats.get('requests', '?')} requests "
         f"({time.monotonic() - started:.1f}s in all)."
     )
+    report = write_report(db_path, report_path(db_path))
+    print(
+        f"\nReport: {report.path} ({report.bytes / 1024:,.0f} KiB, built in "
+        f"{report.seconds:.1f}s): MRR, revenue, customers, dunning and sync health on one "
+        "page; open it in any browser (it needs no network)."
+    )
     # from a checkout the commands are in .venv/bin; from a pipx or pip install, on the PATH
     exe = ".venv/bin/dodo-segment" if Path(".venv/bin/dodo-segment").exists() else "dodo-segment"
     python = ".venv/bin/python" if Path(".venv/bin/python").exists() else "python"
     print("\nNext, try:")
     print(f"  {exe} status --db {db_path}")
     print(f"  {exe} preview --db {db_path}")
+    print(f"  {exe} report --db {db_path} --out report.html")
     print(
         "  " + python + f" -c \"import duckdb; print(duckdb.connect('{db_path}', read_only=True)"
         ".sql('select * from analytics.customer_traits order by total_spent_usd desc nulls last limit 5'))\""
     )
     print(
-        "  make notebooks    (revenue, MRR, cohorts and sync health on this warehouse)\n  make test"
+        "  make notebooks    (revenue, MRR, cohorts, sync health and dunning on this warehouse)\n"
+        "  make test"
     )
     worst = max(int(first.exit_code or 0), int(second.exit_code or 0))
     return ExitCode.OK if worst == ExitCode.REJECTED_OR_QUARANTINED else worst

@@ -1,4 +1,4 @@
-"""Helpers for the notebooks in `notebooks/`: find and read the warehouse, label charts, publish.
+"""The warehouse the notebooks and the report read: which file, opened read-only per query.
 
 The notebooks never hold the warehouse open: each `Warehouse.query` opens it read-only, runs one
 query and closes it, so a scheduled `dodo-segment run` is never locked out by an open notebook.
@@ -6,18 +6,14 @@ query and closes it, so a scheduled `dodo-segment run` is never locked out by an
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +23,6 @@ import pandas as pd
 from pipelines.config import DEFAULT_WAREHOUSE
 
 DEMO_WAREHOUSE = "demo.duckdb"
-FIGURES_PREFIX = "dodo-segment-figures: "
-"""Marker of the line a notebook prints with its key figures (read by tests/test_notebooks.py)."""
-SAVE_FIGURES_ENV = "DODO_SEGMENT_FIGURES_DIR"
-"""When set, `save_figure` writes PNGs there (how notebooks/images/ is rendered)."""
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("01_revenue_overview", "02_subscriptions_mrr", "03_retention_cohorts",
-             "04_segment_sync_health")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +73,10 @@ def build_demo_warehouse(path: Path) -> None:
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=path.parent)
 
 
+class NoModelsYet(RuntimeError):
+    """The file has no analytics models: no run has built them yet."""
+
+
 class Warehouse:
     """A read-only view of the warehouse: every query opens, reads and closes it."""
 
@@ -91,12 +84,18 @@ class Warehouse:
         self.path = choice.path
         self.is_demo = choice.is_demo
         self.reason = choice.reason
+        self._session: duckdb.DuckDBPyConnection | None = None
         try:
             self.as_of = self.scalar("select max(as_of) from analytics.int_as_of")
         except duckdb.CatalogException as exc:
-            raise RuntimeError(
+            raise NoModelsYet(
                 f"{self.path} has no analytics models yet: run 'dodo-segment run' first"
             ) from exc
+        self.is_sandbox = self.is_demo or bool(
+            self.has_table("segment_sync", "runs")
+            and self.scalar("select count(*) from segment_sync.runs where command = 'demo'")
+        )
+        """Demo data: the demo warehouse, or a file `dodo-segment demo` wrote (the sandbox's)."""
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -121,22 +120,50 @@ class Warehouse:
         `variables` are set with `SET VARIABLE` first, so the query reads them with
         `getvariable('name')` exactly as it would in the DuckDB CLI.
         """
+        if self._session is not None:
+            return self._run(self._session, sql, variables)
         with self.connect() as con:
-            for name, value in (variables or {}).items():
-                con.execute(f"set variable {name} = ?", [value])
-            with warnings.catch_warnings():  # duckdb's own pandas conversion, not ours
-                warnings.filterwarnings("ignore", message="The inplace keyword")
-                return con.execute(sql).df()
+            return self._run(con, sql, variables)
+
+    @staticmethod
+    def _run(
+        con: duckdb.DuckDBPyConnection, sql: str, variables: dict[str, Any] | None
+    ) -> pd.DataFrame:
+        for name, value in (variables or {}).items():
+            con.execute(f"set variable {name} = ?", [value])
+        with warnings.catch_warnings():  # duckdb's own pandas conversion, not ours
+            warnings.filterwarnings("ignore", message="The inplace keyword")
+            return con.execute(sql).df()
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Run the queries inside on one read-only connection (the report reads in one go, so
+        it holds the file once and briefly rather than opening it for every query)."""
+        with self.connect() as con:
+            self._session = con
+            try:
+                yield
+            finally:
+                self._session = None
 
     def scalar(self, sql: str, variables: dict[str, Any] | None = None) -> Any:
         """The single value of a one-row, one-column query."""
         frame = self.query(sql, variables)
         return None if frame.empty else frame.iat[0, 0]
 
+    def has_table(self, schema: str, name: str) -> bool:
+        """Whether a table or view exists (older warehouses lack the newer ones)."""
+        found = self.scalar(
+            "select count(*) from information_schema.tables "
+            "where table_schema = getvariable('schema_name') and table_name = getvariable('t')",
+            {"schema_name": schema, "t": name},
+        )
+        return bool(found)
+
     def source_note(self) -> str:
         """One line naming the data behind a chart."""
         as_of = self.as_of.strftime("%Y-%m-%d %H:%M UTC") if self.as_of is not None else "?"
-        demo = "DEMO DATA (sandbox) - " if self.is_demo else ""
+        demo = "DEMO DATA (sandbox) - " if self.is_sandbox else ""
         return f"{demo}{Path(self.path).name}, as of {as_of}"
 
 
@@ -154,6 +181,14 @@ def open_warehouse() -> Warehouse:
             f"there is no {DEFAULT_WAREHOUSE}), so these figures come from the sandbox business "
             f"in <code>{warehouse.path}</code>, not from your Dodo Payments account.</div>",
             f"*** DEMO DATA: no warehouse found; figures come from the sandbox ({warehouse.path}) ***",
+        )
+    elif warehouse.is_sandbox:
+        _show_banner(
+            "<div style='padding:10px;border:3px solid #c0392b;background:#fdecea;"
+            "font-size:16px'><b>SANDBOX DATA</b>: this warehouse was written by "
+            "<code>dodo-segment demo</code> (the simulated business), not by your Dodo Payments "
+            "account.</div>",
+            f"*** SANDBOX DATA: {warehouse.path} was written by dodo-segment demo ***",
         )
     print(f"Warehouse: {warehouse.path} ({warehouse.reason}); data as of {warehouse.as_of}")
     return warehouse
@@ -192,130 +227,3 @@ def pending_identifies(
             return [r[0] for r in rows.fetchall()]
         # emit.preview would say the same but creates missing tables, which a read-only file refuses
         return pending_identify_ids(con, excluded_fields)
-
-
-# --- charts -----------------------------------------------------------------------------------
-
-
-def finish_figure(fig: Any, warehouse: Warehouse, name: str | None = None) -> None:
-    """Add the source line under a chart, and save it when DODO_SEGMENT_FIGURES_DIR is set."""
-    fig.text(0.01, 0.005, warehouse.source_note(), fontsize=8, color="#666666", ha="left")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    target = os.environ.get(SAVE_FIGURES_ENV)
-    if target and name:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(target) / f"{name}.png", dpi=110)
-
-
-def use_style() -> None:
-    """One readable chart style for every notebook."""
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(
-        {
-            "figure.figsize": (11, 4.8),
-            "figure.dpi": 100,
-            "axes.grid": True,
-            "grid.alpha": 0.3,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "axes.titlesize": 13,
-            "axes.titleweight": "bold",
-            "axes.labelsize": 11,
-            "legend.frameon": False,
-        }
-    )
-
-
-def money(value: float | None, currency: str = "USD") -> str:
-    """A readable amount: `USD 1,234.50` (no rounding beyond cents)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{currency} {value:,.2f}"
-
-
-# --- figures for tests ------------------------------------------------------------------------
-
-
-def publish(figures: dict[str, Any]) -> None:
-    """Print the notebook's key figures as one JSON line that a test can read back."""
-    print(FIGURES_PREFIX + json.dumps(figures, default=_plain, sort_keys=True))
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
-def read_figures(notebook: Any) -> dict[str, Any]:
-    """The figures a notebook published, from its executed outputs."""
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            for line in str(output.get("text", "")).splitlines():
-                if line.startswith(FIGURES_PREFIX):
-                    return json.loads(line[len(FIGURES_PREFIX) :])
-    raise LookupError("the notebook published no figures")
-
-
-def execute_notebook(
-    path: Path,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    parameters: dict[str, Any] | None = None,
-    timeout: int = 120,
-) -> Any:
-    """Run a notebook top to bottom with the current interpreter's kernel; raises on a failing cell.
-
-    `parameters` are assigned in a cell inserted after the cell tagged `parameters`.
-    """
-    import nbformat
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(path, as_version=4)
-    if parameters:
-        source = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
-        index = next(
-            (i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])),
-            0,
-        )
-        notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
-    # An empty kernel_dirs leaves only the native kernel: this interpreter, never a user's
-    # `python3` kernelspec that may point at a Python without duckdb.
-    manager = KernelManager(
-        kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[])
-    )
-    client = NotebookClient(
-        notebook,
-        km=manager,
-        timeout=timeout,
-        resources={"metadata": {"path": str(cwd or path.parent)}},
-    )
-    client.execute(env={**os.environ, **(env or {})})
-    return notebook
-
-
-README_IMAGES = ("mrr_waterfall", "cohort_heatmap")
-
-
-def render_images(target: Path = REPO / "notebooks" / "images") -> None:
-    """Execute every notebook on the chosen warehouse; copy the README's charts into `target`."""
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in NOTEBOOKS:
-            execute_notebook(
-                REPO / "notebooks" / f"{name}.ipynb",
-                env={SAVE_FIGURES_ENV: scratch, "MPLBACKEND": "Agg"},
-            )
-            print(f"executed {name}")
-        target.mkdir(parents=True, exist_ok=True)
-        for image in README_IMAGES:
-            (target / f"{image}.png").write_bytes((Path(scratch) / f"{image}.png").read_bytes())
-            print(f"wrote {target / image}.png")
-
-
-if __name__ == "__main__":
-    render_images(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "notebooks" / "images")
