@@ -154,13 +154,21 @@ def assert_nothing_lost(
     assert d.rejected == set(rejected)
     delivered = {e for e, s in d.ledger.items() if s == "delivered"}
     assert delivered == set(d.received), "the ledger and the collector disagree"
-    for copies in d.received.values():
+    for message_id, copies in d.received.items():
         first = copies[0]
-        assert all(
-            (m["userId"], m["event"], m["properties"], m["timestamp"])
-            == (first["userId"], first["event"], first["properties"], first["timestamp"])
-            for m in copies
-        )
+        for m in copies[1:]:
+            differing = {
+                key: (first.get(key), m.get(key))
+                for key in ("userId", "event", "properties", "timestamp")
+                if m.get(key) != first.get(key)
+            }
+            if differing.get("properties"):
+                old, new = differing["properties"]
+                differing["properties"] = {
+                    k: (old.get(k), new.get(k)) for k in old.keys() | new.keys()
+                    if old.get(k) != new.get(k)
+                }  # fmt: skip
+            assert not differing, f"{message_id} sent again with other content: {differing}"
     assert_identifies_current(sandbox, excluded)
     return d
 
