@@ -52,6 +52,29 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os._exit(_EXIT_STATUS[-1])
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: tests go one by one to the next free worker, except that a module
+    marked `xdist_group` goes whole to one worker, so its module-scoped setup is built once.
+
+    xdist's own loadgroup leaves every test alone under pytest 9 (the group suffix it writes to
+    `item._nodeid` no longer reaches the node ids the controller schedules), so the grouping is
+    done here: the controller sees node ids only, so a module's mark is read from its source.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    tests = Path(__file__).resolve().parent
+    grouped = {p.name for p in tests.glob("test_*.py") if "xdist_group" in p.read_text()}
+
+    class SharedSetupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in grouped else nodeid
+
+    return SharedSetupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The slow tests first: on two workers a long test started last would run alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
