@@ -15,9 +15,15 @@ from typing import Any
 import duckdb
 from segment.analytics import Client
 
-from pipelines.emit import ledger
+from pipelines.emit import accounts, ledger
 from pipelines.emit.ledger import ensure_sync_schema
-from pipelines.emit.messages import EPOCH, Rejects, identify_messages, track_messages
+from pipelines.emit.messages import (
+    EPOCH,
+    Rejects,
+    alias_messages,
+    identify_messages,
+    track_messages,
+)
 from pipelines.emit.segment_client import Outgoing, SegmentSender, redact
 from pipelines.emit.settings import EmitSettings
 from pipelines.gc_passes import fewer_gc_passes
@@ -43,6 +49,8 @@ class EmitResult:
 
     identifies_sent: int = 0
     tracks_sent: int = 0
+    groups_sent: int = 0
+    aliases_sent: int = 0
     skipped_backlog: int = 0
     rejected: int = 0
     pending: int = 0
@@ -114,10 +122,23 @@ def _send(
     try:
 
         def identifies_acked(acked: list[Outgoing]) -> None:
+            # the first phase also carries the group and alias calls
             ledger.save_identify_state(
-                con, run_id, [(o.key, o.traits_hash or "", o.outbox_hash) for o in acked]
+                con,
+                run_id,
+                [
+                    (o.key, o.traits_hash or "", o.outbox_hash)
+                    for o in acked
+                    if o.kind == "identify"
+                ],
             )
-            result.identifies_sent += len(acked)
+            groups = [(o.key, o.traits_hash or "") for o in acked if o.kind == "group"]
+            aliases = [(o.key, o.call["user_id"]) for o in acked if o.kind == "alias"]
+            accounts.save_group_state(con, run_id, groups)
+            accounts.record_aliased(con, run_id, aliases)
+            result.groups_sent += len(groups)
+            result.aliases_sent += len(aliases)
+            result.identifies_sent += len(acked) - len(groups) - len(aliases)
             if progress:
                 progress("identify", result.identifies_sent, None)
 
@@ -138,11 +159,12 @@ def _send(
     stats = sender.stats
     # Identifies: counted as they reach the sender, so only Segment's rejects are among them
     # (an identify with invalid traits never got that far). Tracks: counted in SQL, all rows.
-    identify_rejects = sum(1 for r in stats.rejected if r[1] == "identify")
+    identify_rejects = sum(1 for r in stats.rejected if r[1] != "track")
     track_rejects = sum(1 for r in rows if r[1] == "track")
     unsent_identifies = sum(1 for _ in identify_source.items)  # left over when stopped early
+    first_phase_sent = result.identifies_sent + result.groups_sent + result.aliases_sent
     result.pending = (
-        identify_source.count - result.identifies_sent - identify_rejects + unsent_identifies
+        identify_source.count - first_phase_sent - identify_rejects + unsent_identifies
         + max(track_total - result.tracks_sent - track_rejects, 0)
     )  # fmt: skip
     result.rejected = len(rows)
@@ -186,13 +208,7 @@ def emit(
         # Recorded before anything is sent: a kill later cannot turn the backlog into "new".
         result.skipped_backlog = ledger.record_skipped_backlog(con, run_id, since)
     rejects = Rejects()
-    identifies = identify_messages(
-        ledger.iter_identify_rows(con, skip_unchanged_for=settings.excluded_fields),
-        settings.excluded_fields,
-        rejects,
-        datetime.now(UTC),
-        rejected_before=ledger.rejected_identify_ids(con),
-    )
+    identifies = _first_phase(con, settings, rejects)
     track_total = ledger.count_tracks(con, since)
 
     def tracks() -> Iterator[Outgoing]:
@@ -201,8 +217,39 @@ def emit(
 
     # Nothing undelivered (the usual no-change run): skip the second pass over the outbox.
     pending_tracks = tracks if track_total else None
-    return _send(
+    result = _send(
         con, settings, run_id, identifies, pending_tracks, track_total, rejects, result, progress
+    )
+    if not result.failed:
+        accounts.record_user_ids(con, run_id, keep_changed=settings.alias)
+    return result
+
+
+def _first_phase(
+    con: duckdb.DuckDBPyConnection, settings: EmitSettings, rejects: Rejects
+) -> Iterator[Outgoing]:
+    """What goes before the tracks: alias calls (`alias`), changed identifies, changed groups."""
+    accounts.ensure_account_schema(con)
+    now = datetime.now(UTC)
+    rejected_before = ledger.rejected_identify_ids(con)
+    if settings.alias:
+        yield from alias_messages(iter(accounts.changed_user_ids(con)), now)
+    yield from identify_messages(
+        ledger.iter_identify_rows(
+            con, skip_unchanged_for=settings.excluded_fields, with_group=True
+        ),
+        settings.excluded_fields,
+        rejects,
+        now,
+        rejected_before=rejected_before,
+    )
+    yield from identify_messages(
+        accounts.iter_group_rows(con),
+        settings.excluded_fields,
+        rejects,
+        now,
+        rejected_before=rejected_before,
+        kind="group",
     )
 
 
@@ -240,7 +287,7 @@ def recompute_traits(
     ensure_sync_schema(con)
     rejects = Rejects()
     identifies = identify_messages(
-        ledger.iter_identify_rows(con, customer_ids),
+        ledger.iter_identify_rows(con, customer_ids, with_group=True),
         settings.excluded_fields,
         rejects,
         datetime.now(UTC),

@@ -30,6 +30,8 @@ class EmitSettings:
     checkpoint_every_messages: int = 10_000
     checkpoint_every_seconds: float = 30.0
     max_consecutive_failed_batches: int = 3
+    alias: bool = False
+    """`[identity] alias`: send one alias call (previousId -> userId) when a customer's id changes."""
     excluded_fields: tuple[str, ...] = ()
     """Top-level property/trait keys never sent to Segment (e.g. customer_email, phone)."""
     threads: int = 3

@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 
 from pipelines import dodo_contract
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, IdentityConfig, identity_source_parts
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 
@@ -29,6 +29,9 @@ CUSTOM_TRAITS = "custom_traits"
 CUSTOM_EVENTS = "custom_events"
 EVENT_RULES_TABLE = f"{SCHEMA}.event_rules"
 """`[events] skip` and `rename` as rows (event, action, renamed_to), read by `outbound_events`."""
+IDENTITY_RULES_TABLE = f"{SCHEMA}.identity_rules"
+"""`[identity] user_id` and `[group] id` as rows (role, priority, source, kind, json_path), read by
+`customer_identity`; role is 'user_id' or 'group_id'."""
 EVENT_RULES_MODEL = "outbound_events"
 """The model that applies the event rules; they are checked just before it is built."""
 TRAIT_DEFINING_MODELS = ("customer_traits", "identify_outbox")
@@ -131,3 +134,19 @@ def check_event_rules(con: duckdb.DuckDBPyConnection) -> None:
             + ", ".join(repr(u) for u in unknown)
             + " (names are case-sensitive: see analytics.event_catalog, or your custom_events)"
         )
+
+
+def write_identity_rules(con: duckdb.DuckDBPyConnection, identity: IdentityConfig) -> None:
+    """Replace `analytics.identity_rules` with the configured user id and group id sources."""
+    con.execute(
+        f"create or replace table {IDENTITY_RULES_TABLE} (role VARCHAR, priority INTEGER, "
+        "source VARCHAR, kind VARCHAR, json_path VARCHAR)"
+    )
+    rows: list[tuple[str, int, str, str, str | None]] = []
+    for priority, source in enumerate(identity.user_id_sources):
+        kind, key = identity_source_parts(source)
+        rows.append(("user_id", priority, source, kind, f'$."{key}"' if key else None))
+    if identity.group_source:
+        kind, key = identity_source_parts(identity.group_source)
+        rows.append(("group_id", 0, identity.group_source, kind, f'$."{key}"' if key else None))
+    con.executemany(f"insert into {IDENTITY_RULES_TABLE} values (?, ?, ?, ?, ?)", rows)
