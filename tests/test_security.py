@@ -206,7 +206,7 @@ REVIEWED_INTERPOLATIONS = {
     },  # fmt: skip
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     # fixed clauses: changed_only (its value is a parameter), group_id (a column name or NULL)
-    "pipelines/emit/ledger.py": {"changed_only", "group_id"},
+    "pipelines/emit/ledger.py": {"changed_only", "group_id", "group"},
     # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (dodo_contract.RAW_COLUMNS)
     "pipelines/extract/dodo/settled.py": {"key", "status", "resource"},
     "pipelines/warehouse.py": {

@@ -160,10 +160,16 @@ def iter_tracks(
         yield from rows
 
 
-def outbox_hash(traits_json: str | None, excluded: Sequence[str]) -> str:
-    """md5 of an identify_outbox row's traits text and the excluded fields: equal to the SQL
-    `md5(traits::VARCHAR || <key>)` below, so unchanged customers are skipped in SQL."""
-    return hashlib.md5(((traits_json or "") + _exclusion_key(excluded)).encode()).hexdigest()
+def outbox_hash(
+    traits_json: str | None, excluded: Sequence[str], group_id: str | None = None
+) -> str:
+    """md5 of an identify_outbox row's traits text, its group and the excluded fields: equal to
+    the SQL `md5(traits::VARCHAR || group || <key>)` below, so unchanged users are skipped in SQL.
+    Without a group it is the hash of the releases before groups existed."""
+    group = "" if group_id is None else "\x1e" + group_id
+    return hashlib.md5(
+        ((traits_json or "") + group + _exclusion_key(excluded)).encode()
+    ).hexdigest()
 
 
 def _exclusion_key(excluded: Sequence[str]) -> str:
@@ -185,16 +191,18 @@ def iter_identify_rows(
     would be skipped anyway, and a no-change run then reads no customer at all.
     """
     params: dict[str, Any] = {"ids": list(customer_ids) if customer_ids is not None else None}
-    changed_only = ""  # the column exists from warehouse version 2: only the emitter asks
-    if skip_unchanged_for is not None:
-        changed_only = (
-            "AND s.outbox_hash IS DISTINCT FROM md5(coalesce(o.traits::VARCHAR, '') || $key)"
-        )
-        params["key"] = _exclusion_key(skip_unchanged_for)
     group_id = ""
     if with_group:
         present = "group_id" in outbox_columns(con, "identify_outbox")
         group_id = ", o.group_id" if present else ", NULL"
+    changed_only = ""  # the column exists from warehouse version 2: only the emitter asks
+    if skip_unchanged_for is not None:
+        group = "|| coalesce(chr(30) || o.group_id, '')" if group_id == ", o.group_id" else ""
+        changed_only = (
+            "AND s.outbox_hash IS DISTINCT FROM "
+            f"md5(coalesce(o.traits::VARCHAR, '') {group} || $key)"
+        )
+        params["key"] = _exclusion_key(skip_unchanged_for)
     cur = con.cursor()
     cur.execute(
         f"""SELECT o.user_id, o.traits::VARCHAR, s.traits_hash{group_id}

@@ -134,6 +134,8 @@ def identify_messages(
         # A null would wipe the trait in Segment; an absent key leaves the last value in place.
         traits = {k: v for k, v in traits.items() if v is not None and k not in excluded}
         sent_hash = sent_traits_hash(traits)
+        if group_id is not None and kind == "identify":  # a new account re-identifies too
+            sent_hash = hashlib.sha256(f"{sent_hash}\x1e{group_id}".encode()).hexdigest()
         if force_run_id is None and sent_hash == last_hash:
             continue
         # Same traits -> same messageId, so a rerun after a kill is de-duplicated by Segment;
@@ -152,7 +154,7 @@ def identify_messages(
                 call["context"] = {"groupId": group_id}
         yield Outgoing(
             kind, user_id, message_id, call, traits_hash=sent_hash,
-            outbox_hash=outbox_hash(traits_json, excluded),
+            outbox_hash=outbox_hash(traits_json, excluded, group_id if kind == "identify" else None),
         )  # fmt: skip
 
 
