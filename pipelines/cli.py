@@ -38,6 +38,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment init       create a project folder with settings and your own models
   dodo-segment alerts test        send one test alert to [alerts] webhook_url
   dodo-segment forget     erase customers (by id or email) here and in Segment
+  dodo-segment tracking-plan      write the JSON Schemas of every event, identify and group
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -284,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder")
     ini.add_argument("--force", action="store_true", help="overwrite existing files")
 
+    tp = _command(
+        commands, "tracking-plan", "write the tracking plan (JSON Schema per event and traits)",
+        "Write the plan of what this project sends, from the last build of the models: a JSON "
+        "Schema per event of the active catalog (built-in and custom events, [events] renames "
+        "and skips applied), for the identify traits and for the group traits, with types and "
+        "required keys from the models' output. Every message is checked against the plan "
+        "before it is sent ([tracking_plan] path: against a written plan instead).",
+        "examples:\n  dodo-segment tracking-plan --out tracking_plan.json\n"
+        "  dodo-segment tracking-plan --format segment --out protocols_rules.json",
+    )  # fmt: skip
+    tp.add_argument("--format", dest="plan_format", choices=("json-schema", "segment"),
+                    default="json-schema",
+                    help="json-schema (default) or segment (Protocols tracking plan rules)")  # fmt: skip
+    tp.add_argument("--out", metavar="PATH", help="write to this file (default: stdout)")
+    _add_common(tp)
+
     doc = _command(
         commands, "doctor", "check configuration and reachability without changing anything",
         "Check, one line each: the API key is accepted by Dodo, the Segment host answers, the "
@@ -416,6 +433,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from pipelines.config import load_listen_config
 
         return serve(load_listen_config(config, _flags(args)))
+    if args.command == "tracking-plan":
+        from pipelines.commands.tracking_plan import write_tracking_plan
+
+        return write_tracking_plan(config, args.plan_format, args.out)
     if args.command == "doctor":
         from pipelines.commands.doctor import run_doctor
 

@@ -90,6 +90,9 @@ class SegmentConfig:
     public_api_token: str = field(default="", repr=False)
     """Segment Public API token: `forget` files its deletion request with it (optional)."""
     public_api_host: str = DEFAULT_SEGMENT_PUBLIC_API_HOST
+    tracking_plan_path: str | None = None
+    """`[tracking_plan] path`: a plan written by `dodo-segment tracking-plan` to validate every
+    message against (default: the plan of the last build)."""
 
 
 USER_ID_SOURCES_DEFAULT: tuple[str, ...] = ("customer_id",)
@@ -336,6 +339,17 @@ def _alerts(flags: Mapping[str, Any] | None) -> AlertsConfig:
     return AlertsConfig(webhook_url=url, reject_threshold=value, reject_threshold_is_share=share)
 
 
+def _tracking_plan_path(flags: Mapping[str, Any] | None) -> str | None:
+    """`[tracking_plan] path`: a written plan that must exist (checked before anything runs)."""
+    path = str(lookup("tracking_plan.path", flags, "") or "").strip()
+    if path and not Path(path).expanduser().is_file():
+        raise ConfigError(
+            f"tracking_plan.path: no such file {path!r} (write one with "
+            "dodo-segment tracking-plan --out PATH)"
+        )
+    return path or None
+
+
 def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
     """Resolve every setting; flags are keyed by dlt path, e.g. {"warehouse.path": "x.duckdb"}."""
     environment = str(lookup("sources.dodo.environment", flags, "live_mode"))
@@ -388,6 +402,7 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         public_api_host=str(
             lookup("segment.public_api_host", flags, DEFAULT_SEGMENT_PUBLIC_API_HOST)
         ),
+        tracking_plan_path=_tracking_plan_path(flags),
     )
     warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
     return AppConfig(

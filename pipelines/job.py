@@ -345,6 +345,8 @@ def emit_settings(config: AppConfig) -> Any:
         max_retries=sc.max_retries,
         timeout=sc.timeout_seconds,
         alias=(config.models or ModelsConfig()).identity.alias,
+        event_catalog=sc.event_catalog,
+        tracking_plan_path=sc.tracking_plan_path,
     )
 
 

@@ -26,6 +26,7 @@ from pipelines.emit.messages import (
 )
 from pipelines.emit.segment_client import Outgoing, SegmentSender, redact
 from pipelines.emit.settings import EmitSettings
+from pipelines.emit.tracking_plan import PlanValidator, build_plan, load_plan
 from pipelines.gc_passes import fewer_gc_passes
 
 __all__ = [
@@ -95,6 +96,18 @@ def _aware(moment: datetime | date | None) -> datetime | None:
     if not isinstance(moment, datetime):
         moment = datetime(moment.year, moment.month, moment.day)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def plan_validator(con: duckdb.DuckDBPyConnection, settings: EmitSettings) -> PlanValidator | None:
+    """The tracking plan every message is checked against: the written one of
+    `tracking_plan_path`, else the one of the last build (None: no plan model was built)."""
+    if not settings.validate:
+        return None
+    if settings.tracking_plan_path:
+        return PlanValidator(load_plan(settings.tracking_plan_path), settings.excluded_fields)
+    if not ledger.outbox_columns(con, "tracking_plan"):
+        return None
+    return PlanValidator(build_plan(con, settings.event_catalog), settings.excluded_fields)
 
 
 ALLOCATIONS_PER_GC_PASS = 50_000
@@ -208,12 +221,13 @@ def emit(
         # Recorded before anything is sent: a kill later cannot turn the backlog into "new".
         result.skipped_backlog = ledger.record_skipped_backlog(con, run_id, since)
     rejects = Rejects()
-    identifies = _first_phase(con, settings, rejects)
+    plan = plan_validator(con, settings)
+    identifies = _first_phase(con, settings, rejects, plan)
     track_total = ledger.count_tracks(con, since)
 
     def tracks() -> Iterator[Outgoing]:
         rows = ledger.iter_tracks(con, since)
-        return track_messages(rows, settings.excluded_fields, rejects)
+        return track_messages(rows, settings.excluded_fields, rejects, plan)
 
     # Nothing undelivered (the usual no-change run): skip the second pass over the outbox.
     pending_tracks = tracks if track_total else None
@@ -226,7 +240,10 @@ def emit(
 
 
 def _first_phase(
-    con: duckdb.DuckDBPyConnection, settings: EmitSettings, rejects: Rejects
+    con: duckdb.DuckDBPyConnection,
+    settings: EmitSettings,
+    rejects: Rejects,
+    plan: PlanValidator | None,
 ) -> Iterator[Outgoing]:
     """What goes before the tracks: alias calls (`alias`), changed identifies, changed groups."""
     accounts.ensure_account_schema(con)
@@ -242,6 +259,7 @@ def _first_phase(
         rejects,
         now,
         rejected_before=rejected_before,
+        plan=plan,
     )
     yield from identify_messages(
         accounts.iter_group_rows(con),
@@ -250,6 +268,7 @@ def _first_phase(
         now,
         rejected_before=rejected_before,
         kind="group",
+        plan=plan,
     )
 
 
@@ -269,10 +288,11 @@ def resend(
     moment = _aware(since)
     rejects = Rejects()
     total = ledger.count_tracks(con, moment, event, resend=True)
+    plan = plan_validator(con, settings)
 
     def tracks() -> Iterator[Outgoing]:
         rows = ledger.iter_tracks(con, moment, event, resend=True)
-        return track_messages(rows, settings.excluded_fields, rejects)
+        return track_messages(rows, settings.excluded_fields, rejects, plan)
 
     return _send(con, settings, run_id, None, tracks, total, rejects, EmitResult(), None)
 
@@ -292,6 +312,7 @@ def recompute_traits(
         rejects,
         datetime.now(UTC),
         force_run_id=run_id,
+        plan=plan_validator(con, settings),
     )
     return _send(con, settings, run_id, identifies, None, 0, rejects, EmitResult(), None)
 
@@ -312,6 +333,7 @@ def preview(
     first = ledger.is_first_sync(con)
     shaper = Client("preview", send=False)  # send=False returns the message exactly as queued
     rejects = Rejects()
+    plan = plan_validator(con, settings)
     identify_samples: list[dict[str, Any]] = []
     identifies = 0
     for out in identify_messages(
@@ -320,6 +342,7 @@ def preview(
         rejects,
         datetime.now(UTC),
         rejected_before=ledger.rejected_identify_ids(con),
+        plan=plan,
     ):
         identifies += 1
         if len(identify_samples) < sample:
@@ -329,7 +352,7 @@ def preview(
     track_samples: list[dict[str, Any]] = []
     tracks = 0
     rows = ledger.iter_tracks(con, since)
-    for out in track_messages(rows, settings.excluded_fields, rejects):
+    for out in track_messages(rows, settings.excluded_fields, rejects, plan):
         occurred_us = (out.call["timestamp"] - EPOCH) // timedelta(microseconds=1)
         if first and (since_us is None or occurred_us < since_us):
             skipped += 1

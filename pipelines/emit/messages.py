@@ -11,6 +11,7 @@ import orjson
 
 from pipelines.emit.ledger import outbox_hash
 from pipelines.emit.segment_client import Outgoing
+from pipelines.emit.tracking_plan import PlanValidator
 
 MAX_MESSAGE_ID_LENGTH = 100
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -41,9 +42,13 @@ def decode_object(text: str | None, what: str) -> tuple[dict[str, Any] | None, s
 
 
 def track_messages(
-    rows: Iterator[tuple[Any, ...]], excluded: tuple[str, ...], rejects: Rejects
+    rows: Iterator[tuple[Any, ...]],
+    excluded: tuple[str, ...],
+    rejects: Rejects,
+    plan: PlanValidator | None = None,
 ) -> Iterator[Outgoing]:
-    """Track calls for outbox rows; invalid rows go to `rejects` with the reason."""
+    """Track calls for outbox rows; invalid rows, and rows that break the tracking `plan`, go
+    to `rejects` with the reason."""
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for row in rows:
         event_id, user_id, event, occurred_us, properties_json = row[:5]
@@ -63,15 +68,18 @@ def track_messages(
             continue
         group_id = None
         if len(row) > 5:  # the outbox's context columns (ledger.TRACK_CONTEXT_COLUMNS)
-            customer_id, group_id, plan, product_id = row[5:9]
+            customer_id, group_id, plan_name, product_id = row[5:9]
             if customer_id is not None:
                 properties["dodo_customer_id"] = customer_id
-            if plan is not None and "plan" not in properties:
-                properties["plan"] = plan
+            if plan_name is not None and "plan" not in properties:
+                properties["plan"] = plan_name
             if product_id is not None and "product_id" not in properties:
                 properties["product_id"] = product_id
         for key in excluded:
             properties.pop(key, None)
+        if plan is not None and (violation := plan.track(event, properties)):
+            rejects.add(event_id, "track", user_id, violation, raw_track(row))
+            continue
         call = {
             "user_id": user_id,
             "event": event,
@@ -118,6 +126,7 @@ def identify_messages(
     force_run_id: str | None = None,
     rejected_before: set[str] | None = None,
     kind: str = "identify",
+    plan: PlanValidator | None = None,
 ) -> Iterator[Outgoing]:
     """Identify calls for users whose sent traits changed (all of them when forced).
 
@@ -144,6 +153,9 @@ def identify_messages(
         message_id = f"{kind}-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
         if force_run_id is None and rejected_before and message_id in rejected_before:
             continue  # rejected before with these very traits: only resend/recompute retries
+        if plan is not None and (violation := plan.traits(kind, traits)):
+            rejects.add(message_id, kind, user_id, violation, {"traits": traits_json})
+            continue
         if kind == "group":  # the key is the account; the member it is sent for rides along
             call = {"user_id": group_id, "group_id": user_id, "traits": traits,
                     "timestamp": sent_at, "message_id": message_id}  # fmt: skip
