@@ -16,6 +16,11 @@ from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.identities import APP_USER_ID, SHARED_USER_ID
 from tests.conftest import Sandbox, make_sandbox
 
+CUSTOM_GROUP_TRAITS = """\
+select distinct tax_id as group_id, 'enterprise' as sales_tier
+from analytics.stg_subscriptions
+where tax_id is not null
+"""
 APP_IDS = '["customer.metadata.app_user_id", "payment.metadata.app_user_id", "customer_id"]'
 
 
@@ -55,7 +60,11 @@ def switched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         collector.reset()
         sandbox.business.advance_time(days=3, seed=5)
         later = sandbox.business.now.isoformat()
-        grouped = {**flags, "group.id": "tax_id", "sources.dodo.as_of": later}
+        models = tmp_path_factory.mktemp("identity_models")
+        (models / "custom_group_traits.sql").write_text(CUSTOM_GROUP_TRAITS)
+        grouped = {
+            **flags, "group.id": "tax_id", "sources.dodo.as_of": later, "models.paths": str(models),
+        }  # fmt: skip
         third = run_job(sandbox.config(**grouped), RunOptions())
         assert third.exit_code == 0, third.error
         group_messages = collector.messages
@@ -160,6 +169,7 @@ def test_groups_by_tax_id_once_per_account_and_members_carry_group_id(switched) 
     for m in groups:
         traits = m["traits"]
         assert traits["name"] and traits["members"] >= 1 and "active_subscriptions" in traits
+        assert traits["sales_tier"] == "enterprise"  # the user's custom_group_traits
     member_identifies = [
         m for m in of_type(switched["grouped"], "identify") if m.get("context", {}).get("groupId")
     ]

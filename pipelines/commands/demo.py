@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pipelines.commands.listen import Listener
-from pipelines.config import ListenConfig, load_config, pipeline_dir
+from pipelines.config import ListenConfig, load_config, lookup, pipeline_dir
 from pipelines.job import ExitCode, RunOptions, RunReport, run_job
 from pipelines.lock import lock_path
 from pipelines.sandbox import (
@@ -107,6 +107,39 @@ def _webhook_run(
         listener.stop()
 
 
+DEMO_USER_ID_SOURCES = (
+    '["customer.metadata.app_user_id", "payment.metadata.app_user_id", "customer_id"]'
+)
+"""The sandbox merchant keeps its app's user id in metadata (pipelines/sandbox/identities.py)."""
+
+
+def _demo_identity() -> dict[str, str]:
+    """The demo's `[identity]` and `[group]` unless the project sets its own."""
+    settings = {}
+    if lookup("identity.user_id") is None:
+        settings["identity.user_id"] = DEMO_USER_ID_SOURCES
+    if lookup("group.id") is None:
+        settings["group.id"] = "tax_id"
+    return settings
+
+
+def _print_identity(db_path: str) -> None:
+    """How the customers became Segment users and accounts (the figures `status` shows)."""
+    from pipelines import warehouse
+    from pipelines.metrics import identity_figures
+
+    with warehouse.connect(db_path, read_only=True) as con:
+        found = identity_figures(con)
+    if found:
+        sources = ", ".join(f"{n} by {s}" for s, n in found["by_source"].items())
+        print(
+            f"   identity: {found['customers']} customers -> {found['user_ids']} user ids "
+            f"({sources}); {found['invalid_values']} unusable metadata value(s) fell through; "
+            f"{len(found['claimed_by_different_emails'])} user id(s) shared by customers with "
+            f"different emails; {found['groups']} accounts by tax id"
+        )
+
+
 def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
     """Start the sandbox, run the job, advance time, run again; print what happened."""
     started = time.monotonic()
@@ -127,6 +160,7 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
                 "sources.dodo.requests_per_minute": 0,
                 "segment.write_key": DEMO_WRITE_KEY,
                 "segment.host": collector.base_url,
+                **_demo_identity(),
             }
         )
         print(
@@ -146,6 +180,7 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
             collector,
             0,
         )
+        _print_identity(db_path)
         changes = business.advance_time(until=wall)
         print(
             f"\n-- a week passes in the simulator: {len(changes['new_payments'])} new payments, "
@@ -158,7 +193,8 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
         _webhook_run(business, collector, simulator, db_path)
         stats = collector.stats()
     print(
-        f"\nThe collector received {len(collector.identifies())} identify and "
+        f"\nThe collector received {len(collector.identifies())} identify, "
+        f"{len(collector.groups())} group and "
         f"{len(collector.tracks())} track calls in {stats.get('requests', '?')} requests "
         f"({time.monotonic() - started:.1f}s in all)."
     )

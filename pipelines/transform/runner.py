@@ -25,6 +25,7 @@ from pipelines.transform.data_tests import (
     save_data_test_results,
 )
 from pipelines.transform.user_models import (
+    CUSTOM_GROUP_TRAITS,
     CUSTOM_TRAITS,
     EVENT_RULES_MODEL,
     EXTENSION_POINTS,
@@ -346,6 +347,8 @@ def run_models(
                 raise ModelError(model.path, str(exc)) from exc
             if model.name == CUSTOM_TRAITS and model.layer == USER_LAYER:
                 _check_custom_traits(con, model, by_name, sql_dir)
+            if model.name == CUSTOM_GROUP_TRAITS and model.layer == USER_LAYER:
+                _check_custom_group_traits(con, model, sql_dir)
             result.models.append(
                 BuiltModel(model.name, model.materialized, time.perf_counter() - t0)
             )
@@ -424,6 +427,16 @@ def _check_custom_traits(
         builtin = builtin_trait_names(outbox.read_text()) if outbox.exists() else set()
     try:
         check_custom_traits(con, builtin)
+    except ValueError as exc:
+        raise ModelError(model.path, str(exc)) from exc
+
+
+def _check_custom_group_traits(con: duckdb.DuckDBPyConnection, model: Model, sql_dir: Path) -> None:
+    """Refuse a user's custom_group_traits without group_id or shadowing a built-in group trait."""
+    outbox = sql_dir / "segment" / "group_outbox.sql"
+    builtin = builtin_trait_names(outbox.read_text()) if outbox.exists() else set()
+    try:
+        check_custom_traits(con, builtin, CUSTOM_GROUP_TRAITS, "group_id")
     except ValueError as exc:
         raise ModelError(model.path, str(exc)) from exc
 

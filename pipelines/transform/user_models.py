@@ -22,10 +22,13 @@ from pipelines.config import ConfigError, IdentityConfig, identity_source_parts
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 
-EXTENSION_POINTS: frozenset[str] = frozenset({"custom_traits", "custom_events"})
+EXTENSION_POINTS: frozenset[str] = frozenset(
+    {"custom_traits", "custom_events", "custom_group_traits"}
+)
 """Product models that are empty on purpose: a user model of that name fills them (no warning)."""
 
 CUSTOM_TRAITS = "custom_traits"
+CUSTOM_GROUP_TRAITS = "custom_group_traits"
 CUSTOM_EVENTS = "custom_events"
 EVENT_RULES_TABLE = f"{SCHEMA}.event_rules"
 """`[events] skip` and `rename` as rows (event, action, renamed_to), read by `outbound_events`."""
@@ -74,8 +77,14 @@ def builtin_trait_names(identify_outbox_sql: str) -> set[str]:
     return set(_TRAIT_KEY.findall(identify_outbox_sql))
 
 
-def check_custom_traits(con: duckdb.DuckDBPyConnection, builtin: set[str]) -> None:
-    """The user's `custom_traits` has a `customer_id` and no column named like a built-in trait.
+def check_custom_traits(
+    con: duckdb.DuckDBPyConnection,
+    builtin: set[str],
+    model: str = CUSTOM_TRAITS,
+    key: str = "customer_id",
+) -> None:
+    """The user's `custom_traits` (or `custom_group_traits`) has its key column (`customer_id`,
+    `group_id`) and no column named like a built-in trait.
 
     Raises ValueError with the message for the user's file."""
     columns = [
@@ -83,15 +92,15 @@ def check_custom_traits(con: duckdb.DuckDBPyConnection, builtin: set[str]) -> No
         for row in con.execute(
             "select column_name from information_schema.columns "
             "where table_schema = ? and table_name = ? order by ordinal_position",
-            [SCHEMA, CUSTOM_TRAITS],
+            [SCHEMA, model],
         ).fetchall()
     ]
-    if "customer_id" not in columns:
-        raise ValueError("custom_traits needs a customer_id column (one row per customer)")
+    if key not in columns:
+        raise ValueError(f"{model} needs a {key} column (one row per {key.split('_')[0]})")
     clashes = sorted(set(columns) & builtin)
     if clashes:
         raise ValueError(
-            f"column(s) {', '.join(clashes)} of custom_traits are named like built-in traits: "
+            f"column(s) {', '.join(clashes)} of {model} are named like built-in traits: "
             "rename them, or replace the product's customer_traits model to redefine built-in "
             "traits"
         )

@@ -4,7 +4,7 @@
 -- else the group id), country (its billing country), plan (its product), mrr and total_spent
 -- (summed over members in one currency, else USD from total_spent_usd; mrr omitted when the
 -- members bill in several currencies), currency, mrr_currency, active_subscriptions, members
--- (distinct user ids).
+-- (distinct user ids); then the user's custom_group_traits.
 with customer_identity as (
     select * from analytics.customer_identity
 ),
@@ -89,9 +89,30 @@ traits as (
     inner join account_money on account_money.group_id = accounts.group_id
 ),
 
+-- the user's custom_group_traits (one row per group_id): every other column is a trait
+custom_group_traits as (
+    select
+        group_id,
+        json_strip_nulls(json_merge_patch(to_json(custom_group_traits), '{"group_id": null}'))
+            as traits
+    from analytics.custom_group_traits
+),
+
+with_custom_traits as (
+    select
+        traits.group_id,
+        traits.user_id,
+        case
+            when custom_group_traits.traits is null then traits.traits
+            else json_merge_patch(traits.traits, custom_group_traits.traits)
+        end as traits
+    from traits
+    left join custom_group_traits on custom_group_traits.group_id = traits.group_id
+),
+
 final as (
     select group_id, user_id, traits, md5(cast(traits as varchar)) as traits_hash
-    from traits
+    from with_custom_traits
 )
 
 select group_id, user_id, traits, traits_hash
