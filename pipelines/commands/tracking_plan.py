@@ -9,7 +9,7 @@ import jsonschema
 
 from pipelines import warehouse
 from pipelines.config import AppConfig
-from pipelines.emit.tracking_plan import PlanError, build_plan, write_plan
+from pipelines.emit import PlanError, build_plan, write_plan
 from pipelines.logs import complain
 
 FORMATS = ("json-schema", "segment")
