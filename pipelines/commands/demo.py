@@ -24,6 +24,7 @@ from pipelines.sandbox import (
     generate_business,
     snapshot,
 )
+from pipelines.webhook_store import store_folder
 
 log = logging.getLogger("dodo_segment")
 
@@ -37,6 +38,8 @@ def _fresh(path: str) -> None:
     for candidate in (Path(path), Path(path + ".wal"), lock_path(path)):
         candidate.unlink(missing_ok=True)
     shutil.rmtree(pipeline_dir(path), ignore_errors=True)
+    # the last demo's webhook deliveries: the same ids again would be taken for duplicates
+    shutil.rmtree(store_folder(path), ignore_errors=True)
 
 
 def _print_run(title: str, report: RunReport, collector: SegmentCollector, before: int) -> None:
@@ -75,6 +78,8 @@ def _webhook_run(
                    "SEGMENT_HOST": collector.base_url, "DODO_SEGMENT_DB": db_path}  # fmt: skip
     for name in ("DODO_PAYMENTS_API_KEY", "DODO_PAYMENTS_BASE_URL", "SOURCES__DODO__AS_OF"):
         environment.pop(name, None)  # a webhook-only run reads no API
+    for path, value in _demo_identity().items():  # the same users and accounts as runs 1 and 2
+        environment[path.replace(".", "__").upper()] = value
     settings = ListenConfig(webhook_key=DEMO_WEBHOOK_KEY, warehouse_path=db_path, port=0)
     listener = Listener(settings, worker_env=environment).start()
     try:
