@@ -14,7 +14,7 @@ import pytest
 from pipelines.config import ConfigError, load_config
 from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.identities import APP_USER_ID, SHARED_USER_ID
-from tests.conftest import Sandbox, make_sandbox
+from tests.conftest import Sandbox, make_sandbox, run_cli
 
 CUSTOM_GROUP_TRAITS = """\
 select distinct tax_id as group_id, 'enterprise' as sales_tier
@@ -202,3 +202,27 @@ def test_the_build_reports_sources_fallbacks_and_shared_ids(switched) -> None:
         "customer.metadata.app_user_id", "payment.metadata.app_user_id", "customer_id"
     }  # fmt: skip
     assert invalid >= 1
+
+
+@pytest.mark.slow
+def test_cli_refuses_an_unknown_source_before_reading_anything(sandbox: Sandbox) -> None:
+    done = run_cli("run", env=sandbox.env(IDENTITY__USER_ID='["customer.metadata.id", "cookie"]'))
+    assert done.returncode == 2 and "identity.user_id" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not sandbox.simulator.request_counts_by_endpoint() and not sandbox.collector.messages
+    bad_group = run_cli("run", env=sandbox.env(GROUP__ID="vat"))
+    assert bad_group.returncode == 2 and "group.id" in bad_group.stderr
+
+
+def test_recompute_for_a_customer_identifies_its_user(switched) -> None:
+    from pipelines.emit import recompute_traits
+    from pipelines.job import emit_settings
+
+    sandbox = switched["sandbox"]
+    shared = sandbox.business.identities["shared"]
+    sandbox.collector.reset()
+    config = sandbox.config(**{"identity.user_id": APP_IDS, "group.id": "tax_id"})
+    with duckdb.connect(sandbox.db) as con:
+        result = recompute_traits(con, emit_settings(config), "recompute-test", [shared[0]])
+    assert result.identifies_sent == 1
+    assert [m["userId"] for m in sandbox.collector.identifies()] == [SHARED_USER_ID]

@@ -303,9 +303,18 @@ def recompute_traits(
     run_id: str,
     customer_ids: Sequence[str] | None = None,
 ) -> EmitResult:
-    """Send identify for every (or the named) customer regardless of the stored hash."""
+    """Send identify for every (or the named) customer regardless of the stored hash (a named
+    customer is identified under its Segment user id, with the other customers sharing it)."""
     ensure_sync_schema(con)
     rejects = Rejects()
+    if customer_ids is not None and ledger.outbox_columns(con, "customer_identity"):
+        # the customers' Segment user ids ([identity] user_id), besides ids given as user ids
+        rows = con.execute(
+            "SELECT DISTINCT user_id FROM analytics.customer_identity "
+            "WHERE list_contains(?::VARCHAR[], customer_id)",
+            [list(customer_ids)],
+        ).fetchall()
+        customer_ids = sorted({*customer_ids, *(r[0] for r in rows)})
     identifies = identify_messages(
         ledger.iter_identify_rows(con, customer_ids, with_group=True),
         settings.excluded_fields,
