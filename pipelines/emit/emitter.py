@@ -6,6 +6,7 @@ confirmation and splitting of rejected batches in `segment_client.py`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pipelines.emit.messages import (
 )
 from pipelines.emit.segment_client import Outgoing, SegmentSender, redact
 from pipelines.emit.settings import EmitSettings
-from pipelines.emit.tracking_plan import PlanValidator, build_plan, load_plan
+from pipelines.emit.tracking_plan import PlanValidator, build_plan, load_plan, plan_is_current
 from pipelines.gc_passes import fewer_gc_passes
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "recompute_traits",
     "resend",
 ]
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int | None], None]
 """progress(kind, acknowledged_so_far, total): kind "identify" (total None) or "track"."""
@@ -106,6 +109,12 @@ def plan_validator(con: duckdb.DuckDBPyConnection, settings: EmitSettings) -> Pl
     if settings.tracking_plan_path:
         return PlanValidator(load_plan(settings.tracking_plan_path), settings.excluded_fields)
     if not ledger.outbox_columns(con, "tracking_plan"):
+        return None
+    if not plan_is_current(con):
+        log.warning(
+            "tracking plan: analytics.tracking_plan was built with other outboxes (another set "
+            "of models ran since): messages are not checked until the models are built again"
+        )
         return None
     return PlanValidator(build_plan(con, settings.event_catalog), settings.excluded_fields)
 

@@ -30,6 +30,22 @@ CONTEXT_PROPERTIES = {"dodo_customer_id": "string", "plan": "string", "product_i
 """Properties the emitter adds to tracks from the outbox's context columns."""
 
 
+BUILT_FROM = "built_from"
+
+
+def plan_is_current(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether `analytics.tracking_plan` was built with the identify_outbox there now (False:
+    another set of models rebuilt the outboxes since, e.g. a replaced model folder)."""
+    row = con.execute(
+        """select
+               (select key from analytics.tracking_plan where call = ?),
+               (select coalesce(md5(string_agg(traits_hash, ',' order by user_id)), '')
+                from analytics.identify_outbox)""",
+        [BUILT_FROM],
+    ).fetchone()
+    return bool(row and row[0] is not None and row[0] == row[1])
+
+
 class PlanError(ValueError):
     """A tracking plan file that cannot be read or is not a plan."""
 
@@ -79,6 +95,8 @@ def build_plan(con: duckdb.DuckDBPyConnection, event_catalog: str = "default") -
     for call, event, key, json_type, rows in con.execute(
         "select call, event, key, json_type, rows from analytics.tracking_plan"
     ).fetchall():
+        if call == BUILT_FROM:
+            continue
         if key == "":
             totals[(call, event)] = int(rows)
         else:

@@ -5,6 +5,7 @@
 -- (event = ''). Types are those DuckDB gives the models' columns in JSON (VARCHAR, BIGINT,
 -- UBIGINT, DOUBLE, BOOLEAN, ARRAY, OBJECT); a key present in every row of its event is
 -- required. Built over all rows of the outboxes: an aggregate, not a per-customer model.
+-- One row call = 'built_from' fingerprints the identify_outbox it was built with.
 with track_outbox as (
     select event, properties from analytics.track_outbox
 ),
@@ -30,6 +31,18 @@ keys as (
     from documents, json_each(documents.document) as entry
 ),
 
+-- what the plan was built from: the emitter checks a plan against the outboxes it sends from
+-- (a plan left by another set of models is not used)
+built_from as (
+    select
+        'built_from' as call,
+        'identify_outbox' as event,
+        coalesce(md5(string_agg(traits_hash, ',' order by user_id)), '') as key,
+        '' as json_type,
+        count(*) as rows
+    from analytics.identify_outbox
+),
+
 final as (
     select call, event, key, json_type, count(*) as rows
     from keys
@@ -38,6 +51,8 @@ final as (
     select call, event, '' as key, '' as json_type, count(*) as rows
     from documents
     group by all
+    union all
+    select * from built_from
 )
 
 select call, event, key, json_type, rows
