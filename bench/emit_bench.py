@@ -1,13 +1,15 @@
 """Time the emitter against the sandbox collector (own process) vs one HTTP request per event.
 
     .venv/bin/python bench/emit_bench.py [--events 100000] [--latency-ms 20] [--repeat 3]
-        [--no-gzip] [--warehouse WAREHOUSE.duckdb]
+        [--no-gzip] [--no-validate] [--warehouse WAREHOUSE.duckdb]
 
 Prints events/s (median of `--repeat` runs, with the load average of each), CPU per event,
 events and bytes per batch, fill ratio vs the library's batch byte limit, and the ratio
 against the webhook way (sequential keep-alive requests, one event each). `--warehouse` sends
 the outboxes of a copy of a real warehouse instead (e.g. one left by `dodo-segment run
 --skip-emit` against the sandbox simulator: the real event catalog, identifies then tracks).
+Every message is checked against the tracking plan as in a real run (`--no-validate`: not, to
+measure what the check costs).
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def build_warehouse(path: Path, events: int) -> None:
            FROM range(?) t(i)""",
         [events],
     )
+    # the tracking plan model's table over this outbox (sql/segment/tracking_plan.sql)
+    con.execute(
+        """CREATE TABLE analytics.tracking_plan AS
+           SELECT 'track' AS call, event, entry.key, entry.type AS json_type, count(*) AS rows
+           FROM analytics.track_outbox, json_each(properties) AS entry GROUP BY ALL
+           UNION ALL SELECT 'track', event, '', '', count(*) FROM analytics.track_outbox
+           GROUP BY ALL"""
+    )
     con.close()
 
 
@@ -85,7 +95,12 @@ def collector_stats(url: str) -> dict[str, Any]:
 
 
 def run_emitter(
-    url: str, events: int, threads: int, gzip: bool = True, warehouse: Path | None = None
+    url: str,
+    events: int,
+    threads: int,
+    gzip: bool = True,
+    warehouse: Path | None = None,
+    validate: bool = True,
 ) -> dict[str, Any]:
     """One emitter run: `events` synthetic events, or every outbox row of a copy of `warehouse`."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +110,9 @@ def run_emitter(
         else:
             shutil.copy(warehouse, path)
         con = duckdb.connect(str(path))
-        settings = EmitSettings(write_key=WRITE_KEY, host=url, threads=threads, gzip=gzip)
+        settings = EmitSettings(
+            write_key=WRITE_KEY, host=url, threads=threads, gzip=gzip, validate=validate
+        )
         requests.post(url + "/_reset", timeout=10)
         cpu = time.process_time()
         started = time.perf_counter()
@@ -167,6 +184,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=EmitSettings("x").threads)
     parser.add_argument("--repeat", type=int, default=3, help="emitter runs per latency (median)")
     parser.add_argument("--no-gzip", dest="gzip", action="store_false", help="uncompressed bodies")
+    parser.add_argument(
+        "--no-validate", dest="validate", action="store_false", help="skip the tracking plan check"
+    )
     parser.add_argument("--warehouse", type=Path, help="send a copy of this warehouse's outboxes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -179,7 +199,9 @@ def main() -> None:
         try:
             emitter = median_run(
                 [
-                    run_emitter(url, args.events, args.threads, args.gzip, args.warehouse)
+                    run_emitter(
+                        url, args.events, args.threads, args.gzip, args.warehouse, args.validate
+                    )
                     for _ in range(args.repeat)
                 ]
             )

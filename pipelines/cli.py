@@ -31,6 +31,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment alerts test        send one test alert to [alerts] webhook_url
   dodo-segment forget     erase customers (by id or email) here and in Segment
   dodo-segment report     one HTML page of MRR, revenue, dunning and sync health (offline)
+  dodo-segment tracking-plan      write the JSON Schemas of every event, identify and group
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -81,6 +82,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": (
         "pipelines.commands.report:add_arguments",
         "write one self-contained HTML report of the warehouse",
+    ),
+    "tracking-plan": (
+        "pipelines.commands.tracking_plan:add_arguments",
+        "write the tracking plan (JSON Schema per event and traits)",
     ),
     "forget": (
         "pipelines.commands.forget:add_arguments",

@@ -92,6 +92,88 @@ class SegmentConfig:
     public_api_token: str = field(default="", repr=False)
     """Segment Public API token: `forget` files its deletion request with it (optional)."""
     public_api_host: str = DEFAULT_SEGMENT_PUBLIC_API_HOST
+    tracking_plan_path: str | None = None
+    """`[tracking_plan] path`: a plan written by `dodo-segment tracking-plan` to validate every
+    message against (default: the plan of the last build)."""
+
+
+USER_ID_SOURCES_DEFAULT: tuple[str, ...] = ("customer_id",)
+_METADATA_SOURCE = re.compile(
+    r"^(customer|subscription|payment)\.metadata\.([A-Za-z0-9_\-]{1,100})$"
+)
+GROUP_ID_FIELDS = ("tax_id", "customer_business_name")
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """`[identity] user_id` (ordered sources of the Segment userId), `alias`, `[group] id`."""
+
+    user_id_sources: tuple[str, ...] = USER_ID_SOURCES_DEFAULT
+    """Tried in order per customer; the first that gives a valid value wins (customer_id is
+    always the last resort, so nobody is left without an id)."""
+    alias: bool = False
+    """Send one `alias` (previousId -> userId) when a customer's user id changes."""
+    group_source: str | None = None
+    """`tax_id`, `customer_business_name`, `customer.metadata.KEY` or
+    `subscription.metadata.KEY`; None: no group calls."""
+
+
+def identity_source_parts(source: str) -> tuple[str, str | None]:
+    """(kind, metadata key) of a validated source: ("customer_metadata", "app_user_id"),
+    ("email", None), ("tax_id", None), ..."""
+    match = _METADATA_SOURCE.match(source)
+    if match:
+        return f"{match.group(1)}_metadata", match.group(2)
+    return source, None
+
+
+def identity_config(flags: Mapping[str, Any] | None = None) -> IdentityConfig:
+    """`[identity] user_id`, `[identity] alias` and `[group] id`, checked before anything runs."""
+    raw = lookup("identity.user_id", flags, None)
+    if raw in (None, "", []):
+        sources = USER_ID_SOURCES_DEFAULT
+    else:
+        if isinstance(raw, str):
+            text = raw.strip()
+            try:
+                raw = json.loads(text) if text.startswith("[") else text.split(",")
+            except ValueError:
+                raw = None
+        if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
+            raise ConfigError(
+                f'identity.user_id must be a list of sources, e.g. ["customer.metadata.app_user_id", '
+                f'"customer_id"], got {raw!r}'
+            )
+        sources = tuple(v.strip() for v in raw if v.strip())
+        bad = [
+            v
+            for v in sources
+            if v not in ("email", "customer_id") and not _METADATA_SOURCE.match(v)
+        ]
+        if bad or not sources:
+            raise ConfigError(
+                f"identity.user_id: unknown source(s) {', '.join(map(repr, bad)) or '(none)'}: use "
+                "customer.metadata.KEY, subscription.metadata.KEY, payment.metadata.KEY, email "
+                "or customer_id (KEY: letters, digits, _ and -)"
+            )
+    group = lookup("group.id", flags, None)
+    group_source = None
+    if group not in (None, ""):
+        group_source = str(group).strip()
+        kind, _ = identity_source_parts(group_source)
+        if group_source not in GROUP_ID_FIELDS and kind not in (
+            "customer_metadata",
+            "subscription_metadata",
+        ):
+            raise ConfigError(
+                f"group.id: unknown group id source {group_source!r}: use tax_id, "
+                "customer_business_name, customer.metadata.KEY or subscription.metadata.KEY"
+            )
+    return IdentityConfig(
+        user_id_sources=sources,
+        alias=_flag("identity.alias", flags, False),
+        group_source=group_source,
+    )
 
 
 @dataclass(frozen=True)
@@ -105,6 +187,8 @@ class ModelsConfig:
     """`[events] skip`: event names never sent."""
     rename_events: tuple[tuple[str, str], ...] = ()
     """`[events] rename`: (event, sent as) pairs; the event keeps its event_id."""
+    identity: IdentityConfig = field(default_factory=lambda: IdentityConfig())
+    """`[identity]` and `[group]`: who a customer is in Segment and which account they belong to."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +341,17 @@ def _alerts(flags: Mapping[str, Any] | None) -> AlertsConfig:
     return AlertsConfig(webhook_url=url, reject_threshold=value, reject_threshold_is_share=share)
 
 
+def _tracking_plan_path(flags: Mapping[str, Any] | None) -> str | None:
+    """`[tracking_plan] path`: a written plan that must exist (checked before anything runs)."""
+    path = str(lookup("tracking_plan.path", flags, "") or "").strip()
+    if path and not Path(path).expanduser().is_file():
+        raise ConfigError(
+            f"tracking_plan.path: no such file {path!r} (write one with "
+            "dodo-segment tracking-plan --out PATH)"
+        )
+    return path or None
+
+
 def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
     """Resolve every setting; flags are keyed by dlt path, e.g. {"warehouse.path": "x.duckdb"}."""
     environment = str(lookup("sources.dodo.environment", flags, "live_mode"))
@@ -310,6 +405,7 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         public_api_host=str(
             lookup("segment.public_api_host", flags, DEFAULT_SEGMENT_PUBLIC_API_HOST)
         ),
+        tracking_plan_path=_tracking_plan_path(flags),
     )
     warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
     return AppConfig(
@@ -368,6 +464,7 @@ def models_config(flags: Mapping[str, Any] | None = None) -> ModelsConfig:
         paths=paths,
         skip_events=_names("events.skip", lookup("events.skip", flags, None)),
         rename_events=tuple((str(k), str(v).strip()) for k, v in rename.items()),
+        identity=identity_config(flags),
     )
 
 

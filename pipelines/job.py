@@ -312,6 +312,7 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             user_paths=user.paths,
             skip_events=user.skip_events,
             rename_events=user.rename_events,
+            identity=user.identity,
             on_model=lambda name, done, total: progress("build", done, total, note=name),
         )
     report.models_seconds = time.monotonic() - t0
@@ -343,6 +344,9 @@ def emit_settings(config: AppConfig) -> Any:
         max_events_per_second=sc.max_events_per_second,
         max_retries=sc.max_retries,
         timeout=sc.timeout_seconds,
+        alias=(config.models or ModelsConfig()).identity.alias,
+        event_catalog=sc.event_catalog,
+        tracking_plan_path=sc.tracking_plan_path,
     )
 
 

@@ -115,6 +115,45 @@ def figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "pending": pending[0] if pending else None,
         "steps_total": steps_total,
         "steps_last": steps_last,
+        "identity": identity_figures(con),
+    }
+
+
+def identity_figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """How customers became Segment users (`analytics.customer_identity` of the last build):
+    customers per source, fallbacks, invalid metadata values, user ids claimed by customers with
+    different emails, accounts. Empty before the first build."""
+    present = con.execute(
+        "select count(*) from information_schema.tables "
+        "where table_schema = 'analytics' and table_name = 'customer_identity'"
+    ).fetchone()
+    if not present or not present[0]:
+        return {}
+    by_source = dict(
+        con.execute(
+            "select user_id_source, count(*) from analytics.customer_identity group by 1 order by 1"
+        ).fetchall()
+    )
+    row = con.execute(
+        """select count(*), count(distinct user_id), count(*) filter (where fell_back),
+                  coalesce(sum(invalid_values), 0), count(distinct group_id)
+           from analytics.customer_identity"""
+    ).fetchone() or (0, 0, 0, 0, 0)
+    claimed = [
+        r[0]
+        for r in con.execute(
+            """select user_id from analytics.customer_identity group by user_id
+               having count(distinct lower(email)) > 1 order by user_id"""
+        ).fetchall()
+    ]
+    return {
+        "customers": row[0],
+        "user_ids": row[1],
+        "by_source": by_source,
+        "fell_back": row[2],
+        "invalid_values": int(row[3]),
+        "claimed_by_different_emails": claimed,
+        "groups": row[4],
     }
 
 
@@ -210,6 +249,7 @@ class _Snapshot:
                 "Messages left for the next run, as the last run counted them",
                 value=found["pending"],
             )
+        yield from _identity_metrics(found.get("identity") or {})
         total = CounterMetricFamily(
             "dodo_segment_step_seconds", "Time spent in each step, all runs", labels=["step"]
         )
@@ -224,6 +264,30 @@ class _Snapshot:
         for step, seconds in found["steps_last"]:
             last.add_metric([step], seconds)
         yield last
+
+
+def _identity_metrics(identity: Mapping[str, Any]) -> Iterator[Metric]:
+    if not identity:
+        return
+    resolved = GaugeMetricFamily(
+        "dodo_segment_customers_by_user_id_source",
+        "Customers whose Segment user id came from each [identity] user_id source",
+        labels=["source"],
+    )
+    for source, count in sorted(identity["by_source"].items()):
+        resolved.add_metric([source], count)
+    yield resolved
+    for name, text, value in (
+        ("customers_fell_back", "Customers resolved by a later source than the first",
+         identity["fell_back"]),
+        ("user_id_invalid_values", "Metadata user id values that could not be used",
+         identity["invalid_values"]),
+        ("user_ids_claimed_by_different_emails",
+         "User ids resolved by customers whose emails differ",
+         len(identity["claimed_by_different_emails"])),
+        ("groups", "Accounts ([group] id) the customers belong to", identity["groups"]),
+    ):  # fmt: skip
+        yield GaugeMetricFamily(f"dodo_segment_{name}", text, value=value)
 
 
 def exposition(

@@ -235,9 +235,11 @@ def test_identify_outbox_traits(built) -> None:
     rows = {
         user_id: (json.loads(traits), traits_hash)
         for user_id, traits, traits_hash in con.execute(
-            "select * from analytics.identify_outbox"
+            "select user_id, traits, traits_hash from analytics.identify_outbox"
         ).fetchall()
     }
+    # default [identity]: userId = customer_id, and the id is a trait too
+    assert all(traits["dodo_customer_id"] == user_id for user_id, (traits, _) in rows.items())
     nopay, _ = rows["cus_nopay"]
     assert "customer_since" not in nopay and "currency" not in nopay  # nulls omitted
     assert nopay["createdAt"] == "2024-03-01T00:00:00.000Z"

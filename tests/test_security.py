@@ -209,7 +209,8 @@ REVIEWED_INTERPOLATIONS = {
         "where",
     },  # fmt: skip
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
-    "pipelines/emit/ledger.py": {"changed_only"},  # a fixed clause, its value is a parameter
+    # fixed clauses: changed_only (its value is a parameter), group_id (a column name or NULL)
+    "pipelines/emit/ledger.py": {"changed_only", "group_id", "group"},
     # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (dodo_contract.RAW_COLUMNS)
     "pipelines/extract/dodo/settled.py": {"key", "status", "resource"},
     "pipelines/warehouse.py": {

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipelines.commands.common import Subcommands, add_command
 from pipelines.commands.listen import Listener
 from pipelines.commands.report import write_report
-from pipelines.config import ListenConfig, load_config, pipeline_dir
+from pipelines.config import ListenConfig, load_config, lookup, pipeline_dir
 from pipelines.job import ExitCode, RunOptions, RunReport, run_job
 from pipelines.lock import lock_path
 from pipelines.sandbox import (
@@ -26,6 +26,7 @@ from pipelines.sandbox import (
     generate_business,
     snapshot,
 )
+from pipelines.webhook_store import store_folder
 
 log = logging.getLogger("dodo_segment")
 
@@ -59,6 +60,8 @@ def _fresh(path: str) -> None:
     for candidate in (Path(path), Path(path + ".wal"), lock_path(path)):
         candidate.unlink(missing_ok=True)
     shutil.rmtree(pipeline_dir(path), ignore_errors=True)
+    # the last demo's webhook deliveries: the same ids again would be taken for duplicates
+    shutil.rmtree(store_folder(path), ignore_errors=True)
 
 
 def _print_run(title: str, report: RunReport, collector: SegmentCollector, before: int) -> None:
@@ -97,6 +100,8 @@ def _webhook_run(
                    "SEGMENT_HOST": collector.base_url, "DODO_SEGMENT_DB": db_path}  # fmt: skip
     for name in ("DODO_PAYMENTS_API_KEY", "DODO_PAYMENTS_BASE_URL", "SOURCES__DODO__AS_OF"):
         environment.pop(name, None)  # a webhook-only run reads no API
+    for path, value in _demo_identity().items():  # the same users and accounts as runs 1 and 2
+        environment[path.replace(".", "__").upper()] = value
     settings = ListenConfig(webhook_key=DEMO_WEBHOOK_KEY, warehouse_path=db_path, port=0)
     listener = Listener(settings, worker_env=environment).start()
     try:
@@ -135,6 +140,39 @@ def report_path(db_path: str) -> Path:
     return path.with_name(f"{path.stem}-report.html")
 
 
+DEMO_USER_ID_SOURCES = (
+    '["customer.metadata.app_user_id", "payment.metadata.app_user_id", "customer_id"]'
+)
+"""The sandbox merchant keeps its app's user id in metadata (pipelines/sandbox/identities.py)."""
+
+
+def _demo_identity() -> dict[str, str]:
+    """The demo's `[identity]` and `[group]` unless the project sets its own."""
+    settings = {}
+    if lookup("identity.user_id") is None:
+        settings["identity.user_id"] = DEMO_USER_ID_SOURCES
+    if lookup("group.id") is None:
+        settings["group.id"] = "tax_id"
+    return settings
+
+
+def _print_identity(db_path: str) -> None:
+    """How the customers became Segment users and accounts (the figures `status` shows)."""
+    from pipelines import warehouse
+    from pipelines.metrics import identity_figures
+
+    with warehouse.connect(db_path, read_only=True) as con:
+        found = identity_figures(con)
+    if found:
+        sources = ", ".join(f"{n} by {s}" for s, n in found["by_source"].items())
+        print(
+            f"   identity: {found['customers']} customers -> {found['user_ids']} user ids "
+            f"({sources}); {found['invalid_values']} unusable metadata value(s) fell through; "
+            f"{len(found['claimed_by_different_emails'])} user id(s) shared by customers with "
+            f"different emails; {found['groups']} accounts by tax id"
+        )
+
+
 def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
     """Start the sandbox, run the job, advance time, run again; print what happened."""
     started = time.monotonic()
@@ -155,6 +193,7 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
                 "sources.dodo.requests_per_minute": 0,
                 "segment.write_key": DEMO_WRITE_KEY,
                 "segment.host": collector.base_url,
+                **_demo_identity(),
             }
         )
         print(
@@ -174,6 +213,7 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
             collector,
             0,
         )
+        _print_identity(db_path)
         changes = business.advance_time(until=wall)
         print(
             f"\n-- a week passes in the simulator: {len(changes['new_payments'])} new payments, "
@@ -186,7 +226,8 @@ def run_demo(db_path: str = "demo.duckdb", days_of_events: int = 30) -> int:
         _webhook_run(business, collector, simulator, db_path)
         stats = collector.stats()
     print(
-        f"\nThe collector received {len(collector.identifies())} identify and "
+        f"\nThe collector received {len(collector.identifies())} identify, "
+        f"{len(collector.groups())} group and "
         f"{len(collector.tracks())} track calls in {stats.get('requests', '?')} requests "
         f"({time.monotonic() - started:.1f}s in all)."
     )

@@ -27,7 +27,7 @@ from pipelines.commands.erasure import (
     personal_values,
     rewrite_file,
 )
-from pipelines.config import AppConfig, pipeline_dir
+from pipelines.config import AppConfig, ModelsConfig, pipeline_dir
 from pipelines.dodo_contract import RAW_DATASET
 from pipelines.extract import (
     ensure_tombstone,
@@ -222,6 +222,7 @@ def _rebuild_models(con: duckdb.DuckDBPyConnection, config: AppConfig) -> str | 
             con,
             event_catalog=config.segment.event_catalog,
             skip_unchanged=config.skip_unchanged_models,
+            identity=(config.models or ModelsConfig()).identity,
         )
     except ModelError as exc:
         return str(exc).splitlines()[0][:300]

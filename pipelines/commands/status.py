@@ -14,6 +14,7 @@ from pipelines import lock, warehouse
 from pipelines.commands.common import Subcommands, add_command, add_common, load_command_config
 from pipelines.dodo_contract import WAREHOUSE_SCHEMA_VERSION
 from pipelines.emit import pending_counts
+from pipelines.metrics import identity_figures
 from pipelines.webhook_store import WebhookStore, store_folder
 
 BUSY_NOTE = (
@@ -134,6 +135,8 @@ def collect(
             document["runs"] = warehouse.recent_runs(con, limit) if version else []
             document["pending"] = pending_counts(con, excluded_fields)
             document["lookback"] = _lookback(con, deep_every_hours)
+            document["identity"] = identity_figures(con)
+            document["rejected"] = _rejected_by_reason(con)
     except warehouse.WarehouseBusy:
         # Held by a process that does not take the run lock (a notebook, the duckdb shell).
         document["note"] = (
@@ -141,6 +144,37 @@ def collect(
             "close it to see the figures"
         )
     return document
+
+
+def _rejected_by_reason(con: Any, limit: int = 10) -> list[dict[str, Any]]:
+    """The rejected messages, grouped by kind and reason, most frequent first (an example id)."""
+    present = con.execute(
+        "select count(*) from information_schema.tables "
+        "where table_schema = 'segment_sync' and table_name = 'rejected_messages'"
+    ).fetchone()
+    if not present or not present[0]:
+        return []
+    rows = con.execute(
+        """select kind, reason, count(*), min(message_id) from segment_sync.rejected_messages
+           group by kind, reason order by count(*) desc, kind, reason limit ?""",
+        [limit],
+    ).fetchall()
+    return [{"kind": k, "reason": r, "count": n, "example": m} for k, r, n, m in rows]
+
+
+def _show_identity(identity: dict[str, Any] | None) -> None:
+    """How customers became Segment users ([identity] user_id) and their accounts ([group] id)."""
+    if not identity:
+        return
+    sources = ", ".join(f"{s} {n}" for s, n in identity["by_source"].items())
+    claimed = identity["claimed_by_different_emails"]
+    print(
+        f"Identity: {identity['customers']} customers -> {identity['user_ids']} user ids "
+        f"({sources}); fell back {identity['fell_back']}, unusable metadata values "
+        f"{identity['invalid_values']}; user ids claimed by customers with different emails: "
+        f"{len(claimed)}{' (' + ', '.join(claimed[:5]) + ')' if claimed else ''}; "
+        f"accounts {identity['groups']}"
+    )
 
 
 def _lookback(con: Any, deep_every_hours: float | None) -> dict[str, Any]:
@@ -280,6 +314,12 @@ def show(
         if run["error"]:
             print(f"{'':<20} error: {run['error']}")
     _show_lookback(runs, document.get("lookback"))
+    _show_identity(document.get("identity"))
+    for rejected in document.get("rejected") or []:
+        print(
+            f"Rejected {rejected['kind']}: {rejected['count']} x {rejected['reason']} "
+            f"(e.g. {rejected['example']})"
+        )
     pending = document.get("pending") or {}
     if pending:
         backlog = pending.get("skipped_backlog")

@@ -3,8 +3,9 @@
 `emitter` sends and records (`emit`, `resend`, `recompute_traits`, `preview`); `messages` turns
 outbox rows into validated Segment calls; `segment_client` delivers them batch by batch with
 confirmation; `ledger` owns `segment_sync` (delivered events, identify state, rejects);
-`pending` counts what the next run would send without writing; `regulations` asks Segment's
-Public API to suppress and delete a forgotten customer.
+`pending` counts what the next run would send without writing; `tracking_plan` derives the
+plan every message is checked against; `accounts` keeps group state and past user ids;
+`regulations` asks Segment's Public API to suppress and delete a forgotten customer.
 """
 
 from pipelines.emit.emitter import (
@@ -26,6 +27,7 @@ from pipelines.emit.regulations import (
     regulation_body,
 )
 from pipelines.emit.settings import EmitSettings
+from pipelines.emit.tracking_plan import PlanError, build_plan, load_plan, write_plan
 
 __all__ = [
     "DEFAULT_PUBLIC_API_HOST",
@@ -35,7 +37,11 @@ __all__ = [
     "regulation_body",
     "EmitResult",
     "EmitSettings",
+    "PlanError",
     "Preview",
+    "build_plan",
+    "load_plan",
+    "write_plan",
     "emit",
     "ensure_sync_schema",
     "iter_identify_rows",

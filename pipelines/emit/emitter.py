@@ -6,6 +6,7 @@ confirmation and splitting of rejected batches in `segment_client.py`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,11 +16,18 @@ from typing import Any
 import duckdb
 from segment.analytics import Client
 
-from pipelines.emit import ledger
+from pipelines.emit import accounts, ledger
 from pipelines.emit.ledger import ensure_sync_schema
-from pipelines.emit.messages import EPOCH, Rejects, identify_messages, track_messages
+from pipelines.emit.messages import (
+    EPOCH,
+    Rejects,
+    alias_messages,
+    identify_messages,
+    track_messages,
+)
 from pipelines.emit.segment_client import Outgoing, SegmentSender, redact
 from pipelines.emit.settings import EmitSettings
+from pipelines.emit.tracking_plan import PlanValidator, build_plan, load_plan, plan_is_current
 from pipelines.gc_passes import fewer_gc_passes
 
 __all__ = [
@@ -33,6 +41,8 @@ __all__ = [
     "resend",
 ]
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[str, int, int | None], None]
 """progress(kind, acknowledged_so_far, total): kind "identify" (total None) or "track"."""
 
@@ -43,6 +53,8 @@ class EmitResult:
 
     identifies_sent: int = 0
     tracks_sent: int = 0
+    groups_sent: int = 0
+    aliases_sent: int = 0
     skipped_backlog: int = 0
     rejected: int = 0
     pending: int = 0
@@ -89,6 +101,24 @@ def _aware(moment: datetime | date | None) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def plan_validator(con: duckdb.DuckDBPyConnection, settings: EmitSettings) -> PlanValidator | None:
+    """The tracking plan every message is checked against: the written one of
+    `tracking_plan_path`, else the one of the last build (None: no plan model was built)."""
+    if not settings.validate:
+        return None
+    if settings.tracking_plan_path:
+        return PlanValidator(load_plan(settings.tracking_plan_path), settings.excluded_fields)
+    if not ledger.outbox_columns(con, "tracking_plan"):
+        return None
+    if not plan_is_current(con):
+        log.warning(
+            "tracking plan: analytics.tracking_plan was built with other outboxes (another set "
+            "of models ran since): messages are not checked until the models are built again"
+        )
+        return None
+    return PlanValidator(build_plan(con, settings.event_catalog), settings.excluded_fields)
+
+
 ALLOCATIONS_PER_GC_PASS = 50_000
 """Sending allocates about ten short-lived containers per message."""
 
@@ -114,10 +144,23 @@ def _send(
     try:
 
         def identifies_acked(acked: list[Outgoing]) -> None:
+            # the first phase also carries the group and alias calls
             ledger.save_identify_state(
-                con, run_id, [(o.key, o.traits_hash or "", o.outbox_hash) for o in acked]
+                con,
+                run_id,
+                [
+                    (o.key, o.traits_hash or "", o.outbox_hash)
+                    for o in acked
+                    if o.kind == "identify"
+                ],
             )
-            result.identifies_sent += len(acked)
+            groups = [(o.key, o.traits_hash or "") for o in acked if o.kind == "group"]
+            aliases = [(o.key, o.call["user_id"]) for o in acked if o.kind == "alias"]
+            accounts.save_group_state(con, run_id, groups)
+            accounts.record_aliased(con, run_id, aliases)
+            result.groups_sent += len(groups)
+            result.aliases_sent += len(aliases)
+            result.identifies_sent += len(acked) - len(groups) - len(aliases)
             if progress:
                 progress("identify", result.identifies_sent, None)
 
@@ -138,11 +181,12 @@ def _send(
     stats = sender.stats
     # Identifies: counted as they reach the sender, so only Segment's rejects are among them
     # (an identify with invalid traits never got that far). Tracks: counted in SQL, all rows.
-    identify_rejects = sum(1 for r in stats.rejected if r[1] == "identify")
+    identify_rejects = sum(1 for r in stats.rejected if r[1] != "track")
     track_rejects = sum(1 for r in rows if r[1] == "track")
     unsent_identifies = sum(1 for _ in identify_source.items)  # left over when stopped early
+    first_phase_sent = result.identifies_sent + result.groups_sent + result.aliases_sent
     result.pending = (
-        identify_source.count - result.identifies_sent - identify_rejects + unsent_identifies
+        identify_source.count - first_phase_sent - identify_rejects + unsent_identifies
         + max(track_total - result.tracks_sent - track_rejects, 0)
     )  # fmt: skip
     result.rejected = len(rows)
@@ -186,23 +230,54 @@ def emit(
         # Recorded before anything is sent: a kill later cannot turn the backlog into "new".
         result.skipped_backlog = ledger.record_skipped_backlog(con, run_id, since)
     rejects = Rejects()
-    identifies = identify_messages(
-        ledger.iter_identify_rows(con, skip_unchanged_for=settings.excluded_fields),
-        settings.excluded_fields,
-        rejects,
-        datetime.now(UTC),
-        rejected_before=ledger.rejected_identify_ids(con),
-    )
+    plan = plan_validator(con, settings)
+    identifies = _first_phase(con, settings, rejects, plan)
     track_total = ledger.count_tracks(con, since)
 
     def tracks() -> Iterator[Outgoing]:
         rows = ledger.iter_tracks(con, since)
-        return track_messages(rows, settings.excluded_fields, rejects)
+        return track_messages(rows, settings.excluded_fields, rejects, plan)
 
     # Nothing undelivered (the usual no-change run): skip the second pass over the outbox.
     pending_tracks = tracks if track_total else None
-    return _send(
+    result = _send(
         con, settings, run_id, identifies, pending_tracks, track_total, rejects, result, progress
+    )
+    if not result.failed:
+        accounts.record_user_ids(con, run_id, keep_changed=settings.alias)
+    return result
+
+
+def _first_phase(
+    con: duckdb.DuckDBPyConnection,
+    settings: EmitSettings,
+    rejects: Rejects,
+    plan: PlanValidator | None,
+) -> Iterator[Outgoing]:
+    """What goes before the tracks: alias calls (`alias`), changed identifies, changed groups."""
+    accounts.ensure_account_schema(con)
+    now = datetime.now(UTC)
+    rejected_before = ledger.rejected_identify_ids(con)
+    if settings.alias:
+        yield from alias_messages(iter(accounts.changed_user_ids(con)), now)
+    yield from identify_messages(
+        ledger.iter_identify_rows(
+            con, skip_unchanged_for=settings.excluded_fields, with_group=True
+        ),
+        settings.excluded_fields,
+        rejects,
+        now,
+        rejected_before=rejected_before,
+        plan=plan,
+    )
+    yield from identify_messages(
+        accounts.iter_group_rows(con),
+        settings.excluded_fields,
+        rejects,
+        now,
+        rejected_before=rejected_before,
+        kind="group",
+        plan=plan,
     )
 
 
@@ -222,10 +297,11 @@ def resend(
     moment = _aware(since)
     rejects = Rejects()
     total = ledger.count_tracks(con, moment, event, resend=True)
+    plan = plan_validator(con, settings)
 
     def tracks() -> Iterator[Outgoing]:
         rows = ledger.iter_tracks(con, moment, event, resend=True)
-        return track_messages(rows, settings.excluded_fields, rejects)
+        return track_messages(rows, settings.excluded_fields, rejects, plan)
 
     return _send(con, settings, run_id, None, tracks, total, rejects, EmitResult(), None)
 
@@ -236,15 +312,25 @@ def recompute_traits(
     run_id: str,
     customer_ids: Sequence[str] | None = None,
 ) -> EmitResult:
-    """Send identify for every (or the named) customer regardless of the stored hash."""
+    """Send identify for every (or the named) customer regardless of the stored hash (a named
+    customer is identified under its Segment user id, with the other customers sharing it)."""
     ensure_sync_schema(con)
     rejects = Rejects()
+    if customer_ids is not None and ledger.outbox_columns(con, "customer_identity"):
+        # the customers' Segment user ids ([identity] user_id), besides ids given as user ids
+        rows = con.execute(
+            "SELECT DISTINCT user_id FROM analytics.customer_identity "
+            "WHERE list_contains(?::VARCHAR[], customer_id)",
+            [list(customer_ids)],
+        ).fetchall()
+        customer_ids = sorted({*customer_ids, *(r[0] for r in rows)})
     identifies = identify_messages(
-        ledger.iter_identify_rows(con, customer_ids),
+        ledger.iter_identify_rows(con, customer_ids, with_group=True),
         settings.excluded_fields,
         rejects,
         datetime.now(UTC),
         force_run_id=run_id,
+        plan=plan_validator(con, settings),
     )
     return _send(con, settings, run_id, identifies, None, 0, rejects, EmitResult(), None)
 
@@ -265,6 +351,7 @@ def preview(
     first = ledger.is_first_sync(con)
     shaper = Client("preview", send=False)  # send=False returns the message exactly as queued
     rejects = Rejects()
+    plan = plan_validator(con, settings)
     identify_samples: list[dict[str, Any]] = []
     identifies = 0
     for out in identify_messages(
@@ -273,6 +360,7 @@ def preview(
         rejects,
         datetime.now(UTC),
         rejected_before=ledger.rejected_identify_ids(con),
+        plan=plan,
     ):
         identifies += 1
         if len(identify_samples) < sample:
@@ -282,7 +370,7 @@ def preview(
     track_samples: list[dict[str, Any]] = []
     tracks = 0
     rows = ledger.iter_tracks(con, since)
-    for out in track_messages(rows, settings.excluded_fields, rejects):
+    for out in track_messages(rows, settings.excluded_fields, rejects, plan):
         occurred_us = (out.call["timestamp"] - EPOCH) // timedelta(microseconds=1)
         if first and (since_us is None or occurred_us < since_us):
             skipped += 1

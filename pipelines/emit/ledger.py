@@ -56,6 +56,31 @@ _RESEND_TRACKS = """
 _TRACK_COLUMNS = (
     "SELECT o.event_id, o.user_id, o.event, epoch_us(o.occurred_at), o.properties::VARCHAR"
 )
+TRACK_CONTEXT_COLUMNS = ("customer_id", "group_id", "plan", "product_id")
+"""Columns of track_outbox added to each track when present: the property dodo_customer_id,
+context.groupId, and the plan/product_id properties (an outbox without them sends without)."""
+
+
+def outbox_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    """The column names of `analytics.<table>` (empty when it does not exist)."""
+    rows = (
+        con.cursor()
+        .execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'analytics' AND table_name = ?",
+            [table],
+        )
+        .fetchall()
+    )
+    return {r[0] for r in rows}
+
+
+def _track_select(con: duckdb.DuckDBPyConnection) -> str:
+    present = outbox_columns(con, "track_outbox")
+    extra = ", ".join(
+        f"o.{name}::VARCHAR" if name in present else "NULL" for name in TRACK_CONTEXT_COLUMNS
+    )
+    return f"{_TRACK_COLUMNS}, {extra}"
 
 
 def ensure_sync_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -118,15 +143,16 @@ def iter_tracks(
     resend: bool = False,
     chunk: int = 5000,
 ) -> Iterator[tuple[Any, ...]]:
-    """Stream (event_id, user_id, event, occurred_at_us, properties_json) rows, oldest first.
+    """Stream (event_id, user_id, event, occurred_at_us, properties_json, customer_id,
+    group_id, plan, product_id) rows, oldest first.
 
     Runs on its own cursor so ledger writes on other cursors do not discard the result.
     """
     if resend:
-        sql = _TRACK_COLUMNS + _RESEND_TRACKS + " ORDER BY o.occurred_at, o.event_id"
+        sql = _track_select(con) + _RESEND_TRACKS + " ORDER BY o.occurred_at, o.event_id"
         params: dict[str, Any] = {"since": since, "event": resend_event}
     else:
-        sql = _TRACK_COLUMNS + _RUN_TRACKS + " ORDER BY o.occurred_at, o.event_id"
+        sql = _track_select(con) + _RUN_TRACKS + " ORDER BY o.occurred_at, o.event_id"
         params = {"since": since}
     cur = con.cursor()
     cur.execute(sql, params)
@@ -134,10 +160,16 @@ def iter_tracks(
         yield from rows
 
 
-def outbox_hash(traits_json: str | None, excluded: Sequence[str]) -> str:
-    """md5 of an identify_outbox row's traits text and the excluded fields: equal to the SQL
-    `md5(traits::VARCHAR || <key>)` below, so unchanged customers are skipped in SQL."""
-    return hashlib.md5(((traits_json or "") + _exclusion_key(excluded)).encode()).hexdigest()
+def outbox_hash(
+    traits_json: str | None, excluded: Sequence[str], group_id: str | None = None
+) -> str:
+    """md5 of an identify_outbox row's traits text, its group and the excluded fields: equal to
+    the SQL `md5(traits::VARCHAR || group || <key>)` below, so unchanged users are skipped in SQL.
+    Without a group it is the hash of the releases before groups existed."""
+    group = "" if group_id is None else "\x1e" + group_id
+    return hashlib.md5(
+        ((traits_json or "") + group + _exclusion_key(excluded)).encode()
+    ).hexdigest()
 
 
 def _exclusion_key(excluded: Sequence[str]) -> str:
@@ -149,23 +181,31 @@ def iter_identify_rows(
     customer_ids: Sequence[str] | None = None,
     chunk: int = 5000,
     skip_unchanged_for: Sequence[str] | None = None,
-) -> Iterator[tuple[str, str | None, str | None]]:
-    """Stream (user_id, traits_json, last_sent_hash) for every (or the named) customer.
+    with_group: bool = False,
+) -> Iterator[tuple[Any, ...]]:
+    """Stream (user_id, traits_json, last_sent_hash) for every (or the named) user, and the
+    user's group_id (context.groupId) as a fourth item `with_group`.
 
     With `skip_unchanged_for` (the excluded fields of this run), customers whose outbox traits
     are exactly the ones Segment last acknowledged under the same exclusions are left out: they
     would be skipped anyway, and a no-change run then reads no customer at all.
     """
     params: dict[str, Any] = {"ids": list(customer_ids) if customer_ids is not None else None}
+    group_id = ""
+    if with_group:
+        present = "group_id" in outbox_columns(con, "identify_outbox")
+        group_id = ", o.group_id" if present else ", NULL"
     changed_only = ""  # the column exists from warehouse version 2: only the emitter asks
     if skip_unchanged_for is not None:
+        group = "|| coalesce(chr(30) || o.group_id, '')" if group_id == ", o.group_id" else ""
         changed_only = (
-            "AND s.outbox_hash IS DISTINCT FROM md5(coalesce(o.traits::VARCHAR, '') || $key)"
+            "AND s.outbox_hash IS DISTINCT FROM "
+            f"md5(coalesce(o.traits::VARCHAR, '') {group} || $key)"
         )
         params["key"] = _exclusion_key(skip_unchanged_for)
     cur = con.cursor()
     cur.execute(
-        f"""SELECT o.user_id, o.traits::VARCHAR, s.traits_hash
+        f"""SELECT o.user_id, o.traits::VARCHAR, s.traits_hash{group_id}
            FROM analytics.identify_outbox o
            LEFT JOIN segment_sync.identify_state s ON s.user_id = o.user_id
            WHERE o.user_id IS NOT NULL
@@ -182,7 +222,9 @@ def rejected_identify_ids(con: duckdb.DuckDBPyConnection) -> set[str]:
     """messageIds of identifies rejected before (the same traits are not retried automatically)."""
     rows = (
         con.cursor()
-        .execute("SELECT message_id FROM segment_sync.rejected_messages WHERE kind = 'identify'")
+        .execute(
+            "SELECT message_id FROM segment_sync.rejected_messages WHERE kind IN ('identify', 'group')"
+        )
         .fetchall()
     )
     return {r[0] for r in rows if r[0] is not None}

@@ -1,4 +1,4 @@
-"""Segment calls from outbox rows: track and identify messages, validated; invalid rows set aside."""
+"""Segment calls from outbox rows: track, identify, group and alias messages; invalid rows set aside."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import orjson
 
 from pipelines.emit.ledger import outbox_hash
 from pipelines.emit.segment_client import Outgoing
+from pipelines.emit.tracking_plan import PlanValidator
 
 MAX_MESSAGE_ID_LENGTH = 100
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -41,12 +42,16 @@ def decode_object(text: str | None, what: str) -> tuple[dict[str, Any] | None, s
 
 
 def track_messages(
-    rows: Iterator[tuple[Any, ...]], excluded: tuple[str, ...], rejects: Rejects
+    rows: Iterator[tuple[Any, ...]],
+    excluded: tuple[str, ...],
+    rejects: Rejects,
+    plan: PlanValidator | None = None,
 ) -> Iterator[Outgoing]:
-    """Track calls for outbox rows; invalid rows go to `rejects` with the reason."""
+    """Track calls for outbox rows; invalid rows, and rows that break the tracking `plan`, go
+    to `rejects` with the reason."""
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for row in rows:
-        event_id, user_id, event, occurred_us, properties_json = row
+        event_id, user_id, event, occurred_us, properties_json = row[:5]
         # The common case in a few operations; anything unusual takes the slow path for its reason.
         try:
             properties = {} if properties_json is None else loads(properties_json)
@@ -61,8 +66,20 @@ def track_messages(
         ):
             rejects.add(event_id, "track", user_id, track_reject_reason(row), raw_track(row))
             continue
+        group_id = None
+        if len(row) > 5:  # the outbox's context columns (ledger.TRACK_CONTEXT_COLUMNS)
+            customer_id, group_id, plan_name, product_id = row[5:9]
+            if customer_id is not None:
+                properties["dodo_customer_id"] = customer_id
+            if plan_name is not None and "plan" not in properties:
+                properties["plan"] = plan_name
+            if product_id is not None and "product_id" not in properties:
+                properties["product_id"] = product_id
         for key in excluded:
             properties.pop(key, None)
+        if plan is not None and (violation := plan.track(event, properties)):
+            rejects.add(event_id, "track", user_id, violation, raw_track(row))
+            continue
         call = {
             "user_id": user_id,
             "event": event,
@@ -70,18 +87,21 @@ def track_messages(
             "timestamp": EPOCH + timedelta(microseconds=occurred_us),
             "message_id": event_id,
         }
+        if group_id is not None:
+            call["context"] = {"groupId": group_id}
         yield Outgoing("track", event_id, event_id, call)
 
 
 def raw_track(row: tuple[Any, ...]) -> dict[str, Any]:
-    event_id, user_id, event, occurred_us, properties_json = row
+    """The outbox row of a rejected track, as stored in `rejected_messages.payload`."""
+    event_id, user_id, event, occurred_us, properties_json = row[:5]
     return {"event_id": event_id, "user_id": user_id, "event": event,
             "occurred_at_us": occurred_us, "properties": properties_json}  # fmt: skip
 
 
 def track_reject_reason(row: tuple[Any, ...]) -> str:
     """Why a track row cannot be sent (the first failing check of the list below wins)."""
-    event_id, user_id, event, occurred_us, properties_json = row
+    event_id, user_id, event, occurred_us, properties_json = row[:5]
     if len(event_id) > MAX_MESSAGE_ID_LENGTH:
         return f"event_id longer than {MAX_MESSAGE_ID_LENGTH} characters"
     if not user_id:
@@ -99,15 +119,23 @@ def sent_traits_hash(traits: dict[str, Any]) -> str:
 
 
 def identify_messages(
-    rows: Iterator[tuple[str, str | None, str | None]],
+    rows: Iterator[tuple[Any, ...]],
     excluded: tuple[str, ...],
     rejects: Rejects,
     sent_at: datetime,
     force_run_id: str | None = None,
     rejected_before: set[str] | None = None,
+    kind: str = "identify",
+    plan: PlanValidator | None = None,
 ) -> Iterator[Outgoing]:
-    """Identify calls for customers whose sent traits changed (all of them when forced)."""
-    for user_id, traits_json, last_hash in rows:
+    """Identify calls for users whose sent traits changed (all of them when forced).
+
+    Rows: (user_id, traits_json, last_sent_hash[, group_id]). With kind="group", rows are
+    (group_id, traits_json, last_sent_hash, member user_id) and group calls come out, diffed
+    the same way."""
+    for row in rows:
+        user_id, traits_json, last_hash = row[:3]
+        group_id = row[3] if len(row) > 3 else None
         traits, reason = decode_object(traits_json, "traits")
         if traits is None:
             rejects.add(None, "identify", user_id, reason or "invalid", {"traits": traits_json})
@@ -115,17 +143,39 @@ def identify_messages(
         # A null would wipe the trait in Segment; an absent key leaves the last value in place.
         traits = {k: v for k, v in traits.items() if v is not None and k not in excluded}
         sent_hash = sent_traits_hash(traits)
+        if group_id is not None and kind == "identify":  # a new account re-identifies too
+            sent_hash = hashlib.sha256(f"{sent_hash}\x1e{group_id}".encode()).hexdigest()
         if force_run_id is None and sent_hash == last_hash:
             continue
         # Same traits -> same messageId, so a rerun after a kill is de-duplicated by Segment;
         # a forced recompute gets fresh ids so Segment does not swallow it.
         seed = f"{user_id}\x1f{sent_hash}" + (f"\x1f{force_run_id}" if force_run_id else "")
-        message_id = "identify-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+        message_id = f"{kind}-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
         if force_run_id is None and rejected_before and message_id in rejected_before:
             continue  # rejected before with these very traits: only resend/recompute retries
-        call = {"user_id": user_id, "traits": traits, "timestamp": sent_at,
-                "message_id": message_id}  # fmt: skip
+        if plan is not None and (violation := plan.traits(kind, traits)):
+            rejects.add(message_id, kind, user_id, violation, {"traits": traits_json})
+            continue
+        if kind == "group":  # the key is the account; the member it is sent for rides along
+            call = {"user_id": group_id, "group_id": user_id, "traits": traits,
+                    "timestamp": sent_at, "message_id": message_id}  # fmt: skip
+        else:
+            call = {"user_id": user_id, "traits": traits, "timestamp": sent_at,
+                    "message_id": message_id}  # fmt: skip
+            if group_id is not None:
+                call["context"] = {"groupId": group_id}
         yield Outgoing(
-            "identify", user_id, message_id, call, traits_hash=sent_hash,
-            outbox_hash=outbox_hash(traits_json, excluded),
+            kind, user_id, message_id, call, traits_hash=sent_hash,
+            outbox_hash=outbox_hash(traits_json, excluded, group_id if kind == "identify" else None),
         )  # fmt: skip
+
+
+def alias_messages(rows: Iterator[tuple[str, str, str]], sent_at: datetime) -> Iterator[Outgoing]:
+    """One alias call per customer whose user id changed: rows (customer_id, previous_id,
+    user_id); the messageId depends on the pair only, so a rerun is de-duplicated."""
+    for customer_id, previous_id, user_id in rows:
+        seed = f"{previous_id}\x1f{user_id}"
+        message_id = "alias-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+        call = {"previous_id": previous_id, "user_id": user_id, "timestamp": sent_at,
+                "message_id": message_id}  # fmt: skip
+        yield Outgoing("alias", customer_id, message_id, call)

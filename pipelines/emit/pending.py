@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import duckdb
 
@@ -49,7 +50,7 @@ def pending_counts(
         counts["tracks"] = 0 if first else count_tracks(con, None)
     if ("analytics", "identify_outbox") in tables:
         if has_state:
-            rows: Iterator[tuple[str, str | None, str | None]] = iter_identify_rows(con)
+            rows: Iterator[tuple[Any, ...]] = iter_identify_rows(con, with_group=True)
             rejected_before = rejected_identify_ids(con)
         else:
             cur.execute(
@@ -73,7 +74,7 @@ def pending_identify_ids(
 ) -> list[str]:
     """Customers the next run would identify, in outbox order (needs `segment_sync` to exist)."""
     messages = identify_messages(
-        iter_identify_rows(con),
+        iter_identify_rows(con, with_group=True),
         tuple(excluded_fields),
         Rejects(),
         datetime.now(),

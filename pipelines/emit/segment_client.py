@@ -34,7 +34,7 @@ SPLIT_STATUSES = frozenset({400, 413})
 class Outgoing:
     """A validated message ready for the client: `key` is what the ledger records."""
 
-    kind: str  # "track" | "identify"
+    kind: str  # "track" | "identify" | "group" | "alias"
     key: str
     message_id: str
     call: dict[str, Any]
@@ -197,7 +197,7 @@ class SegmentSender:
         self._checkpoint(on_acked)
 
     def _enqueue(self, out: Outgoing) -> bool:
-        fn = self.client.track if out.kind == "track" else self.client.identify
+        fn = getattr(self.client, out.kind)  # track, identify, group or alias
         try:
             ok, _ = fn(**out.call)
         except RuntimeError:  # the library refuses a message over 32 KB

@@ -30,6 +30,15 @@ class EmitSettings:
     checkpoint_every_messages: int = 10_000
     checkpoint_every_seconds: float = 30.0
     max_consecutive_failed_batches: int = 3
+    event_catalog: str = "default"
+    """`[events] catalog`: which product events the tracking plan holds."""
+    tracking_plan_path: str | None = None
+    """`[tracking_plan] path`: validate against this written plan instead of the one the last
+    build gives (a plan kept in version control: a change in what is sent is then a reject)."""
+    validate: bool = True
+    """Check every message against the tracking plan before sending (off: bench comparisons)."""
+    alias: bool = False
+    """`[identity] alias`: send one alias call (previousId -> userId) when a customer's id changes."""
     excluded_fields: tuple[str, ...] = ()
     """Top-level property/trait keys never sent to Segment (e.g. customer_email, phone)."""
     threads: int = 3

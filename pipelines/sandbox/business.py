@@ -71,6 +71,8 @@ class Business:
             self._balances[entry["currency"]] = entry["after_balance"]
         self._journal: list[tuple[str, str]] | None = None
         self._bk = Bookkeeper(self._rng, to_us(now), self._sink)
+        self.identities = history.identities
+        """Customers with an app user id in metadata, shared ids, companies (for tests)."""
         self.dunning_attempts: dict[str, int] = dict(history.dunning_attempts)
         """Retries made so far of each past_due subscription's failed renewal."""
 

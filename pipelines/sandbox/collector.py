@@ -20,7 +20,9 @@ MAX_REQUEST_BYTES = 500_000
 MAX_MESSAGE_BYTES = 32 * 1024
 """Segment's per-message limit (measured on compact JSON)."""
 
-_SINGLE_CALL_PATHS = {"/v1/track": "track", "/v1/identify": "identify"}
+_SINGLE_CALL_PATHS = {
+    "/v1/track": "track", "/v1/identify": "identify", "/v1/group": "group", "/v1/alias": "alias"
+}  # fmt: skip
 
 REGULATIONS_PATH = "/regulations"
 """Segment's Public API: Create Workspace Regulation (bearer token, JSON body)."""
@@ -113,6 +115,12 @@ class SegmentCollector(LoopbackServer):
     def identifies(self) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == "identify"]
 
+    def groups(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("type") == "group"]
+
+    def aliases(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("type") == "alias"]
+
     def message_ids(self) -> list[str]:
         """messageIds of every accepted message, repeats included."""
         return [m.get("messageId") for m in self.messages]
@@ -189,6 +197,10 @@ def _invalid(batch: list[Any]) -> str | None:
             return "userId or anonymousId is required"
         if msg.get("type") == "track" and not msg.get("event"):
             return "track requires event"
+        if msg.get("type") == "group" and not msg.get("groupId"):
+            return "group requires groupId"
+        if msg.get("type") == "alias" and not msg.get("previousId"):
+            return "alias requires previousId"
     return None
 
 

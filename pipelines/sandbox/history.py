@@ -17,6 +17,7 @@ from pipelines.sandbox.billing import (
     subscription_record,
 )  # fmt: skip
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer, Sink
+from pipelines.sandbox.identities import assign_identities
 from pipelines.sandbox.records import US_PER_DAY, add_interval, convert_usd, new_id
 
 SCENARIOS = (
@@ -46,6 +47,8 @@ class History:
     products_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
     dunning_attempts: dict[str, int] = field(default_factory=dict)
     """Retries made so far of each past_due subscription's failed renewal."""
+    identities: dict[str, list[str]] = field(default_factory=dict)
+    """Customers given an app user id or a company (`identities.assign_identities`)."""
 
 
 def build_history(
@@ -127,6 +130,12 @@ def build_history(
     for name in rows:
         rows[name].sort(key=lambda row: row[0])
     rows["balance_ledger"] = with_balances(rng, rows["balance_ledger"], now_us)
+    history.identities = assign_identities(
+        seed,
+        [item for _, item in rows["customers"]],
+        [item for _, item in rows["payments"]],
+        [item for _, item in rows["subscriptions"]],
+    )
     return history
 
 

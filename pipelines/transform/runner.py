@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 
 from pipelines import dodo_contract
+from pipelines.config import IdentityConfig
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -24,6 +25,7 @@ from pipelines.transform.data_tests import (
     save_data_test_results,
 )
 from pipelines.transform.user_models import (
+    CUSTOM_GROUP_TRAITS,
     CUSTOM_TRAITS,
     EVENT_RULES_MODEL,
     EXTENSION_POINTS,
@@ -35,6 +37,7 @@ from pipelines.transform.user_models import (
     user_model_files,
     user_test_files,
     write_event_rules,
+    write_identity_rules,
 )
 
 log = logging.getLogger("dodo_segment")
@@ -264,6 +267,7 @@ def run_models(
     skip_events: Sequence[str] = (),
     rename_events: Sequence[tuple[str, str]] = (),
     on_model: Callable[[str, int, int], None] | None = None,
+    identity: IdentityConfig | None = None,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -280,8 +284,10 @@ def run_models(
     `user_paths` adds the user's models and data tests (a user model that fails raises
     `ModelError` naming the user's file); `skip_events`/`rename_events` become
     `analytics.event_rules` (an unknown name raises `ConfigError`). `on_model(name, done,
-    total)` is told after each model is built.
+    total)` is told after each model is built. `identity` (`[identity]`, `[group]`) becomes
+    `analytics.identity_rules` (default: userId = customer_id, no groups).
     """
+    identity = identity or IdentityConfig()
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
     sql_dir = Path(sql_dir or SQL_DIR)
@@ -301,7 +307,7 @@ def run_models(
             con,
             sql_dir,
             event_catalog,
-            extra=user_fingerprint(user_paths, skip_events, rename_events),
+            extra=user_fingerprint(user_paths, skip_events, rename_events) + repr(identity),
         )
         if _previous_build_holds(con, fingerprint, models):
             return TransformResult(
@@ -328,6 +334,7 @@ def run_models(
                 raise ModelError(macros, str(exc)) from exc
         run_at = reset_quarantine(con)
         write_event_rules(con, skip_events, rename_events)
+        write_identity_rules(con, identity)
 
         result = TransformResult()
         for index, model in enumerate(models):
@@ -340,6 +347,8 @@ def run_models(
                 raise ModelError(model.path, str(exc)) from exc
             if model.name == CUSTOM_TRAITS and model.layer == USER_LAYER:
                 _check_custom_traits(con, model, by_name, sql_dir)
+            if model.name == CUSTOM_GROUP_TRAITS and model.layer == USER_LAYER:
+                _check_custom_group_traits(con, model, sql_dir)
             result.models.append(
                 BuiltModel(model.name, model.materialized, time.perf_counter() - t0)
             )
@@ -418,6 +427,16 @@ def _check_custom_traits(
         builtin = builtin_trait_names(outbox.read_text()) if outbox.exists() else set()
     try:
         check_custom_traits(con, builtin)
+    except ValueError as exc:
+        raise ModelError(model.path, str(exc)) from exc
+
+
+def _check_custom_group_traits(con: duckdb.DuckDBPyConnection, model: Model, sql_dir: Path) -> None:
+    """Refuse a user's custom_group_traits without group_id or shadowing a built-in group trait."""
+    outbox = sql_dir / "segment" / "group_outbox.sql"
+    builtin = builtin_trait_names(outbox.read_text()) if outbox.exists() else set()
+    try:
+        check_custom_traits(con, builtin, CUSTOM_GROUP_TRAITS, "group_id")
     except ValueError as exc:
         raise ModelError(model.path, str(exc)) from exc
 

@@ -18,17 +18,23 @@ from pathlib import Path
 import duckdb
 
 from pipelines import dodo_contract
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, IdentityConfig, identity_source_parts
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 
-EXTENSION_POINTS: frozenset[str] = frozenset({"custom_traits", "custom_events"})
+EXTENSION_POINTS: frozenset[str] = frozenset(
+    {"custom_traits", "custom_events", "custom_group_traits"}
+)
 """Product models that are empty on purpose: a user model of that name fills them (no warning)."""
 
 CUSTOM_TRAITS = "custom_traits"
+CUSTOM_GROUP_TRAITS = "custom_group_traits"
 CUSTOM_EVENTS = "custom_events"
 EVENT_RULES_TABLE = f"{SCHEMA}.event_rules"
 """`[events] skip` and `rename` as rows (event, action, renamed_to), read by `outbound_events`."""
+IDENTITY_RULES_TABLE = f"{SCHEMA}.identity_rules"
+"""`[identity] user_id` and `[group] id` as rows (role, priority, source, kind, json_path), read by
+`customer_identity`; role is 'user_id' or 'group_id'."""
 EVENT_RULES_MODEL = "outbound_events"
 """The model that applies the event rules; they are checked just before it is built."""
 TRAIT_DEFINING_MODELS = ("customer_traits", "identify_outbox")
@@ -71,8 +77,14 @@ def builtin_trait_names(identify_outbox_sql: str) -> set[str]:
     return set(_TRAIT_KEY.findall(identify_outbox_sql))
 
 
-def check_custom_traits(con: duckdb.DuckDBPyConnection, builtin: set[str]) -> None:
-    """The user's `custom_traits` has a `customer_id` and no column named like a built-in trait.
+def check_custom_traits(
+    con: duckdb.DuckDBPyConnection,
+    builtin: set[str],
+    model: str = CUSTOM_TRAITS,
+    key: str = "customer_id",
+) -> None:
+    """The user's `custom_traits` (or `custom_group_traits`) has its key column (`customer_id`,
+    `group_id`) and no column named like a built-in trait.
 
     Raises ValueError with the message for the user's file."""
     columns = [
@@ -80,15 +92,15 @@ def check_custom_traits(con: duckdb.DuckDBPyConnection, builtin: set[str]) -> No
         for row in con.execute(
             "select column_name from information_schema.columns "
             "where table_schema = ? and table_name = ? order by ordinal_position",
-            [SCHEMA, CUSTOM_TRAITS],
+            [SCHEMA, model],
         ).fetchall()
     ]
-    if "customer_id" not in columns:
-        raise ValueError("custom_traits needs a customer_id column (one row per customer)")
+    if key not in columns:
+        raise ValueError(f"{model} needs a {key} column (one row per {key.split('_')[0]})")
     clashes = sorted(set(columns) & builtin)
     if clashes:
         raise ValueError(
-            f"column(s) {', '.join(clashes)} of custom_traits are named like built-in traits: "
+            f"column(s) {', '.join(clashes)} of {model} are named like built-in traits: "
             "rename them, or replace the product's customer_traits model to redefine built-in "
             "traits"
         )
@@ -131,3 +143,19 @@ def check_event_rules(con: duckdb.DuckDBPyConnection) -> None:
             + ", ".join(repr(u) for u in unknown)
             + " (names are case-sensitive: see analytics.event_catalog, or your custom_events)"
         )
+
+
+def write_identity_rules(con: duckdb.DuckDBPyConnection, identity: IdentityConfig) -> None:
+    """Replace `analytics.identity_rules` with the configured user id and group id sources."""
+    con.execute(
+        f"create or replace table {IDENTITY_RULES_TABLE} (role VARCHAR, priority INTEGER, "
+        "source VARCHAR, kind VARCHAR, json_path VARCHAR)"
+    )
+    rows: list[tuple[str, int, str, str, str | None]] = []
+    for priority, source in enumerate(identity.user_id_sources):
+        kind, key = identity_source_parts(source)
+        rows.append(("user_id", priority, source, kind, f'$."{key}"' if key else None))
+    if identity.group_source:
+        kind, key = identity_source_parts(identity.group_source)
+        rows.append(("group_id", 0, identity.group_source, kind, f'$."{key}"' if key else None))
+    con.executemany(f"insert into {IDENTITY_RULES_TABLE} values (?, ?, ?, ?, ?)", rows)

@@ -1,17 +1,16 @@
--- Identify calls for the emitter: one row per customer, traits named per Segment's identify
--- conventions (createdAt ISO-8601 UTC; dates as ISO strings), null traits omitted.
+-- Identify calls for the emitter: one row per Segment user id (analytics.user_traits: the
+-- customers that resolve to it, combined), traits named per Segment's identify conventions
+-- (createdAt ISO-8601 UTC; dates as ISO strings), null traits omitted.
+-- group_id: the account (`[group] id`) the user's messages carry as context.groupId (NULL: none).
 -- traits_hash = md5 of the canonical traits JSON (fixed key order), so the emitter sends an
 -- identify only when it differs from what Segment last received.
-with customer_traits as (
-    select * from analytics.customer_traits
-),
-
-quarantined_rows as (
-    select * from analytics.quarantined_rows
+with user_traits as (
+    select * from analytics.user_traits
 ),
 
 -- the user's custom_traits (one row per customer_id): every other column is a trait, nulls
--- omitted; merged after the built-in traits (a name clash is refused before this is built)
+-- omitted; merged after the built-in traits (a name clash is refused before this is built).
+-- A user of several customers takes those of dodo_customer_id (the most recent customer).
 custom_traits as (
     select
         customer_id,
@@ -20,13 +19,11 @@ custom_traits as (
     from analytics.custom_traits
 ),
 
-forgotten_customers as (
-    select * from analytics.stg_forgotten_customers
-),
-
 traits as (
     select
-        customer_id as user_id,
+        user_id,
+        group_id,
+        dodo_customer_id,
         json_strip_nulls(json_object(
             'email', email,
             'name', name,
@@ -46,30 +43,32 @@ traits as (
             'mrr', mrr,
             'mrr_currency', mrr_currency,
             'churned', churned,
-            'past_due', past_due
-        )) as builtin_traits,
-        customer_traits.customer_id
-    from customer_traits
-    where customer_id not in (select key from quarantined_rows where key_kind = 'user_id')
-      and customer_id not in (select customer_id from forgotten_customers)
+            'past_due', past_due,
+            'plan', plan,
+            'country', country,
+            'dodo_customer_id', dodo_customer_id,
+            'dodo_customer_ids', dodo_customer_ids
+        )) as builtin_traits
+    from user_traits
 ),
 
 with_custom_traits as (
     select
         traits.user_id,
+        traits.group_id,
         case
             when custom_traits.traits is null then traits.builtin_traits
             else json_merge_patch(traits.builtin_traits, custom_traits.traits)
         end as traits
     from traits
-    left join custom_traits on custom_traits.customer_id = traits.customer_id
+    left join custom_traits on custom_traits.customer_id = traits.dodo_customer_id
 ),
 
 final as (
-    select user_id, traits, md5(cast(traits as varchar)) as traits_hash
+    select user_id, traits, md5(cast(traits as varchar)) as traits_hash, group_id
     from with_custom_traits
 )
 
-select user_id, traits, traits_hash
+select user_id, traits, traits_hash, group_id
 from final
 order by user_id

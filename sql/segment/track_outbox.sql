@@ -4,12 +4,19 @@
 -- event_id = Segment messageId; properties ready to send (no nulls, JSON numbers).
 -- A view: it only filters lifecycle_events, and copying 1M+ JSON rows again would cost seconds.
 -- lifecycle_events here: the product's and the user's custom events after [events] skip/rename.
+-- user_id: the customer's Segment user id (customer_identity, `[identity] user_id`); group_id:
+-- their account (context.groupId; NULL without `[group] id`); the emitter adds the property
+-- dodo_customer_id (= customer_id) to every track, and event_context's plan and product_id.
 with lifecycle_events as (
     select * from analytics.outbound_events
 ),
 
-customers as (
-    select * from analytics.stg_customers
+customer_identity as (
+    select * from analytics.customer_identity
+),
+
+event_context as (
+    select * from analytics.event_context
 ),
 
 quarantined_rows as (
@@ -23,13 +30,18 @@ forgotten_customers as (
 final as (
     select
         lifecycle_events.event_id,
-        lifecycle_events.customer_id as user_id,
+        customer_identity.user_id,
         lifecycle_events.event,
         lifecycle_events.occurred_at,
-        lifecycle_events.properties
+        lifecycle_events.properties,
+        lifecycle_events.customer_id,
+        customer_identity.group_id,
+        event_context.plan,
+        event_context.product_id
     from lifecycle_events
-    where lifecycle_events.customer_id in (select customer_id from customers)
-      and lifecycle_events.occurred_at is not null
+    inner join customer_identity on customer_identity.customer_id = lifecycle_events.customer_id
+    left join event_context on event_context.event_id = lifecycle_events.event_id
+    where lifecycle_events.occurred_at is not null
       and lifecycle_events.event_id not in (
           select key from quarantined_rows where key_kind = 'event_id'
       )
@@ -39,5 +51,5 @@ final as (
       and lifecycle_events.customer_id not in (select customer_id from forgotten_customers)
 )
 
-select event_id, user_id, event, occurred_at, properties
+select event_id, user_id, event, occurred_at, properties, customer_id, group_id, plan, product_id
 from final

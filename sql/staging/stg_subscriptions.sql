@@ -2,6 +2,8 @@
 -- recurring_amount = recurring_pre_tax_amount in major units of `currency`.
 -- API 1.123: has_payment_method; cancelled_by_actor = cancelled_by.actor_type (customer,
 -- merchant_user, api_key, dodo_team; NULL when no caller is known, e.g. the system cancelled).
+-- tax_id, customer_business_name (blank -> NULL) and billing_country (billing.country, upper-case)
+-- are the B2B buyer's details (the `[group]` setting reads them).
 -- metadata: the object's metadata as JSON; one key as text is `metadata ->> 'company'`
 -- (NULL when absent), e.g. `stg_customers.metadata ->> 'company' as company` in custom_traits.
 with source as (
@@ -37,6 +39,9 @@ final as (
         customer__name as customer_name,
         discount_id,
         metadata,
+        nullif(trim(tax_id), '') as tax_id,
+        nullif(trim(customer_business_name), '') as customer_business_name,
+        upper(nullif(trim(try_cast(billing as json) ->> 'country'), '')) as billing_country,
         try_cast(has_payment_method as boolean) as has_payment_method,
         lower(try_cast(cancelled_by as json) ->> 'actor_type') as cancelled_by_actor,
         cast(_synced_at as timestamptz) as synced_at
