@@ -204,6 +204,41 @@ REVIEWED_INTERPOLATIONS = {
         "qualified",
         "where",
     },  # fmt: skip
+    # issue 21, delta build: model names and SQL from the repo's/user's .sql files, the grain's
+    # key column (a model header), code-built predicates and clauses, dodo_raw table and column
+    # names (dlt's snake_case, [a-z0-9_] only) and analytics table names (model file names);
+    # timestamps and customer ids are parameters or rows of temp tables
+    "pipelines/transform/delta.py": {
+        "a",
+        "as_of_sql",
+        "current",
+        "month",
+        "name",
+        "predicate",
+        "previous",
+        "scoped_sql(model, scopes)",
+        "table",
+    },  # fmt: skip
+    "pipelines/transform/touched.py": {
+        "ENTITY_KEYS[table]",
+        "_current_rows_sql(columns)",
+        "_owner_branches('true')",
+        "_owner_branches(changed)",
+        "a",
+        "b",
+        "changed",
+        "column",
+        "every",
+        "expr",
+        "in_touched('customer_id')",
+        "in_touched('owner')",
+        "query",
+        "row_hash",
+        "scoped",
+        "table",
+        "where",
+    },  # fmt: skip
+    "pipelines/transform/verify.py": {"a", "b", "full", "here", "key", "select", "table"},
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     "pipelines/emit/ledger.py": {"changed_only"},  # a fixed clause, its value is a parameter
     # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (dodo_contract.RAW_COLUMNS)

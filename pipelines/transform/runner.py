@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 
 from pipelines import dodo_contract
+from pipelines.transform import delta, touched
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -112,6 +113,8 @@ class Model:
     sql: str
     replaces: bool = False
     """A user model that replaces the product model of the same name."""
+    grain: delta.Grain = field(default_factory=lambda: delta.Grain("global"))
+    """What its rows are keyed by for a delta build (`-- grain:` header; global by default)."""
 
 
 @dataclass
@@ -136,6 +139,11 @@ class TransformResult:
     tests_seconds: float = 0.0
     skipped: bool = False
     """True when nothing the models read had changed: the previous build was kept."""
+    build: str = "full"
+    """"full", "delta" (only the touched customers' rows were rebuilt) or "kept"."""
+    build_reason: str = ""
+    """Why a run with `incremental` built in full (first build, changed SQL, share...)."""
+    touched_customers: int = 0
 
 
 def _headers(sql: str) -> dict[str, str]:
@@ -192,9 +200,14 @@ def list_models(sql_dir: Path | None = None, user_paths: Sequence[Path] = ()) ->
         materialized = headers.get("materialized", "view" if layer == "staging" else "table")
         if materialized not in ("view", "table"):
             raise ModelError(path, f"unknown materialization {materialized!r}")
+        try:
+            grain = delta.parse_grain(headers.get("grain"))
+        except ValueError as exc:
+            raise ModelError(path, str(exc)) from exc
         models[name] = Model(
-            name, path, layer, materialized, depends_on, sql, replaces=name in replaced
-        )
+            name, path, layer, materialized, depends_on, sql, replaces=name in replaced,
+            grain=grain,
+        )  # fmt: skip
 
     sorter = graphlib.TopologicalSorter({m.name: m.depends_on for m in models.values()})
     try:
@@ -264,6 +277,7 @@ def run_models(
     skip_events: Sequence[str] = (),
     rename_events: Sequence[tuple[str, str]] = (),
     on_model: Callable[[str, int, int], None] | None = None,
+    incremental: bool = False,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -281,6 +295,11 @@ def run_models(
     `ModelError` naming the user's file); `skip_events`/`rename_events` become
     `analytics.event_rules` (an unknown name raises `ConfigError`). `on_model(name, done,
     total)` is told after each model is built.
+
+    With `incremental`, a run whose raw data changed rebuilds only the touched customers' rows
+    (`pipelines.transform.delta`) when that is possible and cheaper, in one transaction, and
+    snapshots the raw data for the next run; without it every build is full and the snapshot is
+    dropped.
     """
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
@@ -306,6 +325,7 @@ def run_models(
         if _previous_build_holds(con, fingerprint, models):
             return TransformResult(
                 skipped=True,
+                build="kept",
                 quarantined=_quarantined_by_test(con),
                 seconds=time.perf_counter() - started,
             )
@@ -316,8 +336,26 @@ def run_models(
     previous_tz = con.execute("select current_setting('TimeZone')").fetchone()
     con.execute("set TimeZone = 'UTC'")  # month/day arithmetic of the marts is in UTC
     con.execute("set variable event_catalog = ?", [event_catalog])
+    plan = delta.DeltaPlan(False, "not incremental")
+    in_transaction = False
     try:
         ensure_raw_tables(con)
+        if incremental:
+            delta_fingerprint = delta.config_fingerprint(
+                con,
+                _config_fingerprint(
+                    sql_dir, event_catalog, user_fingerprint(user_paths, skip_events, rename_events)
+                ),
+            )
+            con.execute("begin transaction")
+            in_transaction = True
+            as_of_sql = by_name[AS_OF_MODEL].sql if AS_OF_MODEL in by_name else "select null"
+            plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql)
+            if not plan.delta:
+                con.execute("rollback")
+                in_transaction = False
+        if not plan.delta:
+            delta.forget_state(con)
         # A build that stops half-way must never be mistaken for the last clean one.
         con.execute(f"drop table if exists {BUILD_STATE_TABLE}")
         macros = sql_dir / "macros.sql"
@@ -329,13 +367,18 @@ def run_models(
         run_at = reset_quarantine(con)
         write_event_rules(con, skip_events, rename_events)
 
-        result = TransformResult()
+        result = TransformResult(build="delta" if plan.delta else "full")
+        result.build_reason = plan.reason
+        builder = _DeltaBuilder(con, models) if plan.delta else None
         for index, model in enumerate(models):
             t0 = time.perf_counter()
             if model.name == EVENT_RULES_MODEL and _knows_event_names(by_name):
                 check_event_rules(con)
             try:
-                _build(con, model)
+                if builder is None:
+                    _build(con, model)
+                else:
+                    builder.build(model)
             except duckdb.Error as exc:
                 raise ModelError(model.path, str(exc)) from exc
             if model.name == CUSTOM_TRAITS and model.layer == USER_LAYER:
@@ -354,11 +397,22 @@ def run_models(
                     result.errors.append(outcome)
                 if outcome.quarantined:
                     result.quarantined[test.name] = outcome.quarantined
+            if builder is not None:
+                builder.after(model)
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
+        if incremental:
+            if builder is not None:
+                result.touched_customers = delta.touched_count(con)
+            delta.remember_state(con, delta_fingerprint, full=builder is None)
+        if in_transaction:
+            con.execute("commit")
+            in_transaction = False
         if skip_unchanged:
             _remember_build(con, fingerprint, clean=not result.errors)
     finally:
+        if in_transaction:
+            con.execute("rollback")
         if previous_tz:
             con.execute("set TimeZone = ?", [previous_tz[0]])
     result.seconds = time.perf_counter() - started
@@ -420,6 +474,72 @@ def _check_custom_traits(
         check_custom_traits(con, builtin)
     except ValueError as exc:
         raise ModelError(model.path, str(exc)) from exc
+
+
+class _DeltaBuilder:
+    """Builds each model of a delta build: keyed models by their touched keys, global ones in
+    full (telling which customers' rows moved, for the keyed models that read them), views not
+    at all; and the lineage steps between models (subscriptions shared between customers, the
+    ledger's fallback rates, quarantined user ids)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, models: list[Model]) -> None:
+        self.con = con
+        self.models = models
+        self.scopes = delta.open_scopes(con, models)
+        self.full: set[str] = set()
+        """Models rebuilt in full whose changes cannot be told by customer."""
+        self.by_name = {m.name: m for m in models}
+        self.readers: dict[str, set[str]] = {}
+        for m in models:
+            for dep in m.depends_on:
+                self.readers.setdefault(dep, set()).add(m.name)
+        delta.snapshot_quarantined_users(con)
+        touched.close_over_subscriptions(con)
+
+    def _has_keyed_readers(self, name: str) -> bool:
+        return any(
+            self.by_name[r].materialized == "table"
+            and delta.model_grain(self.by_name[r]).kind != "global"
+            for r in self.readers.get(name, ())
+        )
+
+    def build(self, model: Model) -> None:
+        """Build one model of the delta build."""
+        con = self.con
+        if model.name == "int_ledger_by_object":
+            delta.snapshot_rates(con)
+        if model.name == "identify_outbox":
+            delta.touch_quarantine_changes(con)
+        if model.materialized == "view":
+            return
+        grain = delta.model_grain(model)
+        forced = any(dep in self.full for dep in model.depends_on)
+        if grain.kind != "global" and not forced:
+            delta.rebuild_keys(con, model, self.scopes)
+            return
+        watch = model.name not in delta.KNOWN_GLOBALS and self._has_keyed_readers(model.name)
+        if watch:
+            con.execute(
+                f"create or replace temp table delta_previous as select * from {SCHEMA}.{model.name}"
+            )
+        _build(con, model)
+        if watch and not delta.touch_global_changes(con, model, "delta_previous"):
+            self.full.add(model.name)
+
+    def after(self, model: Model) -> None:
+        """Lineage steps once `model` is built (before the models that read it)."""
+        if model.name == "stg_payment_subscriptions":
+            touched.close_over_subscriptions(self.con)
+        elif model.name == "int_ledger_by_object":
+            delta.touch_rate_changes(self.con)
+
+
+def _config_fingerprint(sql_dir: Path, event_catalog: str, extra: str) -> str:
+    """A hash of the SQL files, the catalog and `extra` (the user's models and event rules)."""
+    digest = hashlib.sha256(event_catalog.encode() + extra.encode())
+    for path in sorted(sql_dir.rglob("*.sql")):
+        digest.update(path.relative_to(sql_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def build_fingerprint(

@@ -1,3 +1,4 @@
+-- grain: customer by user_id
 -- Identify calls for the emitter: one row per customer, traits named per Segment's identify
 -- conventions (createdAt ISO-8601 UTC; dates as ISO strings), null traits omitted.
 -- traits_hash = md5 of the canonical traits JSON (fixed key order), so the emitter sends an
