@@ -227,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list the models in build order, the user's (`[models] paths`) marked, and exit",
     )
+    tr.add_argument(
+        "--verify",
+        action="store_true",
+        help="rebuild a scratch copy in full and compare every analytics table with this "
+        "warehouse's; exit 7 and show the differing keys when they drift",
+    )
 
     pv = _command(
         commands, "preview", "show what the next run would send, without sending",
@@ -445,6 +451,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from pipelines.commands.models import show_models
 
         return show_models(config)
+    if args.command == "transform" and args.verify:
+        from pipelines.commands.models import verify_models
+
+        return _with_lock(config, "transform", args.wait, lambda: verify_models(config))
     if args.command == "forget":
         from pipelines.commands.forget import forget_customers
 

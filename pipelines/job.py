@@ -313,6 +313,7 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             skip_events=user.skip_events,
             rename_events=user.rename_events,
             on_model=lambda name, done, total: progress("build", done, total, note=name),
+            incremental=config.incremental_models and options.command != "transform",
         )
     report.models_seconds = time.monotonic() - t0
     report.quarantined = sum(result.quarantined.values())
@@ -324,6 +325,12 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
         log.error("data test failed: %s", error)
     if result.skipped:
         log.info("models: inputs unchanged and nothing fell due since the last build, kept it")
+    elif result.build == "delta":
+        log.info(
+            "models: delta build of %d touched customer(s) in %.1fs",
+            result.touched_customers,
+            report.models_seconds,
+        )
     else:
         log.info("models: built in %.1fs", report.models_seconds)
     if result.emission_blocked:
