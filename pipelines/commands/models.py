@@ -10,8 +10,7 @@ import duckdb
 
 from pipelines.config import AppConfig, ModelsConfig
 from pipelines.logs import complain
-from pipelines.transform import ModelError, list_models, run_models
-from pipelines.transform.verify import verify_against_full_build
+from pipelines.transform import ModelError, list_models, run_models, verify_against_full_build
 
 
 def _shown(path: Path) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from pipelines import lock, warehouse
 from pipelines.dodo_contract import WAREHOUSE_SCHEMA_VERSION
 from pipelines.emit import pending_counts
+from pipelines.transform import last_check
 from pipelines.webhook_store import WebhookStore, store_folder
 
 LONG_RUN_SECONDS = 2 * 3600
@@ -105,6 +106,7 @@ def collect(
             document["runs"] = warehouse.recent_runs(con, limit) if version else []
             document["pending"] = pending_counts(con, excluded_fields)
             document["lookback"] = _lookback(con, deep_every_hours)
+            document["model_check"] = last_check(con)
     except warehouse.WarehouseBusy:
         # Held by a process that does not take the run lock (a notebook, the duckdb shell).
         document["note"] = (
@@ -251,6 +253,14 @@ def show(
         if run["error"]:
             print(f"{'':<20} error: {run['error']}")
     _show_lookback(runs, document.get("lookback"))
+    check = document.get("model_check")
+    if check:
+        verdict = (
+            "equal to a full build"
+            if not check["drifted_tables"]
+            else f"DRIFTED ({check['detail']}); repaired by a full build"
+        )
+        print(f"Models last verified {_when(check['checked_at'])} (deep pass): {verdict}")
     pending = document.get("pending") or {}
     if pending:
         backlog = pending.get("skipped_backlog")

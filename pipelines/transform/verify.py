@@ -107,3 +107,41 @@ def verify_against_full_build(
                 quoted = str(path).replace("'", "''")
                 con.execute(f"attach '{quoted}' as {name} (read_only)")
             return diff_warehouses(con, "here", "full_build")
+
+
+CHECKS_TABLE = f"{dodo_contract.SYNC_SCHEMA}.model_checks"
+"""One row per verification by the deep pass: when, which run, the drifted tables, repaired."""
+
+
+def record_check(
+    con: duckdb.DuckDBPyConnection, run_id: str, drifts: list[TableDrift], repaired: bool
+) -> None:
+    """Keep a verification's outcome (shown by `status` and the metrics)."""
+    con.execute(f"create schema if not exists {dodo_contract.SYNC_SCHEMA}")
+    con.execute(
+        f"create table if not exists {CHECKS_TABLE} (checked_at timestamptz, run_id varchar, "
+        "drifted_tables bigint, detail varchar, repaired boolean)"
+    )
+    con.execute(
+        f"insert into {CHECKS_TABLE} values (now(), ?, ?, ?, ?)",
+        [run_id, len(drifts), "; ".join(str(d) for d in drifts) or None, repaired],
+    )
+
+
+def last_check(con: duckdb.DuckDBPyConnection) -> dict[str, object] | None:
+    """The latest verification (None when none was recorded)."""
+    exists = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? "
+        "and table_name = 'model_checks'",
+        [dodo_contract.SYNC_SCHEMA],
+    ).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = con.execute(
+        f"select checked_at, run_id, drifted_tables, detail, repaired from {CHECKS_TABLE} "
+        "order by checked_at desc limit 1"
+    ).fetchone()
+    if not row:
+        return None
+    keys = ("checked_at", "run_id", "drifted_tables", "detail", "repaired")
+    return dict(zip(keys, row, strict=True))
