@@ -16,7 +16,7 @@ from pipelines.extract import merge_webhooks, run_extract
 from pipelines.transform import run_models
 from pipelines.transform.verify import verify_against_full_build
 from pipelines.webhook_store import WebhookStore, store_folder
-from tests.conftest import Sandbox, make_sandbox
+from tests.conftest import Sandbox, make_sandbox, run_cli
 
 CUSTOM_TRAITS = """\
 -- no grain: a user model is rebuilt in full, and the customers whose rows moved are touched
@@ -141,6 +141,7 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
     rng = random.Random(seed)
     changes = _changes(sandbox, rng)
     builds: list[str] = []
+    reasons: list[str] = []
 
     def full(con: duckdb.DuckDBPyConnection) -> None:
         run_models(con, user_paths=[models])
@@ -149,6 +150,7 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
         with duckdb.connect(sandbox.db) as con:
             result = run_models(con, skip_unchanged=True, incremental=True, user_paths=[models])
         builds.append(result.build)
+        reasons.append(result.build_reason)
         drifts = verify_against_full_build(sandbox.db, full)
         assert not drifts, f"after {label} ({result.build}): {[str(d) for d in drifts]}"
 
@@ -168,5 +170,74 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
             forget_customers(sandbox.config(), [customer])
             picked.append("forget")
         run(f"step {step}: {', '.join(picked)}")
-    print(builds)
-    assert builds[0] == "full" and "delta" in builds, builds
+    assert builds[0] == "full" and "delta" in builds, list(zip(builds, reasons, strict=True))
+
+
+# --- transform --verify and the deep pass's verification, through the real CLI -----------------
+
+
+def _tamper(db: str) -> str:
+    """Make the warehouse drift from a full build: one customer's traits and one event."""
+    with duckdb.connect(db) as con:
+        customer = con.execute("select min(customer_id) from analytics.customer_traits").fetchone()[
+            0
+        ]
+        con.execute(
+            "update analytics.customer_traits set payments_count = payments_count + 1 "
+            "where customer_id = ?",
+            [customer],
+        )
+        con.execute(
+            "delete from analytics.lifecycle_events "
+            "where event_id = (select min(event_id) from analytics.lifecycle_events)"
+        )
+    return customer
+
+
+@pytest.mark.slow
+def test_transform_verify_passes_on_a_delta_built_warehouse_and_shows_drift(
+    sandbox: Sandbox,
+) -> None:
+    env = sandbox.env()
+    assert run_cli("run", "--skip-emit", env=env).returncode == 0
+    sandbox.business.add_payments(3)
+    assert run_cli("run", "--skip-emit", env=env).returncode in (0, 3)
+    verified = run_cli("transform", "--verify", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "every analytics table equals a full build" in verified.stdout
+    customer = _tamper(sandbox.db)
+    drifted = run_cli("transform", "--verify", env=env)
+    assert drifted.returncode == 7, drifted.stdout + drifted.stderr
+    assert "customer_traits: 1 row(s) not in a full build, 1 row(s) missing" in drifted.stdout
+    assert f"customer_id={customer}" in drifted.stdout
+    assert "lifecycle_events: 0 row(s) not in a full build, 1 row(s) missing" in drifted.stdout
+
+
+@pytest.mark.slow
+def test_the_deep_pass_finds_drift_alerts_once_repairs_and_recovers(sandbox: Sandbox) -> None:
+    from tests.test_alerts import Receiver
+
+    hook = Receiver()
+    try:
+        env = sandbox.env(DODO_SEGMENT_ALERT_WEBHOOK_URL=hook.url)
+        assert run_cli("run", "--skip-emit", env=env).returncode == 0
+        _tamper(sandbox.db)
+        run = run_cli("run", "--skip-emit", "--deep", env=env)
+        assert run.returncode in (0, 3), run.stderr
+        assert "models drifted from a full build" in run.stderr
+        assert hook.events() == [("model_drift", "firing")]
+        status = run_cli("status", env=env)
+        assert "DRIFTED" in status.stdout and "repaired by a full build" in status.stdout
+        metrics = run_cli("status", "--format", "prometheus", env=env)
+        assert "dodo_segment_models_drifted_tables 2.0" in metrics.stdout
+        # the full build repaired it: the next deep pass finds none and says so once
+        assert run_cli("transform", "--verify", env=env).returncode == 0
+        again = run_cli("run", "--skip-emit", "--deep", env=env)
+        assert again.returncode in (0, 3), again.stderr
+        assert hook.events() == [("model_drift", "firing"), ("model_drift", "recovered")]
+        status = run_cli("status", env=env)
+        assert "(deep pass): equal to a full build" in status.stdout
+        metrics = run_cli("status", "--format", "prometheus", env=env)
+        assert "dodo_segment_models_drifted_tables 0.0" in metrics.stdout
+    finally:
+        hook.close()
