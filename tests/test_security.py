@@ -233,7 +233,7 @@ REVIEWED_INTERPOLATIONS = {
         "in_touched('customer_id')",
         "in_touched('owner')",
         "query",
-        "row_hash",
+        "content",
         "scoped",
         "table",
         "where",

@@ -132,7 +132,7 @@ def config_fingerprint(con: duckdb.DuckDBPyConnection, base: str) -> str:
     tables' columns (a schema migration changes them)."""
     digest = hashlib.sha256(base.encode())
     digest.update(repr(sorted(touched.raw_columns(con).items())).encode())
-    digest.update(str(dodo_contract.WAREHOUSE_SCHEMA_VERSION).encode())
+    digest.update(f"{dodo_contract.WAREHOUSE_SCHEMA_VERSION}:{touched.SNAPSHOT_FORMAT}".encode())
     return digest.hexdigest()
 
 

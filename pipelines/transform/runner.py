@@ -314,7 +314,8 @@ def run_models(
                 model.path,
                 model.name,
             )
-    if skip_unchanged:
+    fingerprint = ""
+    if skip_unchanged and not incremental:  # (a delta build's own snapshot tells the same)
         ensure_raw_tables(con)  # a first build creates absent ones: fingerprint them as built
         fingerprint = build_fingerprint(
             con,
@@ -351,6 +352,17 @@ def run_models(
             in_transaction = True
             as_of_sql = by_name[AS_OF_MODEL].sql if AS_OF_MODEL in by_name else "select null"
             plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql)
+            fingerprint = delta_fingerprint
+            if skip_unchanged and _nothing_changed(con, plan, fingerprint, by_name):
+                con.execute("commit")
+                in_transaction = False
+                return TransformResult(
+                    skipped=True,
+                    build="kept",
+                    build_reason="no raw row changed and nothing fell due",
+                    quarantined=_quarantined_by_test(con),
+                    seconds=time.perf_counter() - started,
+                )
             if not plan.delta:
                 con.execute("rollback")
                 in_transaction = False
@@ -604,6 +616,29 @@ def _previous_build_holds(
         _build(con, by_name[AS_OF_MODEL])
     except duckdb.Error:  # no previous build, or its views are gone: build
         return False
+    return True
+
+
+def _nothing_changed(
+    con: duckdb.DuckDBPyConnection,
+    plan: delta.DeltaPlan,
+    fingerprint: str,
+    by_name: dict[str, Model],
+) -> bool:
+    """A delta plan with no changed raw row and no customer touched by time, over a last build
+    that was clean: the build is kept and only `int_as_of` brought forward."""
+    if not plan.delta or plan.changed or plan.touched or AS_OF_MODEL not in by_name:
+        return False
+    try:
+        row = con.execute(
+            f"select fingerprint = ? and valid_until is not null from {BUILD_STATE_TABLE}",
+            [fingerprint],
+        ).fetchone()
+    except duckdb.Error:
+        return False
+    if not row or not row[0]:
+        return False
+    _build(con, by_name[AS_OF_MODEL])
     return True
 
 

@@ -2,8 +2,8 @@
 
 The last build leaves a snapshot of the raw data in two bookkeeping tables:
 
-- `analytics._delta_rows` (tbl, id, row_hash): one row per raw row, the hash of every column but
-  `_synced_at` and dlt's own (a re-read that finds the same content is no change);
+- `analytics._delta_rows` (tbl, id, k): one row per raw row, a hash of its table, entity id and
+  every column but `_synced_at` and dlt's own (a re-read finding the same content is no change);
 - `analytics._delta_owners` (tbl, id, ref, owner): the customer(s) each raw entity concerns, and
   the entity it reaches them through (refund and dispute -> payment -> customer; ledger entry ->
   its `reference_object_id`; subscription history -> subscription -> customer; a payment also
@@ -30,6 +30,9 @@ TOUCHED = "delta_touched"
 """Temp table (customer_id) of this run's touched customers; NULL = rows without a customer."""
 CHANGED = "delta_changed"
 """Temp table (tbl, id) of the raw entities whose rows changed since the last build."""
+
+SNAPSHOT_FORMAT = 2
+"""Part of the delta state's fingerprint: a snapshot of another format is never compared."""
 
 ENTITY_KEYS: dict[str, str] = {
     **dodo_contract.PRIMARY_KEYS,
@@ -111,12 +114,14 @@ def raw_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
 
 
 def _current_rows_sql(columns: dict[str, list[str]]) -> str:
+    """(tbl, id, k) of every raw row: k hashes the table, the entity id and the row's content
+    (one 64-bit key per row, so comparing two snapshots compares integers)."""
     parts = []
     for table, names in sorted(columns.items()):
-        row_hash = "hash(" + ", ".join(f'"{n}"' for n in names) + ")"
+        content = ", ".join(f'"{n}"' for n in names)
         parts.append(
             f"select '{table}' as tbl, cast(\"{ENTITY_KEYS[table]}\" as varchar) as id, "
-            f'{row_hash} as row_hash from "{RAW}"."{table}"'
+            f'hash(\'{table}\', {content}) as k from "{RAW}"."{table}"'
         )
     return "\nunion all\n".join(parts)
 
@@ -150,14 +155,15 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     columns = raw_columns(con)
     con.execute(f"create or replace temp table delta_current as {_current_rows_sql(columns)}")
     con.execute(
+        f"""create or replace temp table delta_changed_keys as
+        (select k from delta_current except all select k from {ROWS_TABLE})
+        union all
+        (select k from {ROWS_TABLE} except all select k from delta_current)"""
+    )
+    con.execute(
         f"""create or replace temp table {CHANGED} as
-        select distinct tbl, id from (
-            (select tbl, id, row_hash from delta_current
-             except all select tbl, id, row_hash from {ROWS_TABLE})
-            union all
-            (select tbl, id, row_hash from {ROWS_TABLE}
-             except all select tbl, id, row_hash from delta_current)
-        )"""
+        select tbl, id from delta_current where k in (select k from delta_changed_keys)
+        union select tbl, id from {ROWS_TABLE} where k in (select k from delta_changed_keys)"""
     )
     row = con.execute(f"select count(*) from {CHANGED}").fetchone()
     return int(row[0]) if row else 0
