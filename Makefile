@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install demo test test-fast lint format bench bench-smoke bench-webhooks soak notebooks clean
+.PHONY: install demo test test-fast lint format bench bench-smoke bench-delta bench-webhooks soak notebooks clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ format: install
 bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.webhook_bench
+	$(BIN)/python -m bench.delta_bench
+
+bench-delta: install
+	$(BIN)/python -m bench.delta_bench
 
 bench-webhooks: install
 	$(BIN)/python -m bench.webhook_bench

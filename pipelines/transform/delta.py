@@ -40,7 +40,6 @@ KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_unti
 moves results only through the time facts `plan_delta` touches."""
 _GRAIN = re.compile(r"^(\w+)(?:\s+by\s+(\w+))?$")
 _SCOPE = "delta_scope_"
-_EVERY_OBJECTS = "delta_every_objects"
 _SCOPE_OBJECTS = "delta_scope_objects"
 
 _KEY_COLUMNS = {
@@ -53,17 +52,15 @@ _KEY_COLUMNS = {
 
 def _key_predicate(grain: str, column: str) -> str:
     """SQL: the row's key is one of the touched keys of its grain."""
-    a = SCHEMA
     if grain == "customer":
         return in_touched(column)
     if grain == "subscription":
-        return in_scope(
-            column, f"{_SCOPE}stg_subscriptions", "subscription_id", f"{a}.stg_subscriptions"
-        )
+        scoped = f"{_SCOPE}stg_subscriptions"
+        return in_scope(column, scoped, "subscription_id", "delta_every_subscriptions")
     if grain == "dispute":
-        return in_scope(column, f"{_SCOPE}stg_disputes", "dispute_id", f"{a}.stg_disputes")
+        return in_scope(column, f"{_SCOPE}stg_disputes", "dispute_id", "delta_every_disputes")
     if grain == "ledger_object":
-        return in_scope(column, _SCOPE_OBJECTS, "object_id", _EVERY_OBJECTS)
+        return in_scope(column, _SCOPE_OBJECTS, "object_id", "delta_every_objects")
     raise ValueError(f"no key predicate for grain {grain!r}")
 
 
@@ -141,13 +138,26 @@ def forget_state(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"drop table if exists {STATE_TABLE}")
 
 
+_SCOPE_IDS = f"""select 'customers' as tbl, customer_id as id from {_SCOPE}stg_customers
+    union all select 'payments', payment_id from {_SCOPE}stg_payments
+    union all select 'subscriptions', subscription_id from {_SCOPE}stg_subscriptions
+    union all select 'refunds', refund_id from {_SCOPE}stg_refunds
+    union all select 'disputes', dispute_id from {_SCOPE}stg_disputes
+    union all select 'dispute_history', dispute_id from {_SCOPE}stg_dispute_history
+    union all select 'subscription_history', subscription_id from {_SCOPE}stg_subscription_history
+    union all select 'balance_ledger', ledger_entry_id from {_SCOPE}stg_balance_ledger
+    union all select 'forgotten_customers', customer_id from {SCHEMA}.source_forgotten_customers()
+        where {in_touched("customer_id")}"""
+"""(tbl, id) of every raw entity in this delta build's scope (the touched customers')."""
+
+
 def remember_state(con: duckdb.DuckDBPyConnection, fingerprint: str, full: bool) -> None:
     """After a clean build: snapshot the raw data (in full after a full build) and keep the
     fingerprint the snapshot belongs to."""
     if full or not touched.has_snapshot(con):
         touched.write_snapshot(con)
     else:
-        touched.update_snapshot(con)
+        touched.update_snapshot(con, _SCOPE_IDS)
     con.execute(f"create or replace table {STATE_TABLE} (fingerprint varchar)")
     con.execute(f"insert into {STATE_TABLE} values (?)", [fingerprint])
 
@@ -196,36 +206,69 @@ def plan_delta(
     return plan
 
 
+_EVERY = {
+    "payments": ("payment_id", f"select payment_id from {SCHEMA}.stg_payments"),
+    "subscriptions": ("subscription_id", f"select subscription_id from {SCHEMA}.stg_subscriptions"),
+    "disputes": ("dispute_id", f"select dispute_id from {SCHEMA}.stg_disputes"),
+    "objects": (
+        "object_id",
+        f"select payment_id from {SCHEMA}.stg_payments "
+        f"union all select refund_id from {SCHEMA}.stg_refunds",
+    ),
+}
+"""Every id of each kind (temp tables `delta_every_<kind>`): an id outside them is an orphan."""
+
+_RAW_SCOPES: tuple[tuple[str, str], ...] = (
+    ("stg_customers", in_touched("customer_id")),
+    ("stg_payments", in_touched("customer_id")),
+    ("stg_subscriptions", in_touched("customer_id")),
+    (
+        "stg_refunds",
+        in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
+    ),
+    (
+        "stg_disputes",
+        in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
+    ),
+    ("stg_subscription_history", _key_predicate("subscription", "subscription_id")),
+    ("stg_dispute_history", _key_predicate("dispute", "dispute_id")),
+    ("stg_balance_ledger", _key_predicate("ledger_object", "reference_object_id")),
+)
+"""The staging relations read from raw, narrowed to the touched customers' rows (in order: a
+later one reads the earlier ones); materialized as temp tables, refreshed when more customers
+are touched (`refresh_scopes`)."""
+
+
+def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
+    """(Re)materialize the narrowed staging relations for the current touched customers."""
+    for name, predicate in _RAW_SCOPES:
+        con.execute(
+            f"create or replace temp table {_SCOPE}{name} as "
+            f"select * from {SCHEMA}.{name} where {predicate}"
+        )
+        if name == "stg_disputes":  # the objects come before the ledger that reads them
+            con.execute(
+                f"create or replace temp table {_SCOPE_OBJECTS} as "
+                f"select payment_id as object_id from {_SCOPE}stg_payments "
+                f"union all select refund_id from {_SCOPE}stg_refunds"
+            )
+
+
 def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:
-    """Create the temp views that narrow each input to the touched customers' rows; return
-    model name -> view name for the references to rewrite."""
-    a = SCHEMA
-    scopes: dict[str, str] = {}
+    """Create the relations that narrow each input to the touched customers' rows; return
+    model name -> relation name for the references to rewrite."""
+    for kind, (column, query) in _EVERY.items():
+        con.execute(f"create or replace temp table delta_every_{kind}({column}) as {query}")
+    refresh_scopes(con)
+    scopes = {name: f"{_SCOPE}{name}" for name, _ in _RAW_SCOPES}
 
     def scope(name: str, predicate: str) -> None:
         con.execute(
             f"create or replace temp view {_SCOPE}{name} as "
-            f"select * from {a}.{name} where {predicate}"
+            f"select * from {SCHEMA}.{name} where {predicate}"
         )
         scopes[name] = f"{_SCOPE}{name}"
 
-    for name in ("stg_customers", "stg_payments", "stg_subscriptions"):
-        scope(name, in_touched("customer_id"))
-    for name in ("stg_refunds", "stg_disputes"):
-        scope(
-            name,
-            in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", f"{a}.stg_payments"),
-        )
-    con.execute(
-        f"create or replace temp view {_SCOPE_OBJECTS} as "
-        f"select payment_id as object_id from {_SCOPE}stg_payments "
-        f"union all select refund_id from {_SCOPE}stg_refunds"
-    )
-    con.execute(
-        f"create or replace temp view {_EVERY_OBJECTS} as "
-        f"select payment_id as object_id from {a}.stg_payments "
-        f"union all select refund_id from {a}.stg_refunds"
-    )
     for name, (grain, column) in _INPUT_SCOPES.items():
         if name not in scopes:
             scope(name, _key_predicate(grain, column))

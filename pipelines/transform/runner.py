@@ -497,6 +497,7 @@ class _DeltaBuilder:
     def __init__(self, con: duckdb.DuckDBPyConnection, models: list[Model]) -> None:
         self.con = con
         self.models = models
+        touched.close_over_subscriptions(con)
         self.scopes = delta.open_scopes(con, models)
         self.full: set[str] = set()
         """Models rebuilt in full whose changes cannot be told by customer."""
@@ -506,7 +507,11 @@ class _DeltaBuilder:
             for dep in m.depends_on:
                 self.readers.setdefault(dep, set()).add(m.name)
         delta.snapshot_quarantined_users(con)
-        touched.close_over_subscriptions(con)
+
+    def _widened(self, before: int) -> None:
+        """More customers were touched: narrow the inputs again."""
+        if touched.count_touched(self.con) != before:
+            delta.refresh_scopes(self.con)
 
     def _has_keyed_readers(self, name: str) -> bool:
         return any(
@@ -521,7 +526,9 @@ class _DeltaBuilder:
         if model.name == "int_ledger_by_object":
             delta.snapshot_rates(con)
         if model.name == "identify_outbox":
+            before = touched.count_touched(con)
             delta.touch_quarantine_changes(con)
+            self._widened(before)
         if model.materialized == "view":
             return
         grain = delta.model_grain(model)
@@ -535,15 +542,19 @@ class _DeltaBuilder:
                 f"create or replace temp table delta_previous as select * from {SCHEMA}.{model.name}"
             )
         _build(con, model)
+        before = touched.count_touched(con)
         if watch and not delta.touch_global_changes(con, model, "delta_previous"):
             self.full.add(model.name)
+        self._widened(before)
 
     def after(self, model: Model) -> None:
         """Lineage steps once `model` is built (before the models that read it)."""
+        before = touched.count_touched(self.con)
         if model.name == "stg_payment_subscriptions":
             touched.close_over_subscriptions(self.con)
         elif model.name == "int_ledger_by_object":
             delta.touch_rate_changes(self.con)
+        self._widened(before)
 
 
 def _config_fingerprint(sql_dir: Path, event_catalog: str, extra: str) -> str:

@@ -26,12 +26,16 @@ SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 RAW = dodo_contract.RAW_DATASET
 ROWS_TABLE = f"{SCHEMA}._delta_rows"
 OWNERS_TABLE = f"{SCHEMA}._delta_owners"
+MARKS_TABLE = f"{SCHEMA}._delta_marks"
+"""Per raw table: the newest load time at the snapshot (`mark`), its row count and key sum."""
+LOAD_TIME_COLUMNS = (dodo_contract.SYNCED_AT_COLUMN, "observed_at", "forgotten_at")
+"""The column telling when a raw row was written, by preference (history rows: observed_at)."""
 TOUCHED = "delta_touched"
 """Temp table (customer_id) of this run's touched customers; NULL = rows without a customer."""
 CHANGED = "delta_changed"
 """Temp table (tbl, id) of the raw entities whose rows changed since the last build."""
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 """Part of the delta state's fingerprint: a snapshot of another format is never compared."""
 
 ENTITY_KEYS: dict[str, str] = {
@@ -61,41 +65,53 @@ def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
     )
 
 
-def _owner_branches(where: str) -> str:
-    """The owners of the current raw entities (tbl, id, ref, owner); `where` filters each
-    branch on its columns `tbl`, `id` and `owner`."""
+def _owner_branches(ids: str | None) -> str:
+    """The owners (tbl, id, ref, owner) of the current raw entities: all of them, or those whose
+    (tbl, id) is in the relation `ids` (filtered before the joins)."""
     a = SCHEMA
+
+    def only(tbl: str, column: str) -> str:
+        if ids is None:
+            return ""
+        return f" where {column} in (select id from {ids} where tbl = '{tbl}')"
+
     branches = [
         f"select 'customers' as tbl, customer_id as id, null::varchar as ref, customer_id as owner"
-        f" from {a}.stg_customers",
+        f" from {a}.stg_customers{only('customers', 'customer_id')}",
         f"select 'forgotten_customers', customer_id, null, customer_id"
-        f" from {a}.source_forgotten_customers()",
-        f"select 'payments', payment_id, null, customer_id from {a}.stg_payments",
+        f" from {a}.source_forgotten_customers(){only('forgotten_customers', 'customer_id')}",
+        f"select 'payments', payment_id, null, customer_id from {a}.stg_payments"
+        f"{only('payments', 'payment_id')}",
         f"select 'payments', p.payment_id, s.subscription_id, s.customer_id from ("
         f"select payment_id, unnest(list_distinct(list_filter("
         f"coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
-        f" from {a}.stg_payments) as p"
+        f" from {a}.stg_payments{only('payments', 'payment_id')}) as p"
         f" join {a}.stg_subscriptions as s on s.subscription_id = p.sid",
-        f"select 'subscriptions', subscription_id, null, customer_id from {a}.stg_subscriptions",
-        f"select 'refunds', r.refund_id, r.payment_id, p.customer_id from {a}.stg_refunds as r"
+        f"select 'subscriptions', subscription_id, null, customer_id from {a}.stg_subscriptions"
+        f"{only('subscriptions', 'subscription_id')}",
+        f"select 'refunds', r.refund_id, r.payment_id, p.customer_id from (select * from"
+        f" {a}.stg_refunds{only('refunds', 'refund_id')}) as r"
         f" left join {a}.stg_payments as p on p.payment_id = r.payment_id",
-        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id from {a}.stg_disputes as d"
+        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id from (select * from"
+        f" {a}.stg_disputes{only('disputes', 'dispute_id')}) as d"
         f" left join {a}.stg_payments as p on p.payment_id = d.payment_id",
         f"select distinct 'dispute_history', h.dispute_id, h.dispute_id, p.customer_id"
-        f" from {a}.stg_dispute_history as h"
-        f" left join {a}.stg_disputes as d on d.dispute_id = h.dispute_id"
+        f" from (select * from {a}.stg_dispute_history{only('dispute_history', 'dispute_id')})"
+        f" as h left join {a}.stg_disputes as d on d.dispute_id = h.dispute_id"
         f" left join {a}.stg_payments as p on p.payment_id = d.payment_id",
         f"select distinct 'subscription_history', h.subscription_id, h.subscription_id,"
-        f" s.customer_id from {a}.stg_subscription_history as h"
+        f" s.customer_id from (select * from {a}.stg_subscription_history"
+        f"{only('subscription_history', 'subscription_id')}) as h"
         f" left join {a}.stg_subscriptions as s on s.subscription_id = h.subscription_id",
         f"select 'balance_ledger', l.ledger_entry_id, l.reference_object_id,"
-        f" coalesce(p.customer_id, rp.customer_id) from {a}.stg_balance_ledger as l"
+        f" coalesce(p.customer_id, rp.customer_id) from (select * from {a}.stg_balance_ledger"
+        f"{only('balance_ledger', 'ledger_entry_id')}) as l"
         f" left join {a}.stg_payments as p on p.payment_id = l.reference_object_id"
         f" left join {a}.stg_refunds as r on r.refund_id = l.reference_object_id"
         f" left join {a}.stg_payments as rp on rp.payment_id = r.payment_id",
     ]
     return "\nunion all\n".join(
-        f"select * from ({b}) as branch(tbl, id, ref, owner) where {where}" for b in branches
+        f"select * from ({b}) as branch(tbl, id, ref, owner)" for b in branches
     )
 
 
@@ -113,58 +129,140 @@ def raw_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
     return columns
 
 
+def _rows_sql(table: str, names: list[str], where: str = "") -> str:
+    """(tbl, id, k) of a raw table's rows: k hashes the table, the entity id and the row's
+    content (one 64-bit key per row, so comparing two snapshots compares integers)."""
+    content = ", ".join(f'"{n}"' for n in names)
+    return (
+        f"select '{table}' as tbl, cast(\"{ENTITY_KEYS[table]}\" as varchar) as id, "
+        f'hash(\'{table}\', {content}) as k from "{RAW}"."{table}"{where}'
+    )
+
+
 def _current_rows_sql(columns: dict[str, list[str]]) -> str:
-    """(tbl, id, k) of every raw row: k hashes the table, the entity id and the row's content
-    (one 64-bit key per row, so comparing two snapshots compares integers)."""
-    parts = []
-    for table, names in sorted(columns.items()):
-        content = ", ".join(f'"{n}"' for n in names)
-        parts.append(
-            f"select '{table}' as tbl, cast(\"{ENTITY_KEYS[table]}\" as varchar) as id, "
-            f'hash(\'{table}\', {content}) as k from "{RAW}"."{table}"'
+    """(tbl, id, k) of every raw row."""
+    return "\nunion all\n".join(_rows_sql(t, n) for t, n in sorted(columns.items()))
+
+
+def _load_time_column(con: duckdb.DuckDBPyConnection, table: str) -> str | None:
+    names = {
+        r[0]
+        for r in con.execute(
+            "select column_name from information_schema.columns "
+            "where table_schema = ? and table_name = ?",
+            [RAW, table],
+        ).fetchall()
+    }
+    return next((c for c in LOAD_TIME_COLUMNS if c in names), None)
+
+
+def _write_marks(con: duckdb.DuckDBPyConnection, columns: dict[str, list[str]]) -> None:
+    """Per raw table: the newest load time, and the row count and key sum of the snapshot."""
+    con.execute(
+        f"create or replace table {MARKS_TABLE} "
+        "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
+    )
+    for table in sorted(columns):
+        column = _load_time_column(con, table)
+        mark = f'max("{column}")' if column else "null::timestamptz"
+        con.execute(
+            f'insert into {MARKS_TABLE} select ?, (select {mark} from "{RAW}"."{table}"), '
+            f"count(*), coalesce(sum(k::hugeint), 0) from {ROWS_TABLE} where tbl = ?",
+            [table, table],
         )
-    return "\nunion all\n".join(parts)
 
 
 def has_snapshot(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the last build left a snapshot to compare with."""
     found = con.execute(
         "select count(*) from information_schema.tables where table_schema = ? "
-        "and table_name in ('_delta_rows', '_delta_owners')",
+        "and table_name in ('_delta_rows', '_delta_owners', '_delta_marks')",
         [SCHEMA],
     ).fetchone()
-    return bool(found and found[0] == 2)
+    return bool(found and found[0] == 3)
 
 
 def drop_snapshot(con: duckdb.DuckDBPyConnection) -> None:
     """Forget the snapshot (the next run then builds in full)."""
     con.execute(f"drop table if exists {ROWS_TABLE}")
     con.execute(f"drop table if exists {OWNERS_TABLE}")
+    con.execute(f"drop table if exists {MARKS_TABLE}")
 
 
 def write_snapshot(con: duckdb.DuckDBPyConnection) -> None:
     """Snapshot every raw row (hash) and every entity's owners, after a full build."""
     columns = raw_columns(con)
     con.execute(f"create or replace table {ROWS_TABLE} as {_current_rows_sql(columns)}")
-    con.execute(f"create or replace table {OWNERS_TABLE} as {_owner_branches('true')}")
+    con.execute(f"create or replace table {OWNERS_TABLE} as {_owner_branches(None)}")
+    _write_marks(con, columns)
 
 
 def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     """Fill the temp table `delta_changed` (tbl, id) with the raw entities whose rows differ
-    from the snapshot (added, changed or deleted rows); return how many there are."""
+    from the snapshot (added, changed or deleted rows); return how many there are.
+
+    Per table, the rows written since the snapshot's newest load time are the candidates; when
+    every other row still sums to the snapshot's (count and key sum of the rows of the other
+    ids), only the candidates' ids are compared row by row, else the whole table is."""
     columns = raw_columns(con)
-    con.execute(f"create or replace temp table delta_current as {_current_rows_sql(columns)}")
-    con.execute(
-        f"""create or replace temp table delta_changed_keys as
-        (select k from delta_current except all select k from {ROWS_TABLE})
-        union all
-        (select k from {ROWS_TABLE} except all select k from delta_current)"""
-    )
-    con.execute(
-        f"""create or replace temp table {CHANGED} as
-        select tbl, id from delta_current where k in (select k from delta_changed_keys)
-        union select tbl, id from {ROWS_TABLE} where k in (select k from delta_changed_keys)"""
-    )
+    marks = {
+        r[0]: r[1:]
+        for r in con.execute(f"select tbl, mark, rows, k_sum from {MARKS_TABLE}").fetchall()
+    }
+    con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
+    con.execute(f"create or replace temp table {CHANGED} (tbl varchar, id varchar)")
+    for table, names in sorted(columns.items()):
+        column = _load_time_column(con, table)
+        mark, rows, k_sum = marks.get(table, (None, None, None))
+        narrowed = False
+        if column and mark is not None and rows is not None:
+            key = ENTITY_KEYS[table]
+            con.execute(
+                f"create or replace temp table delta_candidates as select distinct "
+                f'cast("{key}" as varchar) as id from "{RAW}"."{table}" where "{column}" >= ?',
+                [mark],
+            )
+            con.execute(
+                "create or replace temp table delta_table_rows as "
+                f"select * from ({_rows_sql(table, names)}) "
+                "where id in (select id from delta_candidates)"
+            )
+            total = con.execute(
+                f"select count(*), coalesce(sum(k::hugeint), 0) from ({_rows_sql(table, names)})"
+            ).fetchone()
+            part = con.execute(
+                "select count(*), coalesce(sum(k::hugeint), 0) from delta_table_rows"
+            ).fetchone()
+            old_part = con.execute(
+                f"select count(*), coalesce(sum(k::hugeint), 0) from {ROWS_TABLE} "
+                "where tbl = ? and id in (select id from delta_candidates)",
+                [table],
+            ).fetchone()
+            assert total and part and old_part
+            narrowed = (total[0] - part[0], total[1] - part[1]) == (
+                rows - old_part[0],
+                k_sum - old_part[1],
+            )
+        old = f"select k from {ROWS_TABLE} where tbl = $tbl"
+        if narrowed:
+            old += " and id in (select id from delta_candidates)"
+            con.execute("insert into delta_current select * from delta_table_rows")
+        else:
+            con.execute(f"insert into delta_current {_rows_sql(table, names)}")
+        current = "select k from delta_current where tbl = $tbl"
+        con.execute(
+            f"""create or replace temp table delta_changed_keys as
+            ({current} except all {old}) union all ({old} except all {current})""",
+            {"tbl": table},
+        )
+        con.execute(
+            f"""insert into {CHANGED}
+            select tbl, id from delta_current
+                where tbl = $tbl and k in (select k from delta_changed_keys)
+            union select tbl, id from {ROWS_TABLE}
+                where tbl = $tbl and k in (select k from delta_changed_keys)""",
+            {"tbl": table},
+        )
     row = con.execute(f"select count(*) from {CHANGED}").fetchone()
     return int(row[0]) if row else 0
 
@@ -188,7 +286,7 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
             where ref in (select id from hop1)
         ),
         new_direct as (
-            {_owner_branches(changed)}
+            {_owner_branches(CHANGED)}
         ),
         products as (
             select customer_id as owner from {SCHEMA}.stg_subscriptions
@@ -243,14 +341,22 @@ def close_over_subscriptions(con: duckdb.DuckDBPyConnection) -> None:
         pass
 
 
-def update_snapshot(con: duckdb.DuckDBPyConnection) -> None:
-    """After a delta build: the changed rows' hashes, and the owners of the changed entities and
-    of every entity of a touched customer (an owner may have moved with a parent)."""
+def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
+    """After a delta build: the changed rows' hashes, and the owners of the changed entities,
+    of those the snapshot gave a touched customer, and of those in the build's scope
+    (`scope_ids`: (tbl, id) of every entity of a touched customer); an entity's owner moves
+    only with it or with a parent, whose old and new owners were touched."""
     changed = f"(tbl, id) in (select tbl, id from {CHANGED})"
     con.execute(f"delete from {ROWS_TABLE} where {changed}")
     con.execute(f"insert into {ROWS_TABLE} select * from delta_current where {changed}")
-    con.execute(f"delete from {OWNERS_TABLE} where {changed} or {in_touched('owner')}")
     con.execute(
-        f"insert into {OWNERS_TABLE} select * from ({_owner_branches('true')}) "
-        f"where {changed} or {in_touched('owner')}"
+        f"""create or replace temp table delta_refresh as
+        select tbl, id from {CHANGED}
+        union select tbl, id from {OWNERS_TABLE} where {in_touched("owner")}
+        union select tbl, id from ({scope_ids})"""
     )
+    con.execute(
+        f"delete from {OWNERS_TABLE} where (tbl, id) in (select tbl, id from delta_refresh)"
+    )
+    con.execute(f"insert into {OWNERS_TABLE} {_owner_branches('delta_refresh')}")
+    _write_marks(con, raw_columns(con))
