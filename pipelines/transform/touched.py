@@ -144,16 +144,19 @@ def _current_rows_sql(columns: dict[str, list[str]]) -> str:
     return "\nunion all\n".join(_rows_sql(t, n) for t, n in sorted(columns.items()))
 
 
-def _load_time_column(con: duckdb.DuckDBPyConnection, table: str) -> str | None:
-    names = {
-        r[0]
-        for r in con.execute(
-            "select column_name from information_schema.columns "
-            "where table_schema = ? and table_name = ?",
-            [RAW, table],
-        ).fetchall()
+def _load_time_columns(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Per raw table, the column telling when a row was written (LOAD_TIME_COLUMNS)."""
+    found: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "select table_name, column_name from information_schema.columns where table_schema = ?",
+        [RAW],
+    ).fetchall():
+        found.setdefault(table, set()).add(column)
+    return {
+        table: next(c for c in LOAD_TIME_COLUMNS if c in names)
+        for table, names in found.items()
+        if any(c in names for c in LOAD_TIME_COLUMNS)
     }
-    return next((c for c in LOAD_TIME_COLUMNS if c in names), None)
 
 
 def _write_marks(con: duckdb.DuckDBPyConnection, columns: dict[str, list[str]]) -> None:
@@ -162,8 +165,9 @@ def _write_marks(con: duckdb.DuckDBPyConnection, columns: dict[str, list[str]]) 
         f"create or replace table {MARKS_TABLE} "
         "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
     )
+    load_times = _load_time_columns(con)
     for table in sorted(columns):
-        column = _load_time_column(con, table)
+        column = load_times.get(table)
         mark = f'max("{column}")' if column else "null::timestamptz"
         con.execute(
             f'insert into {MARKS_TABLE} select ?, (select {mark} from "{RAW}"."{table}"), '
@@ -201,7 +205,7 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     """Fill the temp table `delta_changed` (tbl, id) with the raw entities whose rows differ
     from the snapshot (added, changed or deleted rows); return how many there are.
 
-    Per table, the rows written since the snapshot's newest load time are the candidates; when
+    Per table, the rows written after the snapshot's newest load time are the candidates; when
     every other row still sums to the snapshot's (count and key sum of the rows of the other
     ids), only the candidates' ids are compared row by row, else the whole table is."""
     columns = raw_columns(con)
@@ -211,15 +215,16 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     }
     con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
     con.execute(f"create or replace temp table {CHANGED} (tbl varchar, id varchar)")
+    load_times = _load_time_columns(con)
     for table, names in sorted(columns.items()):
-        column = _load_time_column(con, table)
+        column = load_times.get(table)
         mark, rows, k_sum = marks.get(table, (None, None, None))
         narrowed = False
         if column and mark is not None and rows is not None:
             key = ENTITY_KEYS[table]
             con.execute(
                 f"create or replace temp table delta_candidates as select distinct "
-                f'cast("{key}" as varchar) as id from "{RAW}"."{table}" where "{column}" >= ?',
+                f'cast("{key}" as varchar) as id from "{RAW}"."{table}" where "{column}" > ?',
                 [mark],
             )
             con.execute(
