@@ -209,8 +209,8 @@ REVIEWED_INTERPOLATIONS = {
     # names (dlt's snake_case, [a-z0-9_] only) and analytics table names (model file names);
     # timestamps and customer ids are parameters or rows of temp tables
     "pipelines/transform/delta.py": {
-        "a",
         "as_of_sql",
+        "column",
         "current",
         "in_touched('customer_id')",
         "month",
@@ -239,6 +239,7 @@ REVIEWED_INTERPOLATIONS = {
         "in_touched('owner')",
         "key",
         "mark",
+        "newest",
         "only('balance_ledger', 'ledger_entry_id')",
         "only('customers', 'customer_id')",
         "only('dispute_history', 'dispute_id')",

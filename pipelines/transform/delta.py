@@ -239,8 +239,19 @@ later one reads the earlier ones); materialized as temp tables, refreshed when m
 are touched (`refresh_scopes`)."""
 
 
+def _fill_every(con: duckdb.DuckDBPyConnection) -> None:
+    """The `delta_every_<kind>` tables: full when rows without a customer (NULL) are touched
+    (their orphans are then in scope), else empty (no predicate reads them then)."""
+    row = con.execute(f"select count(*) from {TOUCHED} where customer_id is null").fetchone()
+    full = bool(row and row[0])
+    for kind, (column, query) in _EVERY.items():
+        body = query if full else f"select null::varchar as {column} where false"
+        con.execute(f"create or replace temp table delta_every_{kind}({column}) as {body}")
+
+
 def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
     """(Re)materialize the narrowed staging relations for the current touched customers."""
+    _fill_every(con)
     for name, predicate in _RAW_SCOPES:
         con.execute(
             f"create or replace temp table {_SCOPE}{name} as "
@@ -257,8 +268,6 @@ def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
 def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:
     """Create the relations that narrow each input to the touched customers' rows; return
     model name -> relation name for the references to rewrite."""
-    for kind, (column, query) in _EVERY.items():
-        con.execute(f"create or replace temp table delta_every_{kind}({column}) as {query}")
     refresh_scopes(con)
     scopes = {name: f"{_SCOPE}{name}" for name, _ in _RAW_SCOPES}
 

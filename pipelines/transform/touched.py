@@ -216,9 +216,17 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
     con.execute(f"create or replace temp table {CHANGED} (tbl varchar, id varchar)")
     load_times = _load_time_columns(con)
+    new_marks = []
     for table, names in sorted(columns.items()):
         column = load_times.get(table)
         mark, rows, k_sum = marks.get(table, (None, None, None))
+        newest = f'(select max("{column}") from "{RAW}"."{table}")' if column else "null"
+        total = con.execute(
+            f"select count(*), coalesce(sum(k::hugeint), 0), {newest}::timestamptz "
+            f"from ({_rows_sql(table, names)})"
+        ).fetchone()
+        assert total is not None
+        new_marks.append((table, total[2], total[0], total[1]))
         narrowed = False
         if column and mark is not None and rows is not None:
             key = ENTITY_KEYS[table]
@@ -232,9 +240,6 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
                 f"select * from ({_rows_sql(table, names)}) "
                 "where id in (select id from delta_candidates)"
             )
-            total = con.execute(
-                f"select count(*), coalesce(sum(k::hugeint), 0) from ({_rows_sql(table, names)})"
-            ).fetchone()
             part = con.execute(
                 "select count(*), coalesce(sum(k::hugeint), 0) from delta_table_rows"
             ).fetchone()
@@ -243,7 +248,7 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
                 "where tbl = ? and id in (select id from delta_candidates)",
                 [table],
             ).fetchone()
-            assert total and part and old_part
+            assert part and old_part
             narrowed = (total[0] - part[0], total[1] - part[1]) == (
                 rows - old_part[0],
                 k_sum - old_part[1],
@@ -268,6 +273,11 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
                 where tbl = $tbl and k in (select k from delta_changed_keys)""",
             {"tbl": table},
         )
+    con.execute(
+        "create or replace temp table delta_new_marks "
+        "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
+    )
+    con.executemany("insert into delta_new_marks values (?, ?, ?, ?)", new_marks)
     row = con.execute(f"select count(*) from {CHANGED}").fetchone()
     return int(row[0]) if row else 0
 
@@ -364,4 +374,5 @@ def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
         f"delete from {OWNERS_TABLE} where (tbl, id) in (select tbl, id from delta_refresh)"
     )
     con.execute(f"insert into {OWNERS_TABLE} {_owner_branches('delta_refresh')}")
-    _write_marks(con, raw_columns(con))
+    # the snapshot now holds exactly the current raw rows: their totals, taken by find_changes
+    con.execute(f"create or replace table {MARKS_TABLE} as select * from delta_new_marks")
