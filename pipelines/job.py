@@ -364,6 +364,7 @@ def _full_build(config: AppConfig, con: duckdb.DuckDBPyConnection, incremental: 
     run_models(
         con,
         event_catalog=config.segment.event_catalog,
+        skip_unchanged=incremental and config.skip_unchanged_models,
         user_paths=user.paths,
         skip_events=user.skip_events,
         rename_events=user.rename_events,

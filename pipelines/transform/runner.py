@@ -640,13 +640,17 @@ def _nothing_changed(
     that was clean: the build is kept and only `int_as_of` brought forward."""
     if not plan.delta or plan.changed or plan.touched or AS_OF_MODEL not in by_name:
         return False
-    try:
-        row = con.execute(
-            f"select fingerprint = ? and valid_until is not null from {BUILD_STATE_TABLE}",
-            [fingerprint],
-        ).fetchone()
-    except duckdb.Error:
+    # no failing query here: it would abort the delta build's transaction
+    exists = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+        [SCHEMA, BUILD_STATE_TABLE.split(".")[-1]],
+    ).fetchone()
+    if not exists or not exists[0]:
         return False
+    row = con.execute(
+        f"select fingerprint = ? and valid_until is not null from {BUILD_STATE_TABLE}",
+        [fingerprint],
+    ).fetchone()
     if not row or not row[0]:
         return False
     _build(con, by_name[AS_OF_MODEL])
