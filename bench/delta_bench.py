@@ -40,19 +40,30 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench_api_key"
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def probe(db: str, mode: str, crossover: float | None) -> dict[str, Any]:
     """One build of the models in this process: wall seconds, peak RSS, what was built."""
-    if crossover is not None:
-        delta.CROSSOVER = crossover
     with duckdb.connect() as warm:  # load DuckDB's extensions (json, ICU) as a job has by then
         warm.execute("set TimeZone = 'UTC'; select json_object('a', 1), now()::date")
     t0 = time.perf_counter()
     with duckdb.connect(db) as con:
         con.execute("set memory_limit = ?", [DEFAULT_MEMORY_LIMIT])  # the job's default
-        result = run_models(con, skip_unchanged=mode != "full", incremental=mode != "full")
+        result = run_models(
+            con,
+            skip_unchanged=mode != "full",
+            incremental=mode != "full",
+            crossover=delta.CROSSOVER if crossover is None else crossover,
+        )
     return {
         "seconds": round(time.perf_counter() - t0, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": _peak_rss_mb(),
         "build": result.build,
         "reason": result.build_reason,
         "touched": result.touched_customers,

@@ -278,6 +278,7 @@ def run_models(
     rename_events: Sequence[tuple[str, str]] = (),
     on_model: Callable[[str, int, int], None] | None = None,
     incremental: bool = False,
+    crossover: float = delta.CROSSOVER,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -299,7 +300,7 @@ def run_models(
     With `incremental`, a run whose raw data changed rebuilds only the touched customers' rows
     (`pipelines.transform.delta`) when that is possible and cheaper, in one transaction, and
     snapshots the raw data for the next run; without it every build is full and the snapshot is
-    dropped.
+    dropped. Above `crossover` (the share of customers touched) a full build is chosen.
     """
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
@@ -351,7 +352,7 @@ def run_models(
             con.execute("begin transaction")
             in_transaction = True
             as_of_sql = by_name[AS_OF_MODEL].sql if AS_OF_MODEL in by_name else "select null"
-            plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql)
+            plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql, crossover)
             fingerprint = delta_fingerprint
             if skip_unchanged and _nothing_changed(con, plan, fingerprint, by_name):
                 con.execute("commit")
