@@ -347,6 +347,8 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             result.touched_customers,
             report.models_seconds,
         )
+    elif result.build_reason and result.build_reason != "not incremental":
+        log.info("models: built in %.1fs (in full: %s)", report.models_seconds, result.build_reason)
     else:
         log.info("models: built in %.1fs", report.models_seconds)
     if result.emission_blocked:
