@@ -26,6 +26,7 @@ import duckdb
 from pipelines import dodo_contract
 from pipelines.transform import touched
 from pipelines.transform.touched import TOUCHED, in_scope, in_touched
+from pipelines.transform.user_models import EXTENSION_POINTS
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 STATE_TABLE = f"{SCHEMA}._delta_state"
@@ -95,6 +96,7 @@ class Model(Protocol):
     sql: str
     materialized: str
     grain: Grain
+    replaces: bool
 
 
 def parse_grain(declared: str | None) -> Grain:
@@ -179,6 +181,9 @@ def plan_delta(
     if not row or row[0] != fingerprint or not touched.has_snapshot(con):
         return DeltaPlan(False, "models, settings or raw columns changed")
     names = {m.name for m in models}
+    replaced = sorted(m.name for m in models if m.replaces and m.name not in EXTENSION_POINTS)
+    if replaced:  # the lineage and the narrowed inputs are the product models'
+        return DeltaPlan(False, f"product model(s) replaced: {', '.join(replaced)}")
     try:
         old = con.execute(f"select as_of from {SCHEMA}.int_as_of").fetchone()
         new = con.execute(f"select as_of from (\n{as_of_sql}\n)").fetchone()
