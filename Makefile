@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-webhooks bench-report soak notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-report soak notebooks clean
 
 install: $(STAMP)
 
@@ -53,9 +53,13 @@ bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.webhook_bench
 	$(BIN)/python -m bench.report_bench
+	$(BIN)/python -m bench.delta_bench
 
 bench-report: install
 	$(BIN)/python -m bench.report_bench
+
+bench-delta: install
+	$(BIN)/python -m bench.delta_bench
 
 bench-webhooks: install
 	$(BIN)/python -m bench.webhook_bench

@@ -31,6 +31,7 @@ KINDS = (
     "dodo_outage",
     "segment_outage",
     "long_lock",
+    "model_drift",
 )
 """The conditions, each open at most once until it clears."""
 
@@ -182,6 +183,7 @@ _TITLES = {
     "dodo_outage": "the Dodo Payments API was unavailable",
     "segment_outage": "Segment was unavailable",
     "long_lock": "a run has held the lock unusually long",
+    "model_drift": "the models differed from a full build",
 }
 
 
@@ -204,6 +206,7 @@ def run_conditions(
     """
     outcome = run.get("outcome")
     evaluated = {"long_lock"}
+    firing: dict[str, Alert] = {}
     if outcome == "interrupted":
         return {}, evaluated
     stopped_by = run.get("stopped_by")
@@ -215,9 +218,19 @@ def run_conditions(
         evaluated.add("segment_outage")
     if run.get("modelled"):
         evaluated.add("data_test_failed")
+    if run.get("models_verified"):
+        evaluated.add("model_drift")
+        if run.get("models_drift"):
+            firing["model_drift"] = Alert(
+                "model_drift",
+                "dodo-segment: the delta-built models differed from a full build (repaired by "
+                f"a full build): {'; '.join(run['models_drift'])[:500]}",
+                run_id=run.get("run_id"),
+                exit_code=run.get("exit_code"),
+                figures={"drifted_tables": len(run["models_drift"])},
+            )
     base = {"run_id": run.get("run_id"), "exit_code": run.get("exit_code")}
     error = run.get("error")
-    firing: dict[str, Alert] = {}
     if outcome in ("failed", "usage_error") and stopped_by in OUTAGE_KINDS:
         kind = OUTAGE_KINDS[stopped_by]
         service = "the Dodo Payments API" if stopped_by == "dodo" else "Segment"

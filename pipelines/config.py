@@ -217,6 +217,10 @@ class AppConfig:
     """Keep the last clean build of the models when a rebuild would give the same tables (same
     raw data, SQL and catalog; no month, trial or paid period ended since). False: always
     rebuild."""
+    incremental_models: bool = True
+    """A job run rebuilds only the rows of the customers its new raw rows touch (a delta build,
+    equal to a full build) when that is cheaper; False: every build is full (`[models]
+    incremental`)."""
     models: ModelsConfig | None = None
     """The user's own models and which events go out (`[models] paths`, `[events] skip/rename`)."""
     alerts: AlertsConfig = AlertsConfig()
@@ -414,6 +418,7 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         segment=segment,
         memory_limit=_memory_limit(flags),
         skip_unchanged_models=_flag("models.skip_unchanged", flags, True),
+        incremental_models=_flag("models.incremental", flags, True),
         models=models_config(flags),
         alerts=_alerts(flags),
         metrics_textfile=str(lookup("metrics.textfile_path", flags, "") or "") or None,

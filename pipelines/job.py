@@ -13,6 +13,8 @@ from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import duckdb
+
 from pipelines import alerts, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.dodo_contract import RESOURCES
@@ -25,7 +27,13 @@ from pipelines.extract import (
     run_extract,
 )
 from pipelines.logs import Progress, heartbeat, scrub
-from pipelines.transform import ModelError, run_models
+from pipelines.transform import (
+    ModelError,
+    forget_delta_state,
+    record_check,
+    run_models,
+    verify_against_full_build,
+)
 
 log = logging.getLogger("dodo_segment")
 
@@ -92,6 +100,9 @@ class RunReport:
     preview: Any = None
     stopped_by: str | None = None
     """"dodo" or "segment" when an outage of that service stopped the run (for alerts)."""
+    models_verified: bool = False
+    """The deep pass compared the models with a full build (`models_drift` what differed)."""
+    models_drift: list[str] = field(default_factory=list)
 
     def as_row(self) -> dict[str, Any]:
         """The row written to segment_sync.runs."""
@@ -180,6 +191,9 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
             _extract(config, options, report)
         step(step="models")
         blocked = _run_models(config, options, report)
+        if report.extract is not None and report.extract.deep and _incremental(config, options):
+            step(step="verify")
+            _verify_models(config, report)
         if blocked:
             report.outcome, report.exit_code = "data_test_failed", ExitCode.DATA_TEST_FAILED
         elif not options.skip_emit:
@@ -248,6 +262,8 @@ def _alert(config: AppConfig, report: RunReport) -> None:
         "extracted": report.extract is not None,
         "modelled": report.models_seconds is not None,
         "emitted": report.emit_seconds is not None,
+        "models_verified": report.models_verified,
+        "models_drift": report.models_drift,
     }
     try:
         alerts.after_run(config, facts)
@@ -314,6 +330,7 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             rename_events=user.rename_events,
             identity=user.identity,
             on_model=lambda name, done, total: progress("build", done, total, note=name),
+            incremental=_incremental(config, options),
         )
     report.models_seconds = time.monotonic() - t0
     report.quarantined = sum(result.quarantined.values())
@@ -325,11 +342,60 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
         log.error("data test failed: %s", error)
     if result.skipped:
         log.info("models: inputs unchanged and nothing fell due since the last build, kept it")
+    elif result.build == "delta":
+        log.info(
+            "models: delta build of %d touched customer(s) in %.1fs",
+            result.touched_customers,
+            report.models_seconds,
+        )
+    elif result.build_reason and result.build_reason != "not incremental":
+        log.info("models: built in %.1fs (in full: %s)", report.models_seconds, result.build_reason)
     else:
         log.info("models: built in %.1fs", report.models_seconds)
     if result.emission_blocked:
         report.error = "an error-severity data test failed; nothing was emitted"
     return bool(result.emission_blocked)
+
+
+def _incremental(config: AppConfig, options: RunOptions) -> bool:
+    """Whether this run may build the models by delta (`transform` always builds in full)."""
+    return config.incremental_models and options.command != "transform" and not options.dry_run
+
+
+def full_build(config: AppConfig, con: duckdb.DuckDBPyConnection, incremental: bool) -> None:
+    """Build every model in full with the configuration's catalog, user models and rules
+    (`incremental`: and keep the delta snapshot for the runs after it)."""
+    user = config.models or ModelsConfig()
+    run_models(
+        con,
+        event_catalog=config.segment.event_catalog,
+        skip_unchanged=incremental and config.skip_unchanged_models,
+        user_paths=user.paths,
+        skip_events=user.skip_events,
+        rename_events=user.rename_events,
+        identity=user.identity,
+        incremental=incremental,
+    )
+
+
+def _verify_models(config: AppConfig, report: RunReport) -> None:
+    """The deep pass: compare the models with a full build of a scratch copy; on drift, repair
+    the warehouse with a full build (which also renews the delta snapshot) and say so."""
+    t0 = time.monotonic()
+    drifts = verify_against_full_build(
+        config.warehouse_path, lambda con: full_build(config, con, incremental=False)
+    )
+    report.models_verified = True
+    report.models_drift = [str(d) for d in drifts]
+    with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
+        if drifts:
+            for drift in drifts:
+                log.error("models drifted from a full build: %s", drift)
+            forget_delta_state(con)
+            full_build(config, con, incremental=True)
+            log.warning("models: rebuilt in full to repair the drift")
+        record_check(con, report.run_id, drifts, repaired=bool(drifts))
+    log.info("models: verified against a full build in %.1fs", time.monotonic() - t0)
 
 
 def emit_settings(config: AppConfig) -> Any:

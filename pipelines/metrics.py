@@ -116,6 +116,7 @@ def figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "steps_total": steps_total,
         "steps_last": steps_last,
         "identity": identity_figures(con),
+        "model_check": _last_model_check(con),
     }
 
 
@@ -155,6 +156,17 @@ def identity_figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "claimed_by_different_emails": claimed,
         "groups": row[4],
     }
+
+
+def _last_model_check(con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+    """The deep pass's latest comparison of the models with a full build (model_checks)."""
+    if not _has_table(con, "model_checks"):
+        return None
+    row = con.execute(
+        f"select checked_at, drifted_tables from {SYNC_SCHEMA}.model_checks "
+        "order by checked_at desc limit 1"
+    ).fetchone()
+    return {"checked_at": row[0], "drifted_tables": row[1]} if row else None
 
 
 class _Snapshot:
@@ -215,6 +227,18 @@ class _Snapshot:
             ):
                 if value is not None:
                     yield GaugeMetricFamily(f"dodo_segment_{name}", text, value=value)
+        check = found.get("model_check")
+        if check:
+            yield GaugeMetricFamily(
+                "dodo_segment_models_drifted_tables",
+                "Analytics tables that differed from a full build at the last verification",
+                value=check["drifted_tables"],
+            )
+            yield GaugeMetricFamily(
+                "dodo_segment_models_verified_timestamp_seconds",
+                "When the deep pass last compared the models with a full build",
+                value=_epoch(check["checked_at"]),
+            )
         yield from self._counters()
 
     def _counters(self) -> Iterator[Metric]:

@@ -208,6 +208,59 @@ REVIEWED_INTERPOLATIONS = {
         "qualified",
         "where",
     },  # fmt: skip
+    # issue 21, delta build: model names and SQL from the repo's/user's .sql files, the grain's
+    # key column (a model header), code-built predicates and clauses, dodo_raw table and column
+    # names (dlt's snake_case, [a-z0-9_] only) and analytics table names (model file names);
+    # timestamps and customer ids are parameters or rows of temp tables
+    "pipelines/transform/delta.py": {
+        "as_of_sql",
+        "column",
+        "current",
+        "in_touched('customer_id')",
+        "month",
+        "name",
+        "predicate",
+        "previous",
+        "scoped_sql(model, scopes)",
+        "table",
+    },  # fmt: skip
+    "pipelines/transform/touched.py": {
+        "ENTITY_KEYS[table]",
+        "_current_rows_sql(columns)",
+        "_owner_branches('delta_refresh')",
+        "_owner_branches(CHANGED)",
+        "_owner_branches(None)",
+        "_rows_sql(table, names)",
+        "a",
+        "b",
+        "changed",
+        "column",
+        "content",
+        "every",
+        "expr",
+        "ids",
+        "in_touched('customer_id')",
+        "in_touched('owner')",
+        "key",
+        "mark",
+        "newest",
+        "only('balance_ledger', 'ledger_entry_id')",
+        "only('customers', 'customer_id')",
+        "only('dispute_history', 'dispute_id')",
+        "only('disputes', 'dispute_id')",
+        "only('forgotten_customers', 'customer_id')",
+        "only('payments', 'payment_id')",
+        "only('refunds', 'refund_id')",
+        "only('subscription_history', 'subscription_id')",
+        "only('subscriptions', 'subscription_id')",
+        "query",
+        "scope_ids",
+        "scoped",
+        "table",
+        "tbl",
+        "where",
+    },  # fmt: skip
+    "pipelines/transform/verify.py": {"a", "b", "full", "here", "key", "select", "table"},
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     # fixed clauses: changed_only (its value is a parameter), group_id (a column name or NULL)
     "pipelines/emit/ledger.py": {"changed_only", "group_id", "group"},

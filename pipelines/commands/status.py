@@ -15,6 +15,7 @@ from pipelines.commands.common import Subcommands, add_command, add_common, load
 from pipelines.dodo_contract import WAREHOUSE_SCHEMA_VERSION
 from pipelines.emit import pending_counts
 from pipelines.metrics import identity_figures
+from pipelines.transform import last_check
 from pipelines.webhook_store import WebhookStore, store_folder
 
 BUSY_NOTE = (
@@ -137,6 +138,7 @@ def collect(
             document["lookback"] = _lookback(con, deep_every_hours)
             document["identity"] = identity_figures(con)
             document["rejected"] = _rejected_by_reason(con)
+            document["model_check"] = last_check(con)
     except warehouse.WarehouseBusy:
         # Held by a process that does not take the run lock (a notebook, the duckdb shell).
         document["note"] = (
@@ -320,6 +322,14 @@ def show(
             f"Rejected {rejected['kind']}: {rejected['count']} x {rejected['reason']} "
             f"(e.g. {rejected['example']})"
         )
+    check = document.get("model_check")
+    if check:
+        verdict = (
+            "equal to a full build"
+            if not check["drifted_tables"]
+            else f"DRIFTED ({check['detail']}); repaired by a full build"
+        )
+        print(f"Models last verified {_when(check['checked_at'])} (deep pass): {verdict}")
     pending = document.get("pending") or {}
     if pending:
         backlog = pending.get("skipped_backlog")

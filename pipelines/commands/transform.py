@@ -1,4 +1,5 @@
-"""`dodo-segment transform`: build the models and run the data tests only; `--list` shows them."""
+"""`dodo-segment transform`: build the models and run the data tests only; `--list` shows them;
+`--verify` compares the warehouse's models with a full build."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pipelines.commands.common import (
 )
 from pipelines.config import AppConfig, ModelsConfig
 from pipelines.logs import complain
-from pipelines.transform import ModelError, list_models
+from pipelines.transform import ModelError, list_models, verify_against_full_build
 
 DESCRIPTION = (
     "Rebuild analytics.* from the raw tables and run the data tests; nothing is read from the "
@@ -33,6 +34,12 @@ def add_arguments(commands: Subcommands, summary: str) -> None:
         action="store_true",
         help="list the models in build order, the user's (`[models] paths`) marked, and exit",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="rebuild a scratch copy in full and compare every analytics table with this "
+        "warehouse's; exit 7 and show the differing keys when they drift",
+    )
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -43,6 +50,8 @@ def handle(args: argparse.Namespace) -> int:
     config = load_command_config(args)
     if args.list:
         return show_models(config)
+    if args.verify:
+        return with_lock(config, "transform", args.wait, lambda: verify_models(config))
     options = RunOptions(only_emit=True, skip_emit=True, command="transform")
     return with_lock(config, "transform", args.wait, lambda: run_and_report(config, options))
 
@@ -75,3 +84,33 @@ def show_models(config: AppConfig) -> int:
     if not user.paths:
         print("(no user models: add SQL files to models/ or set [models] paths)")
     return 0
+
+
+MODELS_DRIFTED = 7
+"""Exit code of `transform --verify` when the warehouse differs from a full build."""
+
+
+def verify_models(config: AppConfig) -> int:
+    """`transform --verify`: rebuild a scratch copy of the warehouse in full and compare every
+    analytics table with the warehouse's. Exit 0 when equal, MODELS_DRIFTED (the differing
+    tables and a sample of their keys printed) when not, 1 when the build fails."""
+    from pipelines.job import full_build
+
+    if not Path(config.warehouse_path).exists():
+        complain(f"no warehouse at {config.warehouse_path}: run `dodo-segment run` first")
+        return 1
+    try:
+        drifts = verify_against_full_build(
+            config.warehouse_path, lambda con: full_build(config, con, incremental=False)
+        )
+    except ModelError as exc:
+        complain(str(exc))
+        return 1
+    if not drifts:
+        print("models verified: every analytics table equals a full build")
+        return 0
+    print(f"models drifted: {len(drifts)} table(s) differ from a full build")
+    for drift in drifts:
+        print(f"  {drift}")
+    print("repair: `dodo-segment transform` rebuilds every model in full")
+    return MODELS_DRIFTED

@@ -15,6 +15,7 @@ import duckdb
 
 from pipelines import dodo_contract
 from pipelines.config import IdentityConfig
+from pipelines.transform import delta, touched
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -115,6 +116,8 @@ class Model:
     sql: str
     replaces: bool = False
     """A user model that replaces the product model of the same name."""
+    grain: delta.Grain = field(default_factory=lambda: delta.Grain("global"))
+    """What its rows are keyed by for a delta build (`-- grain:` header; global by default)."""
 
 
 @dataclass
@@ -139,6 +142,11 @@ class TransformResult:
     tests_seconds: float = 0.0
     skipped: bool = False
     """True when nothing the models read had changed: the previous build was kept."""
+    build: str = "full"
+    """"full", "delta" (only the touched customers' rows were rebuilt) or "kept"."""
+    build_reason: str = ""
+    """Why a run with `incremental` built in full (first build, changed SQL, share...)."""
+    touched_customers: int = 0
 
 
 def _headers(sql: str) -> dict[str, str]:
@@ -195,9 +203,14 @@ def list_models(sql_dir: Path | None = None, user_paths: Sequence[Path] = ()) ->
         materialized = headers.get("materialized", "view" if layer == "staging" else "table")
         if materialized not in ("view", "table"):
             raise ModelError(path, f"unknown materialization {materialized!r}")
+        try:
+            grain = delta.parse_grain(headers.get("grain"))
+        except ValueError as exc:
+            raise ModelError(path, str(exc)) from exc
         models[name] = Model(
-            name, path, layer, materialized, depends_on, sql, replaces=name in replaced
-        )
+            name, path, layer, materialized, depends_on, sql, replaces=name in replaced,
+            grain=grain,
+        )  # fmt: skip
 
     sorter = graphlib.TopologicalSorter({m.name: m.depends_on for m in models.values()})
     try:
@@ -268,6 +281,8 @@ def run_models(
     rename_events: Sequence[tuple[str, str]] = (),
     on_model: Callable[[str, int, int], None] | None = None,
     identity: IdentityConfig | None = None,
+    incremental: bool = False,
+    crossover: float = delta.CROSSOVER,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -286,6 +301,11 @@ def run_models(
     `analytics.event_rules` (an unknown name raises `ConfigError`). `on_model(name, done,
     total)` is told after each model is built. `identity` (`[identity]`, `[group]`) becomes
     `analytics.identity_rules` (default: userId = customer_id, no groups).
+
+    With `incremental`, a run whose raw data changed rebuilds only the touched customers' rows
+    (`pipelines.transform.delta`) when that is possible and cheaper, in one transaction, and
+    snapshots the raw data for the next run; without it every build is full and the snapshot is
+    dropped. Above `crossover` (the share of customers touched) a full build is chosen.
     """
     identity = identity or IdentityConfig()
     if event_catalog not in EVENT_CATALOGS:
@@ -301,7 +321,8 @@ def run_models(
                 model.path,
                 model.name,
             )
-    if skip_unchanged:
+    fingerprint = ""
+    if skip_unchanged and not incremental:  # (a delta build's own snapshot tells the same)
         ensure_raw_tables(con)  # a first build creates absent ones: fingerprint them as built
         fingerprint = build_fingerprint(
             con,
@@ -312,6 +333,7 @@ def run_models(
         if _previous_build_holds(con, fingerprint, models):
             return TransformResult(
                 skipped=True,
+                build="kept",
                 quarantined=_quarantined_by_test(con),
                 seconds=time.perf_counter() - started,
             )
@@ -322,8 +344,39 @@ def run_models(
     previous_tz = con.execute("select current_setting('TimeZone')").fetchone()
     con.execute("set TimeZone = 'UTC'")  # month/day arithmetic of the marts is in UTC
     con.execute("set variable event_catalog = ?", [event_catalog])
+    plan = delta.DeltaPlan(False, "not incremental")
+    in_transaction = False
     try:
         ensure_raw_tables(con)
+        if incremental:
+            delta_fingerprint = delta.config_fingerprint(
+                con,
+                _config_fingerprint(
+                    sql_dir,
+                    event_catalog,
+                    user_fingerprint(user_paths, skip_events, rename_events) + repr(identity),
+                ),
+            )
+            con.execute("begin transaction")
+            in_transaction = True
+            as_of_sql = by_name[AS_OF_MODEL].sql if AS_OF_MODEL in by_name else "select null"
+            plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql, crossover)
+            fingerprint = delta_fingerprint
+            if skip_unchanged and _nothing_changed(con, plan, fingerprint, by_name):
+                con.execute("commit")
+                in_transaction = False
+                return TransformResult(
+                    skipped=True,
+                    build="kept",
+                    build_reason="no raw row changed and nothing fell due",
+                    quarantined=_quarantined_by_test(con),
+                    seconds=time.perf_counter() - started,
+                )
+            if not plan.delta:
+                con.execute("rollback")
+                in_transaction = False
+        if not plan.delta:
+            delta.forget_state(con)
         # A build that stops half-way must never be mistaken for the last clean one.
         con.execute(f"drop table if exists {BUILD_STATE_TABLE}")
         macros = sql_dir / "macros.sql"
@@ -336,13 +389,18 @@ def run_models(
         write_event_rules(con, skip_events, rename_events)
         write_identity_rules(con, identity)
 
-        result = TransformResult()
+        result = TransformResult(build="delta" if plan.delta else "full")
+        result.build_reason = plan.reason
+        builder = _DeltaBuilder(con, models) if plan.delta else None
         for index, model in enumerate(models):
             t0 = time.perf_counter()
             if model.name == EVENT_RULES_MODEL and _knows_event_names(by_name):
                 check_event_rules(con)
             try:
-                _build(con, model)
+                if builder is None:
+                    _build(con, model)
+                else:
+                    builder.build(model)
             except duckdb.Error as exc:
                 raise ModelError(model.path, str(exc)) from exc
             if model.name == CUSTOM_TRAITS and model.layer == USER_LAYER:
@@ -363,11 +421,22 @@ def run_models(
                     result.errors.append(outcome)
                 if outcome.quarantined:
                     result.quarantined[test.name] = outcome.quarantined
+            if builder is not None:
+                builder.after(model)
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
+        if incremental:
+            if builder is not None:
+                result.touched_customers = delta.touched_count(con)
+            delta.remember_state(con, delta_fingerprint, full=builder is None)
+        if in_transaction:
+            con.execute("commit")
+            in_transaction = False
         if skip_unchanged:
             _remember_build(con, fingerprint, clean=not result.errors)
     finally:
+        if in_transaction:
+            con.execute("rollback")
         if previous_tz:
             con.execute("set TimeZone = ?", [previous_tz[0]])
     result.seconds = time.perf_counter() - started
@@ -441,6 +510,83 @@ def _check_custom_group_traits(con: duckdb.DuckDBPyConnection, model: Model, sql
         raise ModelError(model.path, str(exc)) from exc
 
 
+class _DeltaBuilder:
+    """Builds each model of a delta build: keyed models by their touched keys, global ones in
+    full (telling which customers' rows moved, for the keyed models that read them), views not
+    at all; and the lineage steps between models (subscriptions shared between customers, the
+    ledger's fallback rates, quarantined user ids)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, models: list[Model]) -> None:
+        self.con = con
+        self.models = models
+        touched.close_over_subscriptions(con)
+        self.scopes = delta.open_scopes(con, models)
+        self.full: set[str] = set()
+        """Models rebuilt in full whose changes cannot be told by customer."""
+        self.by_name = {m.name: m for m in models}
+        self.readers: dict[str, set[str]] = {}
+        for m in models:
+            for dep in m.depends_on:
+                self.readers.setdefault(dep, set()).add(m.name)
+        delta.snapshot_quarantined_users(con)
+
+    def _widened(self, before: int) -> None:
+        """More customers were touched: narrow the inputs again."""
+        if touched.count_touched(self.con) != before:
+            delta.refresh_scopes(self.con)
+
+    def _has_keyed_readers(self, name: str) -> bool:
+        return any(
+            self.by_name[r].materialized == "table"
+            and delta.model_grain(self.by_name[r]).kind != "global"
+            for r in self.readers.get(name, ())
+        )
+
+    def build(self, model: Model) -> None:
+        """Build one model of the delta build."""
+        con = self.con
+        if model.name == "int_ledger_by_object":
+            delta.snapshot_rates(con)
+        if model.name == "identify_outbox":
+            before = touched.count_touched(con)
+            delta.touch_quarantine_changes(con)
+            self._widened(before)
+        if model.materialized == "view":
+            return
+        grain = delta.model_grain(model)
+        forced = any(dep in self.full for dep in model.depends_on)
+        if grain.kind != "global" and not forced:
+            delta.rebuild_keys(con, model, self.scopes)
+            return
+        watch = model.name not in delta.KNOWN_GLOBALS and self._has_keyed_readers(model.name)
+        if watch:
+            con.execute(
+                f"create or replace temp table delta_previous as select * from {SCHEMA}.{model.name}"
+            )
+        _build(con, model)
+        before = touched.count_touched(con)
+        if watch and not delta.touch_global_changes(con, model, "delta_previous"):
+            self.full.add(model.name)
+        self._widened(before)
+
+    def after(self, model: Model) -> None:
+        """Lineage steps once `model` is built (before the models that read it)."""
+        before = touched.count_touched(self.con)
+        if model.name == "stg_payment_subscriptions":
+            touched.close_over_subscriptions(self.con)
+        elif model.name == "int_ledger_by_object":
+            delta.touch_rate_changes(self.con)
+        self._widened(before)
+
+
+def _config_fingerprint(sql_dir: Path, event_catalog: str, extra: str) -> str:
+    """A hash of the SQL files, the catalog and `extra` (the user's models and event rules)."""
+    digest = hashlib.sha256(event_catalog.encode() + extra.encode())
+    for path in sorted(sql_dir.rglob("*.sql")):
+        digest.update(path.relative_to(sql_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def build_fingerprint(
     con: duckdb.DuckDBPyConnection, sql_dir: Path, event_catalog: str, extra: str = ""
 ) -> str:
@@ -503,6 +649,33 @@ def _previous_build_holds(
         _build(con, by_name[AS_OF_MODEL])
     except duckdb.Error:  # no previous build, or its views are gone: build
         return False
+    return True
+
+
+def _nothing_changed(
+    con: duckdb.DuckDBPyConnection,
+    plan: delta.DeltaPlan,
+    fingerprint: str,
+    by_name: dict[str, Model],
+) -> bool:
+    """A delta plan with no changed raw row and no customer touched by time, over a last build
+    that was clean: the build is kept and only `int_as_of` brought forward."""
+    if not plan.delta or plan.changed or plan.touched or AS_OF_MODEL not in by_name:
+        return False
+    # no failing query here: it would abort the delta build's transaction
+    exists = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+        [SCHEMA, BUILD_STATE_TABLE.split(".")[-1]],
+    ).fetchone()
+    if not exists or not exists[0]:
+        return False
+    row = con.execute(
+        f"select fingerprint = ? and valid_until is not null from {BUILD_STATE_TABLE}",
+        [fingerprint],
+    ).fetchone()
+    if not row or not row[0]:
+        return False
+    _build(con, by_name[AS_OF_MODEL])
     return True
 
 

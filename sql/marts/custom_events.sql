@@ -1,3 +1,4 @@
+-- grain: customer
 -- Extension point: the user's own track events. Empty here; a user model named custom_events
 -- (in `[models] paths`, default `models/`) replaces it without a warning.
 -- Contract: the columns of lifecycle_events that are sent:

@@ -1,3 +1,4 @@
+-- grain: customer
 -- Extension point: the user's own identify traits. Empty here; a user model named
 -- custom_traits (in `[models] paths`, default `models/`) replaces it without a warning.
 -- Contract: one row per customer_id (VARCHAR), any other columns; each column is a trait of

@@ -1,3 +1,4 @@
+-- grain: customer
 -- One row per customer of dodo_raw.customers: the traits sent with Segment identify.
 -- See docs/models.md for every column. Money: `total_spent` / `total_refunded` are in major
 -- units of `currency` (the customer's only payment currency), or in USD from the balance ledger

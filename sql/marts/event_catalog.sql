@@ -1,3 +1,4 @@
+-- grain: global
 -- The event names the product's models can send, in both catalogs (`[events] catalog`).
 -- `[events] skip` and `[events] rename` must name one of these or an event of the user's
 -- custom_events; anything else is a configuration error (a typo would otherwise skip nothing).

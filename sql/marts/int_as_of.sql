@@ -1,3 +1,4 @@
+-- grain: global
 -- One row: `as_of`, the time the warehouse's knowledge refers to (latest `_synced_at` or history
 -- observation in the raw data; now() on an empty warehouse). Used instead of now() so that
 -- rebuilding from the same raw data gives the same results ("trial has ended", current month).

@@ -1,3 +1,4 @@
+-- grain: dispute
 -- Disputes whose status became dispute_won or dispute_lost between two syncs (consecutive rows
 -- of dodo_raw.dispute_history; none on the first observation).
 with history as (

@@ -1,3 +1,4 @@
+-- grain: ledger_object
 -- Ledger USD equivalents (US cents, absolute values) summed per referenced object (payment or
 -- refund id) and event type. Fees are ignored by every consumer; tax_amount_minor (the
 -- payment's tax entries, in its currency's minor units) gives int_service_periods the pre-tax

@@ -1,3 +1,4 @@
+-- grain: customer
 -- Succeeded payments with their amount in USD, the one place this rule lives:
 -- the ledger's usd_equivalent_amount of the payment; else the amount itself for USD; else the
 -- amount at the rate implied by the latest ledger payment in that currency (NULL when the ledger

@@ -1,3 +1,4 @@
+-- grain: global
 -- One row: valid_until, the earliest instant after as_of at which a model's result would change
 -- with no new raw data, only because time passed: a new UTC month begins (mrr_monthly gains its
 -- month and samples the old one at its end), a trial ends (lifecycle_events' Trial Ended), or a

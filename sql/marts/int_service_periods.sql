@@ -1,3 +1,4 @@
+-- grain: customer
 -- One row per (succeeded subscription payment, subscription) that pays for a service period, with
 -- the recurring revenue of that period per month, in USD. Read by mrr_monthly and
 -- int_results_valid_until (a period ending moves the current MRR). The rule (docs/models.md):

@@ -1,3 +1,4 @@
+-- grain: subscription
 -- Transitions between consecutive rows of dodo_raw.subscription_history (none for a first row:
 -- there is no earlier state). One history row can yield several transitions (a status change
 -- and a plan change). fact_key = subscription_id:epoch_us(observed_at), immutable.

@@ -1,3 +1,4 @@
+-- grain: customer
 -- One row per subscription with derived facts: whether it started, its trial window and
 -- conversion, its first succeeded payment and its recurring amount normalised to a month.
 -- has_started: a succeeded payment, or status active/on_hold/paused/past_due now, or an earlier

@@ -1,3 +1,4 @@
+-- grain: customer
 -- One row per lifecycle event (see docs/models.md for the catalog).
 -- event_id   md5(fact_kind || ':' || immutable keys): independent of the event name, so it is
 --            the same across rebuilds and across event catalogs (Segment messageId, 32 chars).

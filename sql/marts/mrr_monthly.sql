@@ -1,3 +1,4 @@
+-- grain: customer
 -- MRR per customer per month (USD), with the movement classified mrr-playbook style.
 -- Definition: each succeeded subscription payment that pays for a service period contributes
 -- the plan's pre-tax amount per month, in USD (analytics.int_service_periods: the API's service

@@ -1,4 +1,5 @@
 -- materialized: table
+-- grain: customer
 -- One row per (payment, subscription it charges): the payment-to-subscription bridge of API 1.123.
 -- A payment belongs to every subscription in `subscription_ids`; where that list is absent or
 -- empty (rows older than the field), to `subscription_id`. One-time payments have no row.

@@ -1,0 +1,424 @@
+"""Delta build: rebuild only the touched customers' rows of each model, from their whole history.
+
+Each model declares its grain in a header (`-- grain: customer`, `-- grain: customer by user_id`,
+`subscription`, `dispute`, `ledger_object`, or `global`; docs/models.md lists them). A user model
+without the header is global. In a delta build, a keyed model's rows for the touched keys are
+deleted and recomputed by its own SQL over its inputs narrowed to the touched customers (all
+their rows, never a time slice), NULL-safely; a global model is rebuilt in full; views are left
+as they are. The whole build is one transaction.
+
+A full build is chosen instead (`plan_delta` says why) on a first build, when the SQL, catalog,
+event rules, settings or raw columns changed since the last one, when a month began, or when the
+touched customers are more than `CROSSOVER` of all (bench/delta_bench.py measures it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import duckdb
+
+from pipelines import dodo_contract
+from pipelines.transform import touched
+from pipelines.transform.touched import TOUCHED, in_scope, in_touched
+from pipelines.transform.user_models import EXTENSION_POINTS
+
+SCHEMA = dodo_contract.ANALYTICS_SCHEMA
+STATE_TABLE = f"{SCHEMA}._delta_state"
+"""One row: the fingerprint (SQL, catalog, rules, raw columns) of the build the snapshot matches."""
+GRAINS = ("customer", "subscription", "dispute", "ledger_object", "global")
+CROSSOVER = 0.03
+"""Above this share of touched customers a full build is cheaper: bench/delta_bench.py at 100k
+payments measured the delta build at 2% of the customers below the full build and at 5% above
+it (the delta's fixed cost, scans of the raw snapshot and the data tests, is most of it)."""
+
+_UNSCOPED = frozenset({"int_ledger_by_object"})
+KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_until"})
+"""Global models whose effect on keyed models is known: the catalog is constant, and `as_of`
+moves results only through the time facts `plan_delta` touches."""
+_GRAIN = re.compile(r"^(\w+)(?:\s+by\s+(\w+))?$")
+_SCOPE = "delta_scope_"
+_SCOPE_OBJECTS = "delta_scope_objects"
+
+_KEY_COLUMNS = {
+    "customer": "customer_id",
+    "subscription": "subscription_id",
+    "dispute": "dispute_id",
+    "ledger_object": "object_id",
+}
+
+
+def _key_predicate(grain: str, column: str) -> str:
+    """SQL: the row's key is one of the touched keys of its grain."""
+    if grain == "customer":
+        return in_touched(column)
+    if grain == "subscription":
+        scoped = f"{_SCOPE}stg_subscriptions"
+        return in_scope(column, scoped, "subscription_id", "delta_every_subscriptions")
+    if grain == "dispute":
+        return in_scope(column, f"{_SCOPE}stg_disputes", "dispute_id", "delta_every_disputes")
+    if grain == "ledger_object":
+        return in_scope(column, _SCOPE_OBJECTS, "object_id", "delta_every_objects")
+    raise ValueError(f"no key predicate for grain {grain!r}")
+
+
+_INPUT_SCOPES: dict[str, tuple[str, str]] = {
+    "stg_customers": ("customer", "customer_id"),
+    "stg_payments": ("customer", "customer_id"),
+    "stg_payment_subscriptions": ("customer", "customer_id"),
+    "stg_subscriptions": ("customer", "customer_id"),
+    "stg_subscription_history": ("subscription", "subscription_id"),
+    "stg_dispute_history": ("dispute", "dispute_id"),
+    "stg_balance_ledger": ("ledger_object", "reference_object_id"),
+}
+"""Staging relations narrowed to the touched customers' rows, and how (grain, key column).
+Refunds and disputes reach a customer through their payment (below)."""
+
+
+@dataclass(frozen=True)
+class Grain:
+    """A model's grain: the kind of key its rows are rebuilt by, and the column holding it."""
+
+    kind: str
+    column: str | None = None
+
+
+class Model(Protocol):
+    """What the delta build reads of a model (`pipelines.transform.runner.Model`)."""
+
+    name: str
+    path: Path
+    sql: str
+    materialized: str
+    grain: Grain
+    replaces: bool
+
+
+def parse_grain(declared: str | None) -> Grain:
+    """The grain of a `-- grain:` header value (None: global); ValueError when unknown."""
+    if not declared:
+        return Grain("global")
+    match = _GRAIN.match(declared.strip().lower())
+    if not match or match.group(1) not in GRAINS:
+        raise ValueError(f"unknown grain {declared!r} (one of {', '.join(GRAINS)})")
+    kind = match.group(1)
+    if kind == "global":
+        return Grain("global")
+    return Grain(kind, match.group(2) or _KEY_COLUMNS[kind])
+
+
+def model_grain(model: Model) -> Grain:
+    """The grain a model declares; global when it declares none."""
+    return model.grain
+
+
+@dataclass
+class DeltaPlan:
+    """What a run will do: `delta` True for a delta build; `reason` says why not otherwise."""
+
+    delta: bool
+    reason: str
+    touched: int = 0
+    customers: int = 0
+    changed: int = 0
+
+
+def config_fingerprint(con: duckdb.DuckDBPyConnection, base: str) -> str:
+    """The build fingerprint without the raw rows: `base` (SQL, catalog, rules) and the raw
+    tables' columns (a schema migration changes them)."""
+    digest = hashlib.sha256(base.encode())
+    digest.update(repr(sorted(touched.raw_columns(con).items())).encode())
+    digest.update(f"{dodo_contract.WAREHOUSE_SCHEMA_VERSION}:{touched.SNAPSHOT_FORMAT}".encode())
+    return digest.hexdigest()
+
+
+def forget_state(con: duckdb.DuckDBPyConnection) -> None:
+    """Invalidate the delta state (a full build is under way, or ran without a snapshot)."""
+    con.execute(f"drop table if exists {STATE_TABLE}")
+
+
+_SCOPE_IDS = f"""select 'customers' as tbl, customer_id as id from {_SCOPE}stg_customers
+    union all select 'payments', payment_id from {_SCOPE}stg_payments
+    union all select 'subscriptions', subscription_id from {_SCOPE}stg_subscriptions
+    union all select 'refunds', refund_id from {_SCOPE}stg_refunds
+    union all select 'disputes', dispute_id from {_SCOPE}stg_disputes
+    union all select 'dispute_history', dispute_id from {_SCOPE}stg_dispute_history
+    union all select 'subscription_history', subscription_id from {_SCOPE}stg_subscription_history
+    union all select 'balance_ledger', ledger_entry_id from {_SCOPE}stg_balance_ledger
+    union all select 'forgotten_customers', customer_id from {SCHEMA}.source_forgotten_customers()
+        where {in_touched("customer_id")}"""
+"""(tbl, id) of every raw entity in this delta build's scope (the touched customers')."""
+
+
+def remember_state(con: duckdb.DuckDBPyConnection, fingerprint: str, full: bool) -> None:
+    """After a clean build: snapshot the raw data (in full after a full build) and keep the
+    fingerprint the snapshot belongs to."""
+    if full or not touched.has_snapshot(con):
+        touched.write_snapshot(con)
+    else:
+        touched.update_snapshot(con, _SCOPE_IDS)
+    con.execute(f"create or replace table {STATE_TABLE} (fingerprint varchar)")
+    con.execute(f"insert into {STATE_TABLE} values (?)", [fingerprint])
+
+
+def plan_delta(
+    con: duckdb.DuckDBPyConnection,
+    fingerprint: str,
+    models: Sequence[Model],
+    as_of_sql: str,
+    crossover: float = CROSSOVER,
+) -> DeltaPlan:
+    """Decide between a delta and a full build; for a delta, fill `delta_touched`."""
+    try:
+        row = con.execute(f"select fingerprint from {STATE_TABLE}").fetchone()
+    except duckdb.Error:
+        return DeltaPlan(False, "first build")
+    if not row or row[0] != fingerprint or not touched.has_snapshot(con):
+        return DeltaPlan(False, "models, settings or raw columns changed")
+    names = {m.name for m in models}
+    replaced = sorted(m.name for m in models if m.replaces and m.name not in EXTENSION_POINTS)
+    if replaced:  # the lineage and the narrowed inputs are the product models'
+        return DeltaPlan(False, f"product model(s) replaced: {', '.join(replaced)}")
+    try:
+        old = con.execute(f"select as_of from {SCHEMA}.int_as_of").fetchone()
+        new = con.execute(f"select as_of from (\n{as_of_sql}\n)").fetchone()
+    except duckdb.Error:
+        return DeltaPlan(False, "no previous build")
+    if not old or not new or "int_subscriptions" not in names:
+        return DeltaPlan(False, "no previous build")
+    month = "date_trunc('month', timezone('UTC', ?::timestamptz))"
+    same_month = con.execute(f"select {month} = {month}", [old[0], new[0]]).fetchone()
+    if not same_month or not same_month[0]:
+        return DeltaPlan(False, "a month began")
+    changed = touched.find_changes(con)
+    touched.touch_changed(con)
+    # time alone: a trial ended or a paid period began or ended since the last build's as_of
+    low, high = min(old[0], new[0]), max(old[0], new[0])
+    touched.add_touched(
+        con,
+        f"""select customer_id from {SCHEMA}.int_subscriptions
+            where trial_end_date between ?::timestamptz and ?::timestamptz
+            union select customer_id from {SCHEMA}.int_service_periods
+            where period_end between ?::timestamptz and ?::timestamptz
+               or period_start between ?::timestamptz and ?::timestamptz""",
+        [low, high, low, high, low, high],
+    )
+    row = con.execute(f"select count(*) from {SCHEMA}.customer_traits").fetchone()
+    customers = int(row[0]) if row else 0
+    count = touched.count_touched(con)
+    plan = DeltaPlan(True, "delta", touched=count, customers=customers, changed=changed)
+    if count > crossover * max(customers, 1):
+        plan.delta, plan.reason = False, f"{count} of {customers} customers touched"
+    return plan
+
+
+_EVERY = {
+    "payments": ("payment_id", f"select payment_id from {SCHEMA}.stg_payments"),
+    "subscriptions": ("subscription_id", f"select subscription_id from {SCHEMA}.stg_subscriptions"),
+    "disputes": ("dispute_id", f"select dispute_id from {SCHEMA}.stg_disputes"),
+    "objects": (
+        "object_id",
+        f"select payment_id from {SCHEMA}.stg_payments "
+        f"union all select refund_id from {SCHEMA}.stg_refunds",
+    ),
+}
+"""Every id of each kind (temp tables `delta_every_<kind>`): an id outside them is an orphan."""
+
+_RAW_SCOPES: tuple[tuple[str, str], ...] = (
+    ("stg_customers", in_touched("customer_id")),
+    ("stg_payments", in_touched("customer_id")),
+    ("stg_subscriptions", in_touched("customer_id")),
+    (
+        "stg_refunds",
+        in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
+    ),
+    (
+        "stg_disputes",
+        in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
+    ),
+    ("stg_subscription_history", _key_predicate("subscription", "subscription_id")),
+    ("stg_dispute_history", _key_predicate("dispute", "dispute_id")),
+    ("stg_balance_ledger", _key_predicate("ledger_object", "reference_object_id")),
+)
+"""The staging relations read from raw, narrowed to the touched customers' rows (in order: a
+later one reads the earlier ones); materialized as temp tables, refreshed when more customers
+are touched (`refresh_scopes`)."""
+
+
+def _fill_every(con: duckdb.DuckDBPyConnection) -> None:
+    """The `delta_every_<kind>` tables: full when rows without a customer (NULL) are touched
+    (their orphans are then in scope), else empty (no predicate reads them then)."""
+    row = con.execute(f"select count(*) from {TOUCHED} where customer_id is null").fetchone()
+    full = bool(row and row[0])
+    for kind, (column, query) in _EVERY.items():
+        body = query if full else f"select null::varchar as {column} where false"
+        con.execute(f"create or replace temp table delta_every_{kind}({column}) as {body}")
+
+
+def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
+    """(Re)materialize the narrowed staging relations for the current touched customers."""
+    _fill_every(con)
+    for name, predicate in _RAW_SCOPES:
+        con.execute(
+            f"create or replace temp table {_SCOPE}{name} as "
+            f"select * from {SCHEMA}.{name} where {predicate}"
+        )
+        if name == "stg_disputes":  # the objects come before the ledger that reads them
+            con.execute(
+                f"create or replace temp table {_SCOPE_OBJECTS} as "
+                f"select payment_id as object_id from {_SCOPE}stg_payments "
+                f"union all select refund_id from {_SCOPE}stg_refunds"
+            )
+
+
+def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:
+    """Create the relations that narrow each input to the touched customers' rows; return
+    model name -> relation name for the references to rewrite."""
+    refresh_scopes(con)
+    scopes = {name: f"{_SCOPE}{name}" for name, _ in _RAW_SCOPES}
+
+    def scope(name: str, predicate: str) -> None:
+        con.execute(
+            f"create or replace temp view {_SCOPE}{name} as "
+            f"select * from {SCHEMA}.{name} where {predicate}"
+        )
+        scopes[name] = f"{_SCOPE}{name}"
+
+    for name, (grain, column) in _INPUT_SCOPES.items():
+        if name not in scopes:
+            scope(name, _key_predicate(grain, column))
+    for model in models:
+        grain = model_grain(model)
+        # int_payments_usd's fallback rates aggregate the whole ledger: never narrowed
+        if model.name in _UNSCOPED or model.name in scopes:
+            continue
+        if grain.kind != "global" and grain.column:
+            scope(model.name, _key_predicate(grain.kind, grain.column))
+    return scopes
+
+
+_NOT_ALIASES = frozenset(
+    "where join left right inner outer full cross natural on using group order having limit "
+    "union except intersect window qualify positional asof anti semi lateral".split()
+)
+_TABLE_REFERENCE = re.compile(rf"\b{SCHEMA}\.([a-z_][a-z0-9_]*)\b(\s*)([a-z_]*)", re.IGNORECASE)
+
+
+def scoped_sql(model: Model, scopes: dict[str, str]) -> str:
+    """The model's SQL reading the narrowed inputs instead of the whole tables (a reference
+    without an alias keeps the relation's name as its alias)."""
+
+    def swap(match: re.Match[str]) -> str:
+        name, spacing, follower = match.group(1).lower(), match.group(2), match.group(3)
+        if name not in scopes:
+            return match.group(0)
+        aliased = follower != "" and follower.lower() not in _NOT_ALIASES
+        return scopes[name] + ("" if aliased else f" as {name}") + spacing + follower
+
+    body = re.sub(r"--[^\n]*", "", model.sql).strip().rstrip(";")
+    return _TABLE_REFERENCE.sub(swap, body)
+
+
+def rebuild_keys(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str, str]) -> None:
+    """Delete the model's rows of the touched keys and insert them recomputed."""
+    grain = model_grain(model)
+    assert grain.column is not None
+    predicate = _key_predicate(grain.kind, f'"{grain.column}"')
+    table = f"{SCHEMA}.{model.name}"
+    con.execute(f"delete from {table} where {predicate}")
+    con.execute(
+        f"insert into {table} by name select * from (\n{scoped_sql(model, scopes)}\n) "
+        f"where {predicate}"
+    )
+
+
+_RATES = f"""select payment_currency as currency, arg_max(
+        (payment_usd_cents / 100.0)
+        / {SCHEMA}.to_major(payment_amount_minor, payment_currency), payment_entry_at
+    ) as usd_rate
+    from {SCHEMA}.int_ledger_by_object
+    where payment_amount_minor > 0 and payment_usd_cents is not null
+    group by payment_currency"""
+"""int_payments_usd's fallback rate per currency (the latest ledger payment's), a global fact."""
+
+
+def snapshot_rates(con: duckdb.DuckDBPyConnection) -> None:
+    """Keep the fallback USD rates before int_ledger_by_object changes."""
+    con.execute(f"create or replace temp table delta_old_rates as {_RATES}")
+
+
+def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
+    """A currency's fallback rate moved: touch the customers with a succeeded payment in it
+    that the ledger does not convert itself."""
+    con.execute(
+        f"""create or replace temp table delta_moved_rates as
+        select currency from (
+            (select * from ({_RATES}) except select * from delta_old_rates)
+            union all
+            (select * from delta_old_rates except select * from ({_RATES}))
+        )"""
+    )
+    touched.add_touched(
+        con,
+        f"""select customer_id from {SCHEMA}.stg_payments
+            where status = 'succeeded'
+              and currency in (select currency from delta_moved_rates)
+              and payment_id not in (
+                  select object_id from {SCHEMA}.int_ledger_by_object
+                  where payment_usd_cents is not null and object_id is not null
+              )""",
+    )
+    touched.close_over_subscriptions(con)
+
+
+def snapshot_quarantined_users(con: duckdb.DuckDBPyConnection) -> None:
+    """Keep the user ids quarantined by the last build (identify_outbox leaves them out)."""
+    con.execute(
+        f"create or replace temp table delta_old_quarantine as select key from "
+        f"{SCHEMA}.quarantined_rows where key_kind = 'user_id'"
+    )
+
+
+def touch_quarantine_changes(con: duckdb.DuckDBPyConnection) -> None:
+    """Touch the customers whose quarantine as a user id started or ended in this build."""
+    current = f"select key from {SCHEMA}.quarantined_rows where key_kind = 'user_id'"
+    touched.add_touched(
+        con,
+        f"(select key from delta_old_quarantine except {current}) "
+        f"union ({current} except select key from delta_old_quarantine)",
+    )
+
+
+def touch_global_changes(con: duckdb.DuckDBPyConnection, model: Model, previous: str) -> bool:
+    """A global model with a customer_id column was rebuilt: touch the customers whose rows
+    differ from `previous` (a temp copy). False when it has no customer_id column (then its
+    keyed dependents must be rebuilt in full)."""
+    columns = {
+        r[0]
+        for r in con.execute(
+            "select column_name from information_schema.columns "
+            "where table_schema = ? and table_name = ?",
+            [SCHEMA, model.name],
+        ).fetchall()
+    }
+    if "customer_id" not in columns:
+        return False
+    table = f"{SCHEMA}.{model.name}"
+    touched.add_touched(
+        con,
+        f"select customer_id from ((select * from {table} except all select * from {previous}) "
+        f"union all (select * from {previous} except all select * from {table}))",
+    )
+    touched.close_over_subscriptions(con)
+    return True
+
+
+def touched_count(con: duckdb.DuckDBPyConnection) -> int:
+    """How many customer keys this delta build rebuilt."""
+    row = con.execute(f"select count(*) from {TOUCHED}").fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,378 @@
+"""Touched keys: which raw rows changed since the last build, and which customers they concern.
+
+The last build leaves a snapshot of the raw data in two bookkeeping tables:
+
+- `analytics._delta_rows` (tbl, id, k): one row per raw row, a hash of its table, entity id and
+  every column but `_synced_at` and dlt's own (a re-read finding the same content is no change);
+- `analytics._delta_owners` (tbl, id, ref, owner): the customer(s) each raw entity concerns, and
+  the entity it reaches them through (refund and dispute -> payment -> customer; ledger entry ->
+  its `reference_object_id`; subscription history -> subscription -> customer; a payment also
+  concerns the customers of the subscriptions it pays).
+
+A run compares the raw tables with `_delta_rows` (whatever loaded them: API pages, webhook merges,
+history rows, forgets, settled-ledger re-reads, deletions); the touched customers are the old and
+new owners of every changed entity and of the entities that reach a customer through it. Keys
+that disappear are covered because the old owners come from the snapshot, never from the new
+output. The owner NULL stands for "no known customer" and is matched NULL-safely.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from pipelines import dodo_contract
+
+SCHEMA = dodo_contract.ANALYTICS_SCHEMA
+RAW = dodo_contract.RAW_DATASET
+ROWS_TABLE = f"{SCHEMA}._delta_rows"
+OWNERS_TABLE = f"{SCHEMA}._delta_owners"
+MARKS_TABLE = f"{SCHEMA}._delta_marks"
+"""Per raw table: the newest load time at the snapshot (`mark`), its row count and key sum."""
+LOAD_TIME_COLUMNS = (dodo_contract.SYNCED_AT_COLUMN, "observed_at", "forgotten_at")
+"""The column telling when a raw row was written, by preference (history rows: observed_at)."""
+TOUCHED = "delta_touched"
+"""Temp table (customer_id) of this run's touched customers; NULL = rows without a customer."""
+CHANGED = "delta_changed"
+"""Temp table (tbl, id) of the raw entities whose rows changed since the last build."""
+
+SNAPSHOT_FORMAT = 3
+"""Part of the delta state's fingerprint: a snapshot of another format is never compared."""
+
+ENTITY_KEYS: dict[str, str] = {
+    **dodo_contract.PRIMARY_KEYS,
+    dodo_contract.SUBSCRIPTION_HISTORY_TABLE: "subscription_id",
+    dodo_contract.DISPUTE_HISTORY_TABLE: "dispute_id",
+    dodo_contract.FORGOTTEN_CUSTOMERS_TABLE: "customer_id",
+}
+"""The entity each raw table's rows describe (a history row describes its subscription/dispute)."""
+
+
+def in_touched(expr: str) -> str:
+    """SQL: `expr` is a touched customer key (NULL-safe: a NULL key matches a touched NULL)."""
+    return (
+        f"({expr} in (select customer_id from {TOUCHED} where customer_id is not null)"
+        f" or ({expr} is null and exists (select 1 from {TOUCHED} where customer_id is null)))"
+    )
+
+
+def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
+    """SQL: `expr` is an id of the scoped relation, or (when NULL is touched) an id unknown to
+    the whole relation `every` (an orphan reaches no customer: its owner is NULL)."""
+    return (
+        f"({expr} in (select {column} from {scoped} where {column} is not null)"
+        f" or (exists (select 1 from {TOUCHED} where customer_id is null) and ({expr} is null"
+        f" or {expr} not in (select {column} from {every} where {column} is not null))))"
+    )
+
+
+def _owner_branches(ids: str | None) -> str:
+    """The owners (tbl, id, ref, owner) of the current raw entities: all of them, or those whose
+    (tbl, id) is in the relation `ids` (filtered before the joins)."""
+    a = SCHEMA
+
+    def only(tbl: str, column: str) -> str:
+        if ids is None:
+            return ""
+        return f" where {column} in (select id from {ids} where tbl = '{tbl}')"
+
+    branches = [
+        f"select 'customers' as tbl, customer_id as id, null::varchar as ref, customer_id as owner"
+        f" from {a}.stg_customers{only('customers', 'customer_id')}",
+        f"select 'forgotten_customers', customer_id, null, customer_id"
+        f" from {a}.source_forgotten_customers(){only('forgotten_customers', 'customer_id')}",
+        f"select 'payments', payment_id, null, customer_id from {a}.stg_payments"
+        f"{only('payments', 'payment_id')}",
+        f"select 'payments', p.payment_id, s.subscription_id, s.customer_id from ("
+        f"select payment_id, unnest(list_distinct(list_filter("
+        f"coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
+        f" from {a}.stg_payments{only('payments', 'payment_id')}) as p"
+        f" join {a}.stg_subscriptions as s on s.subscription_id = p.sid",
+        f"select 'subscriptions', subscription_id, null, customer_id from {a}.stg_subscriptions"
+        f"{only('subscriptions', 'subscription_id')}",
+        f"select 'refunds', r.refund_id, r.payment_id, p.customer_id from (select * from"
+        f" {a}.stg_refunds{only('refunds', 'refund_id')}) as r"
+        f" left join {a}.stg_payments as p on p.payment_id = r.payment_id",
+        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id from (select * from"
+        f" {a}.stg_disputes{only('disputes', 'dispute_id')}) as d"
+        f" left join {a}.stg_payments as p on p.payment_id = d.payment_id",
+        f"select distinct 'dispute_history', h.dispute_id, h.dispute_id, p.customer_id"
+        f" from (select * from {a}.stg_dispute_history{only('dispute_history', 'dispute_id')})"
+        f" as h left join {a}.stg_disputes as d on d.dispute_id = h.dispute_id"
+        f" left join {a}.stg_payments as p on p.payment_id = d.payment_id",
+        f"select distinct 'subscription_history', h.subscription_id, h.subscription_id,"
+        f" s.customer_id from (select * from {a}.stg_subscription_history"
+        f"{only('subscription_history', 'subscription_id')}) as h"
+        f" left join {a}.stg_subscriptions as s on s.subscription_id = h.subscription_id",
+        f"select 'balance_ledger', l.ledger_entry_id, l.reference_object_id,"
+        f" coalesce(p.customer_id, rp.customer_id) from (select * from {a}.stg_balance_ledger"
+        f"{only('balance_ledger', 'ledger_entry_id')}) as l"
+        f" left join {a}.stg_payments as p on p.payment_id = l.reference_object_id"
+        f" left join {a}.stg_refunds as r on r.refund_id = l.reference_object_id"
+        f" left join {a}.stg_payments as rp on rp.payment_id = r.payment_id",
+    ]
+    return "\nunion all\n".join(
+        f"select * from ({b}) as branch(tbl, id, ref, owner)" for b in branches
+    )
+
+
+def raw_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
+    """The hashed columns of each raw table the snapshot covers (name order)."""
+    columns: dict[str, list[str]] = {}
+    for table, column in con.execute(
+        "select table_name, column_name from information_schema.columns "
+        "where table_schema = ? order by table_name, column_name",
+        [RAW],
+    ).fetchall():
+        if table in ENTITY_KEYS and column != dodo_contract.SYNCED_AT_COLUMN:
+            if not column.startswith("_dlt"):
+                columns.setdefault(table, []).append(column)
+    return columns
+
+
+def _rows_sql(table: str, names: list[str], where: str = "") -> str:
+    """(tbl, id, k) of a raw table's rows: k hashes the table, the entity id and the row's
+    content (one 64-bit key per row, so comparing two snapshots compares integers)."""
+    content = ", ".join(f'"{n}"' for n in names)
+    return (
+        f"select '{table}' as tbl, cast(\"{ENTITY_KEYS[table]}\" as varchar) as id, "
+        f'hash(\'{table}\', {content}) as k from "{RAW}"."{table}"{where}'
+    )
+
+
+def _current_rows_sql(columns: dict[str, list[str]]) -> str:
+    """(tbl, id, k) of every raw row."""
+    return "\nunion all\n".join(_rows_sql(t, n) for t, n in sorted(columns.items()))
+
+
+def _load_time_columns(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Per raw table, the column telling when a row was written (LOAD_TIME_COLUMNS)."""
+    found: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "select table_name, column_name from information_schema.columns where table_schema = ?",
+        [RAW],
+    ).fetchall():
+        found.setdefault(table, set()).add(column)
+    return {
+        table: next(c for c in LOAD_TIME_COLUMNS if c in names)
+        for table, names in found.items()
+        if any(c in names for c in LOAD_TIME_COLUMNS)
+    }
+
+
+def _write_marks(con: duckdb.DuckDBPyConnection, columns: dict[str, list[str]]) -> None:
+    """Per raw table: the newest load time, and the row count and key sum of the snapshot."""
+    con.execute(
+        f"create or replace table {MARKS_TABLE} "
+        "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
+    )
+    load_times = _load_time_columns(con)
+    for table in sorted(columns):
+        column = load_times.get(table)
+        mark = f'max("{column}")' if column else "null::timestamptz"
+        con.execute(
+            f'insert into {MARKS_TABLE} select ?, (select {mark} from "{RAW}"."{table}"), '
+            f"count(*), coalesce(sum(k::hugeint), 0) from {ROWS_TABLE} where tbl = ?",
+            [table, table],
+        )
+
+
+def has_snapshot(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the last build left a snapshot to compare with."""
+    found = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? "
+        "and table_name in ('_delta_rows', '_delta_owners', '_delta_marks')",
+        [SCHEMA],
+    ).fetchone()
+    return bool(found and found[0] == 3)
+
+
+def drop_snapshot(con: duckdb.DuckDBPyConnection) -> None:
+    """Forget the snapshot (the next run then builds in full)."""
+    con.execute(f"drop table if exists {ROWS_TABLE}")
+    con.execute(f"drop table if exists {OWNERS_TABLE}")
+    con.execute(f"drop table if exists {MARKS_TABLE}")
+
+
+def write_snapshot(con: duckdb.DuckDBPyConnection) -> None:
+    """Snapshot every raw row (hash) and every entity's owners, after a full build."""
+    columns = raw_columns(con)
+    con.execute(f"create or replace table {ROWS_TABLE} as {_current_rows_sql(columns)}")
+    con.execute(f"create or replace table {OWNERS_TABLE} as {_owner_branches(None)}")
+    _write_marks(con, columns)
+
+
+def find_changes(con: duckdb.DuckDBPyConnection) -> int:
+    """Fill the temp table `delta_changed` (tbl, id) with the raw entities whose rows differ
+    from the snapshot (added, changed or deleted rows); return how many there are.
+
+    Per table, the rows written after the snapshot's newest load time are the candidates; when
+    every other row still sums to the snapshot's (count and key sum of the rows of the other
+    ids), only the candidates' ids are compared row by row, else the whole table is."""
+    columns = raw_columns(con)
+    marks = {
+        r[0]: r[1:]
+        for r in con.execute(f"select tbl, mark, rows, k_sum from {MARKS_TABLE}").fetchall()
+    }
+    con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
+    con.execute(f"create or replace temp table {CHANGED} (tbl varchar, id varchar)")
+    load_times = _load_time_columns(con)
+    new_marks = []
+    for table, names in sorted(columns.items()):
+        column = load_times.get(table)
+        mark, rows, k_sum = marks.get(table, (None, None, None))
+        newest = f'(select max("{column}") from "{RAW}"."{table}")' if column else "null"
+        total = con.execute(
+            f"select count(*), coalesce(sum(k::hugeint), 0), {newest}::timestamptz "
+            f"from ({_rows_sql(table, names)})"
+        ).fetchone()
+        assert total is not None
+        new_marks.append((table, total[2], total[0], total[1]))
+        narrowed = False
+        if column and mark is not None and rows is not None:
+            key = ENTITY_KEYS[table]
+            con.execute(
+                f"create or replace temp table delta_candidates as select distinct "
+                f'cast("{key}" as varchar) as id from "{RAW}"."{table}" where "{column}" > ?',
+                [mark],
+            )
+            con.execute(
+                "create or replace temp table delta_table_rows as "
+                f"select * from ({_rows_sql(table, names)}) "
+                "where id in (select id from delta_candidates)"
+            )
+            part = con.execute(
+                "select count(*), coalesce(sum(k::hugeint), 0) from delta_table_rows"
+            ).fetchone()
+            old_part = con.execute(
+                f"select count(*), coalesce(sum(k::hugeint), 0) from {ROWS_TABLE} "
+                "where tbl = ? and id in (select id from delta_candidates)",
+                [table],
+            ).fetchone()
+            assert part and old_part
+            narrowed = (total[0] - part[0], total[1] - part[1]) == (
+                rows - old_part[0],
+                k_sum - old_part[1],
+            )
+        old = f"select k from {ROWS_TABLE} where tbl = $tbl"
+        if narrowed:
+            old += " and id in (select id from delta_candidates)"
+            con.execute("insert into delta_current select * from delta_table_rows")
+        else:
+            con.execute(f"insert into delta_current {_rows_sql(table, names)}")
+        current = "select k from delta_current where tbl = $tbl"
+        con.execute(
+            f"""create or replace temp table delta_changed_keys as
+            ({current} except all {old}) union all ({old} except all {current})""",
+            {"tbl": table},
+        )
+        con.execute(
+            f"""insert into {CHANGED}
+            select tbl, id from delta_current
+                where tbl = $tbl and k in (select k from delta_changed_keys)
+            union select tbl, id from {ROWS_TABLE}
+                where tbl = $tbl and k in (select k from delta_changed_keys)""",
+            {"tbl": table},
+        )
+    con.execute(
+        "create or replace temp table delta_new_marks "
+        "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
+    )
+    con.executemany("insert into delta_new_marks values (?, ?, ?, ?)", new_marks)
+    row = con.execute(f"select count(*) from {CHANGED}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
+    """Fill the temp table `delta_touched` with the customers the changed entities concern:
+    their old owners and those of entities reached through them (two hops, from the snapshot),
+    their new owners, and the customers of subscriptions of a changed product."""
+    changed = f"(tbl, id) in (select tbl, id from {CHANGED})"
+    con.execute(
+        f"""create or replace temp table {TOUCHED} as
+        with old_direct as (
+            select id, owner from {OWNERS_TABLE} where {changed}
+        ),
+        hop1 as (
+            select id, owner from {OWNERS_TABLE}
+            where ref in (select id from {CHANGED})
+        ),
+        hop2 as (
+            select id, owner from {OWNERS_TABLE}
+            where ref in (select id from hop1)
+        ),
+        new_direct as (
+            {_owner_branches(CHANGED)}
+        ),
+        products as (
+            select customer_id as owner from {SCHEMA}.stg_subscriptions
+            where product_id in (select id from {CHANGED} where tbl = 'products')
+        )
+        select owner as customer_id from old_direct
+        union select owner from hop1
+        union select owner from hop2
+        union select owner from new_direct
+        union select owner from products"""
+    )
+
+
+def add_touched(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> int:
+    """Add the customers `query` returns (one column) to `delta_touched`; return how many were
+    new."""
+    before = count_touched(con)
+    con.execute(
+        f"insert into {TOUCHED} select * from ({query}) except select customer_id from {TOUCHED}",
+        params or [],
+    )
+    return count_touched(con) - before
+
+
+def count_touched(con: duckdb.DuckDBPyConnection) -> int:
+    """How many customer keys are touched (NULL counts as one)."""
+    row = con.execute(f"select count(*) from {TOUCHED}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def close_over_subscriptions(con: duckdb.DuckDBPyConnection) -> None:
+    """Add every customer who shares a subscription with a touched one (a payment of one
+    customer for another's subscription): a subscription's facts read all its payments, and a
+    renewal's number reads all the payments of its subscription."""
+    a = SCHEMA
+    while add_touched(
+        con,
+        f"""with subscriptions as (
+            select subscription_id from {a}.stg_subscriptions where {in_touched("customer_id")}
+            union select subscription_id from {a}.stg_payment_subscriptions
+                where {in_touched("customer_id")}
+            union select subscription_id from {a}.stg_payments
+                where {in_touched("customer_id")} and subscription_id is not null
+        )
+        select customer_id from {a}.stg_subscriptions
+            where subscription_id in (select subscription_id from subscriptions)
+        union select customer_id from {a}.stg_payment_subscriptions
+            where subscription_id in (select subscription_id from subscriptions)
+        union select customer_id from {a}.stg_payments
+            where subscription_id in (select subscription_id from subscriptions)""",
+    ):
+        pass
+
+
+def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
+    """After a delta build: the changed rows' hashes, and the owners of the changed entities,
+    of those the snapshot gave a touched customer, and of those in the build's scope
+    (`scope_ids`: (tbl, id) of every entity of a touched customer); an entity's owner moves
+    only with it or with a parent, whose old and new owners were touched."""
+    changed = f"(tbl, id) in (select tbl, id from {CHANGED})"
+    con.execute(f"delete from {ROWS_TABLE} where {changed}")
+    con.execute(f"insert into {ROWS_TABLE} select * from delta_current where {changed}")
+    con.execute(
+        f"""create or replace temp table delta_refresh as
+        select tbl, id from {CHANGED}
+        union select tbl, id from {OWNERS_TABLE} where {in_touched("owner")}
+        union select tbl, id from ({scope_ids})"""
+    )
+    con.execute(
+        f"delete from {OWNERS_TABLE} where (tbl, id) in (select tbl, id from delta_refresh)"
+    )
+    con.execute(f"insert into {OWNERS_TABLE} {_owner_branches('delta_refresh')}")
+    # the snapshot now holds exactly the current raw rows: their totals, taken by find_changes
+    con.execute(f"create or replace table {MARKS_TABLE} as select * from delta_new_marks")

@@ -1,0 +1,246 @@
+"""A delta build equals a full build: randomized changes through the sandbox, every analytics
+table compared with a full build of a copy after every run (EXCEPT ALL both ways, 0 rows)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipelines.commands.forget import forget_customers
+from pipelines.extract import merge_webhooks, run_extract
+from pipelines.transform import run_models
+from pipelines.transform.verify import verify_against_full_build
+from pipelines.webhook_store import WebhookStore, store_folder
+from tests.conftest import Sandbox, make_sandbox, run_cli
+
+CUSTOM_TRAITS = """\
+-- no grain: a user model is rebuilt in full, and the customers whose rows moved are touched
+select customer_id, count(*) as custom_payment_count
+from analytics.stg_payments
+where customer_id is not null
+group by customer_id
+"""
+
+CUSTOM_EVENTS = """\
+-- grain: customer
+select
+    analytics.event_id('big_payment', payment_id) as event_id,
+    'Big Payment' as event,
+    customer_id,
+    created_at as occurred_at,
+    json_object('payment_id', payment_id, 'amount', amount) as properties
+from analytics.stg_payments
+where status = 'succeeded' and amount_minor > 5000
+"""
+
+
+@pytest.fixture()
+def business(tmp_path: Path) -> Iterator[tuple[Sandbox, Path]]:
+    """A small sandbox business with two user models (one global, one per customer)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "custom_traits.sql").write_text(CUSTOM_TRAITS)
+    (models / "custom_events.sql").write_text(CUSTOM_EVENTS)
+    for sandbox in make_sandbox(tmp_path, customers=40):
+        yield sandbox, models
+
+
+def _succeeded(sandbox: Sandbox, rng: random.Random) -> dict:
+    paid = [p for p in sandbox.business.payments if p["status"] == "succeeded"]
+    return rng.choice(paid)
+
+
+def _changes(sandbox: Sandbox, rng: random.Random) -> dict[str, Callable[[], None]]:
+    """Each kind of change the business can go through between two runs."""
+    biz = sandbox.business
+
+    def new_payments() -> None:
+        biz.add_payments(rng.randint(1, 3))
+
+    def status_flip() -> None:
+        open_ = [p for p in biz.payments if p["status"] not in ("succeeded", "failed")]
+        if open_:
+            biz.set_payment_status(
+                rng.choice(open_)["payment_id"], rng.choice(["succeeded", "failed"])
+            )
+        else:
+            biz.add_payments(1, status="processing")
+
+    def refund_old() -> None:
+        biz.add_refund(_succeeded(sandbox, rng)["payment_id"], "succeeded", rng.random() < 0.5)
+
+    def dispute_old() -> None:
+        opened = [d for d in biz.disputes if d["dispute_status"] == "dispute_opened"]
+        if opened and rng.random() < 0.5:
+            biz.set_dispute_status(
+                rng.choice(opened)["dispute_id"], rng.choice(["dispute_won", "dispute_lost"])
+            )
+        else:
+            biz.add_dispute(_succeeded(sandbox, rng)["payment_id"])
+
+    def subscription_flip() -> None:
+        live = [s for s in biz.subscriptions if s["status"] in ("active", "on_hold")]
+        if not live:
+            return
+        sub = rng.choice(live)
+        if sub["status"] == "on_hold":
+            biz.set_subscription_status(sub["subscription_id"], "active")
+        elif rng.random() < 0.5:
+            biz.set_subscription_status(sub["subscription_id"], rng.choice(["on_hold", "paused"]))
+        else:
+            biz.cancel_subscription(sub["subscription_id"], at_period_end=rng.random() < 0.5)
+
+    def late_visible() -> None:
+        biz.add_payments(1, at=biz.now - timedelta(days=rng.randint(3, 40)))
+
+    def payment_moves() -> None:
+        payment = _succeeded(sandbox, rng)
+        other = rng.choice([c for c in biz.buyers if c != payment["customer"]["customer_id"]])
+        payment["customer"] = dict(biz.buyers[other].ref)
+        biz.touch()
+
+    def time_passes() -> None:  # renewals, trials ending, and now and then a month beginning
+        biz.advance_time(days=rng.uniform(0.2, 4), seed=rng.randint(0, 10**6))
+
+    return {
+        "new_payments": new_payments,
+        "status_flip": status_flip,
+        "refund_old": refund_old,
+        "dispute_old": dispute_old,
+        "subscription_flip": subscription_flip,
+        "late_visible": late_visible,
+        "payment_moves": payment_moves,
+        "time_passes": time_passes,
+    }
+
+
+def _webhook(sandbox: Sandbox, rng: random.Random) -> None:
+    """A new payment arrives as a stored webhook (merged without an API read)."""
+    payment = sandbox.business.add_payments(1)[0]
+    delivery = {
+        "business_id": "bus_sandbox",
+        "type": "payment.succeeded",
+        "timestamp": sandbox.business.now.isoformat(),
+        "data": dict(payment),
+    }
+    store = WebhookStore(store_folder(sandbox.db)).ensure()
+    assert store.store(f"msg_{rng.randint(0, 10**9)}", delivery)
+    merge_webhooks(sandbox.config())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_delta_build_equals_a_full_build_after_every_run(
+    business: tuple[Sandbox, Path], seed: int
+) -> None:
+    sandbox, models = business
+    rng = random.Random(seed)
+    changes = _changes(sandbox, rng)
+    builds: list[str] = []
+    reasons: list[str] = []
+
+    def full(con: duckdb.DuckDBPyConnection) -> None:
+        run_models(con, user_paths=[models])
+
+    def run(label: str) -> None:
+        with duckdb.connect(sandbox.db) as con:
+            # every share of touched customers by delta (the crossover is a cost, not a rule)
+            result = run_models(
+                con, skip_unchanged=True, incremental=True, user_paths=[models], crossover=1.0
+            )
+        builds.append(result.build)
+        reasons.append(result.build_reason)
+        drifts = verify_against_full_build(sandbox.db, full)
+        assert not drifts, f"after {label} ({result.build}): {[str(d) for d in drifts]}"
+
+    run_extract(sandbox.config())
+    run("first sync")
+    for step in range(7):
+        picked = rng.sample(sorted(changes), 2)
+        for name in picked:
+            changes[name]()
+        if step == 3:
+            _webhook(sandbox, rng)
+            picked.append("webhook")
+        else:
+            run_extract(sandbox.config(), deep=True)
+        if step == 5:
+            customer = rng.choice(list(sandbox.business.buyers))
+            forget_customers(sandbox.config(), [customer])
+            picked.append("forget")
+        run(f"step {step}: {', '.join(picked)}")
+    assert builds[0] == "full" and "delta" in builds, list(zip(builds, reasons, strict=True))
+
+
+# --- transform --verify and the deep pass's verification, through the real CLI -----------------
+
+
+def _tamper(db: str) -> str:
+    """Make the warehouse drift from a full build: one customer's traits and one event."""
+    with duckdb.connect(db) as con:
+        customer = con.execute("select min(customer_id) from analytics.customer_traits").fetchone()[
+            0
+        ]
+        con.execute(
+            "update analytics.customer_traits set payments_count = payments_count + 1 "
+            "where customer_id = ?",
+            [customer],
+        )
+        con.execute(
+            "delete from analytics.lifecycle_events "
+            "where event_id = (select min(event_id) from analytics.lifecycle_events)"
+        )
+    return customer
+
+
+@pytest.mark.slow
+def test_transform_verify_passes_on_a_delta_built_warehouse_and_shows_drift(
+    sandbox: Sandbox,
+) -> None:
+    env = sandbox.env()
+    assert run_cli("run", "--skip-emit", env=env).returncode == 0
+    sandbox.business.add_payments(3)
+    assert run_cli("run", "--skip-emit", env=env).returncode in (0, 3)
+    verified = run_cli("transform", "--verify", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "every analytics table equals a full build" in verified.stdout
+    customer = _tamper(sandbox.db)
+    drifted = run_cli("transform", "--verify", env=env)
+    assert drifted.returncode == 7, drifted.stdout + drifted.stderr
+    assert "customer_traits: 1 row(s) not in a full build, 1 row(s) missing" in drifted.stdout
+    assert f"customer_id={customer}" in drifted.stdout
+    assert "lifecycle_events: 0 row(s) not in a full build, 1 row(s) missing" in drifted.stdout
+
+
+@pytest.mark.slow
+def test_the_deep_pass_finds_drift_alerts_once_repairs_and_recovers(sandbox: Sandbox) -> None:
+    from tests.test_alerts import Receiver
+
+    hook = Receiver()
+    try:
+        env = sandbox.env(DODO_SEGMENT_ALERT_WEBHOOK_URL=hook.url)
+        assert run_cli("run", "--skip-emit", env=env).returncode == 0
+        _tamper(sandbox.db)
+        run = run_cli("run", "--skip-emit", "--deep", env=env)
+        assert run.returncode in (0, 3), run.stderr
+        assert "models drifted from a full build" in run.stderr
+        assert hook.events() == [("model_drift", "firing")]
+        status = run_cli("status", env=env)
+        assert "DRIFTED" in status.stdout and "repaired by a full build" in status.stdout
+        metrics = run_cli("status", "--format", "prometheus", env=env)
+        assert "dodo_segment_models_drifted_tables 2.0" in metrics.stdout
+        # the full build repaired it: the next deep pass finds none and says so once
+        assert run_cli("transform", "--verify", env=env).returncode == 0
+        again = run_cli("run", "--skip-emit", "--deep", env=env)
+        assert again.returncode in (0, 3), again.stderr
+        assert hook.events() == [("model_drift", "firing"), ("model_drift", "recovered")]
+        status = run_cli("status", env=env)
+        assert "(deep pass): equal to a full build" in status.stdout
+        metrics = run_cli("status", "--format", "prometheus", env=env)
+        assert "dodo_segment_models_drifted_tables 0.0" in metrics.stdout
+    finally:
+        hook.close()
