@@ -12,6 +12,7 @@ import duckdb
 import pytest
 
 from pipelines.commands.forget import forget_customers
+from pipelines.config import IdentityConfig
 from pipelines.extract import merge_webhooks, run_extract
 from pipelines.transform import run_models
 from pipelines.transform.verify import verify_against_full_build
@@ -133,9 +134,24 @@ def _webhook(sandbox: Sandbox, rng: random.Random) -> None:
     merge_webhooks(sandbox.config())
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+APP_USER_IDS = IdentityConfig(
+    user_id_sources=(
+        "customer.metadata.app_user_id",
+        "payment.metadata.app_user_id",
+        "customer_id",
+    ),
+    group_source="tax_id",
+)
+"""The sandbox's app user ids (some shared by two customers) and its B2B accounts (issue 22)."""
+
+
+@pytest.mark.parametrize(
+    ("seed", "identity"),
+    [(1, IdentityConfig()), (2, IdentityConfig()), (3, APP_USER_IDS)],
+    ids=["seed1", "seed2", "seed3-app-user-ids-and-accounts"],
+)
 def test_a_delta_build_equals_a_full_build_after_every_run(
-    business: tuple[Sandbox, Path], seed: int
+    business: tuple[Sandbox, Path], seed: int, identity: IdentityConfig
 ) -> None:
     sandbox, models = business
     rng = random.Random(seed)
@@ -144,14 +160,15 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
     reasons: list[str] = []
 
     def full(con: duckdb.DuckDBPyConnection) -> None:
-        run_models(con, user_paths=[models])
+        run_models(con, user_paths=[models], identity=identity)
 
     def run(label: str) -> None:
         with duckdb.connect(sandbox.db) as con:
             # every share of touched customers by delta (the crossover is a cost, not a rule)
             result = run_models(
-                con, skip_unchanged=True, incremental=True, user_paths=[models], crossover=1.0
-            )
+                con, skip_unchanged=True, incremental=True, user_paths=[models], crossover=1.0,
+                identity=identity,
+            )  # fmt: skip
         builds.append(result.build)
         reasons.append(result.build_reason)
         drifts = verify_against_full_build(sandbox.db, full)
