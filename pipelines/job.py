@@ -351,8 +351,9 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
 
     t0 = time.monotonic()
     with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
+        since, previous, restored = _continue_from_checkpoint(config, options, report, con)
         if options.dry_run:
-            report.preview = preview(con, emit_settings(config), events_since=options.events_since)
+            report.preview = preview(con, emit_settings(config), events_since=since)
             return
         progress = Progress("emit")
         try:
@@ -360,11 +361,12 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
                 con,
                 emit_settings(config),
                 run_id=report.run_id,
-                events_since=options.events_since,
+                events_since=since,
                 progress=progress,
             )
         finally:
             progress.close()
+        _keep_checkpoint(config, report, con, previous, restored)
     report.emit_seconds = time.monotonic() - t0
     report.identifies_sent = result.identifies_sent
     report.tracks_sent = result.tracks_sent
@@ -393,6 +395,56 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
             f"({result.error or 'no answer'}); the {result.pending} undelivered message(s) stay "
             "pending for the next run (check SEGMENT_HOST and the network)"
         )
+
+
+def _continue_from_checkpoint(
+    config: AppConfig, options: RunOptions, report: RunReport, con: Any
+) -> tuple[datetime | None, Any, dict[str, Any] | None]:
+    """A first sync on a lost or rebuilt warehouse continues from the checkpoint (unless
+    --events-since says otherwise): the events since it are sent, the backlog before skipped.
+
+    Returns the `events_since` for the emitter, the checkpoint found, and the restore's facts.
+    """
+    from pipelines.emit import ledger_is_empty, read_checkpoint, restore_ledger
+
+    if options.events_since is not None or config.warehouse_path.startswith("md:"):
+        return options.events_since, read_checkpoint(config.warehouse_path), None
+    previous = read_checkpoint(config.warehouse_path)
+    if previous is None or not ledger_is_empty(con):
+        return None, previous, None
+    if options.dry_run:  # nothing is written: the preview counts from where the run would send
+        return previous.resend_from, previous, None
+    restore, since = restore_ledger(con, previous, report.run_id)
+    log.info(
+        "emit: the warehouse has no delivery ledger but the checkpoint of run %s does: sending "
+        "the events since %s (delivered up to %s, minus a %.0fh safety margin) instead of "
+        "skipping the backlog",
+        previous.run_id,
+        restore.resend_from.isoformat() if restore.resend_from else "the start",
+        previous.delivered_up_to.isoformat() if previous.delivered_up_to else "-",
+        previous.margin_seconds / 3600,
+    )
+    return since, previous, restore.as_json(report.run_id)
+
+
+def _keep_checkpoint(
+    config: AppConfig, report: RunReport, con: Any, previous: Any, restored: dict[str, Any] | None
+) -> None:
+    """Write the checkpoint after an emit; a failure to write it fails the run (one line)."""
+    from pipelines.emit import checkpoint_path, take_checkpoint, write_checkpoint
+
+    if config.warehouse_path.startswith("md:"):
+        return
+    checkpoint = take_checkpoint(con, report.run_id, previous)
+    if restored is not None:
+        checkpoint.restored = restored
+    try:
+        write_checkpoint(config.warehouse_path, checkpoint)
+    except OSError as exc:
+        raise warehouse.WarehouseError(
+            f"could not write the delivery checkpoint {checkpoint_path(config.warehouse_path)}: "
+            f"{exc.strerror or exc}; what was delivered stays recorded in the warehouse"
+        ) from None
 
 
 def summary_line(report: RunReport) -> str:

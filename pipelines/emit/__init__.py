@@ -3,10 +3,20 @@
 `emitter` sends and records (`emit`, `resend`, `recompute_traits`, `preview`); `messages` turns
 outbox rows into validated Segment calls; `segment_client` delivers them batch by batch with
 confirmation; `ledger` owns `segment_sync` (delivered events, identify state, rejects);
+`checkpoint` keeps, outside the warehouse, what a rebuilt ledger needs not to skip anything;
 `pending` counts what the next run would send without writing; `regulations` asks Segment's
 Public API to suppress and delete a forgotten customer.
 """
 
+from pipelines.emit.checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    ledger_is_empty,
+    read_checkpoint,
+    restore_ledger,
+    take_checkpoint,
+    write_checkpoint,
+)
 from pipelines.emit.emitter import (
     EmitResult,
     Preview,
@@ -28,6 +38,13 @@ from pipelines.emit.regulations import (
 from pipelines.emit.settings import EmitSettings
 
 __all__ = [
+    "Checkpoint",
+    "checkpoint_path",
+    "ledger_is_empty",
+    "read_checkpoint",
+    "restore_ledger",
+    "take_checkpoint",
+    "write_checkpoint",
     "DEFAULT_PUBLIC_API_HOST",
     "PRIVACY_PORTAL_STEPS",
     "RegulationError",
