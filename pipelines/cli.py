@@ -284,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project folder")
     ini.add_argument("--force", action="store_true", help="overwrite existing files")
 
+    bk = _command(
+        commands, "backup", "copy the warehouse consistently (owner-only) to PATH",
+        "Take the run lock, checkpoint DuckDB and copy the warehouse file to PATH (replaced "
+        "atomically, mode 0600), then read every table of the copy back. `run --db PATH` "
+        "continues from the copy; copy it over the warehouse to restore. Exit 1 when a run "
+        "holds the lock (unless --wait) or the copy cannot be written.",
+        "example:\n  dodo-segment backup /backups/dodo_segment-$(date +%%F).duckdb",
+    )  # fmt: skip
+    _add_common(bk)
+    bk.add_argument("path", metavar="PATH", help="the backup file to write")
+    bk.add_argument(
+        "--wait", action="store_true", help="wait for a run in progress instead of giving up"
+    )
+
     doc = _command(
         commands, "doctor", "check configuration and reachability without changing anything",
         "Check, one line each: the API key is accepted by Dodo, the Segment host answers, the "
@@ -416,6 +430,10 @@ def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:
         from pipelines.config import load_listen_config
 
         return serve(load_listen_config(config, _flags(args)))
+    if args.command == "backup":
+        from pipelines.commands.backup import backup
+
+        return backup(config, args.path, wait=args.wait)
     if args.command == "doctor":
         from pipelines.commands.doctor import run_doctor
 

@@ -405,13 +405,30 @@ def _continue_from_checkpoint(
 
     Returns the `events_since` for the emitter, the checkpoint found, and the restore's facts.
     """
-    from pipelines.emit import ledger_is_empty, read_checkpoint, restore_ledger
+    from pipelines.emit import (
+        catch_up_ledger,
+        ledger_is_empty,
+        read_checkpoint,
+        restore_ledger,
+        warehouse_knows_run,
+    )
 
     if options.events_since is not None or config.warehouse_path.startswith("md:"):
         return options.events_since, read_checkpoint(config.warehouse_path), None
     previous = read_checkpoint(config.warehouse_path)
-    if previous is None or not ledger_is_empty(con):
+    if previous is None:
         return None, previous, None
+    if not ledger_is_empty(con):
+        if options.dry_run or warehouse_knows_run(con, previous.run_id):
+            return None, previous, None
+        caught_up = catch_up_ledger(con, previous)
+        log.info(
+            "emit: the warehouse is older than the checkpoint of run %s (restored from a "
+            "backup?): the %d event(s) it names as settled are recorded as such, not sent again",
+            previous.run_id,
+            caught_up.settled,
+        )
+        return None, previous, caught_up.as_json(report.run_id)
     if options.dry_run:  # nothing is written: the preview counts from where the run would send
         return previous.resend_from, previous, None
     restore, since = restore_ledger(con, previous, report.run_id)

@@ -140,7 +140,7 @@ def check_webhooks(config: AppConfig) -> tuple[bool, str] | None:
 def check_checkpoint(config: AppConfig) -> tuple[bool, str] | None:
     """The warehouse is not missing nor older than the delivery checkpoint (no line when there
     is no checkpoint yet: it is written after the first emit)."""
-    from pipelines.emit import read_checkpoint
+    from pipelines.emit import read_checkpoint, warehouse_knows_run
 
     path = config.warehouse_path
     found = None if path.startswith("md:") else read_checkpoint(path)
@@ -157,15 +157,7 @@ def check_checkpoint(config: AppConfig) -> tuple[bool, str] | None:
         return True, f"checkpoint of run {found.run_id} (not compared while a run holds the lock)"
     try:
         with warehouse.connect(path, read_only=True) as con:
-            known = con.execute(
-                "select count(*) from information_schema.tables "
-                "where table_schema = 'segment_sync' and table_name = 'runs'"
-            ).fetchone()
-            has_run = bool(known and known[0]) and bool(
-                con.execute(
-                    "select count(*) from segment_sync.runs where run_id = ?", [found.run_id]
-                ).fetchone()[0]
-            )
+            has_run = warehouse_knows_run(con, found.run_id)
     except warehouse.WarehouseError as exc:
         return False, str(exc)
     if not has_run:

@@ -255,7 +255,6 @@ def show(
             f"rejected {hooks['rejected']}{f' ({reasons})' if reasons else ''}, "
             f"pending {hooks['pending']}; last delivery {hooks['last_delivery_at'] or '-'}"
         )
-    _show_checkpoint(document.get("checkpoint"))
     runs = document.get("runs")
     if runs is None:
         return 0
@@ -279,6 +278,7 @@ def show(
         if run["error"]:
             print(f"{'':<20} error: {run['error']}")
     _show_lookback(runs, document.get("lookback"))
+    _show_checkpoint(document.get("checkpoint"))
     pending = document.get("pending") or {}
     if pending:
         backlog = pending.get("skipped_backlog")

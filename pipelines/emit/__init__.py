@@ -10,11 +10,13 @@ Public API to suppress and delete a forgotten customer.
 
 from pipelines.emit.checkpoint import (
     Checkpoint,
+    catch_up_ledger,
     checkpoint_path,
     ledger_is_empty,
     read_checkpoint,
     restore_ledger,
     take_checkpoint,
+    warehouse_knows_run,
     write_checkpoint,
 )
 from pipelines.emit.emitter import (
@@ -39,11 +41,13 @@ from pipelines.emit.settings import EmitSettings
 
 __all__ = [
     "Checkpoint",
+    "catch_up_ledger",
     "checkpoint_path",
     "ledger_is_empty",
     "read_checkpoint",
     "restore_ledger",
     "take_checkpoint",
+    "warehouse_knows_run",
     "write_checkpoint",
     "DEFAULT_PUBLIC_API_HOST",
     "PRIVACY_PORTAL_STEPS",

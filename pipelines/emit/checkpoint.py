@@ -8,7 +8,7 @@ its lock and alert state (`<warehouse>.checkpoint.json`, owner-only, replaced at
 - `delivered_up_to`: every outbox track that occurred before it was delivered, skipped or
   rejected (the oldest pending event's time, or the newest event's when nothing is pending);
 - `settled`: the event ids delivered or skipped that occurred at or after `delivered_up_to`
-  minus the safety margin (so a rebuilt ledger does not resend them), unless too many;
+  minus SETTLED_WINDOW (so a rebuilt or restored ledger does not resend them), unless too many;
 - the run id and the ledger's counts, for `status` and `doctor`.
 
 A first sync that finds a checkpoint records the events before `delivered_up_to - margin` as
@@ -37,6 +37,10 @@ SAFETY_MARGIN = timedelta(hours=6)
 """Resend this much before the checkpoint after a lost warehouse: late events are caught, and
 a repeat is well inside Segment's ~24 h messageId de-duplication window."""
 
+SETTLED_WINDOW = timedelta(days=3)
+"""The checkpoint names the settled events of this window before `delivered_up_to`: a warehouse
+restored from a backup up to this old resends none of them."""
+
 MAX_SETTLED_IDS = 200_000
 """Above this many settled ids after the margin, the checkpoint keeps none of them (its file
 stays small); a rebuilt ledger then resends the margin's delivered events (de-duplicated)."""
@@ -54,7 +58,8 @@ class Checkpoint:
     """Every outbox track that occurred before this was delivered, skipped or rejected."""
     counts: dict[str, int] = field(default_factory=dict)
     settled: dict[str, str] | None = None
-    """event_id -> 'delivered' | 'skipped', for events at or after `resend_from`; None: too many."""
+    """event_id -> 'delivered' | 'skipped' for the events of SETTLED_WINDOW before
+    `delivered_up_to` and after it; None: too many."""
     margin_seconds: float = SAFETY_MARGIN.total_seconds()
     restored: dict[str, Any] | None = None
     """The last time a rebuilt warehouse continued from a checkpoint (run id, from, counts)."""
@@ -165,8 +170,8 @@ def take_checkpoint(
         },
         restored=previous.restored if previous else None,
     )
-    start = cp.resend_from
-    if start is not None:
+    if up_to is not None:
+        start = up_to - SETTLED_WINDOW
         rows = cur.execute(_SETTLED_AFTER, {"start": start, "cap": MAX_SETTLED_IDS + 1}).fetchall()
         cp.settled = None if len(rows) > MAX_SETTLED_IDS else dict(rows)
     return cp
@@ -228,6 +233,39 @@ class Restore:
         }
 
 
+_SETTLED_ROWS = """ INTO segment_sync.delivered_events
+    SELECT s.event_id, $run_id, s.status, current_timestamp FROM checkpoint_settled s
+    WHERE s.status IN ('delivered', 'skipped')"""
+_SETTLED_REPLACE = "INSERT OR REPLACE" + _SETTLED_ROWS
+_SETTLED_IGNORE = "INSERT OR IGNORE" + _SETTLED_ROWS
+
+
+def _record_settled(cur: duckdb.DuckDBPyConnection, checkpoint: Checkpoint, replace: bool) -> int:
+    """Record the checkpoint's settled ids with their status (in the caller's transaction)."""
+    settled = checkpoint.settled or {}
+    if not settled:
+        return 0
+    batch = pa.table({"event_id": list(settled), "status": list(settled.values())})
+    cur.register("checkpoint_settled", batch)
+    try:
+        cur.execute(_SETTLED_REPLACE if replace else _SETTLED_IGNORE, {"run_id": checkpoint.run_id})
+    finally:
+        cur.unregister("checkpoint_settled")
+    return len(settled)
+
+
+def _in_transaction(con: duckdb.DuckDBPyConnection, work: Any) -> Any:
+    cur = con.cursor()  # one cursor, one transaction: a kill leaves all of it or none
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        done = work(cur)
+        cur.execute("COMMIT")
+    except BaseException:
+        cur.execute("ROLLBACK")
+        raise
+    return done
+
+
 def restore_ledger(
     con: duckdb.DuckDBPyConnection, checkpoint: Checkpoint, run_id: str
 ) -> tuple[Restore, datetime | None]:
@@ -240,10 +278,8 @@ def restore_ledger(
     """
     ledger.ensure_sync_schema(con)
     start = checkpoint.resend_from
-    settled = checkpoint.settled or {}
-    cur = con.cursor()  # one cursor, one transaction: a kill leaves all of it or none
-    cur.execute("BEGIN TRANSACTION")
-    try:
+
+    def work(cur: duckdb.DuckDBPyConnection) -> tuple[int, int]:
         skipped = 0
         if start is not None:
             row = cur.execute(
@@ -255,24 +291,37 @@ def restore_ledger(
                 {"run_id": run_id, "before": start},
             ).fetchone()
             skipped = int(row[0]) if row else 0
-        if settled:
-            batch = pa.table({"event_id": list(settled), "status": list(settled.values())})
-            cur.register("checkpoint_settled", batch)
-            try:
-                cur.execute(
-                    """INSERT OR REPLACE INTO segment_sync.delivered_events
-                       SELECT s.event_id, $run_id, s.status, current_timestamp
-                       FROM checkpoint_settled s
-                       WHERE s.status IN ('delivered', 'skipped')""",
-                    {"run_id": checkpoint.run_id},
-                )
-            finally:
-                cur.unregister("checkpoint_settled")
-        cur.execute("COMMIT")
-    except BaseException:
-        cur.execute("ROLLBACK")
-        raise
+        return skipped, _record_settled(cur, checkpoint, replace=True)
+
+    skipped, settled = _in_transaction(con, work)
     since: datetime | None = None
     if ledger.is_first_sync(con):  # nothing recorded: the emitter's first-sync rule applies
         since = start or datetime(1970, 1, 1, tzinfo=UTC)
-    return Restore(checkpoint.run_id, start, skipped, len(settled)), since
+    return Restore(checkpoint.run_id, start, skipped, settled), since
+
+
+def warehouse_knows_run(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:
+    """Whether segment_sync.runs holds this run (False: the warehouse is older than it)."""
+    cur = con.cursor()
+    exists = cur.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_schema = 'segment_sync' AND table_name = 'runs'"
+    ).fetchone()
+    if not (exists and exists[0]):
+        return False
+    row = cur.execute(
+        "SELECT count(*) FROM segment_sync.runs WHERE run_id = ?", [run_id]
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def catch_up_ledger(con: duckdb.DuckDBPyConnection, checkpoint: Checkpoint) -> Restore:
+    """A warehouse older than the checkpoint (restored from a backup): the events the checkpoint
+    names as settled are recorded with their status, so they are not sent again.
+
+    Events it does not name are sent as usual: an event settled before the checkpoint's window
+    (a backup older than SETTLED_WINDOW) is repeated under its messageId, never lost.
+    """
+    ledger.ensure_sync_schema(con)
+    settled = _in_transaction(con, lambda cur: _record_settled(cur, checkpoint, replace=True))
+    return Restore(checkpoint.run_id, checkpoint.resend_from, 0, settled)
