@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines import lock
 from pipelines.dodo_contract import RESOURCES
-from pipelines.logs import complain, register_secrets, say, setup_logging
+from pipelines.logs import complain, log_write_failures, register_secrets, say, setup_logging
 
 # The job, its configuration (dlt) and the steps are imported once the arguments are valid:
 # `--help` and argument errors answer at once.
@@ -382,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.USAGE)
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _terminate)
+    # A file-size limit (ulimit -f) then fails the write with EFBIG, reported like a full disk,
+    # instead of killing the run mid-write.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         if args.command == "init":
             from pipelines.commands.init import init_project
@@ -393,15 +396,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.db)
         config = load_config(_flags(args))
         register_secrets((*config.secrets, webhook_key(_flags(args))))
-        return _dispatch(args, config)
+        return _logs_written(_dispatch(args, config))
     except ConfigError as exc:
         return _fail(str(exc), ExitCode.USAGE)
     except warehouse.WarehouseError as exc:
         return _fail(str(exc), ExitCode.FAILED)
-    except OSError as exc:  # e.g. DODO_SEGMENT_DB under a file, or a read-only directory
-        return _fail(f"cannot use the warehouse path: {exc}", ExitCode.FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted", ExitCode.FAILED)
+    except Exception as exc:
+        if warehouse.disk_full(exc):  # backup, forget's rewrite, resend...: one line, exit 1
+            first = str(exc).strip().splitlines()
+            return _fail(
+                f"{args.command} stopped: the disk is full ({first[0][:200] if first else exc!r}); "
+                "what it finished stays done: free some space and run it again",
+                ExitCode.FAILED,
+            )
+        if isinstance(exc, OSError):  # e.g. DODO_SEGMENT_DB under a file, a read-only folder
+            return _fail(f"cannot use the warehouse path: {exc}", ExitCode.FAILED)
+        raise
+
+
+def _logs_written(code: int) -> int:
+    """A command whose log lines could not be written (stderr on a full disk) fails: exit 1."""
+    lost = log_write_failures()
+    if not lost or code != 0:
+        return code
+    say(
+        f"dodo-segment: {lost} log line(s) could not be written (is the log's disk full?); "
+        "the command itself completed",
+        log_lines_lost=lost,
+    )
+    return 1
 
 
 def _dispatch(args: argparse.Namespace, config: AppConfig) -> int:

@@ -90,6 +90,8 @@ class RunReport:
     emit_seconds: float | None = None
     error: str | None = None
     preview: Any = None
+    current_step: str = "start"
+    """The step the run is in (named in a disk-full error)."""
     stopped_by: str | None = None
     """"dodo" or "segment" when an outage of that service stopped the run (for alerts)."""
 
@@ -165,7 +167,12 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     started = datetime.now(UTC)
     command = f"{options.command} --dry-run" if options.dry_run else options.command
     report = RunReport(run_id=new_run_id(started), started_at=started, command=command)
-    step = on_step or (lambda **facts: None)
+    notify = on_step or (lambda **facts: None)
+
+    def step(**facts: Any) -> None:
+        report.current_step = str(facts.get("step", report.current_step))
+        notify(**facts)
+
     recordable = False  # a warehouse that cannot be opened or is too new takes no record
     try:
         warehouse.prepare(config.warehouse_path, package_version())
@@ -195,6 +202,8 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
     except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
         report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
+        if warehouse.disk_full(exc):
+            report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)}: {exc})"
         if isinstance(exc, DodoUnavailable):
             report.stopped_by = "dodo"
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
@@ -203,7 +212,9 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
         root = _root_cause(exc)
         report.outcome, report.exit_code = "failed", ExitCode.FAILED
-        if isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
+        if warehouse.disk_full(exc):
+            report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)})"
+        elif isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
             report.outcome = "interrupted"
             report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
         else:
@@ -219,6 +230,13 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     if options.command == "run" and not options.dry_run:
         _alert(config, report)
     return report
+
+
+def _step_of(exc: BaseException, report: RunReport) -> str:
+    """The step a run failed in (for the one-line error)."""
+    return {"extract": "extract and load", "webhooks": "webhook merge"}.get(
+        report.current_step, report.current_step
+    )
 
 
 def _record_metrics(config: AppConfig, report: RunReport) -> None:
