@@ -177,8 +177,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise RuntimeError("the listener did not start")
             found = re.search(r"listening for Dodo webhooks at (\S+)", line)
             url = found.group(1) if found else None
-        threading.Thread(target=lambda: [None for _ in listener.stderr], daemon=True).start()
-        peak = {"listener": 0}
+        run_lines: list[tuple[float, str]] = []
+
+        def drain() -> None:  # the worker's log lines, timed, for the run's step figures
+            for line in listener.stderr or ():
+                if re.search(r"webhooks: merged|models: |emit: \d+ identify", line):
+                    run_lines.append((time.monotonic(), line.strip()))
+
+        threading.Thread(target=drain, daemon=True).start()
+        time.sleep(1.0)
+        peak = {"listener": 0, "listener_at_start": rss_kib(listener.pid)}
         watching = threading.Event()
 
         def watch() -> None:
@@ -208,8 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
             time.sleep(0.05)
         figures["run_ended_after_release_s"] = round(time.monotonic() - released, 1)
+        figures["run_steps_after_release_s"] = [
+            f"+{at - released:.1f}s {line.split(' ', 2)[-1][:120]}"
+            for at, line in run_lines if at >= released
+        ]  # fmt: skip
         figures["last_event_received_after_release_s"] = round(last_change - released, 1)
         watching.set()
+        figures["listener_rss_at_start_mib"] = round(peak["listener_at_start"] / 1024, 1)
         figures["listener_peak_rss_mib"] = round(peak["listener"] / 1024, 1)
         listener.terminate()
         listener.wait(timeout=120)

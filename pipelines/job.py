@@ -13,7 +13,7 @@ from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pipelines import alerts, metrics, warehouse
+from pipelines import alerts, bookkeeping, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.dodo_contract import RESOURCES
 from pipelines.extract import (
@@ -227,6 +227,7 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         step(step="recording")
         _save(config, report)
         _record_metrics(config, report)
+        _prune_bookkeeping(config)
     if options.command == "run" and not options.dry_run:
         _alert(config, report)
     return report
@@ -254,6 +255,17 @@ def _record_metrics(config: AppConfig, report: RunReport) -> None:
                 metrics.write_textfile(config.metrics_textfile, con, config.warehouse_path)
     except Exception as exc:  # a full disk or an unwritable textfile folder: the run stands
         log.warning("could not write the run's metrics: %s", scrub(str(exc).splitlines()[0]))
+
+
+def _prune_bookkeeping(config: AppConfig) -> None:
+    """Fold away old per-run rows that say nothing new (bookkeeping.py); never fails the run."""
+    try:
+        with warehouse.connect(config.warehouse_path) as con:
+            removed = bookkeeping.prune(con)
+        if removed:
+            log.debug("bookkeeping: folded away %s", removed)
+    except Exception as exc:  # a full disk: the rows stay until a later run
+        log.warning("could not prune the run bookkeeping: %s", scrub(str(exc).splitlines()[0]))
 
 
 def _alert(config: AppConfig, report: RunReport) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from pipelines import lock
 from tests.conftest import Sandbox, make_sandbox, run_cli
+from tests.test_reliability import assert_raw_matches_truth
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +83,7 @@ def test_a_lost_warehouse_loses_nothing_and_resends_nothing(sandbox: Sandbox) ->
 
     log = ok(run_cli("run", env=sandbox.env()))
     assert "checkpoint of run" in log and "instead of skipping the backlog" in log
+    assert_raw_matches_truth(sandbox)  # the new warehouse read everything again
     counts = received(sandbox)
     events = outbox(db)
     lost = events - set(counts) - skipped_first
@@ -148,3 +150,28 @@ def test_backup_is_consistent_and_a_restore_from_it_resends_nothing(
     twice = {m for m, n in counts.items() if n > 1}
     assert not twice, f"{len(twice)} events sent twice, e.g. {sorted(twice)[:3]}"
     assert "FAIL checkpoint" not in run_cli("doctor", env=sandbox.env()).stdout
+
+
+def test_bookkeeping_of_runs_that_changed_nothing_is_folded_away(sandbox: Sandbox) -> None:
+    from pipelines import bookkeeping, metrics
+    from pipelines.config import pipeline_dir
+
+    ok(run_cli("run", env=sandbox.env()))
+    for _ in range(4):  # runs with nothing new to send
+        ok(run_cli("run", env=sandbox.env()))
+    with duckdb.connect(sandbox.db) as con:
+        before = metrics.figures(con)
+        runs_before = con.execute("select count(*) from segment_sync.runs").fetchone()[0]
+        removed = bookkeeping.prune(con, keep_runs=2, keep_state_versions=1)
+        after = metrics.figures(con)
+        runs_after = con.execute("select count(*) from segment_sync.runs").fetchone()[0]
+    assert removed["segment_sync.runs"] == runs_before - runs_after >= 2
+    assert removed.get("dodo_raw._dlt_pipeline_state", 0) >= 1
+    # The Prometheus counters do not go down: the pruned runs are folded, not forgotten.
+    for key in ("runs", "rows_loaded", "api_requests", "tracks_sent"):
+        assert after[key] == before[key], key
+    # dlt restores its state from the pruned warehouse (a lost pipeline folder), and goes on.
+    shutil.rmtree(pipeline_dir(sandbox.db))
+    sandbox.business.advance_time(days=1)
+    ok(run_cli("run", env=sandbox.env()))
+    assert_raw_matches_truth(sandbox)
