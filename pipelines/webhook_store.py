@@ -137,21 +137,16 @@ class WebhookStore:
             "payload": payload,
         }
         tmp = self._write_durably(name, record)
-        target = self.pending_dir / f"{name}.json"
         try:
-            os.link(tmp, target)  # atomic: a second copy fails here
+            os.link(tmp, self.pending_dir / f"{name}.json")  # atomic: a second copy fails here
             fresh = True
         except FileExistsError:
             fresh = False
         finally:
             tmp.unlink(missing_ok=True)
-        try:
-            # Grouped with concurrent deliveries; a retry of an entry not yet synced waits too.
-            self._pending_sync.sync()
-        except OSError:
-            if fresh:  # not durable: gone, so that Dodo's retry stores it again
-                target.unlink(missing_ok=True)
-            raise
+        # Grouped with concurrent deliveries. A retry (or a concurrent copy) of an entry whose
+        # fsync failed finds it linked and waits for a fsync of its own before its 2xx.
+        self._pending_sync.sync()
         return fresh
 
     def _write_durably(self, name: str, record: dict[str, Any]) -> Path:
