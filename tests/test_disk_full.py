@@ -4,6 +4,7 @@ Real when the test can mount a small tmpfs (as root): the disk is filled up for 
 run is in the step. Elsewhere the same write error is injected at the OS boundary: the run's
 RLIMIT_FSIZE is lowered to 0 from outside (prlimit), so every write that grows a file fails
 with EFBIG, as it would with ENOSPC. The project's own code is never patched.
+DODO_SEGMENT_TEST_INJECT_ONLY=1 takes the injected path even where a mount is possible.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -196,11 +198,13 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_whole(
     if not disk.real:
         pytest.skip("needs a small filesystem to fill (the CLI tests inject the error instead)")
     db = str(disk.root / "warehouse.duckdb")
-    old = Checkpoint(run_id="run-1", written_at=read_time(), delivered_up_to=read_time())
+    old = Checkpoint(
+        run_id="run-1", written_at=datetime.now(UTC), delivered_up_to=datetime.now(UTC)
+    )
     write_checkpoint(db, old)
     disk.fill()
     big = Checkpoint(
-        run_id="run-2", written_at=read_time(), delivered_up_to=read_time(),
+        run_id="run-2", written_at=datetime.now(UTC), delivered_up_to=datetime.now(UTC),
         settled={f"event-{i}": "delivered" for i in range(100_000)},
     )  # fmt: skip
     with pytest.raises(OSError) as raised:
@@ -209,12 +213,6 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_whole(
     found = read_checkpoint(db)
     assert found is not None and found.run_id == "run-1"
     assert [p.name for p in disk.root.iterdir() if ".tmp" in p.name] == []
-
-
-def read_time():  # noqa: ANN201 - a timezone-aware now
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 def _ignore_sigxfsz() -> None:
@@ -242,8 +240,6 @@ def test_listener_answers_503_when_it_cannot_store_and_200_once_it_can(
     def post(webhook_id: str) -> int:
         body = json.dumps({"type": "payment.succeeded", "data": {"payment_id": webhook_id}})
         stamp = int(time.time())
-        from datetime import UTC, datetime
-
         signature = signer.sign(webhook_id, datetime.fromtimestamp(stamp, UTC), body)
         request = urllib.request.Request(
             listener.address, data=body.encode(), method="POST",
