@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pipelines.commands.common import fail
-from pipelines.logs import setup_logging
+from pipelines.logs import log_write_failures, say, setup_logging
 
 DESCRIPTION = """\
 Sync Dodo Payments to Segment through a DuckDB warehouse.
@@ -32,6 +32,7 @@ Sync Dodo Payments to Segment through a DuckDB warehouse.
   dodo-segment forget     erase customers (by id or email) here and in Segment
   dodo-segment report     one HTML page of MRR, revenue, dunning and sync health (offline)
   dodo-segment tracking-plan      write the JSON Schemas of every event, identify and group
+  dodo-segment backup PATH        a consistent, owner-only copy of the warehouse
 
 Configuration comes from flags, then environment variables (DODO_PAYMENTS_API_KEY,
 DODO_PAYMENTS_ENVIRONMENT, DODO_PAYMENTS_BASE_URL, DODO_SEGMENT_DB, SEGMENT_WRITE_KEY,
@@ -86,6 +87,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tracking-plan": (
         "pipelines.commands.tracking_plan:add_arguments",
         "write the tracking plan (JSON Schema per event and traits)",
+    ),
+    "backup": (
+        "pipelines.commands.backup:add_arguments",
+        "copy the warehouse consistently (owner-only) to PATH",
     ),
     "forget": (
         "pipelines.commands.forget:add_arguments",
@@ -149,16 +154,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.USAGE)
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _terminate)
+    # A file-size limit (ulimit -f) then fails the write with EFBIG, reported like a full disk,
+    # instead of killing the run mid-write.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return int(args.handler(args))
+        return _logs_written(int(args.handler(args)))
     except ConfigError as exc:
         return fail(str(exc), ExitCode.USAGE)
     except warehouse.WarehouseError as exc:
         return fail(str(exc), ExitCode.FAILED)
-    except OSError as exc:  # e.g. DODO_SEGMENT_DB under a file, or a read-only directory
-        return fail(f"cannot use the warehouse path: {exc}", ExitCode.FAILED)
     except KeyboardInterrupt:
         return fail("interrupted", ExitCode.FAILED)
+    except Exception as exc:
+        if warehouse.disk_full(exc):  # backup, forget's rewrite, resend...: one line, exit 1
+            first = str(exc).strip().splitlines()
+            return fail(
+                f"{args.command} stopped: the disk is full ({first[0][:200] if first else exc!r}); "
+                "what it finished stays done: free some space and run it again",
+                ExitCode.FAILED,
+            )
+        if isinstance(exc, OSError):  # e.g. DODO_SEGMENT_DB under a file, a read-only folder
+            return fail(f"cannot use the warehouse path: {exc}", ExitCode.FAILED)
+        raise
+
+
+def _logs_written(code: int) -> int:
+    """A command whose log lines could not be written (stderr on a full disk) fails: exit 1."""
+    lost = log_write_failures()
+    if not lost or code != 0:
+        return code
+    say(
+        f"dodo-segment: {lost} log line(s) could not be written (is the log's disk full?); "
+        "the command itself completed",
+        log_lines_lost=lost,
+    )
+    return 1
 
 
 def entry() -> None:

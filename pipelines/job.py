@@ -15,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from pipelines import alerts, metrics, warehouse
+from pipelines import alerts, bookkeeping, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.dodo_contract import RESOURCES
 from pipelines.extract import (
@@ -98,6 +98,8 @@ class RunReport:
     emit_seconds: float | None = None
     error: str | None = None
     preview: Any = None
+    current_step: str = "start"
+    """The step the run is in (named in a disk-full error)."""
     stopped_by: str | None = None
     """"dodo" or "segment" when an outage of that service stopped the run (for alerts)."""
     models_verified: bool = False
@@ -176,7 +178,12 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     started = datetime.now(UTC)
     command = f"{options.command} --dry-run" if options.dry_run else options.command
     report = RunReport(run_id=new_run_id(started), started_at=started, command=command)
-    step = on_step or (lambda **facts: None)
+    notify = on_step or (lambda **facts: None)
+
+    def step(**facts: Any) -> None:
+        report.current_step = str(facts.get("step", report.current_step))
+        notify(**facts)
+
     recordable = False  # a warehouse that cannot be opened or is too new takes no record
     try:
         warehouse.prepare(config.warehouse_path, package_version())
@@ -209,6 +216,8 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
     except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
         report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
+        if warehouse.disk_full(exc):
+            report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)}: {exc})"
         if isinstance(exc, DodoUnavailable):
             report.stopped_by = "dodo"
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
@@ -217,7 +226,9 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
         root = _root_cause(exc)
         report.outcome, report.exit_code = "failed", ExitCode.FAILED
-        if isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
+        if warehouse.disk_full(exc):
+            report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)})"
+        elif isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
             report.outcome = "interrupted"
             report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
         else:
@@ -230,9 +241,17 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         step(step="recording")
         _save(config, report)
         _record_metrics(config, report)
+        _prune_bookkeeping(config)
     if options.command == "run" and not options.dry_run:
         _alert(config, report)
     return report
+
+
+def _step_of(exc: BaseException, report: RunReport) -> str:
+    """The step a run failed in (for the one-line error)."""
+    return {"extract": "extract and load", "webhooks": "webhook merge"}.get(
+        report.current_step, report.current_step
+    )
 
 
 def _record_metrics(config: AppConfig, report: RunReport) -> None:
@@ -250,6 +269,17 @@ def _record_metrics(config: AppConfig, report: RunReport) -> None:
                 metrics.write_textfile(config.metrics_textfile, con, config.warehouse_path)
     except Exception as exc:  # a full disk or an unwritable textfile folder: the run stands
         log.warning("could not write the run's metrics: %s", scrub(str(exc).splitlines()[0]))
+
+
+def _prune_bookkeeping(config: AppConfig) -> None:
+    """Fold away old per-run rows that say nothing new (bookkeeping.py); never fails the run."""
+    try:
+        with warehouse.connect(config.warehouse_path) as con:
+            removed = bookkeeping.prune(con)
+        if removed:
+            log.debug("bookkeeping: folded away %s", removed)
+    except Exception as exc:  # a full disk: the rows stay until a later run
+        log.warning("could not prune the run bookkeeping: %s", scrub(str(exc).splitlines()[0]))
 
 
 def _alert(config: AppConfig, report: RunReport) -> None:
@@ -421,8 +451,9 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
 
     t0 = time.monotonic()
     with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:
+        since, previous, restored = _continue_from_checkpoint(config, options, report, con)
         if options.dry_run:
-            report.preview = preview(con, emit_settings(config), events_since=options.events_since)
+            report.preview = preview(con, emit_settings(config), events_since=since)
             return
         progress = Progress("emit")
         try:
@@ -430,11 +461,12 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
                 con,
                 emit_settings(config),
                 run_id=report.run_id,
-                events_since=options.events_since,
+                events_since=since,
                 progress=progress,
             )
         finally:
             progress.close()
+        _keep_checkpoint(config, report, con, previous, restored)
     report.emit_seconds = time.monotonic() - t0
     report.identifies_sent = result.identifies_sent
     report.tracks_sent = result.tracks_sent
@@ -463,6 +495,73 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
             f"({result.error or 'no answer'}); the {result.pending} undelivered message(s) stay "
             "pending for the next run (check SEGMENT_HOST and the network)"
         )
+
+
+def _continue_from_checkpoint(
+    config: AppConfig, options: RunOptions, report: RunReport, con: Any
+) -> tuple[datetime | None, Any, dict[str, Any] | None]:
+    """A first sync on a lost or rebuilt warehouse continues from the checkpoint (unless
+    --events-since says otherwise): the events since it are sent, the backlog before skipped.
+
+    Returns the `events_since` for the emitter, the checkpoint found, and the restore's facts.
+    """
+    from pipelines.emit import (
+        catch_up_ledger,
+        ledger_is_empty,
+        read_checkpoint,
+        restore_ledger,
+        warehouse_knows_run,
+    )
+
+    if options.events_since is not None or config.warehouse_path.startswith("md:"):
+        return options.events_since, read_checkpoint(config.warehouse_path), None
+    previous = read_checkpoint(config.warehouse_path)
+    if previous is None:
+        return None, previous, None
+    if not ledger_is_empty(con):
+        if options.dry_run or warehouse_knows_run(con, previous.run_id):
+            return None, previous, None
+        caught_up = catch_up_ledger(con, previous)
+        log.info(
+            "emit: the warehouse is older than the checkpoint of run %s (restored from a "
+            "backup?): the %d event(s) it names as settled are recorded as such, not sent again",
+            previous.run_id,
+            caught_up.settled,
+        )
+        return None, previous, caught_up.as_json(report.run_id)
+    if options.dry_run:  # nothing is written: the preview counts from where the run would send
+        return previous.resend_from, previous, None
+    restore, since = restore_ledger(con, previous, report.run_id)
+    log.info(
+        "emit: the warehouse has no delivery ledger but the checkpoint of run %s does: sending "
+        "the events since %s (delivered up to %s, minus a %.0fh safety margin) instead of "
+        "skipping the backlog",
+        previous.run_id,
+        restore.resend_from.isoformat() if restore.resend_from else "the start",
+        previous.delivered_up_to.isoformat() if previous.delivered_up_to else "-",
+        previous.margin_seconds / 3600,
+    )
+    return since, previous, restore.as_json(report.run_id)
+
+
+def _keep_checkpoint(
+    config: AppConfig, report: RunReport, con: Any, previous: Any, restored: dict[str, Any] | None
+) -> None:
+    """Write the checkpoint after an emit; a failure to write it fails the run (one line)."""
+    from pipelines.emit import checkpoint_path, take_checkpoint, write_checkpoint
+
+    if config.warehouse_path.startswith("md:"):
+        return
+    checkpoint = take_checkpoint(con, report.run_id, previous)
+    if restored is not None:
+        checkpoint.restored = restored
+    try:
+        write_checkpoint(config.warehouse_path, checkpoint)
+    except OSError as exc:
+        raise warehouse.WarehouseError(
+            f"could not write the delivery checkpoint {checkpoint_path(config.warehouse_path)}: "
+            f"{exc.strerror or exc}; what was delivered stays recorded in the warehouse"
+        ) from None
 
 
 def summary_line(report: RunReport) -> str:

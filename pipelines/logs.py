@@ -79,9 +79,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str, ensure_ascii=False)
 
 
+LOG_WRITE_FAILURES = {"count": 0}
+"""Log lines that could not be written (a full disk under a redirected stderr)."""
+
+
+class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr; a line that cannot be written is counted, never a traceback or a crash."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        LOG_WRITE_FAILURES["count"] += 1
+
+
+def log_write_failures() -> int:
+    """How many log lines could not be written in this process."""
+    return LOG_WRITE_FAILURES["count"]
+
+
 def setup_logging(log_format: str = "text", verbose: bool = False) -> None:
     """Route all logging (ours and dlt's) to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LogHandler(sys.stderr)
     handler.addFilter(_ScrubbingFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -122,9 +138,13 @@ def complain(text: str) -> None:
     text = scrub(text)
     if json_mode():
         document = {"time": datetime.now(UTC).isoformat(), "level": "error", "message": text}
-        print(json.dumps(document, ensure_ascii=False), file=sys.stderr, flush=True)
+        line = json.dumps(document, ensure_ascii=False)
     else:
-        print(f"dodo-segment: {text}", file=sys.stderr, flush=True)
+        line = f"dodo-segment: {text}"
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # stderr on a full disk: the exit code still says it
+        LOG_WRITE_FAILURES["count"] += 1
 
 
 def _progress_every() -> float:

@@ -102,6 +102,25 @@ def figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
                 f"select step, seconds from {SYNC_SCHEMA}.run_steps where run_id = ? order by 1",
                 [last[0]],
             ).fetchall()
+    if _has_table(con, "pruned_runs"):  # runs folded away by bookkeeping.prune: still counted
+        folded = con.execute(
+            f"select command, outcome, runs, rows_loaded::varchar, api_requests::varchar "
+            f"from {SYNC_SCHEMA}.pruned_runs"
+        ).fetchall()
+        counts = {(c, o): n for c, o, n in by_outcome}
+        for command, outcome, runs, rows_json, api_json in folded:
+            counts[(command, outcome)] = counts.get((command, outcome), 0) + runs
+            loaded.append((rows_json, api_json))
+        by_outcome = sorted(
+            ((c, o, n) for (c, o), n in counts.items()), key=lambda r: (r[0] or "", r[1] or "")
+        )
+    if _has_table(con, "pruned_steps") and steps_total:
+        totals = dict(steps_total)
+        for step, seconds in con.execute(
+            f"select step, seconds from {SYNC_SCHEMA}.pruned_steps"
+        ).fetchall():
+            totals[step] = totals.get(step, 0.0) + seconds
+        steps_total = sorted(totals.items())
     return {
         "runs": by_outcome,
         "identifies_sent": sums[0],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -112,6 +113,36 @@ MIGRATIONS: dict[int, str | Callable[[duckdb.DuckDBPyConnection], None]] = {
 DAMAGE_SIGNS = ("not a valid DuckDB database", "Could not read enough bytes")
 """DuckDB's words for a damaged or truncated file: at open, or when a query reaches the part
 that is missing."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""No space left, a quota, or a file-size limit: the write failed for lack of room."""
+
+DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "File too large")
+"""How DuckDB, dlt and pyarrow word the same errors when they wrap them in their own types."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error (or one it wraps: dlt's step failures, DuckDB's IO errors) is a write that
+    failed for lack of space."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(sign in str(current) for sign in DISK_FULL_SIGNS):
+            return True
+        inner = getattr(current, "exception", None) or current.__cause__ or current.__context__
+        current = inner if isinstance(inner, BaseException) else None
+    return False
+
+
+DISK_FULL_ADVICE = (
+    "the disk is full (a write failed for lack of space): the warehouse keeps what the last "
+    "completed step wrote, what was delivered stays delivered; free some space and the next run "
+    "delivers the rest"
+)
 
 
 def _damaged(exc: Exception) -> bool:

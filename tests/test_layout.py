@@ -19,7 +19,7 @@ PACKAGE = REPO / "pipelines"
 
 FOUNDATIONS = {
     "config", "dodo_contract", "warehouse", "lock", "logs", "gc_passes", "webhook_store", "alerts",
-    "metrics",
+    "metrics", "bookkeeping",
 }  # fmt: skip
 """Shared by every step; they import one another only."""
 STEPS = {"extract", "transform", "emit", "sandbox"}

@@ -145,10 +145,44 @@ def check_webhooks(config: AppConfig) -> tuple[bool, str] | None:
     )
 
 
+def check_checkpoint(config: AppConfig) -> tuple[bool, str] | None:
+    """The warehouse is not missing nor older than the delivery checkpoint (no line when there
+    is no checkpoint yet: it is written after the first emit)."""
+    from pipelines.emit import read_checkpoint, warehouse_knows_run
+
+    path = config.warehouse_path
+    found = None if path.startswith("md:") else read_checkpoint(path)
+    if found is None:
+        return None
+    since = found.resend_from.isoformat() if found.resend_from else "the start"
+    resumes = (
+        f"the next run sends the events since {since} (the checkpoint of run {found.run_id}, "
+        "minus a safety margin) instead of skipping them; restore a backup first if you have one"
+    )
+    if not os.path.exists(path):
+        return False, f"warehouse {path} is missing: {resumes}"
+    if lock.is_locked(path) is not None:
+        return True, f"checkpoint of run {found.run_id} (not compared while a run holds the lock)"
+    try:
+        with warehouse.connect(path, read_only=True) as con:
+            has_run = warehouse_knows_run(con, found.run_id)
+    except warehouse.WarehouseError as exc:
+        return False, str(exc)
+    if not has_run:
+        return False, (
+            f"warehouse {path} is older than the delivery checkpoint (it has no record of run "
+            f"{found.run_id}, written {found.written_at.isoformat()}): restored from an old copy? "
+            "Its ledger resends what it does not know of, under the same messageIds"
+        )
+    up_to = found.delivered_up_to.isoformat() if found.delivered_up_to else "-"
+    return True, f"checkpoint of run {found.run_id}: every event up to {up_to} settled"
+
+
 CHECKS: tuple[tuple[str, Check], ...] = (
     ("dodo", check_dodo),
     ("segment", check_segment),
     ("warehouse", check_warehouse),
+    ("checkpoint", check_checkpoint),
     ("lock", check_lock),
     ("webhooks", check_webhooks),
 )

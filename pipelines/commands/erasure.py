@@ -282,9 +282,10 @@ def rewrite_file(path: str) -> None:
         con.execute(f"attach {_literal(str(fresh))} as dodo_segment_rewrite")
         con.execute(f"copy from database {source} to dodo_segment_rewrite")
         con.execute("detach dodo_segment_rewrite")
-    except BaseException:
+    except BaseException:  # a full disk, say: the old file stays as it is, nothing half-made
         con.close()
-        fresh.unlink(missing_ok=True)
+        for partial in (fresh, fresh.with_name(fresh.name + ".wal")):
+            partial.unlink(missing_ok=True)
         raise
     con.close()
     os.chmod(fresh, 0o600)

@@ -65,6 +65,40 @@ def handle(args: argparse.Namespace) -> int:
     return serve(load_listen_config(config, flags(args)))
 
 
+MAX_CONNECTIONS = 64
+"""Connections served at once (a thread each); more wait in the kernel's accept queue, so a
+flood costs the listener a bounded number of threads and buffers, whatever the backlog."""
+
+
+IDLE_CONNECTION_SECONDS = 5.0
+"""A connection silent this long is closed (its thread freed for the next sender)."""
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most MAX_CONNECTIONS handler threads at a time."""
+
+    request_queue_size = 256
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # the accept loop waits here while every slot is busy
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class Listener:
     """The HTTP server, the store and the run trigger of one `dodo-segment listen`."""
 
@@ -96,8 +130,7 @@ class Listener:
         self._last_delivery = 0.0
         self._not_before = 0.0
         self._stop = threading.Event()
-        self.server = ThreadingHTTPServer((settings.host, settings.port), _handler(self))
-        self.server.daemon_threads = True
+        self.server = _BoundedServer((settings.host, settings.port), _handler(self))
         self._trigger = threading.Thread(target=self._trigger_loop, name="run-trigger", daemon=True)
 
     @property
@@ -255,6 +288,7 @@ def _handler(listener: Listener) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = IDLE_CONNECTION_SECONDS  # an idle keep-alive connection gives its slot back
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # one line per refusal is logged by the listener; headers hold the signature

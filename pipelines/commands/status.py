@@ -98,6 +98,32 @@ def _webhooks(warehouse_path: str) -> dict[str, Any] | None:
     }
 
 
+def _checkpoint(warehouse_path: str) -> dict[str, Any] | None:
+    """The delivery checkpoint beside the warehouse (None: none written yet)."""
+    from pipelines.emit import read_checkpoint
+
+    found = None if warehouse_path.startswith("md:") else read_checkpoint(warehouse_path)
+    return found.summary() if found else None
+
+
+def _show_checkpoint(found: dict[str, Any] | None) -> None:
+    if not found:
+        return
+    counts = found.get("counts") or {}
+    print(
+        f"checkpoint: every event up to {found.get('delivered_up_to') or '-'} settled "
+        f"(run {found['run_id']}, written {found['written_at']}; "
+        f"{counts.get('delivered', 0)} delivered, {counts.get('pending', 0)} pending)"
+    )
+    restored = found.get("restored")
+    if restored:
+        print(
+            f"  the warehouse was rebuilt: run {restored['run_id']} continued from the checkpoint "
+            f"of run {restored['checkpoint_run_id']}, sending the events since "
+            f"{restored.get('resend_from') or 'the start'} instead of skipping the backlog"
+        )
+
+
 def collect(
     warehouse_path: str,
     limit: int = 10,
@@ -116,6 +142,7 @@ def collect(
         "runs": None,
         "pending": None,
         "webhooks": _webhooks(warehouse_path),
+        "checkpoint": _checkpoint(warehouse_path),
     }
     if holder is not None:
         document["note"] = BUSY_NOTE
@@ -330,6 +357,7 @@ def show(
             else f"DRIFTED ({check['detail']}); repaired by a full build"
         )
         print(f"Models last verified {_when(check['checked_at'])} (deep pass): {verdict}")
+    _show_checkpoint(document.get("checkpoint"))
     pending = document.get("pending") or {}
     if pending:
         backlog = pending.get("skipped_backlog")

@@ -3,11 +3,23 @@
 `emitter` sends and records (`emit`, `resend`, `recompute_traits`, `preview`); `messages` turns
 outbox rows into validated Segment calls; `segment_client` delivers them batch by batch with
 confirmation; `ledger` owns `segment_sync` (delivered events, identify state, rejects);
+`checkpoint` keeps, outside the warehouse, what a rebuilt ledger needs not to skip anything;
 `pending` counts what the next run would send without writing; `tracking_plan` derives the
 plan every message is checked against; `accounts` keeps group state and past user ids;
 `regulations` asks Segment's Public API to suppress and delete a forgotten customer.
 """
 
+from pipelines.emit.checkpoint import (
+    Checkpoint,
+    catch_up_ledger,
+    checkpoint_path,
+    ledger_is_empty,
+    read_checkpoint,
+    restore_ledger,
+    take_checkpoint,
+    warehouse_knows_run,
+    write_checkpoint,
+)
 from pipelines.emit.emitter import (
     EmitResult,
     Preview,
@@ -30,6 +42,15 @@ from pipelines.emit.settings import EmitSettings
 from pipelines.emit.tracking_plan import PlanError, build_plan, load_plan, write_plan
 
 __all__ = [
+    "Checkpoint",
+    "catch_up_ledger",
+    "checkpoint_path",
+    "ledger_is_empty",
+    "read_checkpoint",
+    "restore_ledger",
+    "take_checkpoint",
+    "warehouse_knows_run",
+    "write_checkpoint",
     "DEFAULT_PUBLIC_API_HOST",
     "PRIVACY_PORTAL_STEPS",
     "RegulationError",

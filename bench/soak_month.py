@@ -1,0 +1,252 @@
+"""A month of 5-minute cron runs, compressed in time, with faults, kills and a lost warehouse.
+
+`python -m bench.soak_month --days 30` (`make soak-month`; not part of `make test`) generates a
+small business behind the sandbox simulator and collector and, every simulated `--every-minutes`,
+lets the business's time pass, stores the signed-webhook deliveries of what changed (10% of them
+twice, as Dodo retries) in the listener's store, and runs the job. At random: Dodo faults (5xx,
+429, timeouts), a Segment outage for the run, a run started through the real CLI and SIGKILLed
+at a random moment. Halfway through, the warehouse file is deleted (the checkpoint beside it
+stays). At the end, one clean run, then the checks: every event the models derive reached the
+collector (or was skipped as history by the very first sync), none twice under a different
+messageId, and the repeats under the same messageId (a kill between Segment's acknowledgement
+and the ledger) counted. The warehouse's size and rows per schema after the first day and at the
+end show whether it grows with the business's changes or with the number of runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+
+from bench.webhook_bench import API_KEY, WRITE_KEY, job_env
+from pipelines import bookkeeping
+from pipelines.config import load_config
+from pipelines.job import RunOptions, run_job
+from pipelines.sandbox import DodoSimulator, SegmentCollector, generate_business
+from pipelines.sandbox.webhooks import changes_since, snapshot
+from pipelines.webhook_store import WebhookStore, store_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+BOOKKEEPING = (
+    "segment_sync.runs", "segment_sync.run_steps", "dodo_raw._dlt_loads",
+    "dodo_raw._dlt_pipeline_state", "dodo_raw.lookback_passes", "segment_sync.delivered_events",
+)  # fmt: skip
+"""Tables that could grow with the number of runs rather than with the business's changes."""
+
+
+def flags(simulator: DodoSimulator, collector: SegmentCollector, db: Path, now: datetime) -> dict:
+    """The job's settings aimed at the sandbox (fast retries), as the tests use them."""
+    return {
+        "warehouse.path": str(db),
+        "sources.dodo.api_key": API_KEY,
+        "sources.dodo.base_url": simulator.base_url,
+        "sources.dodo.environment": "test_mode",
+        "sources.dodo.requests_per_minute": 0,
+        "sources.dodo.max_retries": 3,
+        "sources.dodo.timeout_seconds": 5,
+        "segment.write_key": WRITE_KEY,
+        "segment.host": collector.base_url,
+        "segment.max_retries": 1,
+        "segment.timeout_seconds": 5,
+        "sources.dodo.as_of": now.isoformat(),
+    }
+
+
+def sizes(db: Path) -> dict[str, Any]:
+    """The warehouse file's size and the rows of every table, by schema."""
+    found: dict[str, Any] = {"file_bytes": db.stat().st_size if db.exists() else 0}
+    if not db.exists():
+        return found
+    with duckdb.connect(str(db), read_only=True) as con:
+        tables = con.execute(
+            "select schema_name, table_name, estimated_size from duckdb_tables()"
+        ).fetchall()
+        blocks = con.execute("select total_blocks, used_blocks, free_blocks from pragma_database_size()").fetchone()  # fmt: skip
+    rows: Counter[str] = Counter()
+    per_table: dict[str, int] = {}
+    for schema, table, count in tables:
+        rows[schema] += int(count or 0)
+        per_table[f"{schema}.{table}"] = int(count or 0)
+    found["rows_by_schema"] = dict(rows)
+    found["rows_by_table"] = per_table
+    found["blocks"] = {"total": blocks[0], "used": blocks[1], "free": blocks[2]} if blocks else None
+    return found
+
+
+def killed_cli_run(env: dict[str, str], rng: random.Random) -> str:
+    """`dodo-segment run` through the real CLI, SIGKILLed after a random moment (or ended)."""
+    exe = Path(sys.executable).with_name("dodo-segment")
+    process = subprocess.Popen([str(exe), "run"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        process.wait(timeout=rng.uniform(0.5, 5.0))
+        return "ended"
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        return "killed"
+
+
+def deliver(store: WebhookStore, payloads: list[dict[str, Any]], rng: random.Random) -> int:
+    """Store the deliveries of these changes (about 70% come by webhook), some twice."""
+    stored = 0
+    for payload in payloads:
+        if rng.random() > 0.7:
+            continue
+        webhook_id = f"msg_{uuid.UUID(int=rng.getrandbits(128)).hex}"
+        for _ in range(2 if rng.random() < 0.1 else 1):
+            stored += store.store(webhook_id, payload)
+    return stored
+
+
+def check(db: Path, collector: SegmentCollector, skipped_first: set[str]) -> dict[str, Any]:
+    """Lost, duplicated and repeated events, by messageId at the collector."""
+    with duckdb.connect(str(db), read_only=True) as con:
+        outbox = {r[0] for r in con.execute("select event_id from analytics.track_outbox").fetchall()}  # fmt: skip
+    tracks = collector.tracks()
+    counts = Counter(m["messageId"] for m in tracks)
+    by_content: dict[bytes, set[str]] = {}
+    for m in tracks:
+        key = orjson.dumps([m["userId"], m["event"], m["timestamp"], m.get("properties")],
+                           option=orjson.OPT_SORT_KEYS)  # fmt: skip
+        by_content.setdefault(key, set()).add(m["messageId"])
+    return {
+        "events_derived": len(outbox),
+        "events_received": len(counts),
+        "events_lost": len(outbox - set(counts) - skipped_first),
+        "events_sent_twice_under_other_ids": sum(len(v) - 1 for v in by_content.values()),
+        "repeats_under_the_same_message_id": sum(n - 1 for n in counts.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak_month")
+    parser.add_argument("--days", type=float, default=30.0)
+    parser.add_argument("--every-minutes", type=float, default=5.0)
+    parser.add_argument("--customers", type=int, default=150)
+    parser.add_argument("--fault-share", type=float, default=0.04, help="runs with a Dodo fault")
+    parser.add_argument("--outage-share", type=float, default=0.02, help="runs in a Segment outage")
+    parser.add_argument("--kill-share", type=float, default=0.01, help="runs SIGKILLed (CLI)")
+    parser.add_argument("--seed", type=int, default=2023)
+    parser.add_argument(
+        "--keep-runs", type=int, default=None,
+        help="runs kept in full by the bookkeeping retention (default: the job's own, 288; a "
+        "shortened soak keeps proportionally fewer so that the retention shows)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_soak.json")
+    args = parser.parse_args(argv)
+    if args.keep_runs is not None:  # the bench's compression of time, not the job's setting
+        bookkeeping.KEEP_RECENT_RUNS = args.keep_runs
+    logging.basicConfig(level=logging.ERROR)  # the runs' own lines: only errors
+    rng = random.Random(args.seed)
+    wall = datetime.now(UTC).replace(microsecond=0)
+    ticks = int(args.days * 24 * 60 / args.every_minutes)
+    business = generate_business(
+        args.seed, args.customers, now=wall - timedelta(days=args.days + 1)
+    )
+    outcomes: Counter[str] = Counter()
+    figures: dict[str, Any] = {}
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="dodo-segment-soak-") as work,
+        DodoSimulator(business, api_key=API_KEY) as simulator,
+        SegmentCollector(write_key=WRITE_KEY) as collector,
+    ):
+        db = Path(work) / "warehouse.duckdb"
+        store = WebhookStore(store_folder(str(db))).ensure()
+        first = run_job(load_config(flags(simulator, collector, db, business.now)), RunOptions())
+        outcomes[f"run:{first.outcome}"] += 1
+        with duckdb.connect(str(db), read_only=True) as con:
+            skipped_first = {r[0] for r in con.execute(
+                "select event_id from segment_sync.delivered_events where status = 'skipped'"
+            ).fetchall()}  # fmt: skip
+        for tick in range(1, ticks + 1):  # bounded: one run per simulated interval
+            before = snapshot(business)
+            business.advance_time(days=args.every_minutes / 1440, seed=rng.randrange(1 << 30))
+            outcomes["webhook_deliveries"] += deliver(store, changes_since(before, business), rng)
+            if tick == ticks // 2:
+                for path in (db, Path(f"{db}.wal")):
+                    path.unlink(missing_ok=True)
+                outcomes["warehouse_lost"] += 1
+            draw = rng.random()
+            outage = draw < args.outage_share
+            if args.outage_share <= draw < args.outage_share + args.fault_share:
+                kind = rng.choice(["500", "429", "timeout"])
+                if kind == "500":
+                    simulator.inject_fault(status=500, times=2)
+                elif kind == "429":
+                    simulator.inject_fault(status=429, retry_after=0.05, times=3)
+                else:
+                    simulator.inject_fault(path="/payments", kind="timeout", delay=1.0)
+                outcomes[f"dodo_fault:{kind}"] += 1
+            collector.outage(outage)
+            outcomes["segment_outage_runs"] += outage
+            if rng.random() < args.kill_share:
+                env = job_env(simulator, collector, db, business.now)
+                outcomes[f"cli_run:{killed_cli_run(env, rng)}"] += 1
+            else:
+                config = load_config(flags(simulator, collector, db, business.now))
+                report = run_job(config, RunOptions())
+                outcomes[f"run:{report.outcome}"] += 1
+            collector.outage(False)
+            simulator.clear_faults()
+            if tick == int(24 * 60 / args.every_minutes):
+                figures["after_day_1"] = sizes(db)
+            if tick % max(1, int(6 * 60 / args.every_minutes)) == 0:  # every 6 simulated hours
+                found = sizes(db)
+                figures.setdefault("every_6_hours", []).append({
+                    "hours": round(tick * args.every_minutes / 60, 1),
+                    "file_bytes": found["file_bytes"],
+                    "rows_by_schema": found.get("rows_by_schema"),
+                    "bookkeeping_rows": {k: v for k, v in found.get("rows_by_table", {}).items()
+                                         if k in BOOKKEEPING},
+                })  # fmt: skip
+            if tick % 50 == 0:
+                print(f"tick {tick}/{ticks} ({time.monotonic() - started:.0f}s) {dict(outcomes)}",
+                      flush=True)  # fmt: skip
+        final = run_job(load_config(flags(simulator, collector, db, business.now)), RunOptions())
+        outcomes[f"final:{final.outcome}"] += 1
+        figures["after_all"] = sizes(db)
+        figures["checks"] = check(db, collector, skipped_first)
+    results = {
+        "measured_at": wall.isoformat(),
+        "days": args.days,
+        "every_minutes": args.every_minutes,
+        "runs": ticks + 2,
+        "customers": args.customers,
+        "keep_runs": bookkeeping.KEEP_RECENT_RUNS,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "cpus": os.cpu_count(),
+        "outcomes": dict(outcomes),
+        **figures,
+    }
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    summary = {k: v for k, v in results.items() if k not in ("after_day_1", "after_all")}
+    summary["file_bytes"] = {
+        "after_day_1": figures.get("after_day_1", {}).get("file_bytes"),
+        "after_all": figures["after_all"]["file_bytes"],
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
