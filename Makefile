@@ -32,7 +32,8 @@ report: install
 
 # The suite on both cores (pytest-xdist): tests go one by one to the next free worker, except a
 # module whose tests share a module-scoped setup (marked xdist_group), which stays on one worker.
-# test-fast: no subprocess, no wheel, no notebook kernel, no browser (tests marked slow left out).
+# test-fast: the tests not marked slow: no subprocess (CLI, wheel, notebook kernel, browser) and
+# no heavy in-process scenario (several job runs); make test runs them all.
 PYTEST_WORKERS ?= 2
 
 test: install browser

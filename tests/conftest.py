@@ -83,7 +83,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """The fast tier stays fast: a test (or a fixture it sets up) that starts a subprocess (the
-    real CLI, a wheel build, a notebook kernel, a browser) must be marked `slow`."""
+    real CLI, a wheel build, a notebook kernel, a browser) must be marked `slow`. (Heavy
+    in-process scenarios, several job runs each, are marked `slow` by hand, from `--durations`.)"""
     if item.get_closest_marker("slow"):
         yield
         return

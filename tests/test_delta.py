@@ -150,6 +150,7 @@ APP_USER_IDS = IdentityConfig(
     [(1, IdentityConfig()), (2, IdentityConfig()), (3, APP_USER_IDS)],
     ids=["seed1", "seed2", "seed3-app-user-ids-and-accounts"],
 )
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_delta_build_equals_a_full_build_after_every_run(
     business: tuple[Sandbox, Path], seed: int, identity: IdentityConfig
 ) -> None:

@@ -180,6 +180,7 @@ def no_change_request_bound(db: str, as_of: datetime, lookback: timedelta, page_
     return pages
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_no_change_run_stays_within_the_request_bound(sandbox: Sandbox) -> None:
     # Pages of 4 and 4 pages a query: the 34 active subscriptions are more than one query may
     # return, as the open subscriptions of a business of 1M payments are with real page sizes.
@@ -194,6 +195,7 @@ def test_a_no_change_run_stays_within_the_request_bound(sandbox: Sandbox) -> Non
     assert_matches_truth(sandbox)
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_first_sync_in_several_loads_reads_every_row_once(sandbox: Sandbox) -> None:
     small = {"sources.dodo.page_size": 10, "sources.dodo.max_pages_per_query": 5}
     result = run_extract(sandbox.config(**small, **{"sources.dodo.rows_per_load": 300}))
@@ -251,6 +253,7 @@ def test_status_changes_are_picked_up_whatever_their_age(sandbox: Sandbox) -> No
         ).fetchone() == (1,)
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_an_incremental_run_in_several_loads_still_rereads_open_objects(sandbox: Sandbox) -> None:
     small = {"sources.dodo.page_size": 10, "sources.dodo.max_pages_per_query": 5}
     run_extract(sandbox.config(**small))
@@ -295,6 +298,7 @@ def test_subscription_transitions_are_kept_as_history(sandbox: Sandbox) -> None:
     assert per_sub[0] == 3  # nothing else gained history rows
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_rate_limits_and_server_errors_are_survived_without_loss(sandbox: Sandbox) -> None:
     sim = sandbox.simulator
     sim.inject_fault(path="/payments", status=429, retry_after=0.2, times=3)
@@ -407,6 +411,7 @@ def test_telemetry_is_off_by_default(sandbox: Sandbox) -> None:
     assert pipeline.run_context.runtime_config.dlthub_telemetry is False
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_ledger_of_a_payment_that_settles_late_is_read_by_its_id(sandbox: Sandbox) -> None:
     """A payment created 20 days ago sits in processing, then succeeds and books its ledger
     entries at its own creation time, far before the ledger's lookback: they still arrive,

@@ -16,6 +16,8 @@ from pipelines.job import RunOptions, run_job
 from pipelines.sandbox.identities import APP_USER_ID, SHARED_USER_ID
 from tests.conftest import Sandbox, make_sandbox, run_cli
 
+pytestmark = pytest.mark.xdist_group("test_identity")  # one worker builds the module-scoped setup
+
 CUSTOM_GROUP_TRAITS = """\
 select distinct tax_id as group_id, 'enterprise' as sales_tier
 from analytics.stg_subscriptions

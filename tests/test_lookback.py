@@ -28,6 +28,7 @@ def passes(db: str) -> list[tuple[bool, dict]]:
     return [(deep, json.loads(found)) for deep, found in rows]
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_late_visible_object_is_caught_by_the_next_deep_pass_and_counted(
     sandbox: Sandbox,
 ) -> None:
@@ -72,6 +73,7 @@ def test_a_status_change_of_an_old_open_object_is_caught_by_a_short_run(sandbox:
     assert_matches_truth(sandbox)
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_the_deep_pass_schedule_survives_losing_the_pipeline_folder(sandbox: Sandbox) -> None:
     biz = sandbox.business
     config = sandbox.config(**{"sources.dodo.deep_lookback_hours": 24})
@@ -123,6 +125,7 @@ def test_run_deep_and_status_show_the_deep_pass_and_requests_per_resource(
 # --- pacing -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_pacing_by_headers_gets_no_429_from_the_servers_limiter(sandbox: Sandbox) -> None:
     limit = RateLimit(per_minute=1200, burst=20)
     sandbox.simulator.limiter = TokenBuckets(limit)
@@ -138,6 +141,7 @@ def test_pacing_by_headers_gets_no_429_from_the_servers_limiter(sandbox: Sandbox
     assert_matches_truth(sandbox)
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_429_with_retry_after_is_still_honoured(sandbox: Sandbox) -> None:
     # a server that sends no rate-limit headers, and no ceiling on the client: 429s happen
     sandbox.simulator.limiter = TokenBuckets(RateLimit(per_minute=1200, burst=20, headers=False))
@@ -192,6 +196,7 @@ def test_the_users_ceiling_applies_with_headers_too() -> None:
     assert slept == [1.0]
 
 
+@pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_no_change_run_keeps_the_models_although_it_records_its_pass(
     sandbox: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -27,6 +27,8 @@ from pipelines.sandbox.collector import SegmentCollector
 from pipelines.sandbox.loopback import LoopbackServer
 from tests.conftest import API_KEY, WRITE_KEY, Sandbox
 
+pytestmark = pytest.mark.slow  # heavy: a whole job run per random business (10-12 s each)
+
 MODELS = {
     "payments": sdk.PaymentListResponse,
     "subscriptions": sdk.SubscriptionListResponse,

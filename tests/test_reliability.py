@@ -36,6 +36,8 @@ from pipelines.job import RunOptions, RunReport, run_job
 from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
 from tests.conftest import Sandbox, make_sandbox, run_cli
 
+pytestmark = pytest.mark.slow  # heavy: every scenario drives several job runs (3-10 s each)
+
 SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 EVERYTHING = ["--events-since", "2000-01-01"]
 """Send the whole history, so 'received' == 'derived' with no skipped backlog in between."""

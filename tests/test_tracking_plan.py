@@ -19,6 +19,10 @@ from pipelines.commands.tracking_plan import write_tracking_plan
 from pipelines.job import RunOptions, run_job
 from tests.conftest import make_sandbox, run_cli
 
+pytestmark = pytest.mark.xdist_group(
+    "test_tracking_plan"
+)  # one worker builds the module-scoped setup
+
 # 'seats' is a number on every row but the earliest, where it is a string: a typo in a custom
 # model that would break a dashboard downstream
 BROKEN_EVENTS = """\

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 
 from pipelines import warehouse
 from pipelines.dodo_contract import RAW_COLUMNS, WAREHOUSE_SCHEMA_VERSION
@@ -15,6 +16,8 @@ from pipelines.job import RunOptions, emit_settings, run_job
 from pipelines.sandbox.faults import PageContext
 from pipelines.transform import run_models
 from tests.conftest import Sandbox
+
+pytestmark = pytest.mark.slow  # heavy: two releases' builds and runs (7 s)
 
 PREVIOUS_RELEASE_SQL = Path(__file__).resolve().parent / "fixtures" / "previous_release_sql"
 
