@@ -15,15 +15,14 @@ pytestmark = pytest.mark.slow  # every test here drives a subprocess
 def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     main(
-        # the smallest business that still takes several pages and loads: a smoke run, not figures
-        ["--sizes", "1k", "--repeat", "1", "--formats-size", "1k", "--baseline-events", "50",
+        ["--sizes", "2k", "--repeat", "1", "--formats-size", "2k", "--baseline-events", "50",
          "--baseline-latency-events", "20", "--limiter-schedule-seconds", "0", "--out", str(out)]
     )  # fmt: skip
     results = json.loads(out.read_text())
     (size,) = results["sizes"]
     first = size["first_sync"]
-    assert size["payments"] == 1_000
-    assert first["rows"] >= 1_000 and first["rows_per_s"] > 0
+    assert size["payments"] == 2_000
+    assert first["rows"] >= 2_000 and first["rows_per_s"] > 0
     assert first["api_requests"] == sum(size["first_sync_api_requests"].values())
     # the first sync of a small size sends the whole history: every message reached the collector
     assert first["emit_backfill"] and first["segment"]["messages"] == first["emit_messages"] > 0
@@ -36,7 +35,7 @@ def test_bench_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     assert again["models_skipped"] is False
     # the same business with a ten times deeper past: the same re-reads, more history
     deeper = results["same_delta_deeper_history"]
-    assert deeper["payments"] == 10_000 and deeper["history_rows"] > 5 * size["history_rows"]
+    assert deeper["payments"] == 20_000 and deeper["history_rows"] > 5 * size["history_rows"]
     assert deeper["no_change_models_kept"]["models_skipped"] is True
     assert (
         deeper["no_change_models_kept"]["api_requests_by_resource"]
