@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 
+from pipelines.durable import fsync_folder
+
 MERGED_MARKER_DAYS = 7
 """Dodo (Standard Webhooks) retries a delivery for about 3 days; markers outlive that."""
 
@@ -43,14 +45,6 @@ class StoredDelivery:
 def store_folder(warehouse_path: str) -> Path:
     """Where the deliveries of this warehouse are kept: `<warehouse>.webhooks/` beside it."""
     return Path(f"{warehouse_path}.webhooks")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GroupSync:
@@ -91,7 +85,7 @@ class GroupSync:
                 self._cond.release()
                 error: OSError | None = None
                 try:
-                    _fsync_dir(self.folder)
+                    fsync_folder(self.folder)
                 except OSError as exc:
                     error = exc
                 finally:
@@ -199,7 +193,7 @@ class WebhookStore:
             os.replace(self._write_durably(delivery.path.stem, record), delivery.path)
             changed += 1
         if changed:
-            _fsync_dir(self.pending_dir)
+            fsync_folder(self.pending_dir)
         return changed
 
     def mark_merged(self, deliveries: Iterable[StoredDelivery]) -> int:
@@ -211,8 +205,8 @@ class WebhookStore:
             delivery.path.unlink(missing_ok=True)
             done += 1
         if done:
-            _fsync_dir(self.merged_dir)
-            _fsync_dir(self.pending_dir)
+            fsync_folder(self.merged_dir)
+            fsync_folder(self.pending_dir)
         self._purge_markers()
         return done
 

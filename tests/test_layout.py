@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipelines"
 
 FOUNDATIONS = {
-    "config", "dodo_contract", "warehouse", "lock", "logs", "gc_passes", "webhook_store", "alerts",
-    "metrics", "bookkeeping",
+    "config", "dodo_contract", "durable", "warehouse", "lock", "logs", "gc_passes",
+    "webhook_store", "alerts", "metrics", "bookkeeping",
 }  # fmt: skip
 """Shared by every step; they import one another only."""
 STEPS = {"extract", "transform", "emit", "sandbox"}

@@ -20,29 +20,16 @@ from pathlib import Path
 from pipelines import lock, warehouse
 from pipelines.commands.common import Subcommands, add_command, add_common, load_command_config
 from pipelines.config import AppConfig, ConfigError
+from pipelines.durable import replace_file
 from pipelines.logs import complain, say
 
 COPY_CHUNK = 8 * 1024 * 1024
 
 
-def _copy_durably(source: Path, target: Path) -> None:
-    """Copy source to target via a temporary file (0600, fsync'd, renamed, folder fsync'd)."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, COPY_CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+def _copy(source: Path, target: Path) -> None:
+    """Copy source over target whole or not at all (0600, fsync'd, renamed, folder fsync'd)."""
+    with open(source, "rb") as src:
+        replace_file(target, lambda out: shutil.copyfileobj(src, out, COPY_CHUNK))
 
 
 def backup_warehouse(config: AppConfig, target: str) -> int:
@@ -65,7 +52,7 @@ def backup_warehouse(config: AppConfig, target: str) -> int:
     try:
         with warehouse.connect(source) as con:
             con.execute("CHECKPOINT")
-            _copy_durably(Path(source), destination)
+            _copy(Path(source), destination)
     except OSError as exc:
         raise warehouse.WarehouseError(
             f"could not write the backup {target}: {exc.strerror or exc}; "

@@ -21,7 +21,6 @@ by Segment's de-duplication.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pipelines.durable import replace_file
 from pipelines.emit import ledger
 from pipelines.lock import lock_path
 
@@ -185,25 +185,7 @@ def write_checkpoint(warehouse_path: str, checkpoint: Checkpoint) -> None:
     path = checkpoint_path(warehouse_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(checkpoint.as_json(), separators=(",", ":")).encode()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(text)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    replace_file(path, lambda out: out.write(text))
 
 
 def ledger_is_empty(con: duckdb.DuckDBPyConnection) -> bool:
