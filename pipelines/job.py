@@ -11,21 +11,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from pipelines import alerts, bookkeeping, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
 from pipelines.dodo_contract import RESOURCES
-from pipelines.extract import (
-    DodoApiError,
-    DodoUnavailable,
-    ExtractResult,
-    WebhookMerge,
-    merge_webhooks,
-    run_extract,
-)
 from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.transform import (
     ModelError,
@@ -34,6 +26,9 @@ from pipelines.transform import (
     run_models,
     verify_against_full_build,
 )
+
+if TYPE_CHECKING:  # the extract (dlt, pyarrow) is imported by run_job, not by every command
+    from pipelines.extract import ExtractResult, WebhookMerge
 
 log = logging.getLogger("dodo_segment")
 
@@ -175,6 +170,8 @@ def _note_typical_duration(config: AppConfig, report: RunReport, on_step: StepHo
 
 def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = None) -> RunReport:
     """Run every step; never raises for an expected failure, the report says what happened."""
+    from pipelines.extract import DodoApiError, DodoUnavailable
+
     started = datetime.now(UTC)
     command = f"{options.command} --dry-run" if options.dry_run else options.command
     report = RunReport(run_id=new_run_id(started), started_at=started, command=command)
@@ -188,30 +185,8 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     try:
         warehouse.prepare(config.warehouse_path, package_version())
         recordable = True
-        _save(config, report)
-        _note_typical_duration(config, report, step)
-        if not options.only_emit:
-            step(step="webhooks")
-            report.webhooks = merge_webhooks(config)
-        if not options.only_emit and not options.webhook_only:
-            step(step="extract")
-            _extract(config, options, report)
-        step(step="models")
-        blocked = _run_models(config, options, report)
-        if report.extract is not None and report.extract.deep and _incremental(config, options):
-            step(step="verify")
-            _verify_models(config, report)
-        if blocked:
-            report.outcome, report.exit_code = "data_test_failed", ExitCode.DATA_TEST_FAILED
-        elif not options.skip_emit:
-            step(step="emit")
-            _emit(config, options, report)
-        if report.exit_code is None:
-            flagged = report.rejected or report.quarantined
-            if report.extract and report.extract.rejected_records:
-                flagged = True
-            report.outcome = "finished_with_rejections" if flagged else "success"
-            report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
+        with warehouse.held(config.warehouse_path):  # one open database for every step
+            _run_steps(config, options, report, step)
     except ConfigError as exc:
         report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
     except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
@@ -245,6 +220,36 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
     if options.command == "run" and not options.dry_run:
         _alert(config, report)
     return report
+
+
+def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: StepHook) -> None:
+    """Webhooks, extract, models (and the deep pass's verification), emit; the outcome."""
+    _save(config, report)
+    _note_typical_duration(config, report, step)
+    if not options.only_emit:
+        step(step="webhooks")
+        from pipelines.extract import merge_webhooks
+
+        report.webhooks = merge_webhooks(config)
+    if not options.only_emit and not options.webhook_only:
+        step(step="extract")
+        _extract(config, options, report)
+    step(step="models")
+    blocked = _run_models(config, options, report)
+    if report.extract is not None and report.extract.deep and _incremental(config, options):
+        step(step="verify")
+        _verify_models(config, report)
+    if blocked:
+        report.outcome, report.exit_code = "data_test_failed", ExitCode.DATA_TEST_FAILED
+    elif not options.skip_emit:
+        step(step="emit")
+        _emit(config, options, report)
+    if report.exit_code is None:
+        flagged = report.rejected or report.quarantined
+        if report.extract and report.extract.rejected_records:
+            flagged = True
+        report.outcome = "finished_with_rejections" if flagged else "success"
+        report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
 
 
 def _step_of(exc: BaseException, report: RunReport) -> str:
@@ -314,6 +319,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _extract(config: AppConfig, options: RunOptions, report: RunReport) -> None:
+    from pipelines.extract import run_extract
+
     t0 = time.monotonic()
     log.info("extract: reading the Dodo Payments API at %s", config.extract.base_url)
     progress = Progress("extract", verb="rows read")
@@ -412,9 +419,10 @@ def _verify_models(config: AppConfig, report: RunReport) -> None:
     """The deep pass: compare the models with a full build of a scratch copy; on drift, repair
     the warehouse with a full build (which also renews the delta snapshot) and say so."""
     t0 = time.monotonic()
-    drifts = verify_against_full_build(
-        config.warehouse_path, lambda con: full_build(config, con, incremental=False)
-    )
+    with warehouse.let_go(config.warehouse_path):  # the file is copied, then attached
+        drifts = verify_against_full_build(
+            config.warehouse_path, lambda con: full_build(config, con, incremental=False)
+        )
     report.models_verified = True
     report.models_drift = [str(d) for d in drifts]
     with warehouse.connect(config.warehouse_path, memory_limit=config.memory_limit) as con:

@@ -173,16 +173,67 @@ def _classify(exc: Exception, path: str) -> WarehouseError:
     )
 
 
+_HELD: dict[str, duckdb.DuckDBPyConnection] = {}
+"""Warehouses this process keeps open for the length of a run (`held`), by path."""
+
+
+@contextmanager
+def held(path: str) -> Iterator[None]:
+    """Keep the warehouse open while the block runs: every `connect` to it in between is a
+    cursor on this one open database, instead of opening the file again (~20 opens a run, each
+    reading the catalog and checkpointing on close). Other processes see the file locked until
+    the block ends, as they did during each step; the last close checkpoints it."""
+    if path in _HELD or not _is_local(path):
+        yield
+        return
+    try:
+        con = duckdb.connect(path)
+    except (duckdb.Error, OSError) as exc:
+        raise _classify(exc, path) from None
+    _HELD[path] = con
+    try:
+        yield
+    finally:
+        _HELD.pop(path, None)
+        con.close()
+
+
+@contextmanager
+def let_go(path: str) -> Iterator[None]:
+    """Close a held warehouse for the block (a byte copy of the file, another database
+    instance attaching it), then hold it again."""
+    con = _HELD.pop(path, None)
+    if con is None:
+        yield
+        return
+    con.close()
+    try:
+        yield
+    finally:
+        try:
+            _HELD[path] = duckdb.connect(path)
+        except (duckdb.Error, OSError) as exc:
+            raise _classify(exc, path) from None
+
+
+def open_connection(path: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection to the warehouse for the caller to close: a cursor on it when held, else
+    DuckDB's own connect (its errors unchanged; `connect` turns them into one line)."""
+    holder = _HELD.get(path)
+    return holder.cursor() if holder is not None else duckdb.connect(path, read_only=read_only)
+
+
 @contextmanager
 def connect(
     path: str, read_only: bool = False, memory_limit: str | None = None
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the warehouse, turning DuckDB's errors into one clear line; `memory_limit` (e.g.
-    "1GB") caps DuckDB's memory, which spills to disk beyond it."""
+    "1GB") caps DuckDB's memory, which spills to disk beyond it. Inside `held(path)` this is a
+    cursor on the held database (`read_only` then only says the caller writes nothing)."""
     if read_only and not path.startswith("md:") and not os.path.exists(path):
         raise WarehouseError(f"no warehouse at {path} yet: run 'dodo-segment run' first")
     try:
-        con = duckdb.connect(path, read_only=read_only)
+        con = open_connection(path, read_only)
     except (duckdb.Error, OSError) as exc:
         raise _classify(exc, path) from None
     try:

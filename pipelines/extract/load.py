@@ -17,6 +17,7 @@ import dlt
 import duckdb
 from dlt.pipeline.exceptions import PipelineStepFailed
 
+from pipelines import warehouse
 from pipelines.config import AppConfig, pipeline_dir
 from pipelines.dodo_contract import (
     DISPUTE_HISTORY_TABLE,
@@ -252,7 +253,7 @@ def store_rejected(warehouse_path: str, rejected: list[dict[str, Any]]) -> int:
         )
         for r in rejected
     ]
-    with duckdb.connect(warehouse_path) as con:
+    with warehouse.connect(warehouse_path) as con:
         con.execute(f"create schema if not exists {RAW_DATASET}")
         con.execute(REJECTED_RECORDS_SQL)
         con.executemany(
@@ -264,7 +265,7 @@ def store_rejected(warehouse_path: str, rejected: list[dict[str, Any]]) -> int:
 
 def record_history(warehouse_path: str) -> None:
     """Append the subscription and dispute states this sync saw for the first time."""
-    with duckdb.connect(warehouse_path) as con:
+    with warehouse.connect(warehouse_path) as con:
         tables = _raw_tables(con)
         if "subscriptions" in tables:
             con.execute(SUBSCRIPTION_HISTORY_SQL)
@@ -330,7 +331,7 @@ def build_plan(
     # without a warehouse the first sync reads everything: it is the deep pass too
     plan.deep, plan.lookback = True, deep_window
     if _warehouse_exists(config.warehouse_path):
-        with duckdb.connect(config.warehouse_path, read_only=True) as con:
+        with warehouse.connect(config.warehouse_path, read_only=True) as con:
             every = timedelta(hours=xc.deep_lookback_hours)
             plan.deep = deep or deep_pass_due(con, plan.run_started_at, every)
             plan.lookback = deep_window if plan.deep else timedelta(minutes=xc.lookback_minutes)
@@ -409,7 +410,7 @@ def _load_until_done(
     pending = tuple(resources)
     while pending and result.loads < MAX_LOADS_PER_RUN:
         if result.loads and _warehouse_exists(path):  # what the loads so far have written
-            with duckdb.connect(path) as con:
+            with warehouse.connect(path) as con:
                 plan.newest_loaded = _newest_loaded(con)
         source = dodo_source(plan, pending)
         t0 = time.monotonic()
@@ -456,7 +457,7 @@ def _load_settled_ledger(
     path = config.warehouse_path
     if not _warehouse_exists(path):
         return
-    with duckdb.connect(path, read_only=True) as con:
+    with warehouse.connect(path, read_only=True) as con:
         ids = settled_before(con, plan.known_non_terminal, plan.run_started_at - plan.lookback)
     if not ids:
         return

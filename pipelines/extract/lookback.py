@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pipelines import warehouse
 from pipelines.dodo_contract import (
     LOOKBACK_PASSES_TABLE,
     NON_TERMINAL_STATUSES,
@@ -103,7 +104,7 @@ def deep_pass_due(con: duckdb.DuckDBPyConnection, now: datetime, every: timedelt
 
 def record_pass(warehouse_path: str, recorded: LookbackPass) -> None:
     """Store one extract's lookback pass (the deep pass schedule reads it back)."""
-    with duckdb.connect(warehouse_path) as con:
+    with warehouse.connect(warehouse_path) as con:
         con.execute(f"create schema if not exists {RAW_DATASET}")
         con.execute(LOOKBACK_PASSES_SQL)
         con.execute(
@@ -173,7 +174,7 @@ def found_by_deep_pass(
     (the short runs' status re-reads catch those): what remains is what only the deep pass saw.
     """
     found: dict[str, dict[str, int]] = {}
-    with duckdb.connect(warehouse_path, read_only=True) as con:
+    with warehouse.connect(warehouse_path, read_only=True) as con:
         for resource, (start, end) in ranges.items():
             if resource not in before.rows:
                 continue
@@ -200,7 +201,7 @@ def before_deep_pass(warehouse_path: str, plan: ExtractPlan) -> DeepSnapshot | N
     if not warehouse_path.startswith("md:") and not os.path.exists(warehouse_path):
         return None
     since = {r: newest - plan.lookback for r, newest in plan.newest_loaded.items()}
-    with duckdb.connect(warehouse_path, read_only=True) as con:
+    with warehouse.connect(warehouse_path, read_only=True) as con:
         return snapshot(con, since)
 
 

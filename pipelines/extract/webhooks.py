@@ -21,6 +21,7 @@ import orjson
 import pyarrow as pa
 from dlt.extract.resource import DltResource
 
+from pipelines import warehouse
 from pipelines.config import AppConfig
 from pipelines.dodo_contract import PRIMARY_KEYS, RAW_DATASET, SYNCED_AT_COLUMN
 from pipelines.extract.dodo.records import dlt_column_hints, item_fields, to_arrow
@@ -145,7 +146,7 @@ def _tables(
     """Arrow tables of the objects to merge, `_synced_at` set to each one's event time."""
     tables: dict[str, pa.Table] = {}
     try:
-        con = duckdb.connect(config.warehouse_path, read_only=True)
+        con = warehouse.open_connection(config.warehouse_path, read_only=True)
     except duckdb.IOException:  # no warehouse yet: everything is new
         con = None
     forgotten = forgotten_ids(con) if con is not None else frozenset()
@@ -200,7 +201,7 @@ def _merge_into_warehouse(warehouse_path: str, tables: dict[str, pa.Table]) -> d
     """Replace the rows of these keys in the raw tables, in one transaction; returns the tables
     the warehouse does not have yet (dlt creates those)."""
     left: dict[str, pa.Table] = {}
-    with duckdb.connect(warehouse_path) as con:
+    with warehouse.connect(warehouse_path) as con:
         con.execute("begin transaction")
         for resource, table in tables.items():
             columns = {
