@@ -26,9 +26,28 @@ documents as (
     select 'group', '', traits from group_outbox
 ),
 
+-- one row per document shape (json_structure: each key's type name, or its array or object
+-- shape): an event's documents share a few shapes, so the keys are read from the shapes, not
+-- from every document (json_each over 3M tracks took 90 s and 1.1 GB; this ~8x less)
+shapes as (
+    select call, event, json_structure(document) as shape, count(*) as documents
+    from documents
+    group by all
+),
+
 keys as (
-    select documents.call, documents.event, entry.key, entry.type as json_type
-    from documents, json_each(documents.document) as entry
+    select
+        shapes.call,
+        shapes.event,
+        entry.key,
+        case
+            when entry.type <> 'VARCHAR' then entry.type  -- an array or a non-empty object
+            when json_extract_string(entry.value, '$') = 'JSON' then 'OBJECT'  -- {}
+            else json_extract_string(entry.value, '$')
+        end as json_type,
+        shapes.documents
+    from shapes, json_each(shapes.shape) as entry
+    where json_type(shapes.shape) = 'OBJECT'  -- {} has the shape "JSON" and no keys
 ),
 
 -- what the plan was built from: the emitter checks a plan against the outboxes it sends from
@@ -44,12 +63,12 @@ built_from as (
 ),
 
 final as (
-    select call, event, key, json_type, count(*) as rows
+    select call, event, key, json_type, sum(documents)::bigint as rows
     from keys
     group by all
     union all
-    select call, event, '' as key, '' as json_type, count(*) as rows
-    from documents
+    select call, event, '' as key, '' as json_type, sum(documents)::bigint as rows
+    from shapes
     group by all
     union all
     select * from built_from
