@@ -100,6 +100,8 @@ class RunReport:
     models_verified: bool = False
     """The deep pass compared the models with a full build (`models_drift` what differed)."""
     models_drift: list[str] = field(default_factory=list)
+    models_first_build: bool = False
+    """The models were built for the first time (a first sync): a full build, nothing to verify."""
 
     def as_row(self) -> dict[str, Any]:
         """The row written to segment_sync.runs."""
@@ -370,6 +372,7 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             incremental=_incremental(config, options),
         )
     report.models_seconds = time.monotonic() - t0
+    report.models_first_build = result.build == "full" and result.build_reason == "first build"
     report.quarantined = sum(result.quarantined.values())
     report.data_test_errors = [str(e) for e in result.errors]
     for name, count in result.quarantined.items():
@@ -419,6 +422,11 @@ def _verify_models(config: AppConfig, report: RunReport) -> None:
     """The deep pass: compare the models with a full build of a scratch copy; on drift, repair
     the warehouse with a full build (which also renews the delta snapshot) and say so."""
     t0 = time.monotonic()
+    if report.models_first_build:  # a first sync's build is a full build: equal by construction
+        with warehouse.connect(config.warehouse_path) as con:
+            record_check(con, report.run_id, [], repaired=False)
+        report.models_verified = True
+        return
     with warehouse.let_go(config.warehouse_path):  # the file is copied, then attached
         drifts = verify_against_full_build(
             config.warehouse_path, lambda con: full_build(config, con, incremental=False)
