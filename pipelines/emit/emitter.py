@@ -6,6 +6,7 @@ confirmation and splitting of rejected batches in `segment_client.py`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -139,8 +140,14 @@ def _send(
 ) -> EmitResult:
     """Identify phase, then track phase; the ledger is written as batches are acknowledged."""
     started = time.monotonic()
+    first = next(identifies, None) if identifies is not None else None
+    if first is None and tracks is None:  # nothing to send: no client, no threads to wind down
+        ledger.record_rejected(con, run_id, rejects.rows)
+        result.rejected, result.pending = len(rejects.rows), 0
+        result.seconds = time.monotonic() - started
+        return result
     sender = SegmentSender(settings)
-    identify_source = _Counted(identifies or iter(()))
+    identify_source = _Counted(itertools.chain([] if first is None else [first], identifies or ()))
     try:
 
         def identifies_acked(acked: list[Outgoing]) -> None:
