@@ -6,8 +6,10 @@ import bisect
 import gc
 import random
 import threading
+import weakref
+from array import array
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.dodo_contract import PRIMARY_KEYS, RESOURCES
 from pipelines.sandbox import records as rec
@@ -20,15 +22,26 @@ from pipelines.sandbox.timeflow import advance
 Item = dict[str, Any]
 
 
+class Watcher(Protocol):
+    """Told of every change made through the Business (`webhooks.Snapshot` is one)."""
+
+    def changing(self, resource: str, item: Item) -> None:
+        """`item`, which existed, is about to be edited in place."""
+
+    def created(self, resource: str, item: Item) -> None:
+        """`item` was just added."""
+
+
 class Table:
-    """One resource's items sorted by created_at, with their microsecond keys and an id index."""
+    """One resource's items sorted by created_at, with their microsecond keys (a compact array,
+    8 bytes a key) and an id index."""
 
     __slots__ = ("resource", "pk", "items", "keys", "by_id")
 
     def __init__(self, resource: str, rows: list[tuple[int, Item]], index: bool = True) -> None:
         self.resource, self.pk = resource, PRIMARY_KEYS[resource]
         self.items: list[Item] = [item for _, item in rows]
-        self.keys: list[int] = [key for key, _ in rows]
+        self.keys = array("q", [key for key, _ in rows])
         self.by_id: dict[str, Item] | None = (
             {item[self.pk]: item for item in self.items} if index else None
         )
@@ -70,7 +83,9 @@ class Business:
         for entry in self.balance_ledger:
             self._balances[entry["currency"]] = entry["after_balance"]
         self._journal: list[tuple[str, str]] | None = None
+        self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._bk = Bookkeeper(self._rng, to_us(now), self._sink)
+        self._bk.changing = self._changing
         self.identities = history.identities
         """Customers with an app user id in metadata, shared ids, companies (for tests)."""
         self.dunning_attempts: dict[str, int] = dict(history.dunning_attempts)
@@ -107,6 +122,22 @@ class Business:
         """Tell servers that items were edited in place (invalidates their caches)."""
         self.version += 1
 
+    def watch(self, watcher: Watcher) -> None:
+        """Tell `watcher` of every later change made through this Business's methods, while it
+        lives (held weakly). An item edited by hand (then `touch`) is not seen."""
+        with self.lock:
+            self._watchers.add(watcher)
+
+    def _changing(self, resource: str, item: Item) -> None:
+        for watcher in list(self._watchers):
+            watcher.changing(resource, item)
+
+    def _edit(self, resource: str, item_id: str) -> Item:
+        """The item about to be edited in place (the watchers told first)."""
+        item = self.get(resource, item_id)
+        self._changing(resource, item)
+        return item
+
     def _sink(self, resource: str, item: Item, created_us: int) -> None:
         if resource == "balance_ledger":
             before = self._balances.get(item["currency"], 0)
@@ -114,6 +145,8 @@ class Business:
             item["before_balance"], item["after_balance"] = before, before + delta
             self._balances[item["currency"]] = before + delta
         self.tables[resource].add(item, created_us)
+        for watcher in list(self._watchers):
+            watcher.created(resource, item)
         if self._journal is not None:
             self._journal.append((resource, item[self.tables[resource].pk]))
         self.version += 1
@@ -179,7 +212,7 @@ class Business:
     def renew_subscription(self, subscription_id: str, at: datetime | None = None) -> Item:
         """Charge the due period (or at `at`, rebasing the dates): a payment, moved billing dates."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             due = parse_iso(sub["next_billing_date"]) if at is None else to_us(at)
             nxt = self._next_date(sub, due)
             payment = self._bk.pay(
@@ -196,7 +229,7 @@ class Business:
         """The due renewal charge fails: a failed `renewal` payment, the subscription past_due
         (its grace period, API 1.123) with the billing dates left on the unpaid period."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             payment = self._bk.pay(
                 self.buyers[sub["customer"]["customer_id"]], self._at(at), "failed",
                 sub["recurring_pre_tax_amount"], sub["currency"], subscription_id, "renewal", False,
@@ -213,7 +246,7 @@ class Business:
         period and makes it active again; failure leaves it past_due, or ends the grace period
         with `then` (on_hold or cancelled, by the system: no cancelled_by)."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             attempt = self.dunning_attempts.get(subscription_id, 0) + 1
             self.dunning_attempts[subscription_id] = attempt
             at_us = self._at(at)
@@ -245,7 +278,7 @@ class Business:
     ) -> Item:
         """Set any status (even one outside the spec, e.g. past_due); keeps the dates coherent."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             stamp = iso(self._at(at))
             sub["status"] = status
             if status == "cancelled":
@@ -262,7 +295,7 @@ class Business:
     ) -> Item:
         """Cancel now (status cancelled) or flag cancel_at_next_billing_date."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             sub["cancelled_by"] = cancelled_by(sub)  # API 1.123: who cancelled or scheduled it
             if at_period_end:
                 sub["cancel_at_next_billing_date"] = True
@@ -279,7 +312,7 @@ class Business:
     ) -> Item:
         """Switch product and/or quantity, re-pricing and charging a prorated plan_change payment."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             old = sub["recurring_pre_tax_amount"]
             product = self.get("products", product_id or sub["product_id"])
             sub["product_id"], sub["product_name"] = product["product_id"], product["name"]
@@ -303,16 +336,21 @@ class Business:
     def change_customer_email(self, customer_id: str, email: str) -> Item:
         """Change a customer's email everywhere it is embedded."""
         with self.lock:
-            customer = self.get("customers", customer_id)
+            customer, ref = self._edit("customers", customer_id), self.buyers[customer_id].ref
+            if self._watchers:  # payments and subscriptions embed the customer's ref
+                for resource in ("payments", "subscriptions"):
+                    for item in self.tables[resource].items:
+                        if item["customer"] is ref:
+                            self._changing(resource, item)
             customer["email"] = email
-            self.buyers[customer_id].ref["email"] = email
+            ref["email"] = email
             self.touch()
             return customer
 
     def set_payment_status(self, payment_id: str, status: str, at: datetime | None = None) -> Item:
         """Move a payment to a status; succeeding books its ledger rows."""
         with self.lock:
-            payment = self.get("payments", payment_id)
+            payment = self._edit("payments", payment_id)
             if status == "succeeded" and payment["status"] != "succeeded":
                 at_us, total, cur = self._at(at), payment["total_amount"], payment["currency"]
                 self._bk.ledger(at_us, "payment", total, cur, True, payment_id, "Payment received")
@@ -334,15 +372,15 @@ class Business:
     ) -> Item:
         """Refund a payment (pending by default)."""
         with self.lock:
-            payment = self.get("payments", payment_id)
+            payment = self._edit("payments", payment_id)
             return self._bk.refund(payment, self._at(at), status, partial)
 
     def set_refund_status(self, refund_id: str, status: str, at: datetime | None = None) -> Item:
         """Move a refund to a status; succeeding books the ledger row and payment.refund_status."""
         with self.lock:
-            refund = self.get("refunds", refund_id)
+            refund = self._edit("refunds", refund_id)
             if status == "succeeded" and refund["status"] != "succeeded":
-                payment = self.get("payments", refund["payment_id"])
+                payment = self._edit("payments", refund["payment_id"])
                 self._bk.settle_refund(payment, refund, self._at(at))
             refund["status"] = status
             self.touch()
@@ -361,8 +399,8 @@ class Business:
     ) -> Item:
         """Move a dispute (and its payment's dispute_status); winning books the reversal."""
         with self.lock:
-            dispute = self.get("disputes", dispute_id)
-            payment = self.get("payments", dispute["payment_id"])
+            dispute = self._edit("disputes", dispute_id)
+            payment = self._edit("payments", dispute["payment_id"])
             if status == "dispute_won" and dispute["dispute_status"] != "dispute_won":
                 self._bk.win_dispute(payment, dispute, self._at(at))
             dispute["dispute_status"] = payment["dispute_status"] = status
