@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-report bench-flood soak soak-month notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-incremental bench-report bench-flood soak soak-month notebooks clean
 
 install: $(STAMP)
 
@@ -64,6 +64,12 @@ bench-delta: install
 
 bench-webhooks: install
 	$(BIN)/python -m bench.webhook_bench
+
+# Issue 21's table in one invocation: delta vs full builds and webhook -> Segment latency at
+# 100k and 1M payments (bench/incremental_bench.py; ~45 minutes on the 2-core box)
+BENCH_SIZES ?= 100k,1m
+bench-incremental: install
+	$(BIN)/python -m bench.incremental_bench --sizes $(BENCH_SIZES)
 
 # 200 deliveries/s (10% duplicates) for a minute while a run holds the lock (README: Performance)
 bench-flood: install

@@ -366,7 +366,8 @@ def print_size(r: dict[str, Any]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The bench's command line (also used by bench/incremental_bench.py)."""
     parser = argparse.ArgumentParser(prog="python -m bench.webhook_bench")
     parser.add_argument("--payments", default="100k", help="sizes, e.g. 100k,1m (each in turn)")
     parser.add_argument("--deliveries", type=int, default=200, help="payments measured at least")
@@ -374,7 +375,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mean-gap-seconds", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_webhooks.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the bench for each size; write and return the figures."""
+    args = parser().parse_args(argv)
     measured_at = datetime.now(UTC).replace(microsecond=0).isoformat()
     sizes: list[dict[str, Any]] = []
     for size in args.payments.split(","):

@@ -84,8 +84,11 @@ class Business:
             self._balances[entry["currency"]] = entry["after_balance"]
         self._journal: list[tuple[str, str]] | None = None
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
-        self._bk = Bookkeeper(self._rng, to_us(now), self._sink)
-        self._bk.changing = self._changing
+        # the bookkeeper calls back through a weak reference: no cycle, so a Business no longer
+        # referenced is freed at once (its records are frozen out of the cyclic GC's reach)
+        me = weakref.proxy(self)
+        self._bk = Bookkeeper(self._rng, to_us(now), lambda *row: me._sink(*row))
+        self._bk.changing = lambda resource, item: me._changing(resource, item)
         self.identities = history.identities
         """Customers with an app user id in metadata, shared ids, companies (for tests)."""
         self.dunning_attempts: dict[str, int] = dict(history.dunning_attempts)
