@@ -71,9 +71,14 @@ def rss_mb(process: psutil.Process) -> float:
     return process.memory_info().rss / 2**20
 
 
-def job_env(simulator: DodoSimulator, collector: SegmentCollector, db: Path, now: datetime):
-    """The job's environment for the in-process simulator and collector."""
-    return {
+def job_env(
+    simulator: DodoSimulator, collector: SegmentCollector, db: Path, now: datetime,
+    memory_limit: str | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """The job's environment for the in-process simulator and collector (`memory_limit`: the
+    warehouse's, instead of the job's default)."""
+    limit = {"WAREHOUSE__MEMORY_LIMIT": memory_limit} if memory_limit else {}
+    return limit | {
         **{k: v for k, v in os.environ.items() if not k.startswith(("SOURCES__", "SEGMENT__"))},
         "DODO_PAYMENTS_API_KEY": API_KEY,
         "DODO_PAYMENTS_BASE_URL": simulator.base_url,
@@ -289,7 +294,7 @@ def cron_phase(args, business, simulator, collector, db) -> dict[str, Any]:
     wanted = newly_succeeded(before, changes_since(before, business))
     del before
     simulator.reset_counts()
-    env = job_env(simulator, collector, db, business.now)
+    env = job_env(simulator, collector, db, business.now, args.memory_limit)
     started = time.time()
     dodo_segment("run", env=env)
     run_seconds = time.time() - started
@@ -323,15 +328,16 @@ def bench_size(args: argparse.Namespace, payments: int) -> dict[str, Any]:
     ):
         db = Path(work) / "warehouse.duckdb"
         t0 = time.perf_counter()
-        dodo_segment("run", env=job_env(simulator, collector, db, business.now))
+        env = job_env(simulator, collector, db, business.now, args.memory_limit)
+        dodo_segment("run", env=env)
         first_sync = time.perf_counter() - t0
         after_sync_mb = rss_mb(me)
         collector.reset()  # the first sync's identifies are not measured: keep none of them
-        hooks = webhook_phase(args, business, simulator, collector,
-                              job_env(simulator, collector, db, business.now), db)  # fmt: skip
+        hooks = webhook_phase(args, business, simulator, collector, env, db)
         cron = cron_phase(args, business, simulator, collector, db)
     return {
         "payments": payments,
+        "memory_limit": args.memory_limit or "job default",
         "generation_s": round(generation, 1),
         "first_sync_s": round(first_sync, 1),
         "sandbox_rss_mb": {
@@ -374,6 +380,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--days-per-round", type=float, default=1.0)
     parser.add_argument("--mean-gap-seconds", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--memory-limit", help="the job's [warehouse] memory_limit (default: the job's, 1GB)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_webhooks.json")
     return parser
 
