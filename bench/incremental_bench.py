@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -38,7 +39,23 @@ def rows_of(delta: dict[str, Any], hooks: dict[str, Any]) -> dict[str, Any]:
     """The table's figures of one size."""
     full, change = delta.get("full", {}), delta.get("delta", {})
     extract = delta.get("delta_extract_s")
+    rows = _delta_rows(full, change, extract, delta.get("error"))
+    if "error" in hooks:
+        return rows | {"webhook_p95_s": f"failed: {hooks['error']}"}
     web, split = hooks["webhooks"], hooks["webhooks"]["breakdown"]
+    return rows | {
+        "webhook_p50_s": web["median_s"],
+        "webhook_p95_s": web["p95_s"],
+        "webhook_runs_models_s": split["run_models_s"]["median_s"],
+        "webhook_runs_models_max_s": split["run_models_s_max"],
+        "webhook_runs_peak_rss_mb": split["worker_peak_rss_mb"],
+        "sandbox_peak_rss_mb": max(hooks["sandbox_rss_mb"].values()),
+    }
+
+
+def _delta_rows(
+    full: dict[str, Any], change: dict[str, Any], extract: float | None, error: str | None
+) -> dict[str, Any]:
     return {
         "full_models_s": full.get("seconds"),
         "full_peak_rss_mb": full.get("peak_rss_mb"),
@@ -47,13 +64,9 @@ def rows_of(delta: dict[str, Any], hooks: dict[str, Any]) -> dict[str, Any]:
         if extract is not None and change.get("seconds") is not None
         else None,
         "delta_peak_rss_mb": change.get("peak_rss_mb"),
-        "delta_build": f"{change.get('build')}, {change.get('touched')} customers touched",
-        "webhook_p50_s": web["median_s"],
-        "webhook_p95_s": web["p95_s"],
-        "webhook_runs_models_s": split["run_models_s"]["median_s"],
-        "webhook_runs_models_max_s": split["run_models_s_max"],
-        "webhook_runs_peak_rss_mb": split["worker_peak_rss_mb"],
-        "sandbox_peak_rss_mb": max(hooks["sandbox_rss_mb"].values()),
+        "delta_build": f"{change.get('build')}, {change.get('touched')} customers touched"
+        if change
+        else f"failed: {error}",
     }
 
 
@@ -89,6 +102,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -101,10 +116,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--deliveries", type=int, default=200, help="webhook payments measured")
     parser.add_argument("--shares", default="", help="delta_bench's crossover shares (none: skip)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--memory-limit", help="the webhook bench's job memory_limit (delta_bench keeps 1GB)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_incremental.json")
     args = parser.parse_args(argv)
     hook_args = webhook_bench.parser().parse_args(
         ["--deliveries", str(args.deliveries), "--seed", str(args.seed)]
+        + (["--memory-limit", args.memory_limit] if args.memory_limit else [])
     )
     shares = [float(s) for s in args.shares.split(",") if s]
     started = {"at": datetime.now(UTC).replace(microsecond=0).isoformat(), "load": load_average()}
@@ -112,9 +131,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for size in args.sizes.split(","):
         payments = parse_size(size)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="dodo-incremental-bench-") as work:
-            delta = delta_bench.bench_size(payments, shares, Path(work), args.seed)
-        hooks = webhook_bench.bench_size(hook_args, payments)
+        try:
+            with tempfile.TemporaryDirectory(prefix="dodo-incremental-bench-") as work:
+                delta = delta_bench.bench_size(payments, shares, Path(work), args.seed)
+        except (subprocess.CalledProcessError, RuntimeError) as exc:  # e.g. a build out of memory
+            stderr = getattr(exc, "stderr", None) or str(exc)
+            delta = {"error": stderr.strip().splitlines()[-1][:300] if stderr.strip() else "failed"}
+            print(f"delta bench at {payments:,} payments failed: {delta['error']}", flush=True)
+        try:
+            hooks = webhook_bench.bench_size(hook_args, payments)
+        except RuntimeError as exc:  # the job failed (its stderr's last line says why)
+            hooks = {"error": str(exc).strip().splitlines()[-1][:300]}
+            print(f"webhook bench at {payments:,} payments failed: {hooks['error']}", flush=True)
         sizes.append({"payments": payments, "delta": delta, "webhooks": hooks,
                       "rows": rows_of(delta, hooks), "seconds": time.perf_counter() - t0})  # fmt: skip
         print(table(sizes[-1:]), flush=True)
