@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", default="100k,1m")
     parser.add_argument("--deliveries", type=int, default=200, help="webhook payments measured")
     parser.add_argument("--shares", default="", help="delta_bench's crossover shares (none: skip)")
+    parser.add_argument(
+        "--days-per-round", type=float, default=1.0,
+        help="the webhook bench's business days per round (its webhooks are all delivered)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--memory-limit", help="the webhook bench's job memory_limit (delta_bench keeps 1GB)"
@@ -122,7 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_incremental.json")
     args = parser.parse_args(argv)
     hook_args = webhook_bench.parser().parse_args(
-        ["--deliveries", str(args.deliveries), "--seed", str(args.seed)]
+        [
+            "--deliveries",
+            str(args.deliveries),
+            "--seed",
+            str(args.seed),
+            "--days-per-round",
+            str(args.days_per_round),
+        ]
         + (["--memory-limit", args.memory_limit] if args.memory_limit else [])
     )
     shares = [float(s) for s in args.shares.split(",") if s]

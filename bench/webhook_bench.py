@@ -129,7 +129,7 @@ class RunWatch:
     """Polls the run lock's step notes and samples RSS (this process: the sandbox; the listener's
     worker: the runs) until stopped."""
 
-    def __init__(self, db: Path, every: float = 0.01) -> None:
+    def __init__(self, db: Path, every: float = 0.02) -> None:
         self.lock_file, self.every = lock_path(str(db)), every
         self.steps: dict[str, dict[str, float]] = {}
         """run_id -> step -> time.time() it was first seen."""
