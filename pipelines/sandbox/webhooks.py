@@ -19,8 +19,9 @@ import orjson
 import requests
 from standardwebhooks.webhooks import Webhook
 
-from pipelines.sandbox.business import Business, Item, Table
+from pipelines.sandbox.business import Business
 from pipelines.sandbox.records import parse_iso
+from pipelines.sandbox.tables import Item, Table
 
 FAMILIES = {"payments": "payment", "subscriptions": "subscription", "refunds": "refund",
             "disputes": "dispute"}  # fmt: skip
