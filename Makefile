@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-report bench-flood soak soak-month notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-incremental bench-report bench-flood soak soak-month notebooks clean
 
 install: $(STAMP)
 
@@ -62,8 +62,16 @@ bench-report: install
 bench-delta: install
 	$(BIN)/python -m bench.delta_bench
 
+# Issue 21's sizes. The 1M webhook round is 4,272 deliveries (~50 minutes on the 2-core box).
+BENCH_SIZES ?= 100k,1m
+
 bench-webhooks: install
-	$(BIN)/python -m bench.webhook_bench
+	$(BIN)/python -m bench.webhook_bench --payments $(BENCH_SIZES)
+
+# Issue 21's table in one invocation: delta vs full builds and webhook -> Segment latency at
+# each size (bench/incremental_bench.py)
+bench-incremental: install
+	$(BIN)/python -m bench.incremental_bench --sizes $(BENCH_SIZES)
 
 # 200 deliveries/s (10% duplicates) for a minute while a run holds the lock (README: Performance)
 bench-flood: install

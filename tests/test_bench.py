@@ -95,3 +95,24 @@ def test_webhook_latency_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert hooks["api_requests"] == 0  # what the webhooks carried needed no API request
     assert 0 < hooks["median_s"] <= hooks["p95_s"] <= hooks["max_s"]
     assert cron["measured"] > 0 and cron["api_requests"] > 0
+
+
+def test_incremental_bench_puts_delta_and_webhook_figures_in_one_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.incremental_bench import LABELS
+    from bench.incremental_bench import main as incremental_bench
+
+    out = tmp_path / "results_incremental.json"
+    results = incremental_bench(
+        ["--sizes", "2000", "--deliveries", "3", "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text())["sizes"][0]["rows"] == results["sizes"][0]["rows"]
+    rows = results["sizes"][0]["rows"]
+    assert rows["full_models_s"] > 0 and rows["delta_models_s"] > 0
+    assert 0 < rows["webhook_p50_s"] <= rows["webhook_p95_s"]
+    assert rows["webhook_runs_models_s"] > 0 and rows["webhook_runs_peak_rss_mb"] > 0
+    split = results["sizes"][0]["webhooks"]["webhooks"]["breakdown"]["per_payment"]
+    assert all(split[step]["median_s"] is not None for step in ("models", "emit_to_receipt"))
+    table = capsys.readouterr().out
+    assert all(label in table for label in LABELS.values()) and "| 2,000 |" in table

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import requests
 from dodopayments import types as sdk
@@ -18,6 +20,7 @@ from pipelines.sandbox.business import Business, generate_business
 from pipelines.sandbox.faults import drop_field, huge_metadata, set_field, shift_page
 from pipelines.sandbox.ratelimit import RateLimit
 from pipelines.sandbox.simulator import DodoSimulator
+from pipelines.sandbox.webhooks import FAMILIES, KEYS, changes_since, snapshot
 
 pytestmark = pytest.mark.xdist_group("test_simulator")  # one worker builds the module-scoped setup
 
@@ -430,3 +433,46 @@ def test_the_rate_limit_is_a_token_bucket_with_headers_and_429(business: Busines
     assert answers[3].headers["Retry-After"] == "1"
     assert answers[3].json()["code"] == "TOO_MANY_REQUESTS"
     assert "Retry-After" not in answers[0].headers
+
+
+def _full_copy(business: Business) -> dict[str, dict[str, bytes]]:
+    """What a snapshot was before it watched the business: every webhook object serialised."""
+    return {
+        resource: {
+            item[KEYS[resource]]: orjson.dumps(item) for item in business.tables[resource].items
+        }
+        for resource in FAMILIES
+    }
+
+
+def test_a_snapshot_sees_what_a_full_copy_of_the_business_would() -> None:
+    biz = generate_business(seed=5, customers=200, now=NOW)
+    copy, before = _full_copy(biz), snapshot(biz)
+    biz.advance_time(days=2, seed=9)
+    paid = next(p for p in biz.payments if p["status"] == "succeeded" and not p["dispute_status"])
+    biz.add_refund(paid["payment_id"], "succeeded", partial=True)  # edits the payment too
+    disputed = biz.add_dispute(biz.payments[3]["payment_id"])
+    biz.set_dispute_status(disputed["dispute_id"], "dispute_won")
+    biz.change_customer_email(biz.customers[0]["customer_id"], "moved@example.com")
+    sub = next(s for s in biz.subscriptions if s["status"] == "active")
+    biz.set_subscription_status(sub["subscription_id"], "paused")
+    biz.set_subscription_status(sub["subscription_id"], "active")  # and back: no change seen
+    expected = []
+    for resource, items in _full_copy(biz).items():
+        for key, text in items.items():
+            if copy[resource].get(key) != text:
+                expected.append(orjson.loads(text))
+    payloads = changes_since(before, biz)
+    assert [p["data"] for p in payloads] == expected
+    assert len(payloads) > 30 and sub["subscription_id"] not in {
+        p["data"].get("subscription_id") for p in payloads if p["type"].startswith("subscription")
+    }
+    assert {r: dict(before[r]) for r in FAMILIES} == copy  # and it still reads as it was
+
+
+def test_a_business_no_longer_referenced_is_freed_at_once() -> None:
+    # its records are frozen out of the cyclic GC's reach: a cycle would keep them for good
+    biz = generate_business(seed=3, customers=40, now=NOW)
+    watched, before = weakref.ref(biz), snapshot(biz)
+    del biz, before
+    assert watched() is None

@@ -32,6 +32,8 @@ class Bookkeeper:
 
     def __init__(self, rng: random.Random, now_us: int, sink: Sink) -> None:
         self.rng, self.now_us, self.sink = rng, now_us, sink
+        self.changing: Callable[[str, dict[str, Any]], None] = lambda resource, item: None
+        """Told before an existing item is edited in place (the Business's watchers)."""
         self.charge_type_since_us = 0
         """Subscription payments created before this have charge_type null (older rows)."""
 
@@ -163,6 +165,7 @@ class Bookkeeper:
 
     def settle_refund(self, payment: dict[str, Any], refund: dict[str, Any], at_us: int) -> None:
         """Book a succeeded refund: the payment's refund_status and a ledger debit."""
+        self.changing("payments", payment)
         if payment.get("refund_status") != "full":
             payment["refund_status"] = "partial" if refund["is_partial"] else "full"
         self.ledger(
@@ -186,6 +189,7 @@ class Bookkeeper:
             "is_resolved_by_rdr": False,
         }
         self.sink("disputes", dispute, created_us)
+        self.changing("payments", payment)
         payment["dispute_status"] = status
         currency, did = payment["currency"], dispute["dispute_id"]
         self.ledger(created_us, "dispute", payment["total_amount"], currency, False, did, None)

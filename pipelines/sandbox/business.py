@@ -2,51 +2,21 @@
 
 from __future__ import annotations
 
-import bisect
 import gc
 import random
 import threading
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipelines.dodo_contract import PRIMARY_KEYS, RESOURCES
+from pipelines.dodo_contract import RESOURCES
 from pipelines.sandbox import records as rec
 from pipelines.sandbox.billing import cancelled_by, subscription_record
 from pipelines.sandbox.bookkeeper import Bookkeeper, Buyer
 from pipelines.sandbox.history import History, build_history
 from pipelines.sandbox.records import US_PER_DAY, add_interval, iso, parse_iso, to_us
+from pipelines.sandbox.tables import Item, Table, Watcher
 from pipelines.sandbox.timeflow import advance
-
-Item = dict[str, Any]
-
-
-class Table:
-    """One resource's items sorted by created_at, with their microsecond keys and an id index."""
-
-    __slots__ = ("resource", "pk", "items", "keys", "by_id")
-
-    def __init__(self, resource: str, rows: list[tuple[int, Item]], index: bool = True) -> None:
-        self.resource, self.pk = resource, PRIMARY_KEYS[resource]
-        self.items: list[Item] = [item for _, item in rows]
-        self.keys: list[int] = [key for key, _ in rows]
-        self.by_id: dict[str, Item] | None = (
-            {item[self.pk]: item for item in self.items} if index else None
-        )
-
-    def add(self, item: Item, created_us: int | None = None) -> None:
-        """Insert an item at its created_at position."""
-        key = parse_iso(item["created_at"]) if created_us is None else created_us
-        at = bisect.bisect_right(self.keys, key)
-        self.keys.insert(at, key)
-        self.items.insert(at, item)
-        if self.by_id is not None:
-            self.by_id[item[self.pk]] = item
-
-    def get(self, item_id: str) -> Item | None:
-        """The item with this primary key, or None."""
-        if self.by_id is not None:
-            return self.by_id.get(item_id)
-        return next((item for item in self.items if item[self.pk] == item_id), None)
 
 
 class Business:
@@ -70,7 +40,12 @@ class Business:
         for entry in self.balance_ledger:
             self._balances[entry["currency"]] = entry["after_balance"]
         self._journal: list[tuple[str, str]] | None = None
-        self._bk = Bookkeeper(self._rng, to_us(now), self._sink)
+        self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
+        # the bookkeeper calls back through a weak reference: no cycle, so a Business no longer
+        # referenced is freed at once (its records are frozen out of the cyclic GC's reach)
+        me = weakref.proxy(self)
+        self._bk = Bookkeeper(self._rng, to_us(now), lambda *row: me._sink(*row))
+        self._bk.changing = lambda resource, item: me._changing(resource, item)
         self.identities = history.identities
         """Customers with an app user id in metadata, shared ids, companies (for tests)."""
         self.dunning_attempts: dict[str, int] = dict(history.dunning_attempts)
@@ -107,6 +82,22 @@ class Business:
         """Tell servers that items were edited in place (invalidates their caches)."""
         self.version += 1
 
+    def watch(self, watcher: Watcher) -> None:
+        """Tell `watcher` of every later change made through this Business's methods, while it
+        lives (held weakly). An item edited by hand (then `touch`) is not seen."""
+        with self.lock:
+            self._watchers.add(watcher)
+
+    def _changing(self, resource: str, item: Item) -> None:
+        for watcher in list(self._watchers):
+            watcher.changing(resource, item)
+
+    def _edit(self, resource: str, item_id: str) -> Item:
+        """The item about to be edited in place (the watchers told first)."""
+        item = self.get(resource, item_id)
+        self._changing(resource, item)
+        return item
+
     def _sink(self, resource: str, item: Item, created_us: int) -> None:
         if resource == "balance_ledger":
             before = self._balances.get(item["currency"], 0)
@@ -114,6 +105,8 @@ class Business:
             item["before_balance"], item["after_balance"] = before, before + delta
             self._balances[item["currency"]] = before + delta
         self.tables[resource].add(item, created_us)
+        for watcher in list(self._watchers):
+            watcher.created(resource, item)
         if self._journal is not None:
             self._journal.append((resource, item[self.tables[resource].pk]))
         self.version += 1
@@ -179,7 +172,7 @@ class Business:
     def renew_subscription(self, subscription_id: str, at: datetime | None = None) -> Item:
         """Charge the due period (or at `at`, rebasing the dates): a payment, moved billing dates."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             due = parse_iso(sub["next_billing_date"]) if at is None else to_us(at)
             nxt = self._next_date(sub, due)
             payment = self._bk.pay(
@@ -196,7 +189,7 @@ class Business:
         """The due renewal charge fails: a failed `renewal` payment, the subscription past_due
         (its grace period, API 1.123) with the billing dates left on the unpaid period."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             payment = self._bk.pay(
                 self.buyers[sub["customer"]["customer_id"]], self._at(at), "failed",
                 sub["recurring_pre_tax_amount"], sub["currency"], subscription_id, "renewal", False,
@@ -213,7 +206,7 @@ class Business:
         period and makes it active again; failure leaves it past_due, or ends the grace period
         with `then` (on_hold or cancelled, by the system: no cancelled_by)."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             attempt = self.dunning_attempts.get(subscription_id, 0) + 1
             self.dunning_attempts[subscription_id] = attempt
             at_us = self._at(at)
@@ -245,7 +238,7 @@ class Business:
     ) -> Item:
         """Set any status (even one outside the spec, e.g. past_due); keeps the dates coherent."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             stamp = iso(self._at(at))
             sub["status"] = status
             if status == "cancelled":
@@ -262,7 +255,7 @@ class Business:
     ) -> Item:
         """Cancel now (status cancelled) or flag cancel_at_next_billing_date."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             sub["cancelled_by"] = cancelled_by(sub)  # API 1.123: who cancelled or scheduled it
             if at_period_end:
                 sub["cancel_at_next_billing_date"] = True
@@ -279,7 +272,7 @@ class Business:
     ) -> Item:
         """Switch product and/or quantity, re-pricing and charging a prorated plan_change payment."""
         with self.lock:
-            sub = self.get("subscriptions", subscription_id)
+            sub = self._edit("subscriptions", subscription_id)
             old = sub["recurring_pre_tax_amount"]
             product = self.get("products", product_id or sub["product_id"])
             sub["product_id"], sub["product_name"] = product["product_id"], product["name"]
@@ -303,16 +296,21 @@ class Business:
     def change_customer_email(self, customer_id: str, email: str) -> Item:
         """Change a customer's email everywhere it is embedded."""
         with self.lock:
-            customer = self.get("customers", customer_id)
+            customer, ref = self._edit("customers", customer_id), self.buyers[customer_id].ref
+            if self._watchers:  # payments and subscriptions embed the customer's ref
+                for resource in ("payments", "subscriptions"):
+                    for item in self.tables[resource].items:
+                        if item["customer"] is ref:
+                            self._changing(resource, item)
             customer["email"] = email
-            self.buyers[customer_id].ref["email"] = email
+            ref["email"] = email
             self.touch()
             return customer
 
     def set_payment_status(self, payment_id: str, status: str, at: datetime | None = None) -> Item:
         """Move a payment to a status; succeeding books its ledger rows."""
         with self.lock:
-            payment = self.get("payments", payment_id)
+            payment = self._edit("payments", payment_id)
             if status == "succeeded" and payment["status"] != "succeeded":
                 at_us, total, cur = self._at(at), payment["total_amount"], payment["currency"]
                 self._bk.ledger(at_us, "payment", total, cur, True, payment_id, "Payment received")
@@ -334,15 +332,15 @@ class Business:
     ) -> Item:
         """Refund a payment (pending by default)."""
         with self.lock:
-            payment = self.get("payments", payment_id)
+            payment = self._edit("payments", payment_id)
             return self._bk.refund(payment, self._at(at), status, partial)
 
     def set_refund_status(self, refund_id: str, status: str, at: datetime | None = None) -> Item:
         """Move a refund to a status; succeeding books the ledger row and payment.refund_status."""
         with self.lock:
-            refund = self.get("refunds", refund_id)
+            refund = self._edit("refunds", refund_id)
             if status == "succeeded" and refund["status"] != "succeeded":
-                payment = self.get("payments", refund["payment_id"])
+                payment = self._edit("payments", refund["payment_id"])
                 self._bk.settle_refund(payment, refund, self._at(at))
             refund["status"] = status
             self.touch()
@@ -361,8 +359,8 @@ class Business:
     ) -> Item:
         """Move a dispute (and its payment's dispute_status); winning books the reversal."""
         with self.lock:
-            dispute = self.get("disputes", dispute_id)
-            payment = self.get("payments", dispute["payment_id"])
+            dispute = self._edit("disputes", dispute_id)
+            payment = self._edit("payments", dispute["payment_id"])
             if status == "dispute_won" and dispute["dispute_status"] != "dispute_won":
                 self._bk.win_dispute(payment, dispute, self._at(at))
             dispute["dispute_status"] = payment["dispute_status"] = status

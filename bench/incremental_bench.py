@@ -1,0 +1,168 @@
+"""Issue 21's bench table in one invocation: delta vs full builds and webhook latency, by size.
+
+    python -m bench.incremental_bench [--sizes 100k,1m] [--deliveries 200] [--shares ""]
+
+Per size, in turn: bench/delta_bench.py's figures (a full build as `transform` makes it, the
+job's delta build after 10 new payments and 5 status changes, each in its own process, and the
+crossover shares if asked), then bench/webhook_bench.py's (webhook -> Segment latency through
+`dodo-segment listen`, the models seconds and peak RSS of the webhook-triggered runs, the
+sandbox's RSS). One business at a time is held in this process (a Business no longer
+referenced is freed at once); the figures go to
+`bench/results_incremental.json` and one table, each size side by side with the ratio of the
+largest to the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import delta_bench, webhook_bench
+from bench.harness import REPO, load_average, parse_size
+
+TARGETS = {
+    "delta_models_s": "<= 1.0 s at 1M",
+    "delta_run_s": "1M / 100k <= 1.3x",
+    "delta_peak_rss_mb": "<= 400 MB at 1M",
+    "full_models_s": "no slower than before (12.0 s at 1M)",
+    "webhook_p95_s": "<= 2 s at 100k, <= 3 s at 1M",
+}
+
+
+def rows_of(delta: dict[str, Any], hooks: dict[str, Any]) -> dict[str, Any]:
+    """The table's figures of one size."""
+    full, change = delta.get("full", {}), delta.get("delta", {})
+    extract = delta.get("delta_extract_s")
+    rows = _delta_rows(full, change, extract, delta.get("error"))
+    if "error" in hooks:
+        return rows | {"webhook_p95_s": f"failed: {hooks['error']}"}
+    web, split = hooks["webhooks"], hooks["webhooks"]["breakdown"]
+    return rows | {
+        "webhook_p50_s": web["median_s"],
+        "webhook_p95_s": web["p95_s"],
+        "webhook_runs_models_s": split["run_models_s"]["median_s"],
+        "webhook_runs_models_max_s": split["run_models_s_max"],
+        "webhook_runs_peak_rss_mb": split["worker_peak_rss_mb"],
+        "sandbox_peak_rss_mb": max(hooks["sandbox_rss_mb"].values()),
+    }
+
+
+def _delta_rows(
+    full: dict[str, Any], change: dict[str, Any], extract: float | None, error: str | None
+) -> dict[str, Any]:
+    return {
+        "full_models_s": full.get("seconds"),
+        "full_peak_rss_mb": full.get("peak_rss_mb"),
+        "delta_models_s": change.get("seconds"),
+        "delta_run_s": round(extract + change["seconds"], 2)
+        if extract is not None and change.get("seconds") is not None
+        else None,
+        "delta_peak_rss_mb": change.get("peak_rss_mb"),
+        "delta_build": f"{change.get('build')}, {change.get('touched')} customers touched"
+        if change
+        else f"failed: {error}",
+    }
+
+
+LABELS = {
+    "full_models_s": "full build (`transform`), models s",
+    "full_peak_rss_mb": "full build, peak RSS MB",
+    "delta_models_s": "delta (10 new payments + 5 status changes), models s",
+    "delta_run_s": "same delta, extract + models s",
+    "delta_peak_rss_mb": "same delta, peak RSS MB",
+    "delta_build": "same delta, build",
+    "webhook_p50_s": "webhook -> Segment p50 s",
+    "webhook_p95_s": "webhook -> Segment p95 s",
+    "webhook_runs_models_s": "webhook-triggered runs, models s (median)",
+    "webhook_runs_models_max_s": "webhook-triggered runs, models s (max)",
+    "webhook_runs_peak_rss_mb": "webhook-triggered runs, worker peak RSS MB",
+    "sandbox_peak_rss_mb": "sandbox (this process) peak RSS MB",
+}
+
+
+def table(sizes: list[dict[str, Any]]) -> str:
+    """A Markdown table: one row per figure, one column per size, the ratio, the target."""
+    names = [f"{s['payments']:,}" for s in sizes]
+    ratio = f"{names[-1]} / {names[0]}" if len(sizes) > 1 else "ratio"
+    lines = [f"| | {' | '.join(names)} | {ratio} | target |", "|---" * (len(sizes) + 3) + "|"]
+    for key, label in LABELS.items():
+        values = [s["rows"].get(key) for s in sizes]
+        first, last = values[0], values[-1]
+        both = isinstance(first, int | float) and isinstance(last, int | float) and first
+        cells = [_cell(v) for v in values]
+        share = f"{last / first:.2f}x" if both and len(sizes) > 1 else ""
+        lines.append(f"| {label} | {' | '.join(cells)} | {share} | {TARGETS.get(key, '')} |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run both benches per size and print the table."""
+    parser = argparse.ArgumentParser(prog="python -m bench.incremental_bench")
+    parser.add_argument("--sizes", default="100k,1m")
+    parser.add_argument("--deliveries", type=int, default=200, help="webhook payments measured")
+    parser.add_argument("--shares", default="", help="delta_bench's crossover shares (none: skip)")
+    parser.add_argument(
+        "--days-per-round", type=float, default=1.0,
+        help="the webhook bench's business days per round (its webhooks are all delivered)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--memory-limit", help="the webhook bench's job memory_limit (delta_bench keeps 1GB)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_incremental.json")
+    args = parser.parse_args(argv)
+    hook_args = webhook_bench.parser().parse_args(
+        [
+            "--deliveries",
+            str(args.deliveries),
+            "--seed",
+            str(args.seed),
+            "--days-per-round",
+            str(args.days_per_round),
+        ]
+        + (["--memory-limit", args.memory_limit] if args.memory_limit else [])
+    )
+    shares = [float(s) for s in args.shares.split(",") if s]
+    started = {"at": datetime.now(UTC).replace(microsecond=0).isoformat(), "load": load_average()}
+    sizes = []
+    for size in args.sizes.split(","):
+        payments = parse_size(size)
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="dodo-incremental-bench-") as work:
+                delta = delta_bench.bench_size(payments, shares, Path(work), args.seed)
+        except (subprocess.CalledProcessError, RuntimeError) as exc:  # e.g. a build out of memory
+            stderr = getattr(exc, "stderr", None) or str(exc)
+            delta = {"error": stderr.strip().splitlines()[-1][:300] if stderr.strip() else "failed"}
+            print(f"delta bench at {payments:,} payments failed: {delta['error']}", flush=True)
+        try:
+            hooks = webhook_bench.bench_size(hook_args, payments)
+        except RuntimeError as exc:  # the job failed (its stderr's last line says why)
+            hooks = {"error": str(exc).strip().splitlines()[-1][:300]}
+            print(f"webhook bench at {payments:,} payments failed: {hooks['error']}", flush=True)
+        sizes.append({"payments": payments, "delta": delta, "webhooks": hooks,
+                      "rows": rows_of(delta, hooks), "seconds": time.perf_counter() - t0})  # fmt: skip
+        print(table(sizes[-1:]), flush=True)
+    results = {"started": started, "ended": {"load": load_average()}, "sizes": sizes}
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nload average {started['load']} at start, {results['ended']['load']} at end\n")
+    print(table(sizes))
+    return results
+
+
+if __name__ == "__main__":
+    main()
