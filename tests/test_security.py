@@ -224,8 +224,27 @@ REVIEWED_INTERPOLATIONS = {
         "scoped_sql(model, scopes)",
         "table",
     },  # fmt: skip
+    "pipelines/transform/previous.py": {
+        "expr",
+        "fingerprint",
+        "group",
+        "identify",
+        "in_touched('customer_id')",
+        "in_touched_users('user_id')",
+        "in_users",
+        "keys",
+        "new",
+        "old",
+        "table",
+        "target",
+        "track",
+    },  # fmt: skip
     "pipelines/transform/touched.py": {
         "ENTITY_KEYS[table]",
+        "_rows_sql(table, names, only)",
+        "candidates",
+        "old.replace('select k', 'select tbl, id, k')",
+        "raw",
         "_current_rows_sql(columns)",
         "_owner_branches('delta_refresh')",
         "_owner_branches(CHANGED)",

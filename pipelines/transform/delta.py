@@ -25,13 +25,14 @@ import duckdb
 
 from pipelines import dodo_contract
 from pipelines.transform import touched
+from pipelines.transform.previous import PreviousState, in_touched_users
 from pipelines.transform.touched import TOUCHED, in_scope, in_touched
 from pipelines.transform.user_models import EXTENSION_POINTS
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 STATE_TABLE = f"{SCHEMA}._delta_state"
 """One row: the fingerprint (SQL, catalog, rules, raw columns) of the build the snapshot matches."""
-GRAINS = ("customer", "subscription", "dispute", "ledger_object", "global")
+GRAINS = ("customer", "user", "subscription", "dispute", "ledger_object", "counts", "global")
 CROSSOVER = 0.03
 """Above this share of touched customers a full build is cheaper: bench/delta_bench.py at 100k
 payments measured the delta build at 2% of the customers below the full build and at 5% above
@@ -47,6 +48,7 @@ _SCOPE_OBJECTS = "delta_scope_objects"
 
 _KEY_COLUMNS = {
     "customer": "customer_id",
+    "user": "user_id",
     "subscription": "subscription_id",
     "dispute": "dispute_id",
     "ledger_object": "object_id",
@@ -57,6 +59,8 @@ def _key_predicate(grain: str, column: str) -> str:
     """SQL: the row's key is one of the touched keys of its grain."""
     if grain == "customer":
         return in_touched(column)
+    if grain == "user":
+        return in_touched_users(column)
     if grain == "subscription":
         scoped = f"{_SCOPE}stg_subscriptions"
         return in_scope(column, scoped, "subscription_id", "delta_every_subscriptions")
@@ -107,8 +111,8 @@ def parse_grain(declared: str | None) -> Grain:
     if not match or match.group(1) not in GRAINS:
         raise ValueError(f"unknown grain {declared!r} (one of {', '.join(GRAINS)})")
     kind = match.group(1)
-    if kind == "global":
-        return Grain("global")
+    if kind in ("global", "counts"):
+        return Grain(kind)
     return Grain(kind, match.group(2) or _KEY_COLUMNS[kind])
 
 
@@ -376,11 +380,13 @@ def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
     touched.close_over_subscriptions(con)
 
 
-def snapshot_quarantined_users(con: duckdb.DuckDBPyConnection) -> None:
-    """Keep the user ids quarantined by the last build (identify_outbox leaves them out)."""
-    con.execute(
-        f"create or replace temp table delta_old_quarantine as select key from "
-        f"{SCHEMA}.quarantined_rows where key_kind = 'user_id'"
+def snapshot_quarantined_users(con: duckdb.DuckDBPyConnection, previous: PreviousState) -> None:
+    """Keep the user ids quarantined by the last build (identify_outbox leaves them out); the
+    build has emptied `quarantined_rows` by now, so they are read from the previous state."""
+    previous.copy(
+        con,
+        "delta_old_quarantine",
+        f"select key from {SCHEMA}.quarantined_rows where key_kind = 'user_id'",
     )
 
 
