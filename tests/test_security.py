@@ -239,6 +239,17 @@ REVIEWED_INTERPOLATIONS = {
         "target",
         "track",
     },  # fmt: skip
+    # key: a test's `quarantine:` column (event_id | user_id, checked when parsed); new_sql,
+    # old_sql: the test's own SQL with its inputs renamed
+    "pipelines/transform/scoped_tests.py": {
+        "delta.key_predicate(grain, delta.key_column(grain))",
+        "in_touched('customer_id')",
+        "key",
+        "name",
+        "new_sql",
+        "old_sql",
+        "where",
+    },  # fmt: skip
     "pipelines/transform/touched.py": {
         "ENTITY_KEYS[table]",
         "_rows_sql(table, names, only)",

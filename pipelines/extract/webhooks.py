@@ -35,6 +35,10 @@ from pipelines.webhook_store import StoredDelivery, WebhookStore, store_folder
 
 log = logging.getLogger(__name__)
 
+WEBHOOK_MERGES_KEPT_DAYS = 30
+"""How long `dodo_raw.webhook_merges` keeps an entry (the models' delta build reads the entries
+since its last build)."""
+
 WEBHOOK_RESOURCES: dict[str, str] = {
     "payment": "payments",
     "subscription": "subscriptions",
@@ -243,6 +247,10 @@ def _merge_into_warehouse(warehouse_path: str, tables: dict[str, pa.Table]) -> d
                 f"insert into {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
                 f'select ?, "{key}", now() from incoming',
                 [resource],
+            )
+            con.execute(  # a month back is many builds back (a build reads the log since its last)
+                f"delete from {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+                f"where merged_at < now() - interval {WEBHOOK_MERGES_KEPT_DAYS} day"
             )
             con.unregister("incoming")
         con.execute("commit")

@@ -55,7 +55,12 @@ _KEY_COLUMNS = {
 }
 
 
-def _key_predicate(grain: str, column: str) -> str:
+def key_column(kind: str) -> str:
+    """The key column a grain declares by default (`customer` -> customer_id, ...)."""
+    return _KEY_COLUMNS[kind]
+
+
+def key_predicate(grain: str, column: str) -> str:
     """SQL: the row's key is one of the touched keys of its grain."""
     if grain == "customer":
         return in_touched(column)
@@ -245,9 +250,9 @@ _RAW_SCOPES: tuple[tuple[str, str], ...] = (
         "stg_disputes",
         in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
     ),
-    ("stg_subscription_history", _key_predicate("subscription", "subscription_id")),
-    ("stg_dispute_history", _key_predicate("dispute", "dispute_id")),
-    ("stg_balance_ledger", _key_predicate("ledger_object", "reference_object_id")),
+    ("stg_subscription_history", key_predicate("subscription", "subscription_id")),
+    ("stg_dispute_history", key_predicate("dispute", "dispute_id")),
+    ("stg_balance_ledger", key_predicate("ledger_object", "reference_object_id")),
 )
 """The staging relations read from raw, narrowed to the touched customers' rows (in order: a
 later one reads the earlier ones); materialized as temp tables, refreshed when more customers
@@ -295,14 +300,14 @@ def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict
 
     for name, (grain, column) in _INPUT_SCOPES.items():
         if name not in scopes:
-            scope(name, _key_predicate(grain, column))
+            scope(name, key_predicate(grain, column))
     for model in models:
         grain = model_grain(model)
         # int_payments_usd's fallback rates aggregate the whole ledger: never narrowed
         if model.name in _UNSCOPED or model.name in scopes:
             continue
         if grain.kind != "global" and grain.column:
-            scope(model.name, _key_predicate(grain.kind, grain.column))
+            scope(model.name, key_predicate(grain.kind, grain.column))
     return scopes
 
 
@@ -316,6 +321,17 @@ _TABLE_REFERENCE = re.compile(rf"\b{SCHEMA}\.([a-z_][a-z0-9_]*)\b(\s*)([a-z_]*)"
 def scoped_sql(model: Model, scopes: dict[str, str]) -> str:
     """The model's SQL reading the narrowed inputs instead of the whole tables (a reference
     without an alias keeps the relation's name as its alias)."""
+    return rewrite_references(model.sql, scopes)
+
+
+def referenced(sql: str) -> set[str]:
+    """The analytics relations a query reads (comments left out)."""
+    body = re.sub(r"--[^\n]*", "", sql)
+    return {m.group(1).lower() for m in _TABLE_REFERENCE.finditer(body)}
+
+
+def rewrite_references(sql: str, scopes: dict[str, str]) -> str:
+    """`sql` reading `scopes[name]` wherever it reads `analytics.<name>` (comments left out)."""
 
     def swap(match: re.Match[str]) -> str:
         name, spacing, follower = match.group(1).lower(), match.group(2), match.group(3)
@@ -324,7 +340,7 @@ def scoped_sql(model: Model, scopes: dict[str, str]) -> str:
         aliased = follower != "" and follower.lower() not in _NOT_ALIASES
         return scopes[name] + ("" if aliased else f" as {name}") + spacing + follower
 
-    body = re.sub(r"--[^\n]*", "", model.sql).strip().rstrip(";")
+    body = re.sub(r"--[^\n]*", "", sql).strip().rstrip(";")
     return _TABLE_REFERENCE.sub(swap, body)
 
 
@@ -332,7 +348,7 @@ def rebuild_keys(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str,
     """Delete the model's rows of the touched keys and insert them recomputed."""
     grain = model_grain(model)
     assert grain.column is not None
-    predicate = _key_predicate(grain.kind, f'"{grain.column}"')
+    predicate = key_predicate(grain.kind, f'"{grain.column}"')
     table = f"{SCHEMA}.{model.name}"
     con.execute(f"delete from {table} where {predicate}")
     con.execute(

@@ -58,11 +58,14 @@ class PreviousState:
         con: duckdb.DuckDBPyConnection,
         target: str,
         query: str,
-        params: Sequence[Any] = (),
+        params: Sequence[Any] | dict[str, Any] = (),
     ) -> None:
         """Run `query` over the previous state and keep its rows as the temp table `target`
         of `con` (the build's connection)."""
-        rows = self.cursor.sql(query, params=list(params)).to_arrow_table()
+        bound = params if isinstance(params, dict) else list(params)
+        rows = self.cursor.sql(query, params=bound).to_arrow_table()
+        # registering needs the connection's last result consumed: a statement of our own
+        con.execute("select 1").fetchall()
         con.register("delta_previous_rows", rows)
         try:
             con.execute(

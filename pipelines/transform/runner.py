@@ -9,13 +9,14 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
 
 from pipelines import dodo_contract
 from pipelines.config import IdentityConfig
-from pipelines.transform import delta, previous, touched
+from pipelines.transform import delta, previous, scoped_tests, touched
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -418,17 +419,19 @@ def run_models(
             )
             if on_model is not None:
                 on_model(model.name, index + 1, len(models))
+            if builder is not None:
+                builder.after(model)
             for test in tests_by_model.get(model.name, []):
                 t1 = time.perf_counter()
-                outcome = run_data_test(con, test, run_at)
+                outcome = builder.run_test(test, run_at) if builder else None
+                if outcome is None:
+                    outcome = run_data_test(con, test, run_at)
                 result.tests_seconds += time.perf_counter() - t1
                 result.tests.append(outcome)
                 if outcome.failures and test.severity == "error":
                     result.errors.append(outcome)
                 if outcome.quarantined:
                     result.quarantined[test.name] = outcome.quarantined
-            if builder is not None:
-                builder.after(model)
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
         if incremental:
@@ -542,6 +545,8 @@ class _DeltaBuilder:
         self.scopes = delta.open_scopes(con, models)
         self.full: set[str] = set()
         """Models rebuilt in full whose changes cannot be told by customer."""
+        self.built_whole: set[str] = set()
+        """Models rebuilt in full in this delta build (their tests read whole tables)."""
         self.users_resolved = False
         """customer_identity is rebuilt: touched customers have their user ids touched too."""
         self.by_name = {m.name: m for m in models}
@@ -550,6 +555,25 @@ class _DeltaBuilder:
             for dep in m.depends_on:
                 self.readers.setdefault(dep, set()).add(m.name)
         delta.snapshot_quarantined_users(con, last_build)
+        self.keyed = {
+            m.name: m.grain.kind
+            for m in models
+            if m.layer != USER_LAYER
+            and m.materialized == "table"
+            and m.grain.kind in ("customer", "user")
+            and m.grain.column == delta.key_column(m.grain.kind)
+        }
+        """Product models whose tests may read only the touched keys' rows (their grain)."""
+        self.test_scopes = scoped_tests.scopes_for_tests(con, self.keyed)
+
+    def run_test(self, test: DataTest, run_at: datetime) -> DataTestResult | None:
+        """A data test over the touched keys' rows (None: it reads whole tables)."""
+        keyed = {n: k for n, k in self.keyed.items() if n not in self.built_whole}
+        if scoped_tests.TRACK_OUTBOX in self.full:
+            return None
+        return scoped_tests.run_scoped(
+            self.con, self.last_build, test, run_at, keyed, self.test_scopes
+        )
 
     def _widened(self, before: int) -> None:
         """More customers were touched: their user ids too, and narrow the inputs again."""
@@ -597,6 +621,7 @@ class _DeltaBuilder:
                 f"create or replace temp table delta_previous as select * from {SCHEMA}.{model.name}"
             )
         _build(con, model)
+        self.built_whole.add(model.name)
         before = touched.count_touched(con)
         if watch and not delta.touch_global_changes(con, model, "delta_previous"):
             self.full.add(model.name)
