@@ -251,7 +251,12 @@ REVIEWED_INTERPOLATIONS = {
         "where",
     },  # fmt: skip
     "pipelines/transform/touched.py": {
+        "ENTITY_KEYS[t]",
         "ENTITY_KEYS[table]",
+        "_newest_load(load_times.get(t), newest_sync)",
+        "by_time",
+        "t",
+        "totals",
         "_rows_sql(table, names, only)",
         "candidates",
         "old.replace('select k', 'select tbl, id, k')",

@@ -244,16 +244,17 @@ def _merged_since(con: duckdb.DuckDBPyConnection) -> bool:
 
 def _candidate_sources(
     table: str, column: str | None, mark: object, merges: bool
-) -> list[tuple[str, list[object]]]:
+) -> list[tuple[str, list[object], bool]]:
     """Queries (with parameters) of the ids of a raw table whose rows may have been written
-    since the snapshot: newer than its newest load time (or equal: a sync at the same
-    instant), merged from a webhook since, or (history) of a parent row written since."""
+    since the snapshot, and whether the query is by load time: newer than its newest load time
+    (or equal: a sync at the same instant); merged from a webhook since; (history) of a parent
+    row written since."""
     key = ENTITY_KEYS[table]
     raw = f'"{RAW}"."{table}"'
     if column is None or mark is None:  # no load time known: every row is a candidate
-        return [(f'select cast("{key}" as varchar) from {raw}', [])]
-    sources: list[tuple[str, list[object]]] = [
-        (f'select cast("{key}" as varchar) from {raw} where "{column}" >= ?', [mark])
+        return [(f'select cast("{key}" as varchar) from {raw}', [], True)]
+    sources: list[tuple[str, list[object], bool]] = [
+        (f'select cast("{key}" as varchar) from {raw} where "{column}" >= ?', [mark], True)
     ]
     if merges:
         sources.append(
@@ -262,11 +263,39 @@ def _candidate_sources(
                 "where resource = ? and merged_at >= (select min(built_at) from "
                 f"{MARKS_TABLE})",
                 [table],
+                False,
             )
         )
     if table in PARENTS:
-        sources.append(("select id from delta_candidates where tbl = ?", [PARENTS[table]]))
+        sources.append(("select id from delta_candidates where tbl = ?", [PARENTS[table]], False))
     return sources
+
+
+def _current_candidates_sql(
+    table: str, names: list[str], column: str | None, mark: object, by_id: bool
+) -> tuple[str, list[object]]:
+    """(tbl, id, k) of a table's candidate rows: those loaded since `mark` (a scan whose row
+    groups of older loads DuckDB skips by their min/max), and, when some ids came from
+    elsewhere (`by_id`), the older rows of those ids."""
+    if column is None or mark is None:
+        return _rows_sql(table, names), []
+    parts = [(_rows_sql(table, names, f' where "{column}" >= ?'), [mark])]
+    if by_id:
+        ids = f"(select id from delta_candidates where tbl = '{table}' and not by_time)"
+        where = (
+            f' where coalesce("{column}" < ?, true) '
+            f'and cast("{ENTITY_KEYS[table]}" as varchar) in {ids}'
+        )
+        parts.append((_rows_sql(table, names, where), [mark]))
+    return _union(parts)
+
+
+def _union(parts: list[tuple[str, list[object]]]) -> tuple[str, list[object]]:
+    """One query (and its parameters) of the union of several (query, parameters)."""
+    params: list[object] = []
+    for _, more in parts:
+        params.extend(more)
+    return "\nunion all\n".join(query for query, _ in parts), params
 
 
 def find_changes(con: duckdb.DuckDBPyConnection) -> int:
@@ -275,73 +304,85 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
 
     Per table, the candidates are the rows written since the snapshot (`_candidate_sources`);
     only their hashes are computed and compared with the snapshot's rows of the same ids. When
-    the table's row count says rows went missing outside them (a deletion), the whole table is
-    compared instead."""
+    the table's row count says rows went missing outside them (a deletion), or the snapshot has
+    no count of it, the whole table is compared instead. Every table in the same few statements
+    (each statement has a fixed cost)."""
     columns = raw_columns(con)
+    tables = sorted(columns)
     marks = {
         r[0]: r[1:] for r in con.execute(f"select tbl, mark, rows from {MARKS_TABLE}").fetchall()
     }
     merges = _merged_since(con)
-    con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
-    con.execute(f"create or replace temp table {CHANGED} (tbl varchar, id varchar)")
-    con.execute("create or replace temp table delta_candidates (tbl varchar, id varchar)")
     load_times = _load_time_columns(con)
     newest_sync = _newest_sync(con)
-    new_marks = []
-    # parents before their history tables
-    for table in sorted(columns, key=lambda t: (t in PARENTS, t)):
-        names = columns[table]
-        column = load_times.get(table)
-        mark, rows = marks.get(table, (None, None))
-        newest = _newest_load(column, newest_sync)
-        total = con.execute(f'select count(*), {newest} from "{RAW}"."{table}"').fetchone()
-        assert total is not None
-        new_marks.append((table, total[1], total[0]))
-        key = ENTITY_KEYS[table]
-        narrowed = False
-        if rows is not None:
-            for query, params in _candidate_sources(table, column, mark, merges):
-                con.execute(f"insert into delta_candidates select ?, id from ({query}) as c(id)",
-                            [table, *params])  # fmt: skip
-            candidates = "(select id from delta_candidates where tbl = $tbl)"
-            only = f' where cast("{key}" as varchar) in {candidates}'
-            con.execute(
-                f"insert into delta_current {_rows_sql(table, names, only)}", {"tbl": table}
+    totals = " union all ".join(
+        f"select '{t}' as tbl, {_newest_load(load_times.get(t), newest_sync)} as mark, "
+        f'count(*) as rows from "{RAW}"."{t}"'
+        for t in tables
+    )
+    con.execute(
+        "create or replace temp table delta_new_marks as "
+        f"select tbl, mark, rows, now() as built_at from ({totals})"
+    )
+    counts = dict(con.execute("select tbl, rows from delta_new_marks").fetchall())
+    known = [t for t in tables if marks.get(t, (None, None))[1] is not None]
+    con.execute(
+        "create or replace temp table delta_candidates (tbl varchar, id varchar, by_time boolean)"
+    )
+    for group in ([t for t in known if t not in PARENTS], [t for t in known if t in PARENTS]):
+        parts = [
+            (f"select '{t}', id, {by_time} from ({query}) as c(id)", params)
+            for t in group
+            for query, params, by_time in _candidate_sources(
+                t, load_times.get(t), marks[t][0], merges
             )
-            part = con.execute(
-                "select (select count(*) from delta_current where tbl = $tbl), "
-                f"(select count(*) from {ROWS_TABLE} where tbl = $tbl and id in {candidates})",
-                {"tbl": table},
-            ).fetchone()
-            assert part is not None
-            # the rows outside the candidates are the snapshot's rows of other ids, untouched
-            narrowed = total[0] - part[0] == rows - part[1]
-            if not narrowed:
-                con.execute("delete from delta_current where tbl = $tbl", {"tbl": table})
-        old = f"select k from {ROWS_TABLE} where tbl = $tbl"
-        if narrowed:
-            old += f" and id in {candidates}"
-        else:
-            con.execute(f"insert into delta_current {_rows_sql(table, names)}")
-        current = "select k from delta_current where tbl = $tbl"
+        ]
+        if parts:  # history tables after their parents: they read the parents' candidates
+            query, params = _union(parts)
+            con.execute(f"insert into delta_candidates {query}", params)
+
+    def only(t: str) -> str:
+        return f" where cast(\"{ENTITY_KEYS[t]}\" as varchar) in (select id from delta_candidates where tbl = '{t}')"
+
+    current = [_rows_sql(t, columns[t], only(t)) for t in known]
+    con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
+    if current:
+        con.execute("insert into delta_current " + "\nunion all\n".join(current))
+    now_part = dict(con.execute("select tbl, count(*) from delta_current group by tbl").fetchall())
+    old_part = dict(
         con.execute(
-            f"""create or replace temp table delta_changed_keys as
-            ({current} except all {old}) union all ({old} except all {current})""",
-            {"tbl": table},
-        )
+            f"select tbl, count(*) from {ROWS_TABLE} "
+            "where (tbl, id) in (select tbl, id from delta_candidates) group by tbl"
+        ).fetchall()
+    )
+    # the rows outside the candidates are the snapshot's rows of other ids, untouched
+    whole = [
+        t
+        for t in tables
+        if t not in known or counts[t] - now_part.get(t, 0) != marks[t][1] - old_part.get(t, 0)
+    ]
+    if whole:
+        con.execute("delete from delta_current where tbl in (select unnest(?::varchar[]))", [whole])
         con.execute(
-            f"""insert into {CHANGED}
-            select tbl, id from delta_current
-                where tbl = $tbl and k in (select k from delta_changed_keys)
-            union select tbl, id from ({old.replace("select k", "select tbl, id, k")})
-                where k in (select k from delta_changed_keys)""",
-            {"tbl": table},
+            "insert into delta_current "
+            + "\nunion all\n".join(_rows_sql(t, columns[t]) for t in whole)
         )
     con.execute(
-        "create or replace temp table delta_new_marks "
-        "(tbl varchar, mark timestamptz, rows bigint, built_at timestamptz)"
+        f"""create or replace temp table delta_old as select tbl, id, k from {ROWS_TABLE}
+        where (tbl, id) in (select tbl, id from delta_candidates)
+           or tbl in (select unnest(?::varchar[]))""",
+        [whole],
     )
-    con.executemany("insert into delta_new_marks values (?, ?, ?, now())", new_marks)
+    con.execute(
+        """create or replace temp table delta_changed_keys as
+        (select tbl, k from delta_current except all select tbl, k from delta_old)
+        union all (select tbl, k from delta_old except all select tbl, k from delta_current)"""
+    )
+    con.execute(
+        f"""create or replace temp table {CHANGED} as
+        select tbl, id from delta_current where (tbl, k) in (select tbl, k from delta_changed_keys)
+        union select tbl, id from delta_old where (tbl, k) in (select tbl, k from delta_changed_keys)"""
+    )
     row = con.execute(f"select count(*) from {CHANGED}").fetchone()
     return int(row[0]) if row else 0
 
