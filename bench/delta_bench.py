@@ -1,17 +1,22 @@
-"""Delta build vs full build of the models, by history size, and the crossover share.
+"""Delta build vs full build of the models, and of the whole run, by history size.
 
-    python -m bench.delta_bench [--sizes 10k,100k] [--shares 0.01,0.05,0.1,0.2,0.4]
+    python -m bench.delta_bench [--sizes 100k,1m] [--shares 0.01,0.03,0.05,0.1]
 
 Per size, a generated business of that many payments (customers = payments / 10) is served by
-the sandbox simulator in this process and synced once. Each build of the models then runs in
-its own process (`probe`), so its wall time and peak RSS are its own:
+the sandbox simulator in this process, with the sandbox Segment collector in another, and
+synced once. Each build or run then goes in its own process, so its wall time and peak RSS are
+its own:
 
-- full: `dodo-segment transform`'s build (no delta state), on a copy of the warehouse;
-- first: the job's first incremental build (full, and the raw snapshot written);
-- delta: after 10 new payments and 5 status changes (read by a short extract), the job's delta
-  build: touched keys, every model's touched rows, data tests, snapshot update;
-- crossover: on copies, a share of the customers touched (their raw customer row changed) and
-  the delta build forced, to find the share above which a full build is cheaper.
+- full: `dodo-segment transform`'s build (models and data tests, no delta state), on a copy;
+- first run: the job's first run after the sync (`bench/job_probe.py`: a full build that writes
+  the raw snapshot, identifies sent, history skipped);
+- then 10 new payments and 5 status changes, five minutes later, and on two copies of that
+  warehouse the same job run: with delta builds (`[models] incremental`, the default) and with
+  `incremental = false` (a full build): whole-run seconds (webhooks, extract, models, emit),
+  the models step's seconds and the peak RSS (the run's and its models step's);
+- crossover: on copies of the warehouse after the delta run, a share of the customers touched
+  (their customer row re-read with other content) and the models built by delta with no
+  crossover, to find the share above which a full build is cheaper.
 """
 
 from __future__ import annotations
@@ -26,18 +31,20 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import duckdb
 
+from bench.harness import API_KEY, job_env, parse_size, start_collector, stop
+from bench.harness import run_probe as run_job_probe
 from pipelines.config import DEFAULT_MEMORY_LIMIT
 from pipelines.transform import delta, run_models
 
-# The business, simulator and extract are imported where used: a probe's peak RSS is the
-# models' (and DuckDB's), not dlt's and the sandbox's.
+# The business and the simulator are imported where used: a probe's peak RSS is the models'
+# (and DuckDB's), not the sandbox's.
 
 REPO = Path(__file__).resolve().parents[1]
-API_KEY = "bench_api_key"
 
 
 def _peak_rss_mb() -> float:
@@ -67,6 +74,7 @@ def probe(db: str, mode: str, crossover: float | None) -> dict[str, Any]:
         "build": result.build,
         "reason": result.build_reason,
         "touched": result.touched_customers,
+        "tests_seconds": round(result.tests_seconds, 3),
     }
 
 
@@ -77,6 +85,32 @@ def run_probe(db: Path, mode: str, crossover: float | None = None) -> dict[str, 
         args += ["--crossover", str(crossover)]
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """What the table shows of one job run (bench/job_probe.py's figures)."""
+    peaks = result["peak_rss_mb"]
+    return {
+        "run_s": result["wall_seconds"],
+        "models_s": result["models"]["seconds_total"],
+        "tests_s": result["models"]["data_tests_seconds"],
+        "extract_s": result["extract"]["seconds"].get("total"),
+        "emit_s": result["emit"]["seconds"],
+        "tracks_sent": result["emit"]["tracks_sent"],
+        "peak_rss_mb": peaks.get("process"),
+        "models_peak_rss_mb": peaks.get("models"),
+    }
+
+
+def _touch_share(db: Path, share: float) -> None:
+    """A share of the customers re-read with another name (as the API's next page would)."""
+    with duckdb.connect(str(db)) as con:
+        con.execute(
+            "update dodo_raw.customers set name = coalesce(name, '') || '.', "
+            "_synced_at = (select max(as_of) from dodo_raw.lookback_passes) "
+            "where hash(customer_id) % 10000 < ?",
+            [int(share * 10000)],
+        )
 
 
 def bench_size(payments: int, shares: list[float], work: Path, seed: int) -> dict[str, Any]:
@@ -91,71 +125,92 @@ def bench_size(payments: int, shares: list[float], work: Path, seed: int) -> dic
                             payments_target=payments)  # fmt: skip
     figures: dict[str, Any] = {"payments": payments, "generate_s": time.perf_counter() - t0}
     db = work / f"w{payments}.duckdb"
-    with DodoSimulator(biz, api_key=API_KEY, page_cap=100) as simulator:
+    collector, collector_url = start_collector()
+    try:
+        with DodoSimulator(biz, api_key=API_KEY, page_cap=100) as simulator:
 
-        def config():  # type: ignore[no-untyped-def]
-            return load_config({
+            def env(warehouse: Path, **extra: str) -> dict[str, str]:
+                served = SimpleNamespace(base_url=simulator.base_url, now=biz.now.isoformat())
+                return {**job_env(served, collector_url, warehouse), **extra}  # type: ignore[arg-type]
+
+            t0 = time.perf_counter()
+            run_extract(load_config({
                 "warehouse.path": str(db), "sources.dodo.api_key": API_KEY,
                 "sources.dodo.base_url": simulator.base_url,
                 "sources.dodo.environment": "test_mode",
                 "sources.dodo.requests_per_minute": 0,
                 "sources.dodo.as_of": biz.now.isoformat(),
-            })  # fmt: skip
-
-        t0 = time.perf_counter()
-        run_extract(config())
-        figures["first_sync_extract_s"] = time.perf_counter() - t0
-        full_copy = work / "full.duckdb"
-        shutil.copyfile(db, full_copy)
-        figures["full"] = run_probe(full_copy, "full")
-        full_copy.unlink()
-        figures["first"] = run_probe(db, "delta")
-        # the delta: 10 new payments and 5 status changes, read by a short extract
-        biz.now += timedelta(minutes=5)
-        biz.add_payments(10)
-        live = [s for s in biz.subscriptions if s["status"] == "active"][:5]
-        for sub in live:
-            biz.set_subscription_status(sub["subscription_id"], "on_hold")
-        t0 = time.perf_counter()
-        run_extract(config())
-        figures["delta_extract_s"] = time.perf_counter() - t0
-        base = work / "base.duckdb"
-        shutil.copyfile(db, base)
-        figures["delta"] = run_probe(db, "delta")
+            }))  # fmt: skip
+            figures["first_sync_extract_s"] = time.perf_counter() - t0
+            full_copy = work / "full.duckdb"
+            shutil.copyfile(db, full_copy)
+            figures["full"] = run_probe(full_copy, "full")
+            full_copy.unlink()
+            since = ("--events-since", biz.now.isoformat())
+            figures["first_run"] = _run_figures(run_job_probe(env(db), REPO, *since))
+            # the delta: 10 new payments and 5 status changes, five minutes later
+            biz.now += timedelta(minutes=5)
+            biz.add_payments(10)
+            live = [s for s in biz.subscriptions if s["status"] == "active"][:5]
+            for sub in live:
+                biz.set_subscription_status(sub["subscription_id"], "on_hold")
+            full_run = work / "full_run.duckdb"
+            shutil.copyfile(db, full_run)
+            figures["full_run"] = _run_figures(
+                run_job_probe(env(full_run, MODELS__INCREMENTAL="false"), REPO)
+            )
+            full_run.unlink()
+            figures["delta_run"] = _run_figures(run_job_probe(env(db), REPO))
+    finally:
+        stop(collector)
     figures["crossover"] = []
     for share in shares:
         copy = work / "share.duckdb"
-        shutil.copyfile(base, copy)
-        with duckdb.connect(str(copy)) as con:
-            con.execute(
-                "update dodo_raw.customers set name = coalesce(name, '') || '.' "
-                "where hash(customer_id) % 10000 < ?",
-                [int(share * 10000)],
-            )
+        shutil.copyfile(db, copy)
+        _touch_share(copy, share)
         row = run_probe(copy, "delta", crossover=1.0)
         row["share"] = share
         figures["crossover"].append(row)
         copy.unlink()
-    base.unlink()
     db.unlink()
     return figures
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     """The figures side by side."""
-    print(f"{'payments':>9} {'build':<22} {'models s':>9} {'peak RSS MB':>12}  note")
+    print(
+        f"{'payments':>9} {'what':<34} {'run s':>7} {'models s':>9} {'tests s':>8} "
+        f"{'peak RSS MB (run / models)':>27}"
+    )
     for r in results:
-        for label, key in (("full (transform)", "full"), ("first (full+snapshot)", "first"),
-                           ("delta 10 new + 5 status", "delta")):  # fmt: skip
-            f = r[key]
-            note = f"{f['build']}, touched {f['touched']}" if key == "delta" else f["build"]
+        f = r["full"]
+        print(
+            f"{r['payments']:>9} {'models only: full (transform)':<34} {'':>7} "
+            f"{f['seconds']:>9.2f} {f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}"
+        )
+        for label, key in (("first run (full + snapshot)", "first_run"),
+                           ("run, full build", "full_run"),
+                           ("run, delta build", "delta_run")):  # fmt: skip
+            g = r[key]
+            rss = f"{g['peak_rss_mb']} / {g['models_peak_rss_mb']}"
             print(
-                f"{r['payments']:>9} {label:<22} {f['seconds']:>9.2f} {f['peak_rss_mb']:>12.0f}  {note}"
+                f"{r['payments']:>9} {label:<34} {g['run_s']:>7.2f} {g['models_s']:>9.2f} "
+                f"{g['tests_s'] or 0:>8.2f} {rss:>27}"
             )
         for f in r["crossover"]:
+            label = f"models only: delta, {f['share']:.0%} touched"
             print(
-                f"{r['payments']:>9} {'delta, share ' + str(f['share']):<22} {f['seconds']:>9.2f} "
-                f"{f['peak_rss_mb']:>12.0f}  touched {f['touched']}"
+                f"{r['payments']:>9} {label:<34} {'':>7} {f['seconds']:>9.2f} "
+                f"{f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}  "
+                f"({f['build']}, {f['touched']} customers)"
+            )
+    if len(results) >= 2:
+        small, big = results[0], results[-1]
+        for key, label in (("models_s", "models"), ("run_s", "whole run")):
+            ratio = big["delta_run"][key] / max(small["delta_run"][key], 1e-9)
+            print(
+                f"same delta, {big['payments']:,} vs {small['payments']:,} payments, "
+                f"{label}: {ratio:.2f}x"
             )
 
 
@@ -167,23 +222,21 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--db", required=True)
     pr.add_argument("--mode", choices=("full", "delta"), required=True)
     pr.add_argument("--crossover", type=float, default=None)
-    parser.add_argument("--sizes", default="10k,100k")
-    parser.add_argument("--shares", default="0.01,0.05,0.1,0.2,0.4")
+    parser.add_argument("--sizes", default="100k,1m")
+    parser.add_argument("--shares", default="0.01,0.03,0.05,0.1")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "delta_results.json")
     args = parser.parse_args(argv)
     if args.what == "probe":
         print(json.dumps(probe(args.db, args.mode, args.crossover)))
         return
-    from bench.run import parse_size
-
     shares = [float(s) for s in args.shares.split(",") if s]
     results = []
     with tempfile.TemporaryDirectory(prefix="dodo-delta-bench-") as work:
         for size in args.sizes.split(","):
             results.append(bench_size(parse_size(size), shares, Path(work), args.seed))
             print_table(results[-1:])
-    args.out.write_text(json.dumps(results, indent=2, default=str))
+            args.out.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)
 
 

@@ -40,7 +40,13 @@ written as parquet or in DuckDB's default loader file format (insert_values)."""
 class PhaseMemory(logging.Handler):
     """Samples RSS every 50 ms; the job's end-of-phase log lines close each phase's peak."""
 
-    MARKS = {"extract: loaded": "extract_load", "models: built": "models", "emit: ": "emit"}
+    MARKS = {
+        "extract: loaded": "extract_load",
+        "models: built": "models",
+        "models: delta build": "models",
+        "models: inputs unchanged": "models",
+        "emit: ": "emit",
+    }
 
     def __init__(self) -> None:
         super().__init__()

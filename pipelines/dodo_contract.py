@@ -351,7 +351,11 @@ DISPUTE_HISTORY_TABLE: Final = "dispute_history"
 
 LOOKBACK_PASSES_TABLE: Final = "lookback_passes"
 """dodo_raw.lookback_passes: one row per extract (short window or deep pass, what it found)."""
-RAW_BOOKKEEPING_TABLES: Final = (LOOKBACK_PASSES_TABLE,)
+WEBHOOK_MERGES_TABLE: Final = "webhook_merges"
+"""dodo_raw.webhook_merges (resource, id, merged_at): the objects a webhook merge wrote. Their
+`_synced_at` is the event's time, which can be older than rows an API read wrote before, so a
+delta build learns from here which rows were written since the last build."""
+RAW_BOOKKEEPING_TABLES: Final = (LOOKBACK_PASSES_TABLE, WEBHOOK_MERGES_TABLE)
 """Raw-schema tables that record how the extract ran, not what the API said: no model reads
 them, so they are not part of the raw data the models' keep-the-last-build check compares."""
 

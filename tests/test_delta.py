@@ -3,6 +3,7 @@ table compared with a full build of a copy after every run (EXCEPT ALL both ways
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -145,10 +146,16 @@ APP_USER_IDS = IdentityConfig(
 """The sandbox's app user ids (some shared by two customers) and its B2B accounts (issue 22)."""
 
 
+MORE_SEEDS = [int(s) for s in os.environ.get("DODO_SEGMENT_DELTA_SEEDS", "").split(",") if s]
+"""More seeds to run locally (`DODO_SEGMENT_DELTA_SEEDS=4,5,6`): odd ones with the app user
+ids and accounts, even ones with the default identity."""
+
+
 @pytest.mark.parametrize(
     ("seed", "identity"),
-    [(1, IdentityConfig()), (2, IdentityConfig()), (3, APP_USER_IDS)],
-    ids=["seed1", "seed2", "seed3-app-user-ids-and-accounts"],
+    [(1, IdentityConfig()), (2, IdentityConfig()), (3, APP_USER_IDS)]
+    + [(s, APP_USER_IDS if s % 2 else IdentityConfig()) for s in MORE_SEEDS],
+    ids=["seed1", "seed2", "seed3-app-user-ids-and-accounts"] + [f"seed{s}" for s in MORE_SEEDS],
 )
 @pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_delta_build_equals_a_full_build_after_every_run(

@@ -224,8 +224,43 @@ REVIEWED_INTERPOLATIONS = {
         "scoped_sql(model, scopes)",
         "table",
     },  # fmt: skip
+    "pipelines/transform/previous.py": {
+        "expr",
+        "fingerprint",
+        "group",
+        "identify",
+        "in_touched('customer_id')",
+        "in_touched_users('user_id')",
+        "in_users",
+        "keys",
+        "new",
+        "old",
+        "table",
+        "target",
+        "track",
+    },  # fmt: skip
+    # key: a test's `quarantine:` column (event_id | user_id, checked when parsed); new_sql,
+    # old_sql: the test's own SQL with its inputs renamed
+    "pipelines/transform/scoped_tests.py": {
+        "delta.key_predicate(grain, delta.key_column(grain))",
+        "in_touched('customer_id')",
+        "key",
+        "name",
+        "new_sql",
+        "old_sql",
+        "where",
+    },  # fmt: skip
     "pipelines/transform/touched.py": {
+        "ENTITY_KEYS[t]",
         "ENTITY_KEYS[table]",
+        "_newest_load(load_times.get(t), newest_sync)",
+        "by_time",
+        "t",
+        "totals",
+        "_rows_sql(table, names, only)",
+        "candidates",
+        "old.replace('select k', 'select tbl, id, k')",
+        "raw",
         "_current_rows_sql(columns)",
         "_owner_branches('delta_refresh')",
         "_owner_branches(CHANGED)",

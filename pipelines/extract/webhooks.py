@@ -23,13 +23,22 @@ from dlt.extract.resource import DltResource
 
 from pipelines import warehouse
 from pipelines.config import AppConfig
-from pipelines.dodo_contract import PRIMARY_KEYS, RAW_DATASET, SYNCED_AT_COLUMN
+from pipelines.dodo_contract import (
+    PRIMARY_KEYS,
+    RAW_DATASET,
+    SYNCED_AT_COLUMN,
+    WEBHOOK_MERGES_TABLE,
+)
 from pipelines.extract.dodo.records import dlt_column_hints, item_fields, to_arrow
 from pipelines.extract.forgotten import forgotten_ids, scrub_rejected, scrub_table
 from pipelines.extract.load import make_pipeline, record_history, store_rejected
 from pipelines.webhook_store import StoredDelivery, WebhookStore, store_folder
 
 log = logging.getLogger(__name__)
+
+WEBHOOK_MERGES_KEPT_DAYS = 30
+"""How long `dodo_raw.webhook_merges` keeps an entry (the models' delta build reads the entries
+since its last build)."""
 
 WEBHOOK_RESOURCES: dict[str, str] = {
     "payment": "payments",
@@ -229,6 +238,20 @@ def _merge_into_warehouse(warehouse_path: str, tables: dict[str, pa.Table]) -> d
             )
             con.execute(
                 f'insert into {RAW_DATASET}."{resource}" ({names}) select {names} from incoming'
+            )
+            # what a delta build of the models reads as written since its last build
+            con.execute(
+                f"create table if not exists {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+                "(resource varchar, id varchar, merged_at timestamptz)"
+            )
+            con.execute(
+                f"insert into {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+                f'select ?, "{key}", now() from incoming',
+                [resource],
+            )
+            con.execute(  # a month back is many builds back (a build reads the log since its last)
+                f"delete from {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+                f"where merged_at < now() - interval {WEBHOOK_MERGES_KEPT_DAYS} day"
             )
             con.unregister("incoming")
         con.execute("commit")

@@ -25,17 +25,20 @@ import duckdb
 
 from pipelines import dodo_contract
 from pipelines.transform import touched
+from pipelines.transform.previous import PreviousState, in_touched_users
 from pipelines.transform.touched import TOUCHED, in_scope, in_touched
 from pipelines.transform.user_models import EXTENSION_POINTS
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 STATE_TABLE = f"{SCHEMA}._delta_state"
 """One row: the fingerprint (SQL, catalog, rules, raw columns) of the build the snapshot matches."""
-GRAINS = ("customer", "subscription", "dispute", "ledger_object", "global")
-CROSSOVER = 0.03
-"""Above this share of touched customers a full build is cheaper: bench/delta_bench.py at 100k
-payments measured the delta build at 2% of the customers below the full build and at 5% above
-it (the delta's fixed cost, scans of the raw snapshot and the data tests, is most of it)."""
+GRAINS = ("customer", "user", "subscription", "dispute", "ledger_object", "counts", "global")
+CROSSOVER = 0.05
+"""Above this share of touched customers a full build is cheaper: bench/delta_bench.py (models
+alone, load average ~7 on the shared box) measured the delta build at 1% / 3% / 10% of the
+customers against the full build: 100k payments 3.6 / 3.5 / 4.5 s vs 6.7 s; 300k 4.6 / 6.8 /
+10.5 s vs 10.4 s. 10% breaks even at 300k; a job run also hashes the rows its extract re-read,
+so the threshold keeps a margin below it."""
 
 _UNSCOPED = frozenset({"int_ledger_by_object"})
 KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_until"})
@@ -47,16 +50,24 @@ _SCOPE_OBJECTS = "delta_scope_objects"
 
 _KEY_COLUMNS = {
     "customer": "customer_id",
+    "user": "user_id",
     "subscription": "subscription_id",
     "dispute": "dispute_id",
     "ledger_object": "object_id",
 }
 
 
-def _key_predicate(grain: str, column: str) -> str:
+def key_column(kind: str) -> str:
+    """The key column a grain declares by default (`customer` -> customer_id, ...)."""
+    return _KEY_COLUMNS[kind]
+
+
+def key_predicate(grain: str, column: str) -> str:
     """SQL: the row's key is one of the touched keys of its grain."""
     if grain == "customer":
         return in_touched(column)
+    if grain == "user":
+        return in_touched_users(column)
     if grain == "subscription":
         scoped = f"{_SCOPE}stg_subscriptions"
         return in_scope(column, scoped, "subscription_id", "delta_every_subscriptions")
@@ -107,8 +118,8 @@ def parse_grain(declared: str | None) -> Grain:
     if not match or match.group(1) not in GRAINS:
         raise ValueError(f"unknown grain {declared!r} (one of {', '.join(GRAINS)})")
     kind = match.group(1)
-    if kind == "global":
-        return Grain("global")
+    if kind in ("global", "counts"):
+        return Grain(kind)
     return Grain(kind, match.group(2) or _KEY_COLUMNS[kind])
 
 
@@ -241,9 +252,9 @@ _RAW_SCOPES: tuple[tuple[str, str], ...] = (
         "stg_disputes",
         in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
     ),
-    ("stg_subscription_history", _key_predicate("subscription", "subscription_id")),
-    ("stg_dispute_history", _key_predicate("dispute", "dispute_id")),
-    ("stg_balance_ledger", _key_predicate("ledger_object", "reference_object_id")),
+    ("stg_subscription_history", key_predicate("subscription", "subscription_id")),
+    ("stg_dispute_history", key_predicate("dispute", "dispute_id")),
+    ("stg_balance_ledger", key_predicate("ledger_object", "reference_object_id")),
 )
 """The staging relations read from raw, narrowed to the touched customers' rows (in order: a
 later one reads the earlier ones); materialized as temp tables, refreshed when more customers
@@ -291,14 +302,14 @@ def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict
 
     for name, (grain, column) in _INPUT_SCOPES.items():
         if name not in scopes:
-            scope(name, _key_predicate(grain, column))
+            scope(name, key_predicate(grain, column))
     for model in models:
         grain = model_grain(model)
         # int_payments_usd's fallback rates aggregate the whole ledger: never narrowed
         if model.name in _UNSCOPED or model.name in scopes:
             continue
         if grain.kind != "global" and grain.column:
-            scope(model.name, _key_predicate(grain.kind, grain.column))
+            scope(model.name, key_predicate(grain.kind, grain.column))
     return scopes
 
 
@@ -312,6 +323,17 @@ _TABLE_REFERENCE = re.compile(rf"\b{SCHEMA}\.([a-z_][a-z0-9_]*)\b(\s*)([a-z_]*)"
 def scoped_sql(model: Model, scopes: dict[str, str]) -> str:
     """The model's SQL reading the narrowed inputs instead of the whole tables (a reference
     without an alias keeps the relation's name as its alias)."""
+    return rewrite_references(model.sql, scopes)
+
+
+def referenced(sql: str) -> set[str]:
+    """The analytics relations a query reads (comments left out)."""
+    body = re.sub(r"--[^\n]*", "", sql)
+    return {m.group(1).lower() for m in _TABLE_REFERENCE.finditer(body)}
+
+
+def rewrite_references(sql: str, scopes: dict[str, str]) -> str:
+    """`sql` reading `scopes[name]` wherever it reads `analytics.<name>` (comments left out)."""
 
     def swap(match: re.Match[str]) -> str:
         name, spacing, follower = match.group(1).lower(), match.group(2), match.group(3)
@@ -320,7 +342,7 @@ def scoped_sql(model: Model, scopes: dict[str, str]) -> str:
         aliased = follower != "" and follower.lower() not in _NOT_ALIASES
         return scopes[name] + ("" if aliased else f" as {name}") + spacing + follower
 
-    body = re.sub(r"--[^\n]*", "", model.sql).strip().rstrip(";")
+    body = re.sub(r"--[^\n]*", "", sql).strip().rstrip(";")
     return _TABLE_REFERENCE.sub(swap, body)
 
 
@@ -328,7 +350,7 @@ def rebuild_keys(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str,
     """Delete the model's rows of the touched keys and insert them recomputed."""
     grain = model_grain(model)
     assert grain.column is not None
-    predicate = _key_predicate(grain.kind, f'"{grain.column}"')
+    predicate = key_predicate(grain.kind, f'"{grain.column}"')
     table = f"{SCHEMA}.{model.name}"
     con.execute(f"delete from {table} where {predicate}")
     con.execute(
@@ -376,11 +398,13 @@ def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
     touched.close_over_subscriptions(con)
 
 
-def snapshot_quarantined_users(con: duckdb.DuckDBPyConnection) -> None:
-    """Keep the user ids quarantined by the last build (identify_outbox leaves them out)."""
-    con.execute(
-        f"create or replace temp table delta_old_quarantine as select key from "
-        f"{SCHEMA}.quarantined_rows where key_kind = 'user_id'"
+def snapshot_quarantined_users(con: duckdb.DuckDBPyConnection, previous: PreviousState) -> None:
+    """Keep the user ids quarantined by the last build (identify_outbox leaves them out); the
+    build has emptied `quarantined_rows` by now, so they are read from the previous state."""
+    previous.copy(
+        con,
+        "delta_old_quarantine",
+        f"select key from {SCHEMA}.quarantined_rows where key_kind = 'user_id'",
     )
 
 

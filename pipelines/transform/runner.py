@@ -9,13 +9,14 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
 
 from pipelines import dodo_contract
 from pipelines.config import IdentityConfig
-from pipelines.transform import delta, touched
+from pipelines.transform import delta, previous, scoped_tests, touched
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -346,6 +347,7 @@ def run_models(
     con.execute("set variable event_catalog = ?", [event_catalog])
     plan = delta.DeltaPlan(False, "not incremental")
     in_transaction = False
+    last_build: previous.PreviousState | None = None
     try:
         ensure_raw_tables(con)
         if incremental:
@@ -359,10 +361,13 @@ def run_models(
             )
             con.execute("begin transaction")
             in_transaction = True
+            last_build = previous.PreviousState(con)  # the tables as the last build left them
             as_of_sql = by_name[AS_OF_MODEL].sql if AS_OF_MODEL in by_name else "select null"
             plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql, crossover)
             fingerprint = delta_fingerprint
             if skip_unchanged and _nothing_changed(con, plan, fingerprint, by_name):
+                last_build.close()
+                last_build = None
                 con.execute("commit")
                 in_transaction = False
                 return TransformResult(
@@ -373,6 +378,8 @@ def run_models(
                     seconds=time.perf_counter() - started,
                 )
             if not plan.delta:
+                last_build.close()
+                last_build = None
                 con.execute("rollback")
                 in_transaction = False
         if not plan.delta:
@@ -391,7 +398,7 @@ def run_models(
 
         result = TransformResult(build="delta" if plan.delta else "full")
         result.build_reason = plan.reason
-        builder = _DeltaBuilder(con, models) if plan.delta else None
+        builder = _DeltaBuilder(con, models, last_build) if last_build is not None else None
         for index, model in enumerate(models):
             t0 = time.perf_counter()
             if model.name == EVENT_RULES_MODEL and _knows_event_names(by_name):
@@ -412,29 +419,36 @@ def run_models(
             )
             if on_model is not None:
                 on_model(model.name, index + 1, len(models))
+            if builder is not None:
+                builder.after(model)
             for test in tests_by_model.get(model.name, []):
                 t1 = time.perf_counter()
-                outcome = run_data_test(con, test, run_at)
+                outcome = builder.run_test(test, run_at) if builder else None
+                if outcome is None:
+                    outcome = run_data_test(con, test, run_at)
                 result.tests_seconds += time.perf_counter() - t1
                 result.tests.append(outcome)
                 if outcome.failures and test.severity == "error":
                     result.errors.append(outcome)
                 if outcome.quarantined:
                     result.quarantined[test.name] = outcome.quarantined
-            if builder is not None:
-                builder.after(model)
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
         if incremental:
             if builder is not None:
                 result.touched_customers = delta.touched_count(con)
             delta.remember_state(con, delta_fingerprint, full=builder is None)
+        if last_build is not None:
+            last_build.close()
+            last_build = None
         if in_transaction:
             con.execute("commit")
             in_transaction = False
         if skip_unchanged:
             _remember_build(con, fingerprint, clean=not result.errors)
     finally:
+        if last_build is not None:
+            last_build.close()
         if in_transaction:
             con.execute("rollback")
         if previous_tz:
@@ -512,33 +526,66 @@ def _check_custom_group_traits(con: duckdb.DuckDBPyConnection, model: Model, sql
 
 class _DeltaBuilder:
     """Builds each model of a delta build: keyed models by their touched keys, global ones in
-    full (telling which customers' rows moved, for the keyed models that read them), views not
-    at all; and the lineage steps between models (subscriptions shared between customers, the
-    ledger's fallback rates, quarantined user ids)."""
+    full (telling which customers' rows moved, for the keyed models that read them), the
+    tracking plan's counts from the changed outbox rows, views not at all; and the lineage
+    steps between models (subscriptions shared between customers, customers sharing a Segment
+    user id, the ledger's fallback rates, quarantined user ids)."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, models: list[Model]) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        models: list[Model],
+        last_build: previous.PreviousState,
+    ) -> None:
         self.con = con
         self.models = models
+        self.last_build = last_build
         touched.close_over_subscriptions(con)
+        previous.create_touched_users(con)
         self.scopes = delta.open_scopes(con, models)
         self.full: set[str] = set()
         """Models rebuilt in full whose changes cannot be told by customer."""
+        self.built_whole: set[str] = set()
+        """Models rebuilt in full in this delta build (their tests read whole tables)."""
+        self.users_resolved = False
+        """customer_identity is rebuilt: touched customers have their user ids touched too."""
         self.by_name = {m.name: m for m in models}
         self.readers: dict[str, set[str]] = {}
         for m in models:
             for dep in m.depends_on:
                 self.readers.setdefault(dep, set()).add(m.name)
-        delta.snapshot_quarantined_users(con)
+        delta.snapshot_quarantined_users(con, last_build)
+        self.keyed = {
+            m.name: m.grain.kind
+            for m in models
+            if m.layer != USER_LAYER
+            and m.materialized == "table"
+            and m.grain.kind in ("customer", "user")
+            and m.grain.column == delta.key_column(m.grain.kind)
+        }
+        """Product models whose tests may read only the touched keys' rows (their grain)."""
+        self.test_scopes = scoped_tests.scopes_for_tests(con, self.keyed)
+
+    def run_test(self, test: DataTest, run_at: datetime) -> DataTestResult | None:
+        """A data test over the touched keys' rows (None: it reads whole tables)."""
+        keyed = {n: k for n, k in self.keyed.items() if n not in self.built_whole}
+        if scoped_tests.TRACK_OUTBOX in self.full:
+            return None
+        return scoped_tests.run_scoped(
+            self.con, self.last_build, test, run_at, keyed, self.test_scopes
+        )
 
     def _widened(self, before: int) -> None:
-        """More customers were touched: narrow the inputs again."""
+        """More customers were touched: their user ids too, and narrow the inputs again."""
         if touched.count_touched(self.con) != before:
+            if self.users_resolved:
+                previous.touch_users(self.con, self.last_build)
             delta.refresh_scopes(self.con)
 
     def _has_keyed_readers(self, name: str) -> bool:
         return any(
             self.by_name[r].materialized == "table"
-            and delta.model_grain(self.by_name[r]).kind != "global"
+            and delta.model_grain(self.by_name[r]).kind not in ("global", "counts")
             for r in self.readers.get(name, ())
         )
 
@@ -547,15 +594,25 @@ class _DeltaBuilder:
         con = self.con
         if model.name == "int_ledger_by_object":
             delta.snapshot_rates(con)
-        if model.name == "identify_outbox":
+        if f"{SCHEMA}.quarantined_rows" in model.sql:
             before = touched.count_touched(con)
             delta.touch_quarantine_changes(con)
             self._widened(before)
+        forced = any(dep in self.full for dep in model.depends_on)
         if model.materialized == "view":
+            if forced:  # what reads the view reads the full rebuild behind it
+                self.full.add(model.name)
             return
         grain = delta.model_grain(model)
-        forced = any(dep in self.full for dep in model.depends_on)
-        if grain.kind != "global" and not forced:
+        if grain.kind == "counts" and not forced:
+            previous.rebuild_counts(
+                con,
+                self.last_build,
+                model.name,
+                lambda relations: delta.scoped_sql(model, relations),
+            )
+            return
+        if grain.kind not in ("global", "counts") and not forced:
             delta.rebuild_keys(con, model, self.scopes)
             return
         watch = model.name not in delta.KNOWN_GLOBALS and self._has_keyed_readers(model.name)
@@ -564,6 +621,7 @@ class _DeltaBuilder:
                 f"create or replace temp table delta_previous as select * from {SCHEMA}.{model.name}"
             )
         _build(con, model)
+        self.built_whole.add(model.name)
         before = touched.count_touched(con)
         if watch and not delta.touch_global_changes(con, model, "delta_previous"):
             self.full.add(model.name)
@@ -576,6 +634,9 @@ class _DeltaBuilder:
             touched.close_over_subscriptions(self.con)
         elif model.name == "int_ledger_by_object":
             delta.touch_rate_changes(self.con)
+        elif model.name == previous.IDENTITY_MODEL:
+            previous.touch_users(self.con, self.last_build)
+            self.users_resolved = True
         self._widened(before)
 
 

@@ -27,7 +27,8 @@ RAW = dodo_contract.RAW_DATASET
 ROWS_TABLE = f"{SCHEMA}._delta_rows"
 OWNERS_TABLE = f"{SCHEMA}._delta_owners"
 MARKS_TABLE = f"{SCHEMA}._delta_marks"
-"""Per raw table: the newest load time at the snapshot (`mark`), its row count and key sum."""
+"""Per raw table: the newest load time at the snapshot (`mark`), its row count, and when the
+snapshot was taken (`built_at`)."""
 LOAD_TIME_COLUMNS = (dodo_contract.SYNCED_AT_COLUMN, "observed_at", "forgotten_at")
 """The column telling when a raw row was written, by preference (history rows: observed_at)."""
 TOUCHED = "delta_touched"
@@ -35,7 +36,7 @@ TOUCHED = "delta_touched"
 CHANGED = "delta_changed"
 """Temp table (tbl, id) of the raw entities whose rows changed since the last build."""
 
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 """Part of the delta state's fingerprint: a snapshot of another format is never compared."""
 
 ENTITY_KEYS: dict[str, str] = {
@@ -159,20 +160,42 @@ def _load_time_columns(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     }
 
 
+def _newest_sync(con: duckdb.DuckDBPyConnection) -> str:
+    """SQL: the start of the newest API sync (`lookback_passes.as_of`, NULL without one). A row
+    an API read wrote carries its sync's start as `_synced_at`; a row a webhook merged carries
+    the event's time on Dodo's clock, which may be ahead of ours, so the newest load time a
+    delta build compares with is never later than the newest sync's start."""
+    table = dodo_contract.LOOKBACK_PASSES_TABLE
+    row = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+        [RAW, table],
+    ).fetchone()
+    if not row or not row[0]:
+        return "null::timestamptz"
+    return f"(select max(as_of) from {RAW}.{table})"
+
+
+def _newest_load(column: str | None, newest_sync: str) -> str:
+    """SQL (an aggregate over a raw table): the newest load time a delta build compares with."""
+    if not column:
+        return "null::timestamptz"
+    return f'least(max("{column}"), coalesce({newest_sync}, max("{column}")))'
+
+
 def _write_marks(con: duckdb.DuckDBPyConnection, columns: dict[str, list[str]]) -> None:
-    """Per raw table: the newest load time, and the row count and key sum of the snapshot."""
+    """Per raw table: the newest load time and the row count of the snapshot, and when it was
+    taken (webhook merges logged since then are read by the next delta build)."""
     con.execute(
         f"create or replace table {MARKS_TABLE} "
-        "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
+        "(tbl varchar, mark timestamptz, rows bigint, built_at timestamptz)"
     )
     load_times = _load_time_columns(con)
+    newest_sync = _newest_sync(con)
     for table in sorted(columns):
-        column = load_times.get(table)
-        mark = f'max("{column}")' if column else "null::timestamptz"
+        mark = _newest_load(load_times.get(table), newest_sync)
         con.execute(
-            f'insert into {MARKS_TABLE} select ?, (select {mark} from "{RAW}"."{table}"), '
-            f"count(*), coalesce(sum(k::hugeint), 0) from {ROWS_TABLE} where tbl = ?",
-            [table, table],
+            f'insert into {MARKS_TABLE} select ?, {mark}, count(*), now() from "{RAW}"."{table}"',
+            [table],
         )
 
 
@@ -201,83 +224,165 @@ def write_snapshot(con: duckdb.DuckDBPyConnection) -> None:
     _write_marks(con, columns)
 
 
+PARENTS = {
+    dodo_contract.SUBSCRIPTION_HISTORY_TABLE: "subscriptions",
+    dodo_contract.DISPUTE_HISTORY_TABLE: "disputes",
+}
+"""History tables and the table whose rows they record: a history row is appended (with the
+parent row's `_synced_at`, which a webhook can set in the past) only when the parent's row
+was written with other content, so the parent's written rows name the history's too."""
+
+
+def _merged_since(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the webhook merge log exists (a warehouse that never merged one has none)."""
+    row = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+        [RAW, dodo_contract.WEBHOOK_MERGES_TABLE],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _candidate_sources(
+    table: str, column: str | None, mark: object, merges: bool
+) -> list[tuple[str, list[object], bool]]:
+    """Queries (with parameters) of the ids of a raw table whose rows may have been written
+    since the snapshot, and whether the query is by load time: newer than its newest load time
+    (or equal: a sync at the same instant); merged from a webhook since; (history) of a parent
+    row written since."""
+    key = ENTITY_KEYS[table]
+    raw = f'"{RAW}"."{table}"'
+    if column is None or mark is None:  # no load time known: every row is a candidate
+        return [(f'select cast("{key}" as varchar) from {raw}', [], True)]
+    sources: list[tuple[str, list[object], bool]] = [
+        (f'select cast("{key}" as varchar) from {raw} where "{column}" >= ?', [mark], True)
+    ]
+    if merges:
+        sources.append(
+            (
+                f"select id from {RAW}.{dodo_contract.WEBHOOK_MERGES_TABLE} "
+                "where resource = ? and merged_at >= (select min(built_at) from "
+                f"{MARKS_TABLE})",
+                [table],
+                False,
+            )
+        )
+    if table in PARENTS:
+        sources.append(("select id from delta_candidates where tbl = ?", [PARENTS[table]], False))
+    return sources
+
+
+def _current_candidates_sql(
+    table: str, names: list[str], column: str | None, mark: object, by_id: bool
+) -> tuple[str, list[object]]:
+    """(tbl, id, k) of a table's candidate rows: those loaded since `mark` (a scan whose row
+    groups of older loads DuckDB skips by their min/max), and, when some ids came from
+    elsewhere (`by_id`), the older rows of those ids."""
+    if column is None or mark is None:
+        return _rows_sql(table, names), []
+    parts = [(_rows_sql(table, names, f' where "{column}" >= ?'), [mark])]
+    if by_id:
+        ids = f"(select id from delta_candidates where tbl = '{table}' and not by_time)"
+        where = (
+            f' where coalesce("{column}" < ?, true) '
+            f'and cast("{ENTITY_KEYS[table]}" as varchar) in {ids}'
+        )
+        parts.append((_rows_sql(table, names, where), [mark]))
+    return _union(parts)
+
+
+def _union(parts: list[tuple[str, list[object]]]) -> tuple[str, list[object]]:
+    """One query (and its parameters) of the union of several (query, parameters)."""
+    params: list[object] = []
+    for _, more in parts:
+        params.extend(more)
+    return "\nunion all\n".join(query for query, _ in parts), params
+
+
 def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     """Fill the temp table `delta_changed` (tbl, id) with the raw entities whose rows differ
     from the snapshot (added, changed or deleted rows); return how many there are.
 
-    Per table, the rows written after the snapshot's newest load time are the candidates; when
-    every other row still sums to the snapshot's (count and key sum of the rows of the other
-    ids), only the candidates' ids are compared row by row, else the whole table is."""
+    Per table, the candidates are the rows written since the snapshot (`_candidate_sources`);
+    only their hashes are computed and compared with the snapshot's rows of the same ids. When
+    the table's row count says rows went missing outside them (a deletion), or the snapshot has
+    no count of it, the whole table is compared instead. Every table in the same few statements
+    (each statement has a fixed cost)."""
     columns = raw_columns(con)
+    tables = sorted(columns)
     marks = {
-        r[0]: r[1:]
-        for r in con.execute(f"select tbl, mark, rows, k_sum from {MARKS_TABLE}").fetchall()
+        r[0]: r[1:] for r in con.execute(f"select tbl, mark, rows from {MARKS_TABLE}").fetchall()
     }
-    con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
-    con.execute(f"create or replace temp table {CHANGED} (tbl varchar, id varchar)")
+    merges = _merged_since(con)
     load_times = _load_time_columns(con)
-    new_marks = []
-    for table, names in sorted(columns.items()):
-        column = load_times.get(table)
-        mark, rows, k_sum = marks.get(table, (None, None, None))
-        newest = f'(select max("{column}") from "{RAW}"."{table}")' if column else "null"
-        total = con.execute(
-            f"select count(*), coalesce(sum(k::hugeint), 0), {newest}::timestamptz "
-            f"from ({_rows_sql(table, names)})"
-        ).fetchone()
-        assert total is not None
-        new_marks.append((table, total[2], total[0], total[1]))
-        narrowed = False
-        if column and mark is not None and rows is not None:
-            key = ENTITY_KEYS[table]
-            con.execute(
-                f"create or replace temp table delta_candidates as select distinct "
-                f'cast("{key}" as varchar) as id from "{RAW}"."{table}" where "{column}" > ?',
-                [mark],
+    newest_sync = _newest_sync(con)
+    totals = " union all ".join(
+        f"select '{t}' as tbl, {_newest_load(load_times.get(t), newest_sync)} as mark, "
+        f'count(*) as rows from "{RAW}"."{t}"'
+        for t in tables
+    )
+    con.execute(
+        "create or replace temp table delta_new_marks as "
+        f"select tbl, mark, rows, now() as built_at from ({totals})"
+    )
+    counts = dict(con.execute("select tbl, rows from delta_new_marks").fetchall())
+    known = [t for t in tables if marks.get(t, (None, None))[1] is not None]
+    con.execute(
+        "create or replace temp table delta_candidates (tbl varchar, id varchar, by_time boolean)"
+    )
+    for group in ([t for t in known if t not in PARENTS], [t for t in known if t in PARENTS]):
+        parts = [
+            (f"select '{t}', id, {by_time} from ({query}) as c(id)", params)
+            for t in group
+            for query, params, by_time in _candidate_sources(
+                t, load_times.get(t), marks[t][0], merges
             )
-            con.execute(
-                "create or replace temp table delta_table_rows as "
-                f"select * from ({_rows_sql(table, names)}) "
-                "where id in (select id from delta_candidates)"
-            )
-            part = con.execute(
-                "select count(*), coalesce(sum(k::hugeint), 0) from delta_table_rows"
-            ).fetchone()
-            old_part = con.execute(
-                f"select count(*), coalesce(sum(k::hugeint), 0) from {ROWS_TABLE} "
-                "where tbl = ? and id in (select id from delta_candidates)",
-                [table],
-            ).fetchone()
-            assert part and old_part
-            narrowed = (total[0] - part[0], total[1] - part[1]) == (
-                rows - old_part[0],
-                k_sum - old_part[1],
-            )
-        old = f"select k from {ROWS_TABLE} where tbl = $tbl"
-        if narrowed:
-            old += " and id in (select id from delta_candidates)"
-            con.execute("insert into delta_current select * from delta_table_rows")
-        else:
-            con.execute(f"insert into delta_current {_rows_sql(table, names)}")
-        current = "select k from delta_current where tbl = $tbl"
+        ]
+        if parts:  # history tables after their parents: they read the parents' candidates
+            query, params = _union(parts)
+            con.execute(f"insert into delta_candidates {query}", params)
+
+    def only(t: str) -> str:
+        return f" where cast(\"{ENTITY_KEYS[t]}\" as varchar) in (select id from delta_candidates where tbl = '{t}')"
+
+    current = [_rows_sql(t, columns[t], only(t)) for t in known]
+    con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
+    if current:
+        con.execute("insert into delta_current " + "\nunion all\n".join(current))
+    now_part = dict(con.execute("select tbl, count(*) from delta_current group by tbl").fetchall())
+    old_part = dict(
         con.execute(
-            f"""create or replace temp table delta_changed_keys as
-            ({current} except all {old}) union all ({old} except all {current})""",
-            {"tbl": table},
-        )
+            f"select tbl, count(*) from {ROWS_TABLE} "
+            "where (tbl, id) in (select tbl, id from delta_candidates) group by tbl"
+        ).fetchall()
+    )
+    # the rows outside the candidates are the snapshot's rows of other ids, untouched
+    whole = [
+        t
+        for t in tables
+        if t not in known or counts[t] - now_part.get(t, 0) != marks[t][1] - old_part.get(t, 0)
+    ]
+    if whole:
+        con.execute("delete from delta_current where tbl in (select unnest(?::varchar[]))", [whole])
         con.execute(
-            f"""insert into {CHANGED}
-            select tbl, id from delta_current
-                where tbl = $tbl and k in (select k from delta_changed_keys)
-            union select tbl, id from {ROWS_TABLE}
-                where tbl = $tbl and k in (select k from delta_changed_keys)""",
-            {"tbl": table},
+            "insert into delta_current "
+            + "\nunion all\n".join(_rows_sql(t, columns[t]) for t in whole)
         )
     con.execute(
-        "create or replace temp table delta_new_marks "
-        "(tbl varchar, mark timestamptz, rows bigint, k_sum hugeint)"
+        f"""create or replace temp table delta_old as select tbl, id, k from {ROWS_TABLE}
+        where (tbl, id) in (select tbl, id from delta_candidates)
+           or tbl in (select unnest(?::varchar[]))""",
+        [whole],
     )
-    con.executemany("insert into delta_new_marks values (?, ?, ?, ?)", new_marks)
+    con.execute(
+        """create or replace temp table delta_changed_keys as
+        (select tbl, k from delta_current except all select tbl, k from delta_old)
+        union all (select tbl, k from delta_old except all select tbl, k from delta_current)"""
+    )
+    con.execute(
+        f"""create or replace temp table {CHANGED} as
+        select tbl, id from delta_current where (tbl, k) in (select tbl, k from delta_changed_keys)
+        union select tbl, id from delta_old where (tbl, k) in (select tbl, k from delta_changed_keys)"""
+    )
     row = con.execute(f"select count(*) from {CHANGED}").fetchone()
     return int(row[0]) if row else 0
 

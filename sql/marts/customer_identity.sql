@@ -1,3 +1,4 @@
+-- grain: customer
 -- One row per customer of stg_customers: who the customer is in Segment (user_id) and which
 -- account they belong to (group_id), by the `[identity] user_id` and `[group] id` settings
 -- (analytics.identity_rules, written by the runner from the config).

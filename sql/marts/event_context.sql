@@ -1,11 +1,13 @@
+-- grain: customer
 -- One row per lifecycle event about a subscription: the subscription events and the payments
 -- of a subscription (completed, failed, recovered, renewed), with the plan they concern.
 -- product_id: the event's own product_id property when it has one (the product at that moment:
 -- a plan change names the new one), else the subscription's current product; plan: that
 -- product's name (stg_products, else the subscription's product_name). Added to the tracks'
--- properties by track_outbox; event_ids are untouched. Per event (and so per customer).
+-- properties by track_outbox; event_ids are untouched. Per event, so per customer (customer_id:
+-- the event's).
 with lifecycle_events as (
-    select event_id, fact_kind, object_id, properties
+    select event_id, customer_id, fact_kind, object_id, properties
     from analytics.lifecycle_events
 ),
 
@@ -24,6 +26,7 @@ products as (
 subscription_of_event as (
     select
         lifecycle_events.event_id,
+        lifecycle_events.customer_id,
         case
             when lifecycle_events.fact_kind in ('payment_completed', 'payment_failed',
                                                 'payment_recovered')
@@ -45,6 +48,7 @@ subscription_of_event as (
 final as (
     select
         subscription_of_event.event_id,
+        subscription_of_event.customer_id,
         subscription_of_event.subscription_id,
         coalesce(subscription_of_event.event_product_id, subscriptions.product_id) as product_id,
         coalesce(products.name, subscriptions.product_name) as plan
@@ -56,5 +60,5 @@ final as (
             = coalesce(subscription_of_event.event_product_id, subscriptions.product_id)
 )
 
-select event_id, subscription_id, product_id, plan
+select event_id, customer_id, subscription_id, product_id, plan
 from final

@@ -1,3 +1,4 @@
+-- grain: user
 -- One row per Segment user id (customer_identity.user_id): the identify traits of every Dodo
 -- customer that resolves to it, combined by each trait's meaning (docs/models.md, "user_traits").
 -- With the default `[identity] user_id = ["customer_id"]` every user is one customer and each

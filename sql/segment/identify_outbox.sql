@@ -1,3 +1,4 @@
+-- grain: user
 -- Identify calls for the emitter: one row per Segment user id (analytics.user_traits: the
 -- customers that resolve to it, combined), traits named per Segment's identify conventions
 -- (createdAt ISO-8601 UTC; dates as ISO strings), null traits omitted.

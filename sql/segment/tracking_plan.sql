@@ -1,3 +1,4 @@
+-- grain: counts
 -- The observed shape of what the outboxes send, for the tracking plan (`dodo-segment
 -- tracking-plan`, pipelines/emit/tracking_plan.py): one row per (call, event, key, JSON type)
 -- with how many rows carry it, and one row per (call, event) with key = '' for the row count.

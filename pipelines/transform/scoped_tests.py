@@ -1,0 +1,126 @@
+"""Data tests in a delta build: a test of a keyed model reads only the touched keys' rows.
+
+A test whose every input is a model keyed by customer or user id (or the track outbox, whose
+rows are a customer's, or the constant event catalog) finds the same offending rows per key
+in the whole table as in the touched keys' rows. A delta build runs it twice over the touched
+keys: over the tables as the last build left them (`PreviousState`) and as they are now. Its
+count is the last build's minus the first plus the second; the keys it quarantines are the
+last build's, minus those the first run found, plus those the second finds. Every other test
+reads whole tables, as in a full build.
+
+A test's sample (the rows listed in the result) holds the touched keys' offending rows only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+from pipelines import dodo_contract
+from pipelines.transform import delta
+from pipelines.transform.data_tests import SAMPLE_SIZE, DataTest, DataTestResult
+from pipelines.transform.previous import TOUCHED_USERS, PreviousState
+from pipelines.transform.touched import TOUCHED, in_touched
+
+SCHEMA = dodo_contract.ANALYTICS_SCHEMA
+TRACK_OUTBOX = "track_outbox"
+CONSTANT_INPUTS = frozenset({"event_catalog"})
+"""Inputs a scoped test reads whole: they do not depend on the raw data."""
+
+
+def scopes_for_tests(con: duckdb.DuckDBPyConnection, keyed: dict[str, str]) -> dict[str, str]:
+    """The relations scoped tests read (`keyed`: model -> its key column's grain, customer or
+    user), as temp views of the touched keys' rows; the track outbox's by its customer."""
+    con.execute(
+        f"create or replace temp view delta_test_{TRACK_OUTBOX} as "
+        f"select * from {SCHEMA}.{TRACK_OUTBOX} where {in_touched('customer_id')}"
+    )
+    scopes = {TRACK_OUTBOX: f"delta_test_{TRACK_OUTBOX}"}
+    for name, grain in keyed.items():
+        con.execute(
+            f"create or replace temp view delta_test_{name} as select * from {SCHEMA}.{name} "
+            f"where {delta.key_predicate(grain, delta.key_column(grain))}"
+        )
+        scopes[name] = f"delta_test_{name}"
+    return scopes
+
+
+def _previous_scopes(names: set[str], keyed: dict[str, str]) -> dict[str, str]:
+    """The same relations over the previous state, by the touched keys passed as parameters."""
+    scopes = {}
+    for name in names:
+        grain = keyed.get(name, "customer")  # the track outbox: by customer
+        if grain == "user":
+            where = "user_id in (select unnest($users::varchar[]))"
+        else:
+            where = "(customer_id in (select unnest($ids::varchar[])) or (customer_id is null and $null))"
+        scopes[name] = f"(select * from {SCHEMA}.{name} where {where})"
+    return scopes
+
+
+def run_scoped(
+    con: duckdb.DuckDBPyConnection,
+    previous: PreviousState,
+    test: DataTest,
+    run_at: datetime,
+    keyed: dict[str, str],
+    scopes: dict[str, str],
+) -> DataTestResult | None:
+    """Run `test` over the touched keys' rows and update the last build's outcome; None when
+    it cannot be (an input that is not keyed, or no outcome of it in the last build)."""
+    inputs = delta.referenced(test.sql)
+    if not inputs or not inputs <= (set(keyed) | {TRACK_OUTBOX} | CONSTANT_INPUTS):
+        return None
+    totals = previous.cursor.execute(
+        f"select failures from {SCHEMA}.data_test_results where test_name = ?", [test.name]
+    ).fetchall()  # fetched whole: an unfinished result would hold the connection
+    if len(totals) != 1:
+        return None
+    old_total = totals[0]
+    scoped = inputs - CONSTANT_INPUTS
+    new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
+    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, keyed))
+    params: dict[str, Any] = {}
+    rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
+    if "$ids" in old_sql:
+        params["ids"] = [r[0] for r in rows if r[0] is not None]
+        params["null"] = any(r[0] is None for r in rows)
+    if "$users" in old_sql:
+        params["users"] = [
+            r[0] for r in con.execute(f"select user_id from {TOUCHED_USERS}").fetchall()
+        ]
+    try:
+        old_row = previous.cursor.execute(f"select count(*) from ({old_sql})", params).fetchall()[0]
+        new_row = con.execute(f"select count(*) from ({new_sql})").fetchall()[0]
+        assert old_row is not None and new_row is not None
+        sample: list[dict[str, object]] = []
+        if new_row[0]:
+            rel = con.execute(f"select * from ({new_sql}) limit {SAMPLE_SIZE}")
+            columns = [d[0] for d in rel.description or []]
+            sample = [dict(zip(columns, row, strict=True)) for row in rel.fetchall()]
+    except duckdb.Error as exc:
+        raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
+    failures = int(old_total[0] or 0) - int(old_row[0]) + int(new_row[0])
+    result = DataTestResult(test.name, test.model, test.severity, failures, sample=sample)
+    if test.severity == "warn" and test.quarantine:
+        key = test.quarantine
+        previous.copy(
+            con,
+            "delta_test_kept_keys",
+            f"select key from {SCHEMA}.quarantined_rows where test_name = $name "
+            f"except select cast({key} as varchar) from ({old_sql})",
+            {**params, "name": test.name},
+        )
+        con.execute(
+            f"insert into {SCHEMA}.quarantined_rows select ?, ?, key, ? from ("
+            f"select key from delta_test_kept_keys union "
+            f"select cast({key} as varchar) from ({new_sql}) where {key} is not null)",
+            [test.name, key, run_at],
+        )
+        quarantined = con.execute(
+            f"select count(*) from {SCHEMA}.quarantined_rows where test_name = ?", [test.name]
+        ).fetchall()
+        result.quarantined = int(quarantined[0][0])
+    return result
