@@ -95,3 +95,35 @@ def test_webhook_latency_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert hooks["api_requests"] == 0  # what the webhooks carried needed no API request
     assert 0 < hooks["median_s"] <= hooks["p95_s"] <= hooks["max_s"]
     assert cron["measured"] > 0 and cron["api_requests"] > 0
+
+
+def test_flood_bench_runs_end_to_end(tmp_path: Path) -> None:
+    from bench.flood_bench import main as flood_bench
+
+    out = tmp_path / "results_flood.json"
+    results = flood_bench(
+        ["--rate", "40", "--seconds", "2", "--senders", "4", "--customers", "60",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == results
+    assert results["deliveries"] == 80 and results["statuses"] == {"200": 80}
+    assert results["pending_while_locked"] > 0  # the lock held the run back
+    assert results["events_lost"] == 0 and results["events_duplicated"] == 0
+    assert results["ledger_matches_collector"]
+    assert results["worker_peak_rss_mib"] > 0
+
+
+def test_soak_month_runs_end_to_end(tmp_path: Path) -> None:
+    from bench.soak_month import main as soak_month
+
+    out = tmp_path / "results_soak.json"
+    # 12 runs of 5 simulated minutes (a tenth of them SIGKILLed), the warehouse lost at the sixth
+    results = soak_month(
+        ["--days", str(12 * 5 / 1440), "--customers", "40", "--kill-share", "0.1",
+         "--seed", "7", "--out", str(out)]
+    )  # fmt: skip
+    assert results["days_simulated"] == pytest.approx(12 * 5 / 1440, abs=0.01)
+    assert results["outcomes"]["warehouse_lost"] == 1
+    checks = results["checks"]
+    assert checks["events_lost"] == 0 and checks["events_sent_twice_under_other_ids"] == 0
+    assert results["seconds_per_in_process_run"]["total"] > 0
