@@ -84,10 +84,11 @@ soak: install
 	DODO_SEGMENT_SOAK_KILLS=200 $(BIN)/python -m pytest -q tests/test_reliability.py -k kill
 
 # A month of 5-minute cron runs compressed in time, with faults, kills and a lost warehouse
-# (hours; not part of `make test`). SOAK_DAYS=1 for a shorter run of the same.
+# (hours; not part of `make test`). SOAK_DAYS=1 for a shorter run of the same;
+# SOAK_WALL_MINUTES=60 stops the simulated time after an hour (then the final checks).
 SOAK_DAYS ?= 30
 soak-month: install
-	$(BIN)/python -m bench.soak_month --days $(SOAK_DAYS)
+	$(BIN)/python -m bench.soak_month --days $(SOAK_DAYS) $(if $(SOAK_WALL_MINUTES),--wall-minutes $(SOAK_WALL_MINUTES))
 
 notebooks: install
 	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks,lab]"

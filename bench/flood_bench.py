@@ -60,6 +60,17 @@ def rss_kib(pid: int) -> int:
     return int(found.group(1)) if found else 0
 
 
+def children_of(pid: int) -> list[int]:
+    """The child processes of a process (the listener's worker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def gather_payloads(business: Any, wanted: int, rng: random.Random) -> list[dict[str, Any]]:
     """The webhooks of the business's changes, day by day, until there are `wanted` of them."""
     payloads: list[dict[str, Any]] = []
@@ -186,13 +197,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         threading.Thread(target=drain, daemon=True).start()
         time.sleep(1.0)
-        peak = {"listener": 0, "listener_at_start": rss_kib(listener.pid)}
+        peak = {"listener": 0, "listener_at_start": rss_kib(listener.pid), "worker": 0}
         watching = threading.Event()
 
-        def watch() -> None:
+        def watch() -> None:  # the listener, and its worker (the run that merges the backlog)
             while not watching.is_set():
                 peak["listener"] = max(peak["listener"], rss_kib(listener.pid))
-                time.sleep(0.2)
+                worker = sum(rss_kib(child) for child in children_of(listener.pid))
+                peak["worker"] = max(peak["worker"], worker)
+                time.sleep(0.1)
 
         threading.Thread(target=watch, daemon=True).start()
         received_before = len(collector.tracks())
@@ -217,13 +230,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             time.sleep(0.05)
         figures["run_ended_after_release_s"] = round(time.monotonic() - released, 1)
         figures["run_steps_after_release_s"] = [
-            f"+{at - released:.1f}s {line.split(' ', 2)[-1][:120]}"
+            f"+{at - released:.1f}s {line.split(' ', 2)[-1][:240]}"
             for at, line in run_lines if at >= released
         ]  # fmt: skip
         figures["last_event_received_after_release_s"] = round(last_change - released, 1)
         watching.set()
         figures["listener_rss_at_start_mib"] = round(peak["listener_at_start"] / 1024, 1)
         figures["listener_peak_rss_mib"] = round(peak["listener"] / 1024, 1)
+        figures["worker_peak_rss_mib"] = round(peak["worker"] / 1024, 1)
         listener.terminate()
         listener.wait(timeout=120)
         with duckdb.connect(str(db), read_only=True) as con:

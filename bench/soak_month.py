@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="runs kept in full by the bookkeeping retention (default: the job's own, 288; a "
         "shortened soak keeps proportionally fewer so that the retention shows)",
     )  # fmt: skip
+    parser.add_argument(
+        "--wall-minutes", type=float, default=None,
+        help="stop the simulated time after this many real minutes (then the final run and the "
+        "checks, as at the end of --days): the days reached are reported",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_soak.json")
     args = parser.parse_args(argv)
     if args.keep_runs is not None:  # the bench's compression of time, not the job's setting
@@ -164,7 +169,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     outcomes: Counter[str] = Counter()
     figures: dict[str, Any] = {}
+    steps: Counter[str] = Counter()
+    """Seconds spent per step over the in-process runs (where a soak run's time goes)."""
     started = time.monotonic()
+    stop_at = started + args.wall_minutes * 60 if args.wall_minutes else None
+    ticks_done = 0
     with (
         tempfile.TemporaryDirectory(prefix="dodo-segment-soak-") as work,
         DodoSimulator(business, api_key=API_KEY) as simulator,
@@ -179,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "select event_id from segment_sync.delivered_events where status = 'skipped'"
             ).fetchall()}  # fmt: skip
         for tick in range(1, ticks + 1):  # bounded: one run per simulated interval
+            if stop_at is not None and time.monotonic() >= stop_at:
+                break
+            ticks_done = tick
             before = snapshot(business)
             business.advance_time(days=args.every_minutes / 1440, seed=rng.randrange(1 << 30))
             outcomes["webhook_deliveries"] += deliver(store, changes_since(before, business), rng)
@@ -203,9 +215,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 env = job_env(simulator, collector, db, business.now)
                 outcomes[f"cli_run:{killed_cli_run(env, rng)}"] += 1
             else:
+                t0 = time.monotonic()
                 config = load_config(flags(simulator, collector, db, business.now))
                 report = run_job(config, RunOptions())
                 outcomes[f"run:{report.outcome}"] += 1
+                steps["runs"] += 1
+                steps["total"] += time.monotonic() - t0
+                steps["extract"] += report.extract.seconds.get("total", 0) if report.extract else 0
+                steps["models"] += report.models_seconds or 0
+                steps["emit"] += report.emit_seconds or 0
             collector.outage(False)
             simulator.clear_faults()
             if tick == int(24 * 60 / args.every_minutes):
@@ -226,15 +244,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         outcomes[f"final:{final.outcome}"] += 1
         figures["after_all"] = sizes(db)
         figures["checks"] = check(db, collector, skipped_first)
+    runs = max(1, steps.pop("runs", 0))
     results = {
         "measured_at": wall.isoformat(),
         "days": args.days,
+        "days_simulated": round(ticks_done * args.every_minutes / 1440, 2),
         "every_minutes": args.every_minutes,
-        "runs": ticks + 2,
+        "runs": ticks_done + 2,
+        "seconds_per_in_process_run": {k: round(v / runs, 2) for k, v in steps.items()},
         "customers": args.customers,
         "keep_runs": bookkeeping.KEEP_RECENT_RUNS,
         "wall_seconds": round(time.monotonic() - started, 1),
         "cpus": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
         "outcomes": dict(outcomes),
         **figures,
     }

@@ -212,6 +212,8 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
             log.error("run failed", exc_info=exc)
             text = str(root).strip().splitlines()
             report.error = f"{type(root).__name__}: {text[0] if text else ''}"
+    if report.webhooks is not None:
+        _wait_marked(report)
     if report.error:
         report.error = scrub(report.error)
     if recordable:
@@ -232,7 +234,8 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
         step(step="webhooks")
         from pipelines.extract import merge_webhooks
 
-        report.webhooks = merge_webhooks(config)
+        # webhook-only: the merged deliveries are marked merged while models and emit run
+        report.webhooks = merge_webhooks(config, mark_later=options.webhook_only)
     if not options.only_emit and not options.webhook_only:
         step(step="extract")
         _extract(config, options, report)
@@ -252,6 +255,23 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
             flagged = True
         report.outcome = "finished_with_rejections" if flagged else "success"
         report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
+
+
+def _wait_marked(report: RunReport) -> None:
+    """The webhook-only run ends once its merged deliveries are marked merged; a failure there
+    (a full disk) fails the run in one line: they stay pending, merged again next time."""
+    assert report.webhooks is not None
+    try:
+        report.webhooks.wait_marked()
+    except Exception as exc:
+        text = (str(exc).splitlines() or [type(exc).__name__])[0]
+        error = f"could not mark the merged webhook deliveries: {text}"
+        if warehouse.disk_full(exc):
+            error = f"{warehouse.DISK_FULL_ADVICE} (step webhook merge)"
+        if report.exit_code in (None, ExitCode.OK, ExitCode.REJECTED_OR_QUARANTINED):
+            report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, error
+        else:
+            log.error("%s", scrub(error))
 
 
 def _step_of(exc: BaseException, report: RunReport) -> str:

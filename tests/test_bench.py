@@ -107,3 +107,36 @@ def test_incremental_bench_puts_delta_and_webhook_figures_in_one_table(
     assert all(split[step]["median_s"] is not None for step in ("models", "emit_to_receipt"))
     table = capsys.readouterr().out
     assert all(label in table for label in LABELS.values()) and "| 2,000 |" in table
+
+
+def test_flood_bench_runs_end_to_end(tmp_path: Path) -> None:
+    from bench.flood_bench import main as flood_bench
+
+    out = tmp_path / "results_flood.json"
+    results = flood_bench(
+        ["--rate", "40", "--seconds", "2", "--senders", "4", "--customers", "60",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text())["deliveries"] == results["deliveries"] == 80
+    assert results["statuses"] == {200: 80}
+    assert results["pending_while_locked"] > 0  # the lock held the run back
+    assert results["events_lost"] == 0 and results["events_duplicated"] == 0
+    assert results["ledger_matches_collector"]
+    assert results["worker_peak_rss_mib"] > 0
+
+
+def test_soak_month_runs_end_to_end(tmp_path: Path) -> None:
+    from bench.soak_month import main as soak_month
+
+    out = tmp_path / "results_soak.json"
+    # 12 runs of 5 simulated minutes (a tenth of them SIGKILLed), the warehouse lost at the sixth
+    results = soak_month(
+        ["--days", str(12 * 5 / 1440), "--customers", "40", "--kill-share", "0.1",
+         "--seed", "7", "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text())["runs"] == results["runs"] == 14
+    assert results["days_simulated"] == pytest.approx(12 * 5 / 1440, abs=0.01)
+    assert results["outcomes"]["warehouse_lost"] == 1
+    checks = results["checks"]
+    assert checks["events_lost"] == 0 and checks["events_sent_twice_under_other_ids"] == 0
+    assert results["seconds_per_in_process_run"]["total"] > 0

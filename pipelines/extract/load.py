@@ -243,6 +243,14 @@ def store_rejected(warehouse_path: str, rejected: list[dict[str, Any]]) -> int:
     """Keep the items the extract set aside (idempotent: a re-read item is stored once)."""
     if not rejected:
         return 0
+    with warehouse.connect(warehouse_path) as con:
+        return store_rejected_on(con, rejected)
+
+
+def store_rejected_on(con: duckdb.DuckDBPyConnection, rejected: list[dict[str, Any]]) -> int:
+    """`store_rejected` on an open connection."""
+    if not rejected:
+        return 0
     rows = [
         (
             r["resource"],
@@ -253,24 +261,28 @@ def store_rejected(warehouse_path: str, rejected: list[dict[str, Any]]) -> int:
         )
         for r in rejected
     ]
-    with warehouse.connect(warehouse_path) as con:
-        con.execute(f"create schema if not exists {RAW_DATASET}")
-        con.execute(REJECTED_RECORDS_SQL)
-        con.executemany(
-            f"insert into {RAW_DATASET}.{REJECTED_RECORDS_TABLE} values (?, ?, ?, ?, ?) on conflict do nothing",
-            rows,
-        )
+    con.execute(f"create schema if not exists {RAW_DATASET}")
+    con.execute(REJECTED_RECORDS_SQL)
+    con.executemany(
+        f"insert into {RAW_DATASET}.{REJECTED_RECORDS_TABLE} values (?, ?, ?, ?, ?) on conflict do nothing",
+        rows,
+    )
     return len(rows)
 
 
 def record_history(warehouse_path: str) -> None:
     """Append the subscription and dispute states this sync saw for the first time."""
     with warehouse.connect(warehouse_path) as con:
-        tables = _raw_tables(con)
-        if "subscriptions" in tables:
-            con.execute(SUBSCRIPTION_HISTORY_SQL)
-        if "disputes" in tables:
-            con.execute(DISPUTE_HISTORY_SQL)
+        record_history_on(con)
+
+
+def record_history_on(con: duckdb.DuckDBPyConnection) -> None:
+    """`record_history` on an open connection."""
+    tables = _raw_tables(con)
+    if "subscriptions" in tables:
+        con.execute(SUBSCRIPTION_HISTORY_SQL)
+    if "disputes" in tables:
+        con.execute(DISPUTE_HISTORY_SQL)
 
 
 def _step(step: Any, *args: Any, warehouse_path: str = "", **kwargs: Any) -> Any:

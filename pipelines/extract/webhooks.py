@@ -10,9 +10,13 @@ than the row's `_synced_at` is left out. The scheduled API runs remain the recon
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import dlt
@@ -31,7 +35,7 @@ from pipelines.dodo_contract import (
 )
 from pipelines.extract.dodo.records import dlt_column_hints, item_fields, to_arrow
 from pipelines.extract.forgotten import forgotten_ids, scrub_rejected, scrub_table
-from pipelines.extract.load import make_pipeline, record_history, store_rejected
+from pipelines.extract.load import make_pipeline, record_history_on, store_rejected_on
 from pipelines.webhook_store import StoredDelivery, WebhookStore, store_folder
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,19 @@ class WebhookMerge:
     """Events of families without a raw table (payout, credit, license_key, ...)."""
     rejected: int = 0
     """Deliveries set aside in dodo_raw.rejected_records (not an object the warehouse can hold)."""
+    marking: list[Future[int]] = field(default_factory=list, repr=False, compare=False)
+    """The markings of the merged batches, done in the background (see `wait_marked`)."""
+
+    def wait_marked(self) -> None:
+        """Return once every merged delivery is marked merged; re-raise a marking's failure
+        (a full disk: those deliveries stay pending, and merging them again changes nothing)."""
+        t0 = time.monotonic()
+        for done in self.marking:
+            done.result()
+        if self.marking:
+            log.info("webhooks: %d deliveries marked merged (%.1fs after the merge)",
+                     self.deliveries, time.monotonic() - t0)  # fmt: skip
+        self.marking = []
 
 
 def _timestamp(payload: dict[str, Any]) -> datetime | None:
@@ -147,48 +164,40 @@ def _warehouse_synced_at(
 
 
 def _tables(
-    config: AppConfig,
+    con: duckdb.DuckDBPyConnection,
     newest: dict[str, dict[str, tuple[datetime, dict[str, Any]]]],
     result: WebhookMerge,
     rejected: list[dict[str, Any]],
 ) -> dict[str, pa.Table]:
     """Arrow tables of the objects to merge, `_synced_at` set to each one's event time."""
     tables: dict[str, pa.Table] = {}
-    try:
-        con = warehouse.open_connection(config.warehouse_path, read_only=True)
-    except duckdb.IOException:  # no warehouse yet: everything is new
-        con = None
-    forgotten = forgotten_ids(con) if con is not None else frozenset()
-    try:
-        for resource, events in newest.items():
-            held = _warehouse_synced_at(con, resource, list(events)) if con else {}
-            known_customers = set(held) if resource == "customers" else set()
-            fields = item_fields(resource)
-            items, times = [], []
-            for key, (at, data) in events.items():
-                if key in known_customers:  # only customers the warehouse does not hold at all
-                    continue
-                if key in held and held[key] is not None and held[key] >= at:
-                    result.older_than_warehouse += 1
-                    continue
-                items.append({k: v for k, v in data.items() if k in fields})
-                times.append(at)
-            if not items:
+    forgotten = forgotten_ids(con)
+    for resource, events in newest.items():
+        held = _warehouse_synced_at(con, resource, list(events))
+        known_customers = set(held) if resource == "customers" else set()
+        fields = item_fields(resource)
+        items, times = [], []
+        for key, (at, data) in events.items():
+            if key in known_customers:  # only customers the warehouse does not hold at all
                 continue
-            by_key = {item[PRIMARY_KEYS[resource]]: t for item, t in zip(items, times, strict=True)}
-            table, bad = to_arrow(resource, items, times[0])
-            rejected.extend(bad)
-            if table is None:
+            if key in held and held[key] is not None and held[key] >= at:
+                result.older_than_warehouse += 1
                 continue
-            keys = table[PRIMARY_KEYS[resource]].to_pylist()
-            synced = pa.array([by_key[k] for k in keys], pa.timestamp("us", tz="UTC"))
-            index = table.schema.get_field_index(SYNCED_AT_COLUMN)
-            table = table.set_column(index, SYNCED_AT_COLUMN, synced)
-            # a forgotten customer's personal fields are never stored again, by any path
-            tables[resource] = scrub_table(resource, table, forgotten)
-    finally:
-        if con is not None:
-            con.close()
+            items.append({k: v for k, v in data.items() if k in fields})
+            times.append(at)
+        if not items:
+            continue
+        by_key = {item[PRIMARY_KEYS[resource]]: t for item, t in zip(items, times, strict=True)}
+        table, bad = to_arrow(resource, items, times[0])
+        rejected.extend(bad)
+        if table is None:
+            continue
+        keys = table[PRIMARY_KEYS[resource]].to_pylist()
+        synced = pa.array([by_key[k] for k in keys], pa.timestamp("us", tz="UTC"))
+        index = table.schema.get_field_index(SYNCED_AT_COLUMN)
+        table = table.set_column(index, SYNCED_AT_COLUMN, synced)
+        # a forgotten customer's personal fields are never stored again, by any path
+        tables[resource] = scrub_table(resource, table, forgotten)
     scrub_rejected(rejected, forgotten)
     return tables
 
@@ -206,86 +215,144 @@ def webhook_source(tables: dict[str, pa.Table]) -> Iterator[DltResource]:
         )
 
 
-def _merge_into_warehouse(warehouse_path: str, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+def _merge_into_warehouse(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table]
+) -> dict[str, pa.Table]:
     """Replace the rows of these keys in the raw tables, in one transaction; returns the tables
     the warehouse does not have yet (dlt creates those)."""
     left: dict[str, pa.Table] = {}
-    with warehouse.connect(warehouse_path) as con:
-        con.execute("begin transaction")
-        for resource, table in tables.items():
-            columns = {
-                name: kind
-                for name, kind in con.execute(
-                    "select column_name, data_type from information_schema.columns "
-                    "where table_schema = ? and table_name = ?",
-                    [RAW_DATASET, resource],
-                ).fetchall()
-            }
-            if not columns:
-                left[resource] = table
-                continue
-            con.register("incoming", table)
-            described = con.execute("describe select * from incoming").fetchall()
-            for name, kind, *_ in described:
-                if name not in columns:  # a field the API added: a column, as dlt would add it
-                    con.execute(
-                        f'alter table {RAW_DATASET}."{resource}" add column "{name}" {kind}'
-                    )
-            key = PRIMARY_KEYS[resource]
-            names = ", ".join(f'"{name}"' for name, *_ in described)
-            con.execute(
-                f'delete from {RAW_DATASET}."{resource}" where "{key}" in (select "{key}" from incoming)'
-            )
-            con.execute(
-                f'insert into {RAW_DATASET}."{resource}" ({names}) select {names} from incoming'
-            )
-            # what a delta build of the models reads as written since its last build
-            con.execute(
-                f"create table if not exists {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
-                "(resource varchar, id varchar, merged_at timestamptz)"
-            )
-            con.execute(
-                f"insert into {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
-                f'select ?, "{key}", now() from incoming',
-                [resource],
-            )
-            con.execute(  # a month back is many builds back (a build reads the log since its last)
-                f"delete from {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
-                f"where merged_at < now() - interval {WEBHOOK_MERGES_KEPT_DAYS} day"
-            )
-            con.unregister("incoming")
-        con.execute("commit")
+    con.execute("begin transaction")
+    for resource, table in tables.items():
+        columns = {
+            name: kind
+            for name, kind in con.execute(
+                "select column_name, data_type from information_schema.columns "
+                "where table_schema = ? and table_name = ?",
+                [RAW_DATASET, resource],
+            ).fetchall()
+        }
+        if not columns:
+            left[resource] = table
+            continue
+        con.register("incoming", table)
+        described = con.execute("describe select * from incoming").fetchall()
+        for name, kind, *_ in described:
+            if name not in columns:  # a field the API added: a column, as dlt would add it
+                con.execute(f'alter table {RAW_DATASET}."{resource}" add column "{name}" {kind}')
+        key = PRIMARY_KEYS[resource]
+        names = ", ".join(f'"{name}"' for name, *_ in described)
+        con.execute(
+            f'delete from {RAW_DATASET}."{resource}" where "{key}" in (select "{key}" from incoming)'
+        )
+        con.execute(
+            f'insert into {RAW_DATASET}."{resource}" ({names}) select {names} from incoming'
+        )
+        # what a delta build of the models reads as written since its last build
+        con.execute(
+            f"create table if not exists {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+            "(resource varchar, id varchar, merged_at timestamptz)"
+        )
+        con.execute(
+            f"insert into {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+            f'select ?, "{key}", now() from incoming',
+            [resource],
+        )
+        con.execute(  # a month back is many builds back (a build reads the log since its last)
+            f"delete from {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+            f"where merged_at < now() - interval {WEBHOOK_MERGES_KEPT_DAYS} day"
+        )
+        con.unregister("incoming")
+    con.execute("commit")
     return left
 
 
-def merge_webhooks(config: AppConfig) -> WebhookMerge:
-    """Merge every pending delivery of this warehouse, then mark them merged."""
+MERGE_BATCH = 2000
+"""Deliveries read and merged at a time: a backlog of any size is merged in bounded memory
+(each batch in one transaction, then marked merged; the newest state wins across batches as it
+does across runs, by the event time against the row's `_synced_at`; the subscription and
+dispute history keeps the state each batch left)."""
+
+
+def merge_webhooks(
+    config: AppConfig, batch_size: int = MERGE_BATCH, mark_later: bool = False
+) -> WebhookMerge:
+    """Merge every pending delivery of this warehouse, a batch at a time; each batch is marked
+    merged once its transaction has committed, so a crash loses nothing and merges nothing twice
+    (a batch merged but not yet marked is merged again next time, which changes nothing).
+
+    The marking (a file-system call or two per delivery) runs in the background, overlapping the
+    next batch's merge; `mark_later` returns before it has ended (the webhook-only run lets it
+    overlap the models and the emit, and calls `wait_marked` before it ends)."""
     store = WebhookStore(store_folder(config.warehouse_path))
-    deliveries = store.pending()
-    result = WebhookMerge(deliveries=len(deliveries))
-    if not deliveries:
+    result = WebhookMerge()
+    seconds = {"read": 0.0, "merge": 0.0}
+    batches = store.pending_batches(batch_size)
+    started = time.monotonic()
+    first = next(batches, None)
+    if first is None:
         return result
-    rejected: list[dict[str, Any]] = []
-    newest = _newest_events(deliveries, result, rejected)
-    customers = _customers_of(newest)
-    if customers:
-        newest["customers"] = customers
-    tables = _tables(config, newest, result, rejected)
-    result.rejected = store_rejected(config.warehouse_path, rejected)
-    if tables:
-        # straight into DuckDB: a dlt pipeline run costs seconds, the latency this path is for
-        new = _merge_into_warehouse(config.warehouse_path, tables)
-        if new:  # webhooks before the first sync created the table
-            pipeline = make_pipeline(config.warehouse_path)
-            pipeline.sync_destination()
-            pipeline.run(webhook_source(new), loader_file_format="parquet")
-        record_history(config.warehouse_path)
-        result.merged = {resource: table.num_rows for resource, table in tables.items()}
-    store.mark_merged(deliveries)
+    # one connection for every batch: a connection's open and close cost more than a batch
+    marker = ThreadPoolExecutor(1, thread_name_prefix="mark-merged")
+    try:
+        with closing(_Merge(config.warehouse_path)) as merge:
+            for deliveries in chain([first], batches):
+                seconds["read"] += time.monotonic() - started
+                result.deliveries += len(deliveries)
+                t0 = time.monotonic()
+                merge.batch(deliveries, result)
+                seconds["merge"] += time.monotonic() - t0
+                result.marking.append(marker.submit(store.mark_merged, deliveries))
+                started = time.monotonic()
+        result.marking.append(marker.submit(_purge, store))
+    finally:
+        marker.shutdown(wait=False)  # what was submitted still runs to its end
     log.info(
         "webhooks: merged %s from %d deliveries (%d older than the warehouse, %d superseded, "
-        "%d of other kinds)",
+        "%d of other kinds) in %.1fs (read %.1fs, merge %.1fs)",
         ", ".join(f"{n} {r}" for r, n in sorted(result.merged.items())) or "nothing",
         result.deliveries, result.older_than_warehouse, result.superseded, result.other_events,
+        sum(seconds.values()), seconds["read"], seconds["merge"],
     )  # fmt: skip
+    if not mark_later:
+        result.wait_marked()
     return result
+
+
+def _purge(store: WebhookStore) -> int:
+    store.purge_old_markers()
+    return 0
+
+
+class _Merge:
+    """The warehouse connection the batches of one merge share."""
+
+    def __init__(self, warehouse_path: str) -> None:
+        self.warehouse_path = warehouse_path
+        self.con = warehouse.open_connection(warehouse_path)
+
+    def close(self) -> None:
+        """Close the connection (an uncommitted batch is rolled back)."""
+        self.con.close()
+
+    def batch(self, deliveries: list[StoredDelivery], result: WebhookMerge) -> None:
+        """Merge one batch into the raw tables (one transaction); counts into `result`."""
+        rejected: list[dict[str, Any]] = []
+        newest = _newest_events(deliveries, result, rejected)
+        customers = _customers_of(newest)
+        if customers:
+            newest["customers"] = customers
+        tables = _tables(self.con, newest, result, rejected)
+        result.rejected += store_rejected_on(self.con, rejected)
+        if not tables:
+            return
+        # straight into DuckDB: a dlt pipeline run costs seconds, the latency this path is for
+        new = _merge_into_warehouse(self.con, tables)
+        if new:  # webhooks before the first sync created the table: dlt creates it
+            self.con.close()  # dlt opens the file itself (a cursor on it, when the run holds it)
+            pipeline = make_pipeline(self.warehouse_path)
+            pipeline.sync_destination()
+            pipeline.run(webhook_source(new), loader_file_format="parquet")
+            self.con = warehouse.open_connection(self.warehouse_path)
+        record_history_on(self.con)  # before the batch is marked merged, as its merge
+        for resource, table in tables.items():
+            result.merged[resource] = result.merged.get(resource, 0) + table.num_rows
