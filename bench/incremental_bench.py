@@ -37,9 +37,7 @@ TARGETS = {
 
 def rows_of(delta: dict[str, Any], hooks: dict[str, Any]) -> dict[str, Any]:
     """The table's figures of one size."""
-    full, change = delta.get("full", {}), delta.get("delta", {})
-    extract = delta.get("delta_extract_s")
-    rows = _delta_rows(full, change, extract, delta.get("error"))
+    rows = _delta_rows(delta)
     if "error" in hooks:
         return rows | {"webhook_p95_s": f"failed: {hooks['error']}"}
     web, split = hooks["webhooks"], hooks["webhooks"]["breakdown"]
@@ -53,20 +51,21 @@ def rows_of(delta: dict[str, Any], hooks: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _delta_rows(
-    full: dict[str, Any], change: dict[str, Any], extract: float | None, error: str | None
-) -> dict[str, Any]:
+def _delta_rows(delta: dict[str, Any]) -> dict[str, Any]:
+    """bench/delta_bench.py's figures: the models alone in full, and job runs after the same
+    delta with a delta build and with a full build (`[models] incremental = false`)."""
+    full = delta.get("full", {})
+    change, rebuilt = delta.get("delta_run", {}), delta.get("full_run", {})
+    if "error" in delta and not change:
+        return {"delta_models_s": f"failed: {delta['error']}"}
     return {
         "full_models_s": full.get("seconds"),
         "full_peak_rss_mb": full.get("peak_rss_mb"),
-        "delta_models_s": change.get("seconds"),
-        "delta_run_s": round(extract + change["seconds"], 2)
-        if extract is not None and change.get("seconds") is not None
-        else None,
-        "delta_peak_rss_mb": change.get("peak_rss_mb"),
-        "delta_build": f"{change.get('build')}, {change.get('touched')} customers touched"
-        if change
-        else f"failed: {error}",
+        "delta_models_s": change.get("models_s"),
+        "delta_run_s": change.get("run_s"),
+        "delta_peak_rss_mb": change.get("models_peak_rss_mb") or change.get("peak_rss_mb"),
+        "full_run_models_s": rebuilt.get("models_s"),
+        "full_run_s": rebuilt.get("run_s"),
     }
 
 
@@ -74,9 +73,10 @@ LABELS = {
     "full_models_s": "full build (`transform`), models s",
     "full_peak_rss_mb": "full build, peak RSS MB",
     "delta_models_s": "delta (10 new payments + 5 status changes), models s",
-    "delta_run_s": "same delta, extract + models s",
-    "delta_peak_rss_mb": "same delta, peak RSS MB",
-    "delta_build": "same delta, build",
+    "delta_run_s": "same delta, whole run s",
+    "delta_peak_rss_mb": "same delta, models' peak RSS MB",
+    "full_run_models_s": "same delta with a full build (`incremental = false`), models s",
+    "full_run_s": "same delta with a full build, whole run s",
     "webhook_p50_s": "webhook -> Segment p50 s",
     "webhook_p95_s": "webhook -> Segment p95 s",
     "webhook_runs_models_s": "webhook-triggered runs, models s (median)",
