@@ -61,6 +61,7 @@ def flags(simulator: DodoSimulator, collector: SegmentCollector, db: Path, now: 
         "sources.dodo.environment": "test_mode",
         "sources.dodo.requests_per_minute": 0,
         "sources.dodo.max_retries": 3,
+        "sources.dodo.backoff_seconds": 0.05,
         "sources.dodo.timeout_seconds": 5,
         "segment.write_key": WRITE_KEY,
         "segment.host": collector.base_url,
