@@ -75,24 +75,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return SharedSetupScheduling(config, log)
 
 
-LONGEST_FIRST = (
-    "test_bench.py", "test_delta.py", "test_package.py", "test_reliability.py", "test_security.py",
-    "test_recovery.py", "test_alerts.py", "test_cli.py", "test_forget.py", "test_listen.py",
-)  # fmt: skip
-"""Modules holding the longest tests or module setups (`make test` prints the ten slowest):
-started first, so the end of the run is short tests spread over every worker."""
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tests first, the longest of them before the others: a long test started last
-    would run alone at the end."""
-
-    def rank(item: pytest.Item) -> tuple[bool, int]:
-        module = item.path.name
-        longest = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-        return item.get_closest_marker("slow") is None, longest
-
-    items.sort(key=rank)
+    """The slow tests first: on two workers a long test started last would run alone at the end.
+    (Ordering the longest modules first was measured worse: 8 min 40 s against 8 min 5 s.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.hookimpl(hookwrapper=True)
