@@ -222,6 +222,11 @@ def _merge_into_warehouse(
     the warehouse does not have yet (dlt creates those)."""
     left: dict[str, pa.Table] = {}
     con.execute("begin transaction")
+    con.execute(f"create schema if not exists {RAW_DATASET}")  # webhooks before a first sync
+    con.execute(
+        f"create table if not exists {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+        "(resource varchar, id varchar, merged_at timestamptz)"
+    )
     for resource, table in tables.items():
         columns = {
             name: kind
@@ -249,19 +254,15 @@ def _merge_into_warehouse(
         )
         # what a delta build of the models reads as written since its last build
         con.execute(
-            f"create table if not exists {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
-            "(resource varchar, id varchar, merged_at timestamptz)"
-        )
-        con.execute(
             f"insert into {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
             f'select ?, "{key}", now() from incoming',
             [resource],
         )
-        con.execute(  # a month back is many builds back (a build reads the log since its last)
-            f"delete from {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
-            f"where merged_at < now() - interval {WEBHOOK_MERGES_KEPT_DAYS} day"
-        )
         con.unregister("incoming")
+    con.execute(  # a month back is many builds back (a build reads the log since its last)
+        f"delete from {RAW_DATASET}.{WEBHOOK_MERGES_TABLE} "
+        f"where merged_at < now() - interval {WEBHOOK_MERGES_KEPT_DAYS} day"
+    )
     con.execute("commit")
     return left
 
