@@ -9,37 +9,77 @@ plan every message is checked against; `accounts` keeps group state and past use
 `regulations` asks Segment's Public API to suppress and delete a forgotten customer.
 """
 
-from pipelines.emit.checkpoint import (
-    Checkpoint,
-    catch_up_ledger,
-    checkpoint_path,
-    ledger_is_empty,
-    read_checkpoint,
-    restore_ledger,
-    take_checkpoint,
-    warehouse_knows_run,
-    write_checkpoint,
-)
-from pipelines.emit.emitter import (
-    EmitResult,
-    Preview,
-    emit,
-    ensure_sync_schema,
-    preview,
-    recompute_traits,
-    resend,
-)
-from pipelines.emit.ledger import iter_identify_rows
-from pipelines.emit.pending import pending_counts, pending_identify_ids
-from pipelines.emit.regulations import (
-    DEFAULT_PUBLIC_API_HOST,
-    PRIVACY_PORTAL_STEPS,
-    RegulationError,
-    file_suppress_with_delete,
-    regulation_body,
-)
-from pipelines.emit.settings import EmitSettings
-from pipelines.emit.tracking_plan import PlanError, build_plan, load_plan, write_plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.emit.checkpoint import (
+        Checkpoint,
+        catch_up_ledger,
+        checkpoint_path,
+        ledger_is_empty,
+        read_checkpoint,
+        restore_ledger,
+        take_checkpoint,
+        warehouse_knows_run,
+        write_checkpoint,
+    )
+    from pipelines.emit.emitter import (
+        EmitResult,
+        Preview,
+        emit,
+        ensure_sync_schema,
+        preview,
+        recompute_traits,
+        resend,
+    )
+    from pipelines.emit.ledger import iter_identify_rows
+    from pipelines.emit.pending import pending_counts, pending_identify_ids
+    from pipelines.emit.regulations import (
+        DEFAULT_PUBLIC_API_HOST,
+        PRIVACY_PORTAL_STEPS,
+        RegulationError,
+        file_suppress_with_delete,
+        regulation_body,
+    )
+    from pipelines.emit.settings import EmitSettings
+    from pipelines.emit.tracking_plan import PlanError, build_plan, load_plan, write_plan
+
+_HOMES = {
+    "Checkpoint": "checkpoint",
+    "catch_up_ledger": "checkpoint",
+    "checkpoint_path": "checkpoint",
+    "ledger_is_empty": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "restore_ledger": "checkpoint",
+    "take_checkpoint": "checkpoint",
+    "warehouse_knows_run": "checkpoint",
+    "write_checkpoint": "checkpoint",
+    "EmitResult": "emitter",
+    "Preview": "emitter",
+    "emit": "emitter",
+    "ensure_sync_schema": "emitter",
+    "preview": "emitter",
+    "recompute_traits": "emitter",
+    "resend": "emitter",
+    "iter_identify_rows": "ledger",
+    "pending_counts": "pending",
+    "pending_identify_ids": "pending",
+    "DEFAULT_PUBLIC_API_HOST": "regulations",
+    "PRIVACY_PORTAL_STEPS": "regulations",
+    "RegulationError": "regulations",
+    "file_suppress_with_delete": "regulations",
+    "regulation_body": "regulations",
+    "EmitSettings": "settings",
+    "PlanError": "tracking_plan",
+    "build_plan": "tracking_plan",
+    "load_plan": "tracking_plan",
+    "write_plan": "tracking_plan",
+}
+"""Each public name and the module that defines it. The names are imported on first use
+(PEP 562): `status` needs the pending counts, not the Segment client and its cryptography."""
 
 __all__ = [
     "Checkpoint",
@@ -72,3 +112,12 @@ __all__ = [
     "recompute_traits",
     "resend",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
