@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RUNTIME__DLTHUB_TELEMETRY ?= false
 
-.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-incremental bench-report bench-flood soak soak-month notebooks clean
+.PHONY: install browser demo report test test-fast lint format bench bench-smoke bench-delta bench-webhooks bench-incremental bench-report bench-flood bench-run-cost soak soak-month notebooks clean
 
 install: $(STAMP)
 
@@ -76,6 +76,10 @@ bench-incremental: install
 # 200 deliveries/s (10% duplicates) for a minute while a run holds the lock (README: Performance)
 bench-flood: install
 	$(BIN)/python -m bench.flood_bench --rate 200 --seconds 60
+
+# A run's fixed cost by step, CPU and wall: soak-like and no-change runs (bench/run_cost.py)
+bench-run-cost: install
+	$(BIN)/python -m bench.run_cost --runs 6
 
 bench-smoke: install
 	$(BIN)/python -m bench.run --quick

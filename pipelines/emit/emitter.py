@@ -15,7 +15,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import duckdb
-from segment.analytics import Client
 
 from pipelines.emit import accounts, ledger
 from pipelines.emit.ledger import ensure_sync_schema
@@ -356,6 +355,8 @@ def preview(
     ensure_sync_schema(con)
     since = _aware(events_since)
     first = ledger.is_first_sync(con)
+    from segment.analytics import Client  # imported only when a preview is asked for
+
     shaper = Client("preview", send=False)  # send=False returns the message exactly as queued
     rejects = Rejects()
     plan = plan_validator(con, settings)

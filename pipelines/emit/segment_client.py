@@ -4,6 +4,9 @@ The library batches, gzips, retries (honouring Retry-After) and reports failures
 `on_error`, but says nothing about success. We observe each consumer's `request(batch)` (it
 returns only on a 2xx), so a message counts as delivered only when its batch was acknowledged;
 anything enqueued and never acknowledged (dropped, drained, killed) stays pending.
+
+segment-analytics-python (and the JWT/cryptography stack it imports, ~0.2 s) is imported when
+a sender is made: a run with nothing to send never loads it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from segment.analytics import Client
-from segment.analytics.consumer import Consumer
-from segment.analytics.request import APIError, post
 
 from pipelines.emit.settings import EmitSettings
 
@@ -95,6 +95,9 @@ class SegmentSender:
             [settings.write_key, base64.b64encode(f"{settings.write_key}:".encode()).decode()]
         )
         logging.getLogger("segment").addFilter(self._secret_filter)
+        from segment.analytics import Client
+        from segment.analytics.consumer import Consumer
+
         self.client = Client(
             settings.write_key,
             host=settings.host,
@@ -141,6 +144,8 @@ class SegmentSender:
                     self._acked.append(outgoing)
 
     def _on_error(self, exc: Exception, batch: list[dict[str, Any]]) -> None:
+        from segment.analytics.request import APIError
+
         with self._lock:
             if isinstance(exc, APIError) and exc.status in SPLIT_STATUSES:
                 self._to_split.append(batch)
@@ -246,6 +251,8 @@ class SegmentSender:
             self._post_or_reject(half)
 
     def _post_or_reject(self, batch: list[dict[str, Any]]) -> None:
+        from segment.analytics.request import APIError, post
+
         s = self.settings
         try:
             response = post(s.write_key, s.host, gzip=s.gzip, timeout=s.timeout, batch=batch)

@@ -16,8 +16,11 @@ class EmitSettings:
     host: str = "https://api.segment.io"
     upload_size: int = 2000
     """Messages per batch at most (Segment drops batches over 2,500 silently)."""
-    upload_interval: float = 0.25
-    """Seconds a consumer waits to fill a batch before sending a partial one."""
+    upload_interval: float = 0.05
+    """Seconds a consumer waits to fill a batch before sending a partial one. The job enqueues
+    a whole send at once (~20,000 messages a second), so 50 ms still fills 2,000-message
+    batches; it is also what every send waits after its last message, and each stop of the
+    consumers (0.25 s cost a run ~0.4 s idle)."""
     max_queue_size: int = 20_000
     max_retries: int = 6
     """Retries per batch without Retry-After (backoff 0, 0.5, 1, 2, 4, 8 s)."""

@@ -29,6 +29,8 @@ from pipelines.dodo_contract import (
     STATUS_FIELDS,
     SUBSCRIPTION_HISTORY_TABLE,
 )
+from pipelines.extract.dlt_lookups import install as keep_dlt_lookups
+from pipelines.extract.dlt_lookups import keep_partial_configuration
 from pipelines.extract.dodo import ExtractPlan, ItemFormat, KnownRows, OpenObject, dodo_source
 from pipelines.extract.dodo.client import ClientSettings, DodoApiError, DodoClient
 from pipelines.extract.dodo.settled import settled_before, settled_ledger_source
@@ -134,7 +136,8 @@ def make_pipeline(warehouse_path: str) -> dlt.Pipeline:
     os.environ.setdefault("LOAD__TRUNCATE_STAGING_DATASET", "true")
     os.environ.setdefault("LOAD__DELETE_COMPLETED_JOBS", "true")
     quiet_dlt()
-    destination: Any = (
+    keep_dlt_lookups()
+    destination: Any = keep_partial_configuration(
         dlt.destinations.motherduck(warehouse_path)
         if warehouse_path.startswith("md:")
         else dlt.destinations.duckdb(str(warehouse_path))
@@ -147,17 +150,18 @@ def make_pipeline(warehouse_path: str) -> dlt.Pipeline:
     )
 
 
-def recover_pending(warehouse_path: str) -> str | None:
+def recover_pending(warehouse_path: str, pipeline: dlt.Pipeline | None = None) -> str | None:
     """Discard a load left unfinished by a crashed or failed run and rewind its state.
 
     The warehouse is the truth: the unloaded package is dropped together with the local
     pipeline folder, so the incremental state is restored from the warehouse on the next run
     and the rows of the lost package are extracted again. Returns what was done, or None.
+    `pipeline`: the run's own pipeline (made once a run); after a discard it must be made again.
     """
     folder = pipeline_dir(warehouse_path)
     if not folder.exists():
         return None
-    pipeline = make_pipeline(warehouse_path)
+    pipeline = pipeline or make_pipeline(warehouse_path)
     if not pipeline.has_pending_data:
         return None
     packages = len(pipeline.list_extracted_load_packages()) + len(
@@ -370,9 +374,11 @@ def run_extract(
     forces the deep pass; `run_id` names the run in `dodo_raw.lookback_passes`."""
     result = ExtractResult()
     started = time.monotonic()
-    result.recovered = recover_pending(config.warehouse_path)
+    pipeline = make_pipeline(config.warehouse_path)
+    result.recovered = recover_pending(config.warehouse_path, pipeline)
     if result.recovered:
         log.warning("%s", result.recovered)
+        pipeline = make_pipeline(config.warehouse_path)  # its folder is gone: made afresh
     plan = build_plan(config, full_refresh, run_started_at, deep)
     plan.item_format = extract_format.items
     before = before_deep_pass(config.warehouse_path, plan)
@@ -380,7 +386,6 @@ def run_extract(
     client.on_page = on_page
     rows: Counter[str] = Counter()
     timings: Counter[str] = Counter()
-    pipeline = make_pipeline(config.warehouse_path)
     pipeline.sync_destination()  # a lost local folder: state and schema come back from the warehouse
     try:
         with fewer_gc_passes(ALLOCATIONS_PER_GC_PASS):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import http.client
 import select
@@ -46,6 +47,13 @@ class Answer:
     body: bytes
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """Certificates checked against certifi's bundle; made once a process (loading the bundle
+    cost each run ~30 ms) and only when a host is reached over HTTPS."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class ApiConnections:
     """GET requests to one API host, over one keep-alive connection per thread.
 
@@ -64,7 +72,6 @@ class ApiConnections:
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._base_path = parts.path.rstrip("/")
         self._timeout = timeout_seconds
-        self._context = ssl.create_default_context(cafile=certifi.where())
         self._local = threading.local()
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -121,7 +128,7 @@ class ApiConnections:
         if connection is None:
             if self._https:
                 connection = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeout, context=self._context
+                    self._host, self._port, timeout=self._timeout, context=_tls_context()
                 )
             else:
                 connection = http.client.HTTPConnection(
