@@ -242,7 +242,15 @@ class AppConfig:
         return tuple(s for s in values if s)
 
 
+def dlt_telemetry_off() -> None:
+    """dlt's anonymous telemetry stays off unless the user turned it on. Called before dlt's
+    first look at its configuration: dlt keeps its runtime settings for the life of the process,
+    so a setting made after a first `dlt.config` lookup would come too late."""
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
 def _from_files(path: str, secret: bool) -> Any:
+    dlt_telemetry_off()
     import dlt  # imported on first use: it costs half a second, and --help should not wait
 
     accessor = dlt.secrets if secret else dlt.config

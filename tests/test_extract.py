@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import subprocess
 import sys
 import time
@@ -409,6 +410,28 @@ def test_bad_key_gives_one_line_error_and_nonzero_exit(sandbox: Sandbox) -> None
 def test_telemetry_is_off_by_default(sandbox: Sandbox) -> None:
     pipeline = make_pipeline(sandbox.db)
     assert pipeline.run_context.runtime_config.dlthub_telemetry is False
+
+
+@pytest.mark.slow  # a fresh process: dlt keeps its runtime settings for the life of a process
+def test_telemetry_stays_off_when_the_settings_are_read_before_the_pipeline_is_made(
+    tmp_path: Path,
+) -> None:
+    """A library user (a notebook, a script) who loads the settings first, as `run_job`'s
+    callers do: dlt's first configuration lookup must already see telemetry off."""
+    code = (
+        "from pipelines.config import load_config\n"
+        "from pipelines.extract.load import make_pipeline\n"
+        f"load_config({{'warehouse.path': {str(tmp_path / 'w.duckdb')!r}}})\n"
+        f"pipeline = make_pipeline({str(tmp_path / 'w.duckdb')!r})\n"
+        "print(pipeline.run_context.runtime_config.dlthub_telemetry)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RUNTIME__DLTHUB_TELEMETRY"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)

@@ -18,7 +18,7 @@ import duckdb
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from pipelines import warehouse
-from pipelines.config import AppConfig, pipeline_dir
+from pipelines.config import AppConfig, dlt_telemetry_off, pipeline_dir
 from pipelines.dodo_contract import (
     DISPUTE_HISTORY_TABLE,
     NON_TERMINAL_STATUSES,
@@ -131,7 +131,7 @@ class ExtractResult:
 
 def make_pipeline(warehouse_path: str) -> dlt.Pipeline:
     """The dlt pipeline that loads dodo_raw in the given warehouse; its folder sits beside it."""
-    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    dlt_telemetry_off()
     # Personal data stays only in the warehouse: no merge staging rows, no completed job files.
     os.environ.setdefault("LOAD__TRUNCATE_STAGING_DATASET", "true")
     os.environ.setdefault("LOAD__DELETE_COMPLETED_JOBS", "true")
