@@ -17,7 +17,7 @@ import duckdb
 
 from pipelines import alerts, bookkeeping, metrics, warehouse
 from pipelines.config import AppConfig, ConfigError, ModelsConfig
-from pipelines.dodo_contract import RESOURCES
+from pipelines.dodo_contract import RAW_DATASET, RESOURCES
 from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.transform import (
     ModelError,
@@ -230,13 +230,20 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
     """Webhooks, extract, models (and the deep pass's verification), emit; the outcome."""
     _save(config, report)
     _note_typical_duration(config, report, step)
+    reads_api = not options.only_emit and not options.webhook_only
+    # A warehouse without extract state (new, lost, or replaced) is synced from the API before
+    # the stored deliveries are merged into it: merged first, they would make it look synced.
+    first_sync = reads_api and not _has_extract_state(config)
+    if first_sync:
+        step(step="extract")
+        _extract(config, options, report)
     if not options.only_emit:
         step(step="webhooks")
         from pipelines.extract import merge_webhooks
 
         # webhook-only: the merged deliveries are marked merged while models and emit run
         report.webhooks = merge_webhooks(config, mark_later=options.webhook_only)
-    if not options.only_emit and not options.webhook_only:
+    if reads_api and not first_sync:
         step(step="extract")
         _extract(config, options, report)
     step(step="models")
@@ -255,6 +262,18 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
             flagged = True
         report.outcome = "finished_with_rejections" if flagged else "success"
         report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
+
+
+def _has_extract_state(config: AppConfig) -> bool:
+    """Whether the warehouse holds the extract's dlt state (a first sync has completed)."""
+    with warehouse.connect(config.warehouse_path) as con:
+        return bool(
+            con.execute(
+                "select count(*) from information_schema.tables "
+                "where table_schema = ? and table_name = '_dlt_pipeline_state'",
+                [RAW_DATASET],
+            ).fetchone()[0]
+        )
 
 
 def _wait_marked(report: RunReport) -> None:

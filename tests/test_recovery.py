@@ -103,6 +103,30 @@ def test_a_lost_warehouse_loses_nothing_and_resends_nothing(sandbox: Sandbox) ->
     assert sum(received(sandbox).values()) == sent
 
 
+def test_a_lost_warehouse_with_deliveries_waiting_is_synced_from_the_api_first(
+    tmp_path: Path,
+) -> None:
+    """Deliveries stored while the warehouse was gone: merged first, they made the new file look
+    synced (dlt kept its old cursors, the run failed on a table it had not made, and customers
+    stayed unread until a deep pass). The first sync now reads the API, then merges them."""
+    from pipelines.job import RunOptions, run_job
+    from pipelines.sandbox.webhooks import changes_since, snapshot
+    from pipelines.webhook_store import WebhookStore, store_folder
+
+    for sandbox in make_sandbox(tmp_path, customers=40):
+        assert run_job(sandbox.config(), RunOptions()).exit_code == 0
+        store = WebhookStore(store_folder(sandbox.db)).ensure()
+        before = snapshot(sandbox.business)
+        sandbox.business.advance_time(days=1, seed=1)
+        stored = sum(store.store(f"msg_{n}", p) for n, p in enumerate(changes_since(before, sandbox.business)))  # fmt: skip
+        assert stored > 0
+        remove_warehouse(sandbox.db)
+        report = run_job(sandbox.config(), RunOptions())
+        assert report.exit_code == 0, report.error
+        assert_raw_matches_truth(sandbox)
+        assert store.pending_count() == 0  # the deliveries were merged after the sync
+
+
 def test_events_since_wins_over_the_checkpoint(sandbox: Sandbox) -> None:
     db = sandbox.db
     ok(run_cli("run", env=sandbox.env()))
