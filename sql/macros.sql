@@ -4,11 +4,12 @@
 -- ISO 4217 minor-unit exponent: 0 for zero-decimal currencies, 3 for three-decimal ones, else 2.
 create or replace macro analytics.currency_exponent(currency) as
     case
-        when upper(currency) in (
+        when list_contains([
             'BIF', 'CLP', 'DJF', 'GNF', 'ISK', 'JPY', 'KMF', 'KRW', 'PYG',
             'RWF', 'UGX', 'UYI', 'VND', 'VUV', 'XAF', 'XOF', 'XPF'
-        ) then 0
-        when upper(currency) in ('BHD', 'IQD', 'JOD', 'KWD', 'LYD', 'OMR', 'TND') then 3
+        ], upper(currency)) then 0
+        when list_contains(['BHD', 'IQD', 'JOD', 'KWD', 'LYD', 'OMR', 'TND'], upper(currency))
+            then 3
         else 2
     end;
 

@@ -32,7 +32,7 @@ from pipelines.transform.user_models import EXTENSION_POINTS
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 STATE_TABLE = f"{SCHEMA}._delta_state"
 """One row: the fingerprint (SQL, catalog, rules, raw columns) of the build the snapshot matches."""
-GRAINS = ("customer", "user", "subscription", "dispute", "ledger_object", "counts", "global")
+GRAINS = ("customer", "user", "subscription", "dispute", "ledger_object", "day", "counts", "global")
 CROSSOVER = 0.05
 """Above this share of touched customers a full build is cheaper: bench/delta_bench.py (models
 alone, load average ~7 on the shared box) measured the delta build at 1% / 3% / 10% of the
@@ -54,6 +54,7 @@ _KEY_COLUMNS = {
     "subscription": "subscription_id",
     "dispute": "dispute_id",
     "ledger_object": "object_id",
+    "day": "date",
 }
 
 
@@ -75,6 +76,8 @@ def key_predicate(grain: str, column: str) -> str:
         return in_scope(column, f"{_SCOPE}stg_disputes", "dispute_id", "delta_every_disputes")
     if grain == "ledger_object":
         return in_scope(column, _SCOPE_OBJECTS, "object_id", "delta_every_objects")
+    if grain == "day":
+        return in_touched_days(column)
     raise ValueError(f"no key predicate for grain {grain!r}")
 
 
@@ -440,6 +443,69 @@ def touch_global_changes(con: duckdb.DuckDBPyConnection, model: Model, previous:
     )
     touched.close_over_subscriptions(con)
     return True
+
+
+TOUCHED_DAYS = "delta_touched_days"
+"""Session variable: the UTC days whose rows of a `day` grain model a delta build rebuilds."""
+
+
+def in_touched_days(expr: str) -> str:
+    """SQL: `expr` (a date) is a touched day; the NULL day (payments without a date) is always
+    rebuilt (finding them reads one column)."""
+    return f"(list_contains(getvariable('{TOUCHED_DAYS}'), {expr}) or {expr} is null)"
+
+
+_DAY = "cast(timezone('UTC', created_at) as date)"
+_DAY_SCOPES = (
+    ("stg_refunds", "{days}"),
+    (
+        "stg_payments",
+        f"{{days}} or payment_id in (select payment_id from {_SCOPE}day_stg_refunds)",
+    ),
+    (
+        "int_ledger_by_object",
+        f"object_id in (select payment_id from {_SCOPE}day_stg_payments "
+        f"union all select refund_id from {_SCOPE}day_stg_refunds)",
+    ),
+)
+"""The inputs of a `day` grain model (revenue_daily) narrowed to the touched days: the refunds
+and payments made on them, the payments those refunds are of (their currency and amount), and
+the ledger sums of all of these (in order: a later one reads the earlier ones)."""
+
+
+def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
+    """Rebuild a `day` grain model's rows of the days whose payments or refunds changed: the
+    days the touched customers' payments and refunds count on now (their narrowed staging
+    rows) and counted on at the last build (the snapshot's owners, `_delta_owners.day`). A
+    change to a day's sums comes from a payment, refund or ledger entry of a touched
+    customer, so every other day keeps its rows."""
+    con.execute(
+        f"""set variable {TOUCHED_DAYS} = (
+            select coalesce(list(distinct day), []::date[]) from (
+                select day from {touched.OWNERS_TABLE}
+                    where day is not null and tbl in ('payments', 'refunds')
+                      and {in_touched("owner")}
+                union all select {_DAY} from {_SCOPE}stg_payments
+                union all select {_DAY} from {_SCOPE}stg_refunds
+            ) where day is not null)"""
+    )
+    days = in_touched_days(_DAY)
+    scopes: dict[str, str] = {}
+    for name, predicate in _DAY_SCOPES:
+        con.execute(
+            f"create or replace temp table {_SCOPE}day_{name} as select * from {SCHEMA}.{name} "
+            f"where {predicate.format(days=days)}"
+        )
+        scopes[name] = f"{_SCOPE}day_{name}"
+    grain = model_grain(model)
+    assert grain.column is not None
+    predicate = in_touched_days(f'"{grain.column}"')
+    table = f"{SCHEMA}.{model.name}"
+    con.execute(f"delete from {table} where {predicate}")
+    con.execute(
+        f"insert into {table} by name select * from (\n{scoped_sql(model, scopes)}\n) "
+        f"where {predicate}"
+    )
 
 
 def touched_count(con: duckdb.DuckDBPyConnection) -> int:
