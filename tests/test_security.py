@@ -216,6 +216,10 @@ REVIEWED_INTERPOLATIONS = {
         # issue 21 (cost): the touched days' clauses (code-built), days are a session variable
         "in_touched('owner')",
         "predicate.format(days=days)",
+        "changed",  # touched.CHANGED, a temp table's name
+        "objects.format('payment_id')",  # a fixed clause with a column name
+        "objects.format('refund_id')",
+        "owners",  # touched.OWNERS_TABLE
         "as_of_sql",
         "column",
         "current",

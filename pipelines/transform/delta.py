@@ -458,10 +458,7 @@ def in_touched_days(expr: str) -> str:
 _DAY = "cast(timezone('UTC', created_at) as date)"
 _DAY_SCOPES = (
     ("stg_refunds", "{days}"),
-    (
-        "stg_payments",
-        f"{{days}} or payment_id in (select payment_id from {_SCOPE}day_stg_refunds)",
-    ),
+    ("stg_payments", "{days} or list_contains(getvariable('delta_day_refunded'), payment_id)"),
     (
         "int_ledger_by_object",
         f"object_id in (select payment_id from {_SCOPE}day_stg_payments "
@@ -474,19 +471,40 @@ the ledger sums of all of these (in order: a later one reads the earlier ones)."
 
 
 def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
-    """Rebuild a `day` grain model's rows of the days whose payments or refunds changed: the
-    days the touched customers' payments and refunds count on now (their narrowed staging
-    rows) and counted on at the last build (the snapshot's owners, `_delta_owners.day`). A
-    change to a day's sums comes from a payment, refund or ledger entry of a touched
-    customer, so every other day keeps its rows."""
+    """Rebuild a `day` grain model's rows of the days whose sums may have moved: the days the
+    changed payments and refunds count on, now and at the last build (the snapshot's owners,
+    `_delta_owners.day`), those of the refunds of a changed payment (its currency and amount
+    are theirs), and those of the payments and refunds a changed ledger entry references, or
+    referenced. Every other day's payments, refunds and ledger sums are as they were."""
+    owners, changed = touched.OWNERS_TABLE, touched.CHANGED
+    touched.set_ids(con, changed)
+    con.execute(
+        f"""create or replace temp table delta_day_objects as
+        with changed_payments as (select id from {changed} where tbl = 'payments')
+        select id from {changed} where tbl in ('payments', 'refunds')
+        union select ref from {owners} where tbl = 'balance_ledger'
+            and list_contains(getvariable('delta_ids_balance_ledger'), id)
+        union select reference_object_id from {SCHEMA}.stg_balance_ledger
+            where list_contains(getvariable('delta_ids_balance_ledger'), ledger_entry_id)
+        union select id from {owners} where tbl = 'refunds'
+            and ref in (select id from changed_payments)
+        union select refund_id from {SCHEMA}.stg_refunds
+            where list_contains(getvariable('delta_ids_payments'), payment_id)"""
+    )
+    con.execute(
+        "set variable delta_day_objects = (select coalesce(list(id), []::varchar[]) "
+        "from delta_day_objects where id is not null)"
+    )
+    objects = "list_contains(getvariable('delta_day_objects'), {})"
     con.execute(
         f"""set variable {TOUCHED_DAYS} = (
             select coalesce(list(distinct day), []::date[]) from (
-                select day from {touched.OWNERS_TABLE}
-                    where day is not null and tbl in ('payments', 'refunds')
-                      and {in_touched("owner")}
-                union all select {_DAY} from {_SCOPE}stg_payments
-                union all select {_DAY} from {_SCOPE}stg_refunds
+                select day from {owners} where tbl in ('payments', 'refunds')
+                    and id in (select id from delta_day_objects)
+                union all select {_DAY} from {SCHEMA}.stg_payments
+                    where {objects.format("payment_id")}
+                union all select {_DAY} from {SCHEMA}.stg_refunds
+                    where {objects.format("refund_id")}
             ) where day is not null)"""
     )
     days = in_touched_days(_DAY)
@@ -497,6 +515,11 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
             f"where {predicate.format(days=days)}"
         )
         scopes[name] = f"{_SCOPE}day_{name}"
+        if name == "stg_refunds":  # the payments refunded on those days, as a constant
+            con.execute(
+                "set variable delta_day_refunded = (select coalesce(list(distinct payment_id), "
+                f"[]::varchar[]) from {_SCOPE}day_stg_refunds where payment_id is not null)"
+            )
     grain = model_grain(model)
     assert grain.column is not None
     predicate = in_touched_days(f'"{grain.column}"')

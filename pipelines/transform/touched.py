@@ -87,17 +87,32 @@ def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
     )
 
 
+_IDS = "delta_ids_"
+"""Session variables `delta_ids_<table>`: the ids of one raw table an owners query is about
+(`set_ids`), a constant the scan of the staging view filters by before computing its columns."""
+
+
+def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`."""
+    found = dict(
+        con.execute(f"select tbl, list(distinct id) from {relation} group by tbl").fetchall()
+    )
+    for table in ENTITY_KEYS:
+        con.execute(f"set variable {_IDS}{table} = ?::varchar[]", [found.get(table) or []])
+
+
 def _owner_branches(ids: str | None) -> str:
     """The owners (tbl, id, ref, owner, day) of the current raw entities: all of them, or those whose
-    (tbl, id) is in the relation `ids` (filtered before the joins, and the relations they join
-    narrowed to the keys the filtered rows reference, so the cost follows `ids`). `day`: the UTC
+    (tbl, id) is in the relation `ids`, whose ids `set_ids` has put in session variables
+    (filtered before the joins, and the relations they join narrowed to the keys the filtered
+    rows reference, so the cost follows `ids`). `day`: the UTC
     day a payment or refund counts on in the revenue per day (NULL for other entities)."""
     a = SCHEMA
 
     def only(tbl: str, column: str) -> str:
         if ids is None:
             return ""
-        return f" where {column} in (select id from {ids} where tbl = '{tbl}')"
+        return f" where list_contains(getvariable('{_IDS}{tbl}'), {column})"
 
     def lookup(relation: str, key: str, columns: str, keys: str) -> str:
         """`relation`'s rows (key and columns) whose key is one of `keys` (SQL returning them)."""
@@ -511,6 +526,7 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
     their old owners and those of entities reached through them (two hops, from the snapshot),
     their new owners, and the customers of subscriptions of a changed product."""
     changed = _in_pairs(CHANGED)
+    set_ids(con, CHANGED)
     con.execute(
         f"""create or replace temp table {TOUCHED} as
         with old_direct as (
@@ -599,6 +615,7 @@ def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
         union select tbl, id from ({scope_ids})"""
     )
     con.execute(f"delete from {OWNERS_TABLE} where {_in_pairs('delta_refresh')}")
+    set_ids(con, "delta_refresh")
     con.execute(f"insert into {OWNERS_TABLE} {_owner_branches('delta_refresh')}")
     # the snapshot now holds exactly the current raw rows: their totals, taken by find_changes
     con.execute(f"create or replace table {MARKS_TABLE} as select * from delta_new_marks")
