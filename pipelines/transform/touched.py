@@ -93,94 +93,118 @@ _IDS = "delta_ids_"
 
 
 def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
-    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`."""
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
+    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
+    disputes): the owners' lookups read those by constant filters."""
     found = dict(
         con.execute(f"select tbl, list(distinct id) from {relation} group by tbl").fetchall()
     )
     for table in ENTITY_KEYS:
         con.execute(f"set variable {_IDS}{table} = ?::varchar[]", [found.get(table) or []])
+    rel = _filtered_relations(True)
+    a = SCHEMA
+    referenced = (  # in order: the payments' keys read the refunds' and disputes'
+        ("subscriptions", f"select sid from {rel['paid']} "
+                          f"union all select subscription_id from {rel['history']}"),
+        ("refunds", f"select reference_object_id from {rel['ledger']}"),
+        ("disputes", f"select dispute_id from {rel['dispute_history']}"),
+        ("payments", f"select payment_id from {rel['refunds']} "
+                     f"union all select payment_id from {rel['disputes']} "
+                     f"union all select reference_object_id from {rel['ledger']} "
+                     f"union all select payment_id from {a}.stg_disputes "
+                     f"where list_contains(getvariable('{_REFS}disputes'), dispute_id) "
+                     f"union all select payment_id from {a}.stg_refunds "
+                     f"where list_contains(getvariable('{_REFS}refunds'), refund_id)"),
+    )  # fmt: skip
+    for table, query in referenced:
+        con.execute(
+            f"set variable {_REFS}{table} = (select coalesce(list(distinct key), []::varchar[]) "
+            f"from ({query}) as keys(key) where key is not null)"
+        )
 
 
-def _owner_branches(ids: str | None) -> str:
-    """The owners (tbl, id, ref, owner, day) of the current raw entities: all of them, or those whose
-    (tbl, id) is in the relation `ids`, whose ids `set_ids` has put in session variables
-    (filtered before the joins, and the relations they join narrowed to the keys the filtered
-    rows reference, so the cost follows `ids`). `day`: the UTC
-    day a payment or refund counts on in the revenue per day (NULL for other entities)."""
+_REFS = "delta_ref_"
+
+
+def _filtered_relations(by_ids: bool) -> dict[str, str]:
+    """The staging relations an owners query starts from: whole, or (`by_ids`) only the rows
+    of the ids in `delta_ids_<table>`."""
     a = SCHEMA
 
     def only(tbl: str, column: str) -> str:
-        if ids is None:
-            return ""
-        return f" where list_contains(getvariable('{_IDS}{tbl}'), {column})"
+        return f" where list_contains(getvariable('{_IDS}{tbl}'), {column})" if by_ids else ""
 
-    def lookup(relation: str, key: str, columns: str, keys: str) -> str:
-        """`relation`'s rows (key and columns) whose key is one of `keys` (SQL returning them)."""
+    return {
+        "customers": f"(select * from {a}.stg_customers{only('customers', 'customer_id')})",
+        "forgotten": f"(select * from {a}.source_forgotten_customers()"
+        f"{only('forgotten_customers', 'customer_id')})",
+        "payments": f"(select * from {a}.stg_payments{only('payments', 'payment_id')})",
+        "subscriptions": f"(select * from {a}.stg_subscriptions"
+        f"{only('subscriptions', 'subscription_id')})",
+        "refunds": f"(select * from {a}.stg_refunds{only('refunds', 'refund_id')})",
+        "disputes": f"(select * from {a}.stg_disputes{only('disputes', 'dispute_id')})",
+        "dispute_history": f"(select * from {a}.stg_dispute_history"
+        f"{only('dispute_history', 'dispute_id')})",
+        "history": f"(select * from {a}.stg_subscription_history"
+        f"{only('subscription_history', 'subscription_id')})",
+        "ledger": f"(select * from {a}.stg_balance_ledger"
+        f"{only('balance_ledger', 'ledger_entry_id')})",
+        "paid": f"(select payment_id, unnest(list_distinct(list_filter("
+        f"coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
+        f" from {a}.stg_payments{only('payments', 'payment_id')})",
+    }
+
+
+def _owner_branches(ids: str | None) -> str:
+    """The owners (tbl, id, ref, owner, day) of the current raw entities: all of them, or
+    those whose (tbl, id) is in the relation `ids`, whose ids and the keys they reference
+    `set_ids` has put in session variables (the rows filtered before the joins, and the
+    relations they join narrowed to the referenced keys, so the cost follows `ids`). `day`: the
+    UTC day a payment or refund counts on in the revenue per day (NULL for other entities)."""
+    a = SCHEMA
+    rel = _filtered_relations(ids is not None)
+
+    def lookup(relation: str, key: str, columns: str, table: str) -> str:
+        """`relation`'s rows (key and columns) whose key the filtered rows reference."""
         if ids is None:
             return f"{a}.{relation}"
-        return f"(select {key}, {columns} from {a}.{relation} where {key} in ({keys}))"
+        return (
+            f"(select {key}, {columns} from {a}.{relation} "
+            f"where list_contains(getvariable('{_REFS}{table}'), {key}))"
+        )
 
-    def payments(keys: str) -> str:
-        return lookup("stg_payments", "payment_id", "customer_id", keys)
-
-    refunds = f"(select * from {a}.stg_refunds{only('refunds', 'refund_id')})"
-    disputes = f"(select * from {a}.stg_disputes{only('disputes', 'dispute_id')})"
-    dispute_history = (
-        f"(select * from {a}.stg_dispute_history{only('dispute_history', 'dispute_id')})"
-    )
-    history = (
-        f"(select * from {a}.stg_subscription_history"
-        f"{only('subscription_history', 'subscription_id')})"
-    )
-    ledger = f"(select * from {a}.stg_balance_ledger{only('balance_ledger', 'ledger_entry_id')})"
-    paid = (
-        f"(select payment_id, unnest(list_distinct(list_filter("
-        f"coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
-        f" from {a}.stg_payments{only('payments', 'payment_id')})"
-    )
-    history_disputes = lookup(
-        "stg_disputes", "dispute_id", "payment_id", f"select dispute_id from {dispute_history}"
-    )
-    ledger_refunds = lookup(
-        "stg_refunds", "refund_id", "payment_id", f"select reference_object_id from {ledger}"
-    )
+    payments = lookup("stg_payments", "payment_id", "customer_id", "payments")
+    subscriptions = lookup("stg_subscriptions", "subscription_id", "customer_id", "subscriptions")
+    history_disputes = lookup("stg_disputes", "dispute_id", "payment_id", "disputes")
+    ledger_refunds = lookup("stg_refunds", "refund_id", "payment_id", "refunds")
     day = "cast(timezone('UTC', created_at) as date)"
     branches = [
         f"select 'customers' as tbl, customer_id as id, null::varchar as ref, customer_id as owner,"
-        f" null::date as day from {a}.stg_customers{only('customers', 'customer_id')}",
+        f" null::date as day from {rel['customers']}",
         f"select 'forgotten_customers', customer_id, null, customer_id, null"
-        f" from {a}.source_forgotten_customers(){only('forgotten_customers', 'customer_id')}",
-        f"select 'payments', payment_id, null, customer_id, {day} from {a}.stg_payments"
-        f"{only('payments', 'payment_id')}",
-        f"select 'payments', p.payment_id, s.subscription_id, s.customer_id, null from {paid} as p"
-        f" join {lookup('stg_subscriptions', 'subscription_id', 'customer_id', f'select sid from {paid}')}"
-        f" as s on s.subscription_id = p.sid",
+        f" from {rel['forgotten']}",
+        f"select 'payments', payment_id, null, customer_id, {day} from {rel['payments']}",
+        f"select 'payments', p.payment_id, s.subscription_id, s.customer_id, null"
+        f" from {rel['paid']} as p join {subscriptions} as s on s.subscription_id = p.sid",
         f"select 'subscriptions', subscription_id, null, customer_id, null"
-        f" from {a}.stg_subscriptions"
-        f"{only('subscriptions', 'subscription_id')}",
+        f" from {rel['subscriptions']}",
         f"select 'refunds', r.refund_id, r.payment_id, p.customer_id,"
-        f" cast(timezone('UTC', r.created_at) as date) from {refunds} as r"
-        f" left join {payments(f'select payment_id from {refunds}')} as p"
-        f" on p.payment_id = r.payment_id",
-        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id, null from {disputes} as d"
-        f" left join {payments(f'select payment_id from {disputes}')} as p"
-        f" on p.payment_id = d.payment_id",
+        f" cast(timezone('UTC', r.created_at) as date) from {rel['refunds']} as r"
+        f" left join {payments} as p on p.payment_id = r.payment_id",
+        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id, null"
+        f" from {rel['disputes']} as d left join {payments} as p on p.payment_id = d.payment_id",
         f"select distinct 'dispute_history', h.dispute_id, h.dispute_id, p.customer_id, null"
-        f" from {dispute_history} as h left join {history_disputes} as d"
+        f" from {rel['dispute_history']} as h left join {history_disputes} as d"
         f" on d.dispute_id = h.dispute_id"
-        f" left join {payments(f'select payment_id from {history_disputes}')} as p"
-        f" on p.payment_id = d.payment_id",
+        f" left join {payments} as p on p.payment_id = d.payment_id",
         f"select distinct 'subscription_history', h.subscription_id, h.subscription_id,"
-        f" s.customer_id, null from {history} as h"
-        f" left join {lookup('stg_subscriptions', 'subscription_id', 'customer_id', f'select subscription_id from {history}')}"
-        f" as s on s.subscription_id = h.subscription_id",
+        f" s.customer_id, null from {rel['history']} as h"
+        f" left join {subscriptions} as s on s.subscription_id = h.subscription_id",
         f"select 'balance_ledger', l.ledger_entry_id, l.reference_object_id,"
-        f" coalesce(p.customer_id, rp.customer_id), null from {ledger} as l"
-        f" left join {payments(f'select reference_object_id from {ledger}')} as p"
-        f" on p.payment_id = l.reference_object_id"
+        f" coalesce(p.customer_id, rp.customer_id), null from {rel['ledger']} as l"
+        f" left join {payments} as p on p.payment_id = l.reference_object_id"
         f" left join {ledger_refunds} as r on r.refund_id = l.reference_object_id"
-        f" left join {payments(f'select payment_id from {ledger_refunds}')} as rp"
-        f" on rp.payment_id = r.payment_id",
+        f" left join {payments} as rp on rp.payment_id = r.payment_id",
     ]
     return "\nunion all\n".join(
         f"select * from ({b}) as branch(tbl, id, ref, owner, day)" for b in branches
