@@ -3,12 +3,16 @@
 
 -- ISO 4217 minor-unit exponent: 0 for zero-decimal currencies, 3 for three-decimal ones, else 2.
 create or replace macro analytics.currency_exponent(currency) as
-    case
-        when upper(currency) in (
-            'BIF', 'CLP', 'DJF', 'GNF', 'ISK', 'JPY', 'KMF', 'KRW', 'PYG',
-            'RWF', 'UGX', 'UYI', 'VND', 'VUV', 'XAF', 'XOF', 'XPF'
-        ) then 0
-        when upper(currency) in ('BHD', 'IQD', 'JOD', 'KWD', 'LYD', 'OMR', 'TND') then 3
+    -- one CASE over the codes: a long IN list in a view's columns becomes a join that DuckDB
+    -- runs over every row before any filter on the view (a delta build filters them by id)
+    case upper(currency)
+        when 'BIF' then 0 when 'CLP' then 0 when 'DJF' then 0 when 'GNF' then 0
+        when 'ISK' then 0 when 'JPY' then 0 when 'KMF' then 0 when 'KRW' then 0
+        when 'PYG' then 0 when 'RWF' then 0 when 'UGX' then 0 when 'UYI' then 0
+        when 'VND' then 0 when 'VUV' then 0 when 'XAF' then 0 when 'XOF' then 0
+        when 'XPF' then 0
+        when 'BHD' then 3 when 'IQD' then 3 when 'JOD' then 3 when 'KWD' then 3
+        when 'LYD' then 3 when 'OMR' then 3 when 'TND' then 3
         else 2
     end;
 

@@ -213,6 +213,13 @@ REVIEWED_INTERPOLATIONS = {
     # names (dlt's snake_case, [a-z0-9_] only) and analytics table names (model file names);
     # timestamps and customer ids are parameters or rows of temp tables
     "pipelines/transform/delta.py": {
+        # issue 21 (cost): the touched days' clauses (code-built), days are a session variable
+        "in_touched('owner')",
+        "predicate.format(days=days)",
+        "changed",  # touched.CHANGED, a temp table's name
+        "objects.format('payment_id')",  # a fixed clause with a column name
+        "objects.format('refund_id')",
+        "owners",  # touched.OWNERS_TABLE
         "as_of_sql",
         "column",
         "current",
@@ -225,6 +232,10 @@ REVIEWED_INTERPOLATIONS = {
         "table",
     },  # fmt: skip
     "pipelines/transform/previous.py": {
+        # issue 21 (cost): the track outbox's inputs (model names) and a fixed clause
+        "in_ids",
+        "name",
+        "new_track",
         "expr",
         "fingerprint",
         "group",
@@ -242,6 +253,9 @@ REVIEWED_INTERPOLATIONS = {
     # key: a test's `quarantine:` column (event_id | user_id, checked when parsed); new_sql,
     # old_sql: the test's own SQL with its inputs renamed
     "pipelines/transform/scoped_tests.py": {
+        # issue 21 (cost): a fixed clause; the track outbox's input model names
+        "ids",
+        "n",
         "delta.key_predicate(grain, delta.key_column(grain))",
         "in_touched('customer_id')",
         "key",
@@ -251,6 +265,44 @@ REVIEWED_INTERPOLATIONS = {
         "where",
     },  # fmt: skip
     "pipelines/transform/touched.py": {
+        # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
+        "_in_pairs('delta_refresh')",
+        "by_id",
+        "columns",
+        "compare",
+        "day",
+        "dispute_history",
+        "disputes",
+        "history",
+        "history_disputes",
+        "keys",
+        "ledger",
+        "ledger_refunds",
+        "lookup('stg_subscriptions', 'subscription_id', 'customer_id', f'select sid from {paid}')",
+        "lookup('stg_subscriptions', 'subscription_id', 'customer_id', f'select subscription_id from {history}')",
+        "paid",
+        "passes",
+        "payments(f'select payment_id from {disputes}')",
+        "payments(f'select payment_id from {history_disputes}')",
+        "payments(f'select payment_id from {ledger_refunds}')",
+        "payments(f'select payment_id from {refunds}')",
+        "payments(f'select reference_object_id from {ledger}')",
+        "refunds",
+        "relation",
+        "since",
+        # the owners' relations filtered by id lists in session variables (code-built)
+        "payments",
+        "rel['customers']",
+        "rel['dispute_history']",
+        "rel['disputes']",
+        "rel['forgotten']",
+        "rel['history']",
+        "rel['ledger']",
+        "rel['paid']",
+        "rel['payments']",
+        "rel['refunds']",
+        "rel['subscriptions']",
+        "subscriptions",
         "ENTITY_KEYS[t]",
         "ENTITY_KEYS[table]",
         "_newest_load(load_times.get(t), newest_sync)",

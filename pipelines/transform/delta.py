@@ -32,13 +32,14 @@ from pipelines.transform.user_models import EXTENSION_POINTS
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 STATE_TABLE = f"{SCHEMA}._delta_state"
 """One row: the fingerprint (SQL, catalog, rules, raw columns) of the build the snapshot matches."""
-GRAINS = ("customer", "user", "subscription", "dispute", "ledger_object", "counts", "global")
+GRAINS = ("customer", "user", "subscription", "dispute", "ledger_object", "day", "counts", "global")
 CROSSOVER = 0.05
 """Above this share of touched customers a full build is cheaper: bench/delta_bench.py (models
-alone, load average ~7 on the shared box) measured the delta build at 1% / 3% / 10% of the
-customers against the full build: 100k payments 3.6 / 3.5 / 4.5 s vs 6.7 s; 300k 4.6 / 6.8 /
-10.5 s vs 10.4 s. 10% breaks even at 300k; a job run also hashes the rows its extract re-read,
-so the threshold keeps a margin below it."""
+alone, each build in its own process) measured the delta build at 1% / 3% / 5% / 10% of the
+customers against the full build: 60k payments 2.16 / 2.26 / 2.54 / 3.29 s vs 2.29 s (load
+~3.4); in the first pass, 300k: 10% broke even. The break-even share rises with the history (a
+full build grows with it, a delta with the touched rows); below it at small sizes both take ~2
+s, so the threshold favours the large warehouses the delta is for."""
 
 _UNSCOPED = frozenset({"int_ledger_by_object"})
 KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_until"})
@@ -54,6 +55,7 @@ _KEY_COLUMNS = {
     "subscription": "subscription_id",
     "dispute": "dispute_id",
     "ledger_object": "object_id",
+    "day": "date",
 }
 
 
@@ -75,6 +77,8 @@ def key_predicate(grain: str, column: str) -> str:
         return in_scope(column, f"{_SCOPE}stg_disputes", "dispute_id", "delta_every_disputes")
     if grain == "ledger_object":
         return in_scope(column, _SCOPE_OBJECTS, "object_id", "delta_every_objects")
+    if grain == "day":
+        return in_touched_days(column)
     raise ValueError(f"no key predicate for grain {grain!r}")
 
 
@@ -440,6 +444,92 @@ def touch_global_changes(con: duckdb.DuckDBPyConnection, model: Model, previous:
     )
     touched.close_over_subscriptions(con)
     return True
+
+
+TOUCHED_DAYS = "delta_touched_days"
+"""Session variable: the UTC days whose rows of a `day` grain model a delta build rebuilds."""
+
+
+def in_touched_days(expr: str) -> str:
+    """SQL: `expr` (a date) is a touched day; the NULL day (payments without a date) is always
+    rebuilt (finding them reads one column)."""
+    return f"(list_contains(getvariable('{TOUCHED_DAYS}'), {expr}) or {expr} is null)"
+
+
+_DAY = "cast(timezone('UTC', created_at) as date)"
+_DAY_SCOPES = (
+    ("stg_refunds", "{days}"),
+    ("stg_payments", "{days} or list_contains(getvariable('delta_day_refunded'), payment_id)"),
+    (
+        "int_ledger_by_object",
+        f"object_id in (select payment_id from {_SCOPE}day_stg_payments "
+        f"union all select refund_id from {_SCOPE}day_stg_refunds)",
+    ),
+)
+"""The inputs of a `day` grain model (revenue_daily) narrowed to the touched days: the refunds
+and payments made on them, the payments those refunds are of (their currency and amount), and
+the ledger sums of all of these (in order: a later one reads the earlier ones)."""
+
+
+def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
+    """Rebuild a `day` grain model's rows of the days whose sums may have moved: the days the
+    changed payments and refunds count on, now and at the last build (the snapshot's owners,
+    `_delta_owners.day`), those of the refunds of a changed payment (its currency and amount
+    are theirs), and those of the payments and refunds a changed ledger entry references, or
+    referenced. Every other day's payments, refunds and ledger sums are as they were."""
+    owners, changed = touched.OWNERS_TABLE, touched.CHANGED
+    touched.set_ids(con, changed)
+    con.execute(
+        f"""create or replace temp table delta_day_objects as
+        with changed_payments as (select id from {changed} where tbl = 'payments')
+        select id from {changed} where tbl in ('payments', 'refunds')
+        union select ref from {owners} where tbl = 'balance_ledger'
+            and list_contains(getvariable('delta_ids_balance_ledger'), id)
+        union select reference_object_id from {SCHEMA}.stg_balance_ledger
+            where list_contains(getvariable('delta_ids_balance_ledger'), ledger_entry_id)
+        union select id from {owners} where tbl = 'refunds'
+            and ref in (select id from changed_payments)
+        union select refund_id from {SCHEMA}.stg_refunds
+            where list_contains(getvariable('delta_ids_payments'), payment_id)"""
+    )
+    con.execute(
+        "set variable delta_day_objects = (select coalesce(list(id), []::varchar[]) "
+        "from delta_day_objects where id is not null)"
+    )
+    objects = "list_contains(getvariable('delta_day_objects'), {})"
+    con.execute(
+        f"""set variable {TOUCHED_DAYS} = (
+            select coalesce(list(distinct day), []::date[]) from (
+                select day from {owners} where tbl in ('payments', 'refunds')
+                    and id in (select id from delta_day_objects)
+                union all select {_DAY} from {SCHEMA}.stg_payments
+                    where {objects.format("payment_id")}
+                union all select {_DAY} from {SCHEMA}.stg_refunds
+                    where {objects.format("refund_id")}
+            ) where day is not null)"""
+    )
+    days = in_touched_days(_DAY)
+    scopes: dict[str, str] = {}
+    for name, predicate in _DAY_SCOPES:
+        con.execute(
+            f"create or replace temp table {_SCOPE}day_{name} as select * from {SCHEMA}.{name} "
+            f"where {predicate.format(days=days)}"
+        )
+        scopes[name] = f"{_SCOPE}day_{name}"
+        if name == "stg_refunds":  # the payments refunded on those days, as a constant
+            con.execute(
+                "set variable delta_day_refunded = (select coalesce(list(distinct payment_id), "
+                f"[]::varchar[]) from {_SCOPE}day_stg_refunds where payment_id is not null)"
+            )
+    grain = model_grain(model)
+    assert grain.column is not None
+    predicate = in_touched_days(f'"{grain.column}"')
+    table = f"{SCHEMA}.{model.name}"
+    con.execute(f"delete from {table} where {predicate}")
+    con.execute(
+        f"insert into {table} by name select * from (\n{scoped_sql(model, scopes)}\n) "
+        f"where {predicate}"
+    )
 
 
 def touched_count(con: duckdb.DuckDBPyConnection) -> int:

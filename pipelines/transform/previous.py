@@ -23,17 +23,37 @@ from pipelines.transform import touched
 from pipelines.transform.touched import TOUCHED, in_touched
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
+TRACK_INPUTS = ("lifecycle_events", "custom_events", "customer_identity", "event_context")
+"""The customer-keyed tables the track outbox reads (through `outbound_events`); its other
+inputs (quarantined rows, forgotten customers, event rules) are small and read whole."""
 TOUCHED_USERS = "delta_touched_users"
 """Temp table (user_id) of the Segment user ids a delta build rebuilds (grain `user`)."""
 IDENTITY_MODEL = "customer_identity"
 """The model that resolves each customer to a Segment user id."""
 
 
+TOUCHED_USER_IDS = "delta_touched_user_ids"
+TOUCHED_USER_NULL = "delta_touched_user_null"
+"""Session variables holding `delta_touched_users` (as `touched.TOUCHED_IDS` does)."""
+
+
 def in_touched_users(expr: str) -> str:
     """SQL: `expr` is a touched user id (NULL-safe)."""
     return (
-        f"({expr} in (select user_id from {TOUCHED_USERS} where user_id is not null)"
-        f" or ({expr} is null and exists (select 1 from {TOUCHED_USERS} where user_id is null)))"
+        f"(list_contains(getvariable('{TOUCHED_USER_IDS}'), {expr})"
+        f" or ({expr} is null and getvariable('{TOUCHED_USER_NULL}')))"
+    )
+
+
+def _sync_users(con: duckdb.DuckDBPyConnection) -> None:
+    """Copy `delta_touched_users` into the session variables `in_touched_users` reads."""
+    con.execute(
+        f"set variable {TOUCHED_USER_IDS} = (select coalesce(list(user_id order by user_id), "
+        f"[]::varchar[]) from {TOUCHED_USERS} where user_id is not null)"
+    )
+    con.execute(
+        f"set variable {TOUCHED_USER_NULL} = "
+        f"(select count(*) > 0 from {TOUCHED_USERS} where user_id is null)"
     )
 
 
@@ -89,6 +109,7 @@ whether NULL is touched)."""
 def create_touched_users(con: duckdb.DuckDBPyConnection) -> None:
     """An empty `delta_touched_users` (the user grain's scopes read it)."""
     con.execute(f"create or replace temp table {TOUCHED_USERS} (user_id varchar)")
+    _sync_users(con)
 
 
 def touch_users(con: duckdb.DuckDBPyConnection, previous: PreviousState) -> None:
@@ -109,6 +130,7 @@ def touch_users(con: duckdb.DuckDBPyConnection, previous: PreviousState) -> None
             select user_id from delta_previous_users
             union select user_id from {SCHEMA}.{IDENTITY_MODEL} where {in_touched("customer_id")}"""
         )
+        _sync_users(con)
         added = touched.add_touched(
             con,
             f"select customer_id from {SCHEMA}.{IDENTITY_MODEL} "
@@ -132,24 +154,29 @@ def rebuild_counts(
     previous: PreviousState,
     name: str,
     counted_sql: Callable[[dict[str, str]], str],
+    track_sql: Callable[[dict[str, str]], str],
+    new_track: str,
 ) -> None:
     """Update a model of row counts over the outboxes (the tracking plan): subtract the counts
     of the changed outbox rows as they were, add those of the rows now, and recompute its
     `built_from` row (a fingerprint of the whole identify outbox, not a count).
 
     `counted_sql(relations)` is the model's SQL reading the given relations in place of the
-    outboxes (outbox name -> relation)."""
-    ids, null = _touched_customers(con)
+    outboxes (outbox name -> relation); `track_sql(inputs)` the track outbox's reading the
+    given relations in place of its customer-keyed inputs; `new_track` the relation of the
+    touched customers' track outbox rows now."""
+    ids, _ = _touched_customers(con)  # a track's customer is never NULL
     users = [r[0] for r in con.execute(f"select user_id from {TOUCHED_USERS}").fetchall()]
     track, identify, group = (f"{SCHEMA}.{n}" for n in COUNTED_INPUTS)
     in_users = "user_id in (select unnest(?::varchar[]))"
-    previous.copy(con, "delta_old_track", f"select * from {track} where {_IN_IDS}", [ids, null])
+    in_ids = "customer_id in (select unnest($ids::varchar[]))"
+    old_track = track_sql(
+        {name: f"(select * from {SCHEMA}.{name} where {in_ids})" for name in TRACK_INPUTS}
+    )
+    previous.copy(con, "delta_old_track", old_track, {"ids": ids})
     previous.copy(con, "delta_old_identify", f"select * from {identify} where {in_users}", [users])
     previous.copy(con, "delta_old_group", f"select * from {group}")
-    con.execute(
-        f"create or replace temp table delta_new_track as select * from {track} "
-        f"where {in_touched('customer_id')}"
-    )
+    con.execute(f"create or replace temp table delta_new_track as select * from {new_track}")
     con.execute(
         f"create or replace temp table delta_new_identify as select * from {identify} "
         f"where {in_touched_users('user_id')}"

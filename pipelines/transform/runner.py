@@ -564,7 +564,14 @@ class _DeltaBuilder:
             and m.grain.column == delta.key_column(m.grain.kind)
         }
         """Product models whose tests may read only the touched keys' rows (their grain)."""
-        self.test_scopes = scoped_tests.scopes_for_tests(con, self.keyed)
+        self.track_sqls = {
+            name: self.by_name[name].sql
+            for name in (scoped_tests.TRACK_OUTBOX, "outbound_events")
+            if name in self.by_name
+        }
+        self.test_scopes = scoped_tests.scopes_for_tests(con, self.keyed, self.track_sqls)
+        self.track_ready = False
+        """The track outbox's turn came: its inputs' touched rows are kept from then on."""
 
     def run_test(self, test: DataTest, run_at: datetime) -> DataTestResult | None:
         """A data test over the touched keys' rows (None: it reads whole tables)."""
@@ -572,7 +579,7 @@ class _DeltaBuilder:
         if scoped_tests.TRACK_OUTBOX in self.full:
             return None
         return scoped_tests.run_scoped(
-            self.con, self.last_build, test, run_at, keyed, self.test_scopes
+            self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls
         )
 
     def _widened(self, before: int) -> None:
@@ -581,6 +588,8 @@ class _DeltaBuilder:
             if self.users_resolved:
                 previous.touch_users(self.con, self.last_build)
             delta.refresh_scopes(self.con)
+            if self.track_ready:
+                scoped_tests.refresh_track_inputs(self.con)
 
     def _has_keyed_readers(self, name: str) -> bool:
         return any(
@@ -599,6 +608,9 @@ class _DeltaBuilder:
             delta.touch_quarantine_changes(con)
             self._widened(before)
         forced = any(dep in self.full for dep in model.depends_on)
+        if model.name == scoped_tests.TRACK_OUTBOX and len(self.track_sqls) == 2:
+            scoped_tests.refresh_track_inputs(con)
+            self.track_ready = True
         if model.materialized == "view":
             if forced:  # what reads the view reads the full rebuild behind it
                 self.full.add(model.name)
@@ -610,9 +622,14 @@ class _DeltaBuilder:
                 self.last_build,
                 model.name,
                 lambda relations: delta.scoped_sql(model, relations),
+                lambda inputs: scoped_tests.track_outbox_sql(self.track_sqls, inputs),
+                self.test_scopes[scoped_tests.TRACK_OUTBOX],
             )
             return
-        if grain.kind not in ("global", "counts") and not forced:
+        if grain.kind == "day" and model.layer != USER_LAYER and not forced:
+            delta.rebuild_days(con, model)
+            return
+        if grain.kind not in ("global", "counts", "day") and not forced:
             delta.rebuild_keys(con, model, self.scopes)
             return
         watch = model.name not in delta.KNOWN_GLOBALS and self._has_keyed_readers(model.name)

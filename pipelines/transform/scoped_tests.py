@@ -21,7 +21,7 @@ import duckdb
 from pipelines import dodo_contract
 from pipelines.transform import delta
 from pipelines.transform.data_tests import SAMPLE_SIZE, DataTest, DataTestResult
-from pipelines.transform.previous import TOUCHED_USERS, PreviousState
+from pipelines.transform.previous import TOUCHED_USERS, TRACK_INPUTS, PreviousState
 from pipelines.transform.touched import TOUCHED, in_touched
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
@@ -30,13 +30,40 @@ CONSTANT_INPUTS = frozenset({"event_catalog"})
 """Inputs a scoped test reads whole: they do not depend on the raw data."""
 
 
-def scopes_for_tests(con: duckdb.DuckDBPyConnection, keyed: dict[str, str]) -> dict[str, str]:
+def track_outbox_sql(sqls: dict[str, str], inputs: dict[str, str]) -> str:
+    """The track outbox's SQL (`sqls`: model name -> SQL of track_outbox and outbound_events)
+    reading `inputs` (name -> relation) in place of its customer-keyed tables. Its rows are
+    those of customers in every keyed input (an inner join on customer_id, never NULL), so
+    narrowing each input to some customers gives exactly those customers' rows."""
+    outbound = delta.rewrite_references(sqls["outbound_events"], inputs)
+    relations = {**inputs, "outbound_events": f"(\n{outbound}\n)"}
+    return delta.rewrite_references(sqls[TRACK_OUTBOX], relations)
+
+
+def refresh_track_inputs(con: duckdb.DuckDBPyConnection) -> None:
+    """Keep the touched customers' rows of the track outbox's keyed inputs (temp tables the
+    view `delta_test_track_outbox` reads): once those models are built, and again whenever
+    more customers are touched."""
+    for name in TRACK_INPUTS:
+        con.execute(
+            f"create or replace temp table delta_track_{name} as "
+            f"select * from {SCHEMA}.{name} where {in_touched('customer_id')}"
+        )
+
+
+def scopes_for_tests(
+    con: duckdb.DuckDBPyConnection, keyed: dict[str, str], sqls: dict[str, str]
+) -> dict[str, str]:
     """The relations scoped tests read (`keyed`: model -> its key column's grain, customer or
-    user), as temp views of the touched keys' rows; the track outbox's by its customer."""
-    con.execute(
-        f"create or replace temp view delta_test_{TRACK_OUTBOX} as "
-        f"select * from {SCHEMA}.{TRACK_OUTBOX} where {in_touched('customer_id')}"
-    )
+    user), as temp views of the touched keys' rows; the track outbox's by its customer, from
+    the touched customers' rows of its inputs (`refresh_track_inputs`)."""
+    if {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
+        refresh_track_inputs(con)
+        inputs = {name: f"delta_track_{name}" for name in TRACK_INPUTS}
+        query = track_outbox_sql(sqls, inputs)
+    else:  # a model set without the product's outboxes: the view as it is, filtered
+        query = f"select * from {SCHEMA}.{TRACK_OUTBOX} where {in_touched('customer_id')}"
+    con.execute(f"create or replace temp view delta_test_{TRACK_OUTBOX} as {query}")
     scopes = {TRACK_OUTBOX: f"delta_test_{TRACK_OUTBOX}"}
     for name, grain in keyed.items():
         con.execute(
@@ -47,10 +74,18 @@ def scopes_for_tests(con: duckdb.DuckDBPyConnection, keyed: dict[str, str]) -> d
     return scopes
 
 
-def _previous_scopes(names: set[str], keyed: dict[str, str]) -> dict[str, str]:
-    """The same relations over the previous state, by the touched keys passed as parameters."""
+def _previous_scopes(
+    names: set[str], keyed: dict[str, str], sqls: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The same relations over the previous state, by the touched keys passed as parameters
+    (the track outbox from its inputs' rows of the touched customers, given `sqls`)."""
     scopes = {}
     for name in names:
+        if name == TRACK_OUTBOX and sqls and {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
+            ids = "customer_id in (select unnest($ids::varchar[]))"
+            inputs = {n: f"(select * from {SCHEMA}.{n} where {ids})" for n in TRACK_INPUTS}
+            scopes[name] = f"(\n{track_outbox_sql(sqls, inputs)}\n)"
+            continue
         grain = keyed.get(name, "customer")  # the track outbox: by customer
         if grain == "user":
             where = "user_id in (select unnest($users::varchar[]))"
@@ -67,6 +102,7 @@ def run_scoped(
     run_at: datetime,
     keyed: dict[str, str],
     scopes: dict[str, str],
+    sqls: dict[str, str] | None = None,
 ) -> DataTestResult | None:
     """Run `test` over the touched keys' rows and update the last build's outcome; None when
     it cannot be (an input that is not keyed, or no outcome of it in the last build)."""
@@ -81,11 +117,12 @@ def run_scoped(
     old_total = totals[0]
     scoped = inputs - CONSTANT_INPUTS
     new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
-    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, keyed))
+    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, keyed, sqls))
     params: dict[str, Any] = {}
     rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
     if "$ids" in old_sql:
         params["ids"] = [r[0] for r in rows if r[0] is not None]
+    if "$null" in old_sql:
         params["null"] = any(r[0] is None for r in rows)
     if "$users" in old_sql:
         params["users"] = [

@@ -4,10 +4,11 @@ The last build leaves a snapshot of the raw data in two bookkeeping tables:
 
 - `analytics._delta_rows` (tbl, id, k): one row per raw row, a hash of its table, entity id and
   every column but `_synced_at` and dlt's own (a re-read finding the same content is no change);
-- `analytics._delta_owners` (tbl, id, ref, owner): the customer(s) each raw entity concerns, and
-  the entity it reaches them through (refund and dispute -> payment -> customer; ledger entry ->
-  its `reference_object_id`; subscription history -> subscription -> customer; a payment also
-  concerns the customers of the subscriptions it pays).
+- `analytics._delta_owners` (tbl, id, ref, owner, day): the customer(s) each raw entity
+  concerns, and the entity it reaches them through (refund and dispute -> payment -> customer;
+  ledger entry -> its `reference_object_id`; subscription history -> subscription -> customer; a
+  payment also concerns the customers of the subscriptions it pays); for a payment or a refund,
+  the UTC day it counts on in `revenue_daily` (the days a delta build rebuilds are read there).
 
 A run compares the raw tables with `_delta_rows` (whatever loaded them: API pages, webhook merges,
 history rows, forgets, settled-ledger re-reads, deletions); the touched customers are the old and
@@ -36,7 +37,7 @@ TOUCHED = "delta_touched"
 CHANGED = "delta_changed"
 """Temp table (tbl, id) of the raw entities whose rows changed since the last build."""
 
-SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMAT = 5
 """Part of the delta state's fingerprint: a snapshot of another format is never compared."""
 
 ENTITY_KEYS: dict[str, str] = {
@@ -48,11 +49,31 @@ ENTITY_KEYS: dict[str, str] = {
 """The entity each raw table's rows describe (a history row describes its subscription/dispute)."""
 
 
+TOUCHED_IDS = "delta_touched_ids"
+TOUCHED_NULL = "delta_touched_null"
+"""Session variables holding `delta_touched` as a list of the ids and whether NULL is touched:
+a filter on them is a constant the scan applies before it reads the other columns (a
+semi-join on the temp table reads every row of every column first), so narrowing a table to
+the touched customers' rows costs little more than reading its key column."""
+
+
 def in_touched(expr: str) -> str:
     """SQL: `expr` is a touched customer key (NULL-safe: a NULL key matches a touched NULL)."""
     return (
-        f"({expr} in (select customer_id from {TOUCHED} where customer_id is not null)"
-        f" or ({expr} is null and exists (select 1 from {TOUCHED} where customer_id is null)))"
+        f"(list_contains(getvariable('{TOUCHED_IDS}'), {expr})"
+        f" or ({expr} is null and getvariable('{TOUCHED_NULL}')))"
+    )
+
+
+def sync_touched(con: duckdb.DuckDBPyConnection) -> None:
+    """Copy `delta_touched` into the session variables `in_touched` reads (after each change)."""
+    con.execute(
+        f"set variable {TOUCHED_IDS} = (select coalesce(list(customer_id order by customer_id), "
+        f"[]::varchar[]) from {TOUCHED} where customer_id is not null)"
+    )
+    con.execute(
+        f"set variable {TOUCHED_NULL} = "
+        f"(select count(*) > 0 from {TOUCHED} where customer_id is null)"
     )
 
 
@@ -61,58 +82,132 @@ def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
     the whole relation `every` (an orphan reaches no customer: its owner is NULL)."""
     return (
         f"({expr} in (select {column} from {scoped} where {column} is not null)"
-        f" or (exists (select 1 from {TOUCHED} where customer_id is null) and ({expr} is null"
+        f" or (getvariable('{TOUCHED_NULL}') and ({expr} is null"
         f" or {expr} not in (select {column} from {every} where {column} is not null))))"
     )
 
 
-def _owner_branches(ids: str | None) -> str:
-    """The owners (tbl, id, ref, owner) of the current raw entities: all of them, or those whose
-    (tbl, id) is in the relation `ids` (filtered before the joins)."""
+_IDS = "delta_ids_"
+"""Session variables `delta_ids_<table>`: the ids of one raw table an owners query is about
+(`set_ids`), a constant the scan of the staging view filters by before computing its columns."""
+
+
+def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
+    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
+    disputes): the owners' lookups read those by constant filters."""
+    found = dict(
+        con.execute(f"select tbl, list(distinct id) from {relation} group by tbl").fetchall()
+    )
+    for table in ENTITY_KEYS:
+        con.execute(f"set variable {_IDS}{table} = ?::varchar[]", [found.get(table) or []])
+    rel = _filtered_relations(True)
+    a = SCHEMA
+    referenced = (  # in order: the payments' keys read the refunds' and disputes'
+        ("subscriptions", f"select sid from {rel['paid']} "
+                          f"union all select subscription_id from {rel['history']}"),
+        ("refunds", f"select reference_object_id from {rel['ledger']}"),
+        ("disputes", f"select dispute_id from {rel['dispute_history']}"),
+        ("payments", f"select payment_id from {rel['refunds']} "
+                     f"union all select payment_id from {rel['disputes']} "
+                     f"union all select reference_object_id from {rel['ledger']} "
+                     f"union all select payment_id from {a}.stg_disputes "
+                     f"where list_contains(getvariable('{_REFS}disputes'), dispute_id) "
+                     f"union all select payment_id from {a}.stg_refunds "
+                     f"where list_contains(getvariable('{_REFS}refunds'), refund_id)"),
+    )  # fmt: skip
+    for table, query in referenced:
+        con.execute(
+            f"set variable {_REFS}{table} = (select coalesce(list(distinct key), []::varchar[]) "
+            f"from ({query}) as keys(key) where key is not null)"
+        )
+
+
+_REFS = "delta_ref_"
+
+
+def _filtered_relations(by_ids: bool) -> dict[str, str]:
+    """The staging relations an owners query starts from: whole, or (`by_ids`) only the rows
+    of the ids in `delta_ids_<table>`."""
     a = SCHEMA
 
     def only(tbl: str, column: str) -> str:
-        if ids is None:
-            return ""
-        return f" where {column} in (select id from {ids} where tbl = '{tbl}')"
+        return f" where list_contains(getvariable('{_IDS}{tbl}'), {column})" if by_ids else ""
 
-    branches = [
-        f"select 'customers' as tbl, customer_id as id, null::varchar as ref, customer_id as owner"
-        f" from {a}.stg_customers{only('customers', 'customer_id')}",
-        f"select 'forgotten_customers', customer_id, null, customer_id"
-        f" from {a}.source_forgotten_customers(){only('forgotten_customers', 'customer_id')}",
-        f"select 'payments', payment_id, null, customer_id from {a}.stg_payments"
-        f"{only('payments', 'payment_id')}",
-        f"select 'payments', p.payment_id, s.subscription_id, s.customer_id from ("
-        f"select payment_id, unnest(list_distinct(list_filter("
+    return {
+        "customers": f"(select * from {a}.stg_customers{only('customers', 'customer_id')})",
+        "forgotten": f"(select * from {a}.source_forgotten_customers()"
+        f"{only('forgotten_customers', 'customer_id')})",
+        "payments": f"(select * from {a}.stg_payments{only('payments', 'payment_id')})",
+        "subscriptions": f"(select * from {a}.stg_subscriptions"
+        f"{only('subscriptions', 'subscription_id')})",
+        "refunds": f"(select * from {a}.stg_refunds{only('refunds', 'refund_id')})",
+        "disputes": f"(select * from {a}.stg_disputes{only('disputes', 'dispute_id')})",
+        "dispute_history": f"(select * from {a}.stg_dispute_history"
+        f"{only('dispute_history', 'dispute_id')})",
+        "history": f"(select * from {a}.stg_subscription_history"
+        f"{only('subscription_history', 'subscription_id')})",
+        "ledger": f"(select * from {a}.stg_balance_ledger"
+        f"{only('balance_ledger', 'ledger_entry_id')})",
+        "paid": f"(select payment_id, unnest(list_distinct(list_filter("
         f"coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
-        f" from {a}.stg_payments{only('payments', 'payment_id')}) as p"
-        f" join {a}.stg_subscriptions as s on s.subscription_id = p.sid",
-        f"select 'subscriptions', subscription_id, null, customer_id from {a}.stg_subscriptions"
-        f"{only('subscriptions', 'subscription_id')}",
-        f"select 'refunds', r.refund_id, r.payment_id, p.customer_id from (select * from"
-        f" {a}.stg_refunds{only('refunds', 'refund_id')}) as r"
-        f" left join {a}.stg_payments as p on p.payment_id = r.payment_id",
-        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id from (select * from"
-        f" {a}.stg_disputes{only('disputes', 'dispute_id')}) as d"
-        f" left join {a}.stg_payments as p on p.payment_id = d.payment_id",
-        f"select distinct 'dispute_history', h.dispute_id, h.dispute_id, p.customer_id"
-        f" from (select * from {a}.stg_dispute_history{only('dispute_history', 'dispute_id')})"
-        f" as h left join {a}.stg_disputes as d on d.dispute_id = h.dispute_id"
-        f" left join {a}.stg_payments as p on p.payment_id = d.payment_id",
+        f" from {a}.stg_payments{only('payments', 'payment_id')})",
+    }
+
+
+def _owner_branches(ids: str | None) -> str:
+    """The owners (tbl, id, ref, owner, day) of the current raw entities: all of them, or
+    those whose (tbl, id) is in the relation `ids`, whose ids and the keys they reference
+    `set_ids` has put in session variables (the rows filtered before the joins, and the
+    relations they join narrowed to the referenced keys, so the cost follows `ids`). `day`: the
+    UTC day a payment or refund counts on in the revenue per day (NULL for other entities)."""
+    a = SCHEMA
+    rel = _filtered_relations(ids is not None)
+
+    def lookup(relation: str, key: str, columns: str, table: str) -> str:
+        """`relation`'s rows (key and columns) whose key the filtered rows reference."""
+        if ids is None:
+            return f"{a}.{relation}"
+        return (
+            f"(select {key}, {columns} from {a}.{relation} "
+            f"where list_contains(getvariable('{_REFS}{table}'), {key}))"
+        )
+
+    payments = lookup("stg_payments", "payment_id", "customer_id", "payments")
+    subscriptions = lookup("stg_subscriptions", "subscription_id", "customer_id", "subscriptions")
+    history_disputes = lookup("stg_disputes", "dispute_id", "payment_id", "disputes")
+    ledger_refunds = lookup("stg_refunds", "refund_id", "payment_id", "refunds")
+    day = "cast(timezone('UTC', created_at) as date)"
+    branches = [
+        f"select 'customers' as tbl, customer_id as id, null::varchar as ref, customer_id as owner,"
+        f" null::date as day from {rel['customers']}",
+        f"select 'forgotten_customers', customer_id, null, customer_id, null"
+        f" from {rel['forgotten']}",
+        f"select 'payments', payment_id, null, customer_id, {day} from {rel['payments']}",
+        f"select 'payments', p.payment_id, s.subscription_id, s.customer_id, null"
+        f" from {rel['paid']} as p join {subscriptions} as s on s.subscription_id = p.sid",
+        f"select 'subscriptions', subscription_id, null, customer_id, null"
+        f" from {rel['subscriptions']}",
+        f"select 'refunds', r.refund_id, r.payment_id, p.customer_id,"
+        f" cast(timezone('UTC', r.created_at) as date) from {rel['refunds']} as r"
+        f" left join {payments} as p on p.payment_id = r.payment_id",
+        f"select 'disputes', d.dispute_id, d.payment_id, p.customer_id, null"
+        f" from {rel['disputes']} as d left join {payments} as p on p.payment_id = d.payment_id",
+        f"select distinct 'dispute_history', h.dispute_id, h.dispute_id, p.customer_id, null"
+        f" from {rel['dispute_history']} as h left join {history_disputes} as d"
+        f" on d.dispute_id = h.dispute_id"
+        f" left join {payments} as p on p.payment_id = d.payment_id",
         f"select distinct 'subscription_history', h.subscription_id, h.subscription_id,"
-        f" s.customer_id from (select * from {a}.stg_subscription_history"
-        f"{only('subscription_history', 'subscription_id')}) as h"
-        f" left join {a}.stg_subscriptions as s on s.subscription_id = h.subscription_id",
+        f" s.customer_id, null from {rel['history']} as h"
+        f" left join {subscriptions} as s on s.subscription_id = h.subscription_id",
         f"select 'balance_ledger', l.ledger_entry_id, l.reference_object_id,"
-        f" coalesce(p.customer_id, rp.customer_id) from (select * from {a}.stg_balance_ledger"
-        f"{only('balance_ledger', 'ledger_entry_id')}) as l"
-        f" left join {a}.stg_payments as p on p.payment_id = l.reference_object_id"
-        f" left join {a}.stg_refunds as r on r.refund_id = l.reference_object_id"
-        f" left join {a}.stg_payments as rp on rp.payment_id = r.payment_id",
+        f" coalesce(p.customer_id, rp.customer_id), null from {rel['ledger']} as l"
+        f" left join {payments} as p on p.payment_id = l.reference_object_id"
+        f" left join {ledger_refunds} as r on r.refund_id = l.reference_object_id"
+        f" left join {payments} as rp on rp.payment_id = r.payment_id",
     ]
     return "\nunion all\n".join(
-        f"select * from ({b}) as branch(tbl, id, ref, owner)" for b in branches
+        f"select * from ({b}) as branch(tbl, id, ref, owner, day)" for b in branches
     )
 
 
@@ -233,28 +328,50 @@ parent row's `_synced_at`, which a webhook can set in the past) only when the pa
 was written with other content, so the parent's written rows name the history's too."""
 
 
-def _merged_since(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether the webhook merge log exists (a warehouse that never merged one has none)."""
+def _has_raw_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     row = con.execute(
         "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
-        [RAW, dodo_contract.WEBHOOK_MERGES_TABLE],
+        [RAW, table],
     ).fetchone()
     return bool(row and row[0])
 
 
+def _merged_since(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the webhook merge log exists (a warehouse that never merged one has none)."""
+    return _has_raw_table(con, dodo_contract.WEBHOOK_MERGES_TABLE)
+
+
+def _later_syncs(con: duckdb.DuckDBPyConnection) -> list[object] | None:
+    """The starts of the API syncs recorded since the snapshot; None when no sync had been
+    recorded before it (then a load time equal to the snapshot's may be a later write)."""
+    if not _has_raw_table(con, dodo_contract.LOOKBACK_PASSES_TABLE):
+        return None
+    passes = f"{RAW}.{dodo_contract.LOOKBACK_PASSES_TABLE}"
+    since = f"(select min(built_at) from {MARKS_TABLE})"
+    row = con.execute(f"select count(*) from {passes} where recorded_at < {since}").fetchone()
+    if not row or not row[0]:
+        return None
+    rows = con.execute(f"select as_of from {passes} where not recorded_at < {since}").fetchall()
+    return [r[0] for r in rows]
+
+
 def _candidate_sources(
-    table: str, column: str | None, mark: object, merges: bool
+    table: str, column: str | None, mark: object, merges: bool, compare: str
 ) -> list[tuple[str, list[object], bool]]:
     """Queries (with parameters) of the ids of a raw table whose rows may have been written
-    since the snapshot, and whether the query is by load time: newer than its newest load time
-    (or equal: a sync at the same instant); merged from a webhook since; (history) of a parent
-    row written since."""
+    since the snapshot, and whether the query is by load time: newer than its newest load time,
+    or equal when a sync since may have stamped that same instant (a clock that did not move:
+    the sandbox's); merged from a webhook since; (history) of a parent row written since.
+
+    The rows an API sync wrote carry its start, recorded in `lookback_passes`: when every sync
+    since the snapshot started after the mark, the rows stamped with the mark itself are the
+    last build's, already in the snapshot (re-read open objects are otherwise hashed twice)."""
     key = ENTITY_KEYS[table]
     raw = f'"{RAW}"."{table}"'
     if column is None or mark is None:  # no load time known: every row is a candidate
         return [(f'select cast("{key}" as varchar) from {raw}', [], True)]
     sources: list[tuple[str, list[object], bool]] = [
-        (f'select cast("{key}" as varchar) from {raw} where "{column}" >= ?', [mark], True)
+        (f'select cast("{key}" as varchar) from {raw} where "{column}" {compare} ?', [mark], True)
     ]
     if merges:
         sources.append(
@@ -271,21 +388,37 @@ def _candidate_sources(
     return sources
 
 
+def _comparison(
+    table: str, marks: dict[str, tuple[object, ...]], later_syncs: list[object] | None
+) -> str:
+    """How a row's load time compares with the mark for the row to be a candidate: `>` when
+    every sync since the snapshot started after the mark, else `>=` (`_candidate_sources`)."""
+    mark = marks[table][0]
+    strict = later_syncs is not None and all(
+        start is not None and mark is not None and start > mark  # type: ignore[operator]
+        for start in later_syncs
+    )
+    return ">" if strict else ">="
+
+
 def _current_candidates_sql(
-    table: str, names: list[str], column: str | None, mark: object, by_id: bool
+    table: str, names: list[str], column: str | None, mark: object, compare: str, by_ids: bool
 ) -> tuple[str, list[object]]:
     """(tbl, id, k) of a table's candidate rows: those loaded since `mark` (a scan whose row
-    groups of older loads DuckDB skips by their min/max), and, when some ids came from
-    elsewhere (`by_id`), the older rows of those ids."""
+    groups of older loads DuckDB skips by their min/max), and the older rows of the ids that
+    came from elsewhere (a webhook merge, a parent row), and of a history's every candidate (a
+    history holds several rows per id: its older ones are in the snapshot's rows of the id);
+    `by_ids`: whether there are such ids."""
     if column is None or mark is None:
         return _rows_sql(table, names), []
-    parts = [(_rows_sql(table, names, f' where "{column}" >= ?'), [mark])]
-    if by_id:
-        ids = f"(select id from delta_candidates where tbl = '{table}' and not by_time)"
-        where = (
-            f' where coalesce("{column}" < ?, true) '
-            f'and cast("{ENTITY_KEYS[table]}" as varchar) in {ids}'
-        )
+    parts = [(_rows_sql(table, names, f' where "{column}" {compare} ?'), [mark])]
+    by_id = "" if table in PARENTS else " and not by_time"
+    ids = f"(select id from delta_candidates where tbl = '{table}'{by_id})"
+    where = (
+        f' where not coalesce("{column}" {compare} ?, false) '
+        f'and cast("{ENTITY_KEYS[table]}" as varchar) in {ids}'
+    )
+    if by_ids:
         parts.append((_rows_sql(table, names, where), [mark]))
     return _union(parts)
 
@@ -313,6 +446,7 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
         r[0]: r[1:] for r in con.execute(f"select tbl, mark, rows from {MARKS_TABLE}").fetchall()
     }
     merges = _merged_since(con)
+    later_syncs = _later_syncs(con)
     load_times = _load_time_columns(con)
     newest_sync = _newest_sync(con)
     totals = " union all ".join(
@@ -334,27 +468,45 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
             (f"select '{t}', id, {by_time} from ({query}) as c(id)", params)
             for t in group
             for query, params, by_time in _candidate_sources(
-                t, load_times.get(t), marks[t][0], merges
+                t, load_times.get(t), marks[t][0], merges, _comparison(t, marks, later_syncs)
             )
         ]
         if parts:  # history tables after their parents: they read the parents' candidates
             query, params = _union(parts)
             con.execute(f"insert into delta_candidates {query}", params)
 
-    def only(t: str) -> str:
-        return f" where cast(\"{ENTITY_KEYS[t]}\" as varchar) in (select id from delta_candidates where tbl = '{t}')"
-
-    current = [_rows_sql(t, columns[t], only(t)) for t in known]
+    by_ids = {
+        r[0]
+        for r in con.execute(
+            "select distinct tbl from delta_candidates where not by_time or tbl in "
+            "(select unnest(?::varchar[]))",
+            [list(PARENTS)],
+        ).fetchall()
+    }
+    current, params = _union(
+        [
+            _current_candidates_sql(
+                t,
+                columns[t],
+                load_times.get(t),
+                marks[t][0],
+                _comparison(t, marks, later_syncs),
+                t in by_ids,
+            )  # fmt: skip
+            for t in known
+        ]
+    )
     con.execute("create or replace temp table delta_current (tbl varchar, id varchar, k ubigint)")
     if current:
-        con.execute("insert into delta_current " + "\nunion all\n".join(current))
+        con.execute("insert into delta_current " + current, params)
     now_part = dict(con.execute("select tbl, count(*) from delta_current group by tbl").fetchall())
-    old_part = dict(
-        con.execute(
-            f"select tbl, count(*) from {ROWS_TABLE} "
-            "where (tbl, id) in (select tbl, id from delta_candidates) group by tbl"
-        ).fetchall()
+    # the snapshot's rows of the candidates: a one-column semi-join first (a pair is slower)
+    con.execute(
+        f"""create or replace temp table delta_old as select tbl, id, k from {ROWS_TABLE}
+        where id in (select id from delta_candidates)
+          and (tbl, id) in (select tbl, id from delta_candidates)"""
     )
+    old_part = dict(con.execute("select tbl, count(*) from delta_old group by tbl").fetchall())
     # the rows outside the candidates are the snapshot's rows of other ids, untouched
     whole = [
         t
@@ -362,17 +514,17 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
         if t not in known or counts[t] - now_part.get(t, 0) != marks[t][1] - old_part.get(t, 0)
     ]
     if whole:
-        con.execute("delete from delta_current where tbl in (select unnest(?::varchar[]))", [whole])
+        for table in ("delta_current", "delta_old"):
+            con.execute(f"delete from {table} where tbl in (select unnest(?::varchar[]))", [whole])
         con.execute(
             "insert into delta_current "
             + "\nunion all\n".join(_rows_sql(t, columns[t]) for t in whole)
         )
-    con.execute(
-        f"""create or replace temp table delta_old as select tbl, id, k from {ROWS_TABLE}
-        where (tbl, id) in (select tbl, id from delta_candidates)
-           or tbl in (select unnest(?::varchar[]))""",
-        [whole],
-    )
+        con.execute(
+            f"insert into delta_old select tbl, id, k from {ROWS_TABLE} "
+            "where tbl in (select unnest(?::varchar[]))",
+            [whole],
+        )
     con.execute(
         """create or replace temp table delta_changed_keys as
         (select tbl, k from delta_current except all select tbl, k from delta_old)
@@ -387,11 +539,18 @@ def find_changes(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row else 0
 
 
+def _in_pairs(relation: str) -> str:
+    """SQL: the row's (tbl, id) is one of `relation`'s; a one-column semi-join on the id first
+    (DuckDB's semi-join on a pair of columns costs several times more per row scanned)."""
+    return f"(id in (select id from {relation}) and (tbl, id) in (select tbl, id from {relation}))"
+
+
 def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
     """Fill the temp table `delta_touched` with the customers the changed entities concern:
     their old owners and those of entities reached through them (two hops, from the snapshot),
     their new owners, and the customers of subscriptions of a changed product."""
-    changed = f"(tbl, id) in (select tbl, id from {CHANGED})"
+    changed = _in_pairs(CHANGED)
+    set_ids(con, CHANGED)
     con.execute(
         f"""create or replace temp table {TOUCHED} as
         with old_direct as (
@@ -418,6 +577,7 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
         union select owner from new_direct
         union select owner from products"""
     )
+    sync_touched(con)
 
 
 def add_touched(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> int:
@@ -428,7 +588,10 @@ def add_touched(con: duckdb.DuckDBPyConnection, query: str, params: list | None 
         f"insert into {TOUCHED} select * from ({query}) except select customer_id from {TOUCHED}",
         params or [],
     )
-    return count_touched(con) - before
+    added = count_touched(con) - before
+    if added:
+        sync_touched(con)
+    return added
 
 
 def count_touched(con: duckdb.DuckDBPyConnection) -> int:
@@ -466,7 +629,7 @@ def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
     of those the snapshot gave a touched customer, and of those in the build's scope
     (`scope_ids`: (tbl, id) of every entity of a touched customer); an entity's owner moves
     only with it or with a parent, whose old and new owners were touched."""
-    changed = f"(tbl, id) in (select tbl, id from {CHANGED})"
+    changed = _in_pairs(CHANGED)
     con.execute(f"delete from {ROWS_TABLE} where {changed}")
     con.execute(f"insert into {ROWS_TABLE} select * from delta_current where {changed}")
     con.execute(
@@ -475,9 +638,8 @@ def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
         union select tbl, id from {OWNERS_TABLE} where {in_touched("owner")}
         union select tbl, id from ({scope_ids})"""
     )
-    con.execute(
-        f"delete from {OWNERS_TABLE} where (tbl, id) in (select tbl, id from delta_refresh)"
-    )
+    con.execute(f"delete from {OWNERS_TABLE} where {_in_pairs('delta_refresh')}")
+    set_ids(con, "delta_refresh")
     con.execute(f"insert into {OWNERS_TABLE} {_owner_branches('delta_refresh')}")
     # the snapshot now holds exactly the current raw rows: their totals, taken by find_changes
     con.execute(f"create or replace table {MARKS_TABLE} as select * from delta_new_marks")

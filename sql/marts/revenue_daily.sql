@@ -1,4 +1,4 @@
--- grain: global
+-- grain: day by date
 -- Revenue per UTC day and currency, in major units of `currency`:
 -- gross = succeeded payments (by payment date), refunds = succeeded refunds (by refund date),
 -- net = gross - refunds, payments = number of succeeded payments. *_usd from the balance
