@@ -326,6 +326,7 @@ REVIEWED_INTERPOLATIONS = {
         "every",
         "expr",
         "ids",
+        "null",  # in_key_list/sync_key_list: a session variable's name (code constants)
         "in_touched('customer_id')",
         "in_touched('owner')",
         "key",

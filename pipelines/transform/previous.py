@@ -39,22 +39,12 @@ TOUCHED_USER_NULL = "delta_touched_user_null"
 
 def in_touched_users(expr: str) -> str:
     """SQL: `expr` is a touched user id (NULL-safe)."""
-    return (
-        f"(list_contains(getvariable('{TOUCHED_USER_IDS}'), {expr})"
-        f" or ({expr} is null and getvariable('{TOUCHED_USER_NULL}')))"
-    )
+    return touched.in_key_list(expr, TOUCHED_USER_IDS, TOUCHED_USER_NULL)
 
 
 def _sync_users(con: duckdb.DuckDBPyConnection) -> None:
     """Copy `delta_touched_users` into the session variables `in_touched_users` reads."""
-    con.execute(
-        f"set variable {TOUCHED_USER_IDS} = (select coalesce(list(user_id order by user_id), "
-        f"[]::varchar[]) from {TOUCHED_USERS} where user_id is not null)"
-    )
-    con.execute(
-        f"set variable {TOUCHED_USER_NULL} = "
-        f"(select count(*) > 0 from {TOUCHED_USERS} where user_id is null)"
-    )
+    touched.sync_key_list(con, TOUCHED_USERS, "user_id", TOUCHED_USER_IDS, TOUCHED_USER_NULL)
 
 
 class PreviousState:

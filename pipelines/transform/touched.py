@@ -57,24 +57,34 @@ semi-join on the temp table reads every row of every column first), so narrowing
 the touched customers' rows costs little more than reading its key column."""
 
 
+def in_key_list(expr: str, ids: str, null: str) -> str:
+    """SQL: `expr` is in the id list of session variable `ids` (NULL-safe: a NULL matches when
+    the variable `null` says a NULL key is in the set)."""
+    return (
+        f"(list_contains(getvariable('{ids}'), {expr})"
+        f" or ({expr} is null and getvariable('{null}')))"
+    )
+
+
+def sync_key_list(
+    con: duckdb.DuckDBPyConnection, table: str, column: str, ids: str, null: str
+) -> None:
+    """Copy the keys of temp table `table` into the session variables `in_key_list` reads."""
+    con.execute(
+        f"set variable {ids} = (select coalesce(list({column} order by {column}), "
+        f"[]::varchar[]) from {table} where {column} is not null)"
+    )
+    con.execute(f"set variable {null} = (select count(*) > 0 from {table} where {column} is null)")
+
+
 def in_touched(expr: str) -> str:
     """SQL: `expr` is a touched customer key (NULL-safe: a NULL key matches a touched NULL)."""
-    return (
-        f"(list_contains(getvariable('{TOUCHED_IDS}'), {expr})"
-        f" or ({expr} is null and getvariable('{TOUCHED_NULL}')))"
-    )
+    return in_key_list(expr, TOUCHED_IDS, TOUCHED_NULL)
 
 
 def sync_touched(con: duckdb.DuckDBPyConnection) -> None:
     """Copy `delta_touched` into the session variables `in_touched` reads (after each change)."""
-    con.execute(
-        f"set variable {TOUCHED_IDS} = (select coalesce(list(customer_id order by customer_id), "
-        f"[]::varchar[]) from {TOUCHED} where customer_id is not null)"
-    )
-    con.execute(
-        f"set variable {TOUCHED_NULL} = "
-        f"(select count(*) > 0 from {TOUCHED} where customer_id is null)"
-    )
+    sync_key_list(con, TOUCHED, "customer_id", TOUCHED_IDS, TOUCHED_NULL)
 
 
 def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
