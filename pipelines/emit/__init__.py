@@ -12,40 +12,7 @@ plan every message is checked against; `accounts` keeps group state and past use
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pipelines.emit.checkpoint import (
-        Checkpoint,
-        catch_up_ledger,
-        checkpoint_path,
-        ledger_is_empty,
-        read_checkpoint,
-        restore_ledger,
-        take_checkpoint,
-        warehouse_knows_run,
-        write_checkpoint,
-    )
-    from pipelines.emit.emitter import (
-        EmitResult,
-        Preview,
-        emit,
-        ensure_sync_schema,
-        preview,
-        recompute_traits,
-        resend,
-    )
-    from pipelines.emit.ledger import iter_identify_rows
-    from pipelines.emit.pending import pending_counts, pending_identify_ids
-    from pipelines.emit.regulations import (
-        DEFAULT_PUBLIC_API_HOST,
-        PRIVACY_PORTAL_STEPS,
-        RegulationError,
-        file_suppress_with_delete,
-        regulation_body,
-    )
-    from pipelines.emit.settings import EmitSettings
-    from pipelines.emit.tracking_plan import PlanError, build_plan, load_plan, write_plan
+from typing import Any
 
 _HOMES = {
     "Checkpoint": "checkpoint",
@@ -81,37 +48,7 @@ _HOMES = {
 """Each public name and the module that defines it. The names are imported on first use
 (PEP 562): `status` needs the pending counts, not the Segment client and its cryptography."""
 
-__all__ = [
-    "Checkpoint",
-    "catch_up_ledger",
-    "checkpoint_path",
-    "ledger_is_empty",
-    "read_checkpoint",
-    "restore_ledger",
-    "take_checkpoint",
-    "warehouse_knows_run",
-    "write_checkpoint",
-    "DEFAULT_PUBLIC_API_HOST",
-    "PRIVACY_PORTAL_STEPS",
-    "RegulationError",
-    "file_suppress_with_delete",
-    "regulation_body",
-    "EmitResult",
-    "EmitSettings",
-    "PlanError",
-    "Preview",
-    "build_plan",
-    "load_plan",
-    "write_plan",
-    "emit",
-    "ensure_sync_schema",
-    "iter_identify_rows",
-    "pending_counts",
-    "pending_identify_ids",
-    "preview",
-    "recompute_traits",
-    "resend",
-]
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
