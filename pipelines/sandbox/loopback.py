@@ -7,6 +7,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
 
+class _Server(ThreadingHTTPServer):
+    """A listen backlog deep enough for the job's parallel readers: with the default 5, a burst
+    of connections overflowed it and the kernel dropped a SYN, so the client waited a second to
+    retransmit (a one-second stall in about one sandbox run in ten)."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+
 class LoopbackServer:
     """Start/stop and context-manager plumbing; subclasses say which handler answers."""
 
@@ -26,8 +35,7 @@ class LoopbackServer:
 
     def start(self) -> str:
         """Serve in a background thread; returns the base URL."""
-        self._server = ThreadingHTTPServer((self.host, self.port), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server((self.host, self.port), self._handler())
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=type(self).__name__, daemon=True
