@@ -174,6 +174,40 @@ def recover_pending(warehouse_path: str, pipeline: dlt.Pipeline | None = None) -
     )
 
 
+def discard_state_ahead(warehouse_path: str, pipeline: dlt.Pipeline) -> str | None:
+    """Discard a pipeline folder whose extract state the warehouse never stored.
+
+    A warehouse restored in place from an older copy keeps the pipeline folder beside it, whose
+    state is newer. dlt keeps a local state newer than the destination's, cursors included, so
+    the rows between the copy and those cursors would never be read again. Without the folder,
+    the state comes back from the warehouse and the run reads on from the copy's own cursors
+    (the warehouse is the truth, as for `recover_pending`). Returns what was done, or None.
+    """
+    folder = pipeline_dir(warehouse_path) / PIPELINE_NAME
+    if not folder.exists() or not _warehouse_exists(warehouse_path):
+        return None
+    local = pipeline.state
+    version, version_hash = local.get("_state_version") or 0, local.get("_version_hash")
+    if not version:
+        return None
+    with warehouse.connect(warehouse_path, read_only=True) as con:
+        if "_dlt_pipeline_state" not in _raw_tables(con):
+            return None  # nothing stored (a new or lost warehouse): dlt wipes the folder itself
+        newest, stored = con.execute(
+            f"select max(version), count(*) filter (where version_hash = ?) "
+            f'from "{RAW_DATASET}"._dlt_pipeline_state where pipeline_name = ?',
+            [version_hash, PIPELINE_NAME],
+        ).fetchone()
+    if stored or newest is None or newest >= version:
+        return None
+    shutil.rmtree(folder, ignore_errors=True)
+    return (
+        f"the warehouse's extract state is older than its pipeline folder's (version {newest} "
+        f"< {version}: restored from an older copy?); discarded the folder, so this run reads "
+        "on from the warehouse's own cursors"
+    )
+
+
 def _raw_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     """Names of the tables the warehouse has in the raw schema."""
     rows = con.execute(
@@ -375,7 +409,9 @@ def run_extract(
     result = ExtractResult()
     started = time.monotonic()
     pipeline = make_pipeline(config.warehouse_path)
-    result.recovered = recover_pending(config.warehouse_path, pipeline)
+    result.recovered = recover_pending(config.warehouse_path, pipeline) or discard_state_ahead(
+        config.warehouse_path, pipeline
+    )
     if result.recovered:
         log.warning("%s", result.recovered)
         pipeline = make_pipeline(config.warehouse_path)  # its folder is gone: made afresh
