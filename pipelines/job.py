@@ -231,6 +231,20 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
     _save(config, report)
     _note_typical_duration(config, report, step)
     reads_api = not options.only_emit and not options.webhook_only
+    if options.webhook_only and not _has_extract_state(config):
+        # A new or lost warehouse: merged alone, the deliveries would be a customer's whole
+        # history (wrong traits, wrong first-of events). They wait, stored, for a run that
+        # syncs from the API first (next paragraph).
+        from pipelines.webhook_store import WebhookStore, store_folder
+
+        waiting = WebhookStore(store_folder(config.warehouse_path)).pending_count()
+        log.warning(
+            "webhook-only run: the warehouse has no extract state yet (new or lost); %d "
+            "delivery(ies) wait for the next scheduled run, which syncs from the API first",
+            waiting,
+        )
+        report.outcome, report.exit_code = "success", ExitCode.OK
+        return
     # A warehouse without extract state (new, lost, or replaced) is synced from the API before
     # the stored deliveries are merged into it: merged first, they would make it look synced.
     first_sync = reads_api and not _has_extract_state(config)

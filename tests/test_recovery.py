@@ -108,7 +108,9 @@ def test_a_lost_warehouse_with_deliveries_waiting_is_synced_from_the_api_first(
 ) -> None:
     """Deliveries stored while the warehouse was gone: merged first, they made the new file look
     synced (dlt kept its old cursors, the run failed on a table it had not made, and customers
-    stayed unread until a deep pass). The first sync now reads the API, then merges them."""
+    stayed unread until a deep pass). The first sync now reads the API, then merges them; a
+    webhook-only run (the listener's) before it leaves them waiting: merged alone into an empty
+    warehouse, they would be each customer's whole history."""
     from pipelines.job import RunOptions, run_job
     from pipelines.sandbox.webhooks import changes_since, snapshot
     from pipelines.webhook_store import WebhookStore, store_folder
@@ -121,6 +123,11 @@ def test_a_lost_warehouse_with_deliveries_waiting_is_synced_from_the_api_first(
         stored = sum(store.store(f"msg_{n}", p) for n, p in enumerate(changes_since(before, sandbox.business)))  # fmt: skip
         assert stored > 0
         remove_warehouse(sandbox.db)
+        # the listener's webhook-only run comes first: it leaves the deliveries waiting
+        sent = len(sandbox.collector.message_ids())
+        report = run_job(sandbox.config(), RunOptions(webhook_only=True))
+        assert report.exit_code == 0 and report.webhooks is None, report.error
+        assert store.pending_count() == stored and len(sandbox.collector.message_ids()) == sent
         report = run_job(sandbox.config(), RunOptions())
         assert report.exit_code == 0, report.error
         assert_raw_matches_truth(sandbox)
