@@ -41,14 +41,24 @@ final as (
     from lifecycle_events
     inner join customer_identity on customer_identity.customer_id = lifecycle_events.customer_id
     left join event_context on event_context.event_id = lifecycle_events.event_id
+    -- `not exists`, not `not in`: DuckDB guesses a `not in` keeps a fifth of the rows, then
+    -- hashes the events' whole rows (their properties) for the event_context join, not
+    -- event_context: ~600 MB at 1M payments, past the 1 GB memory_limit with the emitter's join
     where lifecycle_events.occurred_at is not null
-      and lifecycle_events.event_id not in (
-          select key from quarantined_rows where key_kind = 'event_id'
+      and not exists (
+          select 1 from quarantined_rows
+          where quarantined_rows.key_kind = 'event_id'
+            and quarantined_rows.key = lifecycle_events.event_id
       )
-      and lifecycle_events.customer_id not in (
-          select key from quarantined_rows where key_kind = 'user_id'
+      and not exists (
+          select 1 from quarantined_rows
+          where quarantined_rows.key_kind = 'user_id'
+            and quarantined_rows.key = lifecycle_events.customer_id
       )
-      and lifecycle_events.customer_id not in (select customer_id from forgotten_customers)
+      and not exists (
+          select 1 from forgotten_customers
+          where forgotten_customers.customer_id = lifecycle_events.customer_id
+      )
 )
 
 select event_id, user_id, event, occurred_at, properties, customer_id, group_id, plan, product_id
