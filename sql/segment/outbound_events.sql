@@ -38,11 +38,10 @@ final as (
     from events
     left join event_rules as renamed
         on renamed.action = 'rename' and renamed.event = events.event
-    -- `not exists`: DuckDB guesses a `not in` keeps a fifth of the rows (track_outbox.sql)
-    where not exists (
-        select 1 from event_rules as skipped
-        where skipped.action = 'skip' and skipped.event = events.event
-    )
+    -- an anti join, not `not in`: DuckDB guesses a `not in` keeps a fifth of the rows
+    -- (track_outbox.sql)
+    anti join event_rules as skipped
+        on skipped.action = 'skip' and skipped.event = events.event
 )
 
 select event_id, event, customer_id, occurred_at, properties
