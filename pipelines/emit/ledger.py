@@ -136,6 +136,15 @@ def count_tracks(
     return int(row[0]) if row else 0
 
 
+PENDING_TRACKS = "emit_pending_tracks"
+"""Temp table (event_id) of the tracks a run sends, on `iter_tracks`'s own cursor."""
+_PENDING_ROWS = f"""
+    FROM analytics.track_outbox o
+    WHERE o.event_id IN (SELECT event_id FROM {PENDING_TRACKS})
+    ORDER BY o.occurred_at, o.event_id
+"""
+
+
 def iter_tracks(
     con: duckdb.DuckDBPyConnection,
     since: datetime | None,
@@ -146,15 +155,23 @@ def iter_tracks(
     """Stream (event_id, user_id, event, occurred_at_us, properties_json, customer_id,
     group_id, plan, product_id) rows, oldest first.
 
-    Runs on its own cursor so ledger writes on other cursors do not discard the result.
+    Runs on its own cursor so ledger writes on other cursors do not discard the result. A run
+    finds the event ids to send first (`PENDING_TRACKS`, a temp table of that cursor), then
+    reads only their rows: the ledger joined to the outbox's whole rows had DuckDB hash every
+    outbox row with its properties (1.3M rows, ~900 MB at 1M payments), past the 1 GB
+    memory_limit, whatever few were to be sent.
     """
+    cur = con.cursor()
     if resend:
         sql = _track_select(con) + _RESEND_TRACKS + " ORDER BY o.occurred_at, o.event_id"
         params: dict[str, Any] = {"since": since, "event": resend_event}
     else:
-        sql = _track_select(con) + _RUN_TRACKS + " ORDER BY o.occurred_at, o.event_id"
-        params = {"since": since}
-    cur = con.cursor()
+        cur.execute(
+            f"CREATE OR REPLACE TEMP TABLE {PENDING_TRACKS} AS SELECT o.event_id{_RUN_TRACKS}",
+            {"since": since},
+        )
+        sql = _track_select(con) + _PENDING_ROWS
+        params = {}
     cur.execute(sql, params)
     while rows := cur.fetchmany(chunk):
         yield from rows

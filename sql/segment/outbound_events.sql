@@ -38,7 +38,10 @@ final as (
     from events
     left join event_rules as renamed
         on renamed.action = 'rename' and renamed.event = events.event
-    where events.event not in (select event from event_rules where action = 'skip')
+    -- an anti join, not `not in`: DuckDB guesses a `not in` keeps a fifth of the rows
+    -- (track_outbox.sql)
+    anti join event_rules as skipped
+        on skipped.action = 'skip' and skipped.event = events.event
 )
 
 select event_id, event, customer_id, occurred_at, properties
