@@ -34,7 +34,7 @@ report: install
 # module whose tests share a module-scoped setup (marked xdist_group), which stays on one worker.
 # test-fast: the tests not marked slow: no subprocess (CLI, wheel, notebook kernel, browser) and
 # no heavy in-process scenario (several job runs); make test runs them all.
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 4
 
 test: install browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=10
