@@ -232,9 +232,9 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
     _note_typical_duration(config, report, step)
     reads_api = not options.only_emit and not options.webhook_only
     if options.webhook_only and not _has_extract_state(config):
-        # A new or lost warehouse: merged alone, the deliveries would be a customer's whole
-        # history (wrong traits, wrong first-of events). They wait, stored, for a run that
-        # syncs from the API first (next paragraph).
+        # A new or lost warehouse: merged alone, the deliveries would be each customer's whole
+        # history (total_spent, customer_since from a few payments). They wait, stored, for a
+        # run that syncs from the API first (next paragraph).
         from pipelines.webhook_store import WebhookStore, store_folder
 
         waiting = WebhookStore(store_folder(config.warehouse_path)).pending_count()
