@@ -17,6 +17,7 @@ from pipelines.config import AppConfig, load_config
 from pipelines.sandbox.business import Business, generate_business
 from pipelines.sandbox.collector import SegmentCollector
 from pipelines.sandbox.simulator import DodoSimulator
+from tests.cli_forkserver import ForkServer, text
 
 API_KEY = "test_dodo_key_5f1c2a9e"
 WRITE_KEY = "test_write_key_8b3d7e01"
@@ -46,6 +47,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     teardown (harmless, but they bury the summary line that CI reads). An xdist worker ends the
     same way once it has reported to the controller.
     """
+    for server in _FORK_SERVER:
+        if server is not None:
+            server.close()
     if _EXIT_STATUS and not os.environ.get("DODO_SEGMENT_FULL_TEARDOWN"):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -191,12 +195,37 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     yield from make_sandbox(tmp_path)
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run the installed `dodo-segment` console script as a subprocess."""
-    exe = Path(sys.executable).with_name("dodo-segment")
+_FORK_SERVER: list[ForkServer | None] = []
+
+
+def _fork_server() -> ForkServer | None:
+    """This process's CLI fork server, started at the first call (None: exec every call)."""
+    if not _FORK_SERVER:
+        server = None
+        if not os.environ.get("DODO_SEGMENT_TEST_EXEC"):
+            import tempfile
+
+            server = ForkServer(Path(tempfile.mkdtemp(prefix="dodo-cli-")))
+        _FORK_SERVER.append(server)
+    return _FORK_SERVER[0]
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 180, umask: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `dodo-segment` console script in its own process: a warm fork of a process that
+    has imported it already (tests/cli_forkserver.py), or a real exec of the installed script
+    when the environment changes how Python starts. `umask`: the process's umask before the CLI
+    sets its own."""
+    exe = str(Path(sys.executable).with_name("dodo-segment"))
+    server = _fork_server()
+    if server is not None and server.accepts(env):
+        code, out, err = server.run(exe, list(args), env, timeout, umask)
+        return subprocess.CompletedProcess([exe, *args], code, text(out), text(err))
     return subprocess.run(
-        [str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+        [exe, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

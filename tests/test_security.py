@@ -43,12 +43,8 @@ def _umask_022() -> None:
     os.umask(0o022)  # a permissive parent: the CLI itself must make its files owner-only
 
 
-def cli(*args: str, env: dict[str, str], outputs: list[str], **kw) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("dodo-segment")
-    result = subprocess.run(
-        [str(exe), *args], env=env, capture_output=True, text=True, timeout=180,
-        preexec_fn=_umask_022, check=False, **kw,
-    )  # fmt: skip
+def cli(*args: str, env: dict[str, str], outputs: list[str]) -> subprocess.CompletedProcess:
+    result = run_cli(*args, env=env, umask=0o022)
     outputs.append(f"$ {' '.join(args)}\n{result.stdout}\n{result.stderr}")
     return result
 
