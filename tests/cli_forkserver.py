@@ -95,6 +95,7 @@ def _run_child(request: dict, stdout_fd: int, stderr_fd: int) -> None:
         if request.get("umask") is not None:
             os.umask(request["umask"])
         sys.argv = [request["exe"], *request["args"]]
+        sys.path[0] = os.path.dirname(request["exe"])  # a script's folder, as for the real one
         from pipelines.cli import entry
 
         entry()  # ends the process with os._exit
