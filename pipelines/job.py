@@ -21,6 +21,7 @@ from pipelines.dodo_contract import RAW_DATASET, RESOURCES
 from pipelines.logs import Progress, heartbeat, scrub
 from pipelines.transform import (
     ModelError,
+    clear_scratch,
     forget_delta_state,
     record_check,
     run_models,
@@ -230,6 +231,8 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
     """Webhooks, extract, models (and the deep pass's verification), emit; the outcome."""
     _save(config, report)
     _note_typical_duration(config, report, step)
+    if clear_scratch(config.warehouse_path):  # customers' data: it must not outlive the check
+        log.warning("removed the copy of the warehouse left by a verification that was stopped")
     reads_api = not options.only_emit and not options.webhook_only
     if options.webhook_only and not _has_extract_state(config):
         # A new or lost warehouse: merged alone, the deliveries would be each customer's whole

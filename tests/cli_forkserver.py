@@ -30,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -92,6 +93,7 @@ def _run_child(request: dict, stdout_fd: int, stderr_fd: int) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         time.tzset()
+        tempfile.tempdir = None  # found again from this call's TMPDIR, not the server's
         if request.get("umask") is not None:
             os.umask(request["umask"])
         sys.argv = [request["exe"], *request["args"]]
@@ -219,7 +221,6 @@ class ForkServer:
     ) -> tuple[int, bytes, bytes]:
         """Run one CLI call in a warm child: (exit code, stdout, stderr), like subprocess.run."""
         import subprocess
-        import tempfile
 
         request = {
             "exe": exe, "args": args, "env": env, "cwd": os.getcwd(),

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -224,9 +229,11 @@ def _tamper(db: str) -> str:
 
 @pytest.mark.slow
 def test_transform_verify_passes_on_a_delta_built_warehouse_and_shows_drift(
-    sandbox: Sandbox,
+    sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    env = sandbox.env()
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = sandbox.env(TMPDIR=str(temp))
     assert run_cli("run", "--skip-emit", env=env).returncode == 0
     sandbox.business.add_payments(3)
     assert run_cli("run", "--skip-emit", env=env).returncode in (0, 3)
@@ -239,6 +246,25 @@ def test_transform_verify_passes_on_a_delta_built_warehouse_and_shows_drift(
     assert "customer_traits: 1 row(s) not in a full build, 1 row(s) missing" in drifted.stdout
     assert f"customer_id={customer}" in drifted.stdout
     assert "lifecycle_events: 0 row(s) not in a full build, 1 row(s) missing" in drifted.stdout
+    # A verification stopped midway (SIGKILL while it builds its copy) leaves the copy, with
+    # the customers' data, only beside the warehouse; the next run removes it.
+    scratch = Path(f"{sandbox.db}.verify")
+    exe = str(Path(sys.executable).with_name("dodo-segment"))
+    stopped = subprocess.Popen(
+        [exe, "transform", "--verify"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while not (scratch / "full.duckdb").exists() and stopped.poll() is None:
+        assert time.monotonic() < deadline, "the verification never made its copy"
+        time.sleep(0.002)
+    stopped.kill()
+    assert stopped.wait() == -signal.SIGKILL, stopped.stderr.read() if stopped.stderr else ""
+    assert (scratch / "full.duckdb").exists() and stat.S_IMODE(scratch.stat().st_mode) == 0o700
+    assert not list(temp.glob("*verify*")), "a copy of the warehouse in the temp folder"
+    after = run_cli("run", "--skip-emit", env=env)
+    assert after.returncode in (0, 3), after.stderr
+    assert not scratch.exists()
+    assert "removed the copy of the warehouse left by a verification" in after.stderr
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -157,6 +158,9 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forgotten]:
             planted = Path(sandbox.db + ".dlt", "dodo_segment", "load", "loaded", "1", "x.parquet")
             planted.parent.mkdir(parents=True)
             planted.write_bytes(json.dumps(person.values).encode())
+            # and what a verification stopped midway leaves: a copy of the warehouse
+            Path(sandbox.db + ".verify").mkdir(mode=0o700)
+            shutil.copyfile(sandbox.db, sandbox.db + ".verify/full.duckdb")
 
             dry = run_cli("forget", person.customer_id, "--dry-run", env=env)
             after_dry_sha = _sha(sandbox.db)
@@ -200,6 +204,7 @@ def test_dry_run_lists_what_would_be_removed_and_changes_nothing(forgotten: Forg
     assert "dodo_raw.customers: email, name, phone_number" in dry.stdout
     assert "analytics.customer_traits" in dry.stdout
     assert "dlt load file(s)" in dry.stdout
+    assert ".verify (a stopped verification's copy) would be deleted" in dry.stdout
     assert "nothing was changed" in dry.stdout
     assert forgotten.after_dry_run_sha == forgotten.before_file_sha
     assert forgotten.person.email not in dry.stdout  # the listing shows no personal value
@@ -213,6 +218,7 @@ def test_forget_erases_the_person_from_every_table_file_and_byte(forgotten: Forg
     nowhere = {"tables": [], "warehouse_bytes": False, "files": []}
     assert forgotten.right_after == {value: nowhere for value in person.values}
     assert forgotten.planted is not None and not forgotten.planted.exists()
+    assert not Path(db + ".verify").exists()
     assert oct(Path(db).stat().st_mode & 0o777) == oct(0o600)
 
 

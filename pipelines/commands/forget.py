@@ -41,7 +41,7 @@ from pipelines.extract import (
 )
 from pipelines.job import ExitCode, package_version
 from pipelines.logs import complain, say
-from pipelines.transform import ModelError, run_models
+from pipelines.transform import ModelError, clear_scratch, run_models, scratch_folder
 from pipelines.webhook_store import WebhookStore, store_folder
 
 log = logging.getLogger("dodo_segment")
@@ -164,6 +164,8 @@ def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = Fal
         files = load_files(path)
         if files:
             say(f"  {len(files)} dlt load file(s) under {pipeline_dir(path)} would be deleted")
+        if scratch_folder(path).exists():
+            say(f"  {scratch_folder(path)} (a stopped verification's copy) would be deleted")
         waiting = sum(1 for d in store.pending() if mentions(orjson.dumps(d.payload).decode(), ids))
         if waiting:
             say(f"  {waiting} stored webhook delivery(ies) would lose the personal fields")
@@ -179,6 +181,8 @@ def forget_customers(config: AppConfig, keys: Sequence[str], dry_run: bool = Fal
     removed = remove_load_files(path)
     if removed:
         say(f"  {removed} dlt load file(s) under {pipeline_dir(path)} deleted")
+    if clear_scratch(path):
+        say(f"  {scratch_folder(path)} (a stopped verification's copy of the warehouse) deleted")
     scrubbed = store.rewrite_pending(
         lambda payload: (
             scrub_json(payload) if mentions(orjson.dumps(payload).decode(), ids) else payload

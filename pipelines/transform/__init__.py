@@ -19,8 +19,10 @@ from pipelines.transform.runner import (
 from pipelines.transform.verify import (
     CHECKS_TABLE,
     TableDrift,
+    clear_scratch,
     last_check,
     record_check,
+    scratch_folder,
     verify_against_full_build,
 )
 
@@ -33,9 +35,11 @@ __all__ = [
     "list_models",
     "raw_table_hashes",
     "TableDrift",
+    "clear_scratch",
     "forget_delta_state",
     "last_check",
     "record_check",
     "run_models",
+    "scratch_folder",
     "verify_against_full_build",
 ]

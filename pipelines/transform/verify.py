@@ -8,7 +8,6 @@ has a row the other lacks. The build-time columns of the data test tables are le
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +91,33 @@ def diff_warehouses(con: duckdb.DuckDBPyConnection, here: str, full: str) -> lis
     return drifts
 
 
+def scratch_folder(warehouse: str | Path) -> Path:
+    """Where a verification builds its full copy: beside the warehouse (the warehouse's disk and
+    owner), under a fixed name. The copy holds customers' personal data, so one left by a
+    verification killed midway must not outlive it: the next verification, the next run and
+    `forget` remove it (`clear_scratch`)."""
+    return Path(f"{warehouse}.verify")
+
+
+def clear_scratch(warehouse: str | Path) -> bool:
+    """Remove a verification's leftover copy of the warehouse; True when there was one."""
+    folder = scratch_folder(warehouse)
+    if not folder.exists():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 def verify_against_full_build(
     warehouse: str | Path, build_full: Callable[[duckdb.DuckDBPyConnection], None]
 ) -> list[TableDrift]:
     """Copy the warehouse to a scratch file, rebuild the copy in full with `build_full`, and
     return the tables where the warehouse differs from it (empty: no drift)."""
-    with tempfile.TemporaryDirectory(prefix="dodo-verify-") as scratch:
-        copy = Path(scratch) / "full.duckdb"
+    clear_scratch(warehouse)
+    scratch = scratch_folder(warehouse)
+    scratch.mkdir(mode=0o700)
+    try:
+        copy = scratch / "full.duckdb"
         shutil.copyfile(warehouse, copy)
         with duckdb.connect(str(copy)) as con:
             build_full(con)
@@ -107,6 +126,8 @@ def verify_against_full_build(
                 quoted = str(path).replace("'", "''")
                 con.execute(f"attach '{quoted}' as {name} (read_only)")
             return diff_warehouses(con, "here", "full_build")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 CHECKS_TABLE = f"{dodo_contract.SYNC_SCHEMA}.model_checks"
