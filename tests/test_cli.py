@@ -206,6 +206,26 @@ def test_usage_and_configuration_errors_exit_2_with_one_line(loaded: Loaded) -> 
     assert not Path("never_created.duckdb").exists()  # refused before touching anything
 
 
+def test_a_warm_cli_child_answers_like_the_installed_script(loaded: Loaded) -> None:
+    """`run_cli` forks its processes warm (tests/cli_forkserver.py): byte for byte, exit code
+    for exit code, they answer what an exec of the installed script answers."""
+    from tests.conftest import _fork_server
+
+    env = loaded.sandbox.env(DODO_SEGMENT_DB="never_created.duckdb")
+    calls = (
+        ("--version",), ("run", "--no-such-flag"), ("run", "--skip-emit", "--only-emit"),
+        ("traits",), ("transform", "--help"), ("status",), (),
+    )  # fmt: skip
+    server = _fork_server()
+    assert server is not None and server.accepts(env)
+    warm = [run_cli(*args, env=env) for args in calls]
+    cold = run_all(*((args, env) for args in calls))
+    assert [(w.returncode, w.stdout, w.stderr) for w in warm] == [
+        (c.returncode, c.stdout, c.stderr) for c in cold
+    ]
+    assert {w.returncode for w in warm} >= {0, 2}
+
+
 # --- a clean life: first sync, then an incremental run ----------------------------------------
 
 
