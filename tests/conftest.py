@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -205,7 +206,10 @@ def _fork_server() -> ForkServer | None:
         if not os.environ.get("DODO_SEGMENT_TEST_EXEC"):
             import tempfile
 
-            server = ForkServer(Path(tempfile.mkdtemp(prefix="dodo-cli-")))
+            try:
+                server = ForkServer(Path(tempfile.mkdtemp(prefix="dodo-cli-")))
+            except (OSError, RuntimeError) as exc:  # e.g. a socket path over 107 bytes
+                warnings.warn(f"CLI fork server unavailable, every call execs: {exc}", stacklevel=2)
         _FORK_SERVER.append(server)
     return _FORK_SERVER[0]
 
