@@ -275,6 +275,32 @@ def test_delivered_but_unacknowledged_batch_is_resent_with_same_ids(
     assert_exactly_once_in_effect(con, collector)
 
 
+def test_a_track_handed_out_before_a_stop_goes_again_as_it_went_then(
+    con, collector, settings
+) -> None:
+    """Segment took the batches and never answered, so the run ended with them pending. By the
+    next run their outbox rows changed (an object's later state: a dispute's status, a next
+    billing date). They go again under the same messageId with the content of the first copy."""
+    add_events(con, 100)
+    collector.drop_after_receive(times=6)  # 2 batches of 50, each tried 1 + max_retries times
+    first = emit(con, settings, "run-1", events_since=T0)
+    assert first.tracks_sent == 0 and first.pending == 100 and first.failed
+    assert len(set(track_ids(collector))) == 100  # Segment holds them all
+    con.execute(
+        "UPDATE analytics.track_outbox SET properties = json_merge_patch(properties, "
+        """'{"dispute_status": "dispute_won"}')"""
+    )
+    second = emit(con, settings, "run-2", events_since=T0)
+    assert (second.tracks_sent, second.pending, second.failed) == (100, 0, False)
+    assert_exactly_once_in_effect(con, collector)  # every repeat identical to its first copy
+    assert not any("dispute_status" in m["properties"] for m in collector.tracks())
+    left = con.execute("SELECT count(*) FROM segment_sync.tracks_in_flight").fetchone()
+    assert left == (0,)
+    # a later change of a delivered event is not sent at all (the ledger has it)
+    third = emit(con, settings, "run-3", events_since=T0)
+    assert third.tracks_sent == 0
+
+
 def test_outage_fails_in_bounded_time_then_next_run_delivers(con, collector, settings) -> None:
     add_events(con, 400)
     collector.outage(True)

@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import duckdb
+import orjson
 
 from pipelines.emit import accounts, ledger
 from pipelines.emit.ledger import ensure_sync_schema
@@ -242,8 +243,10 @@ def emit(
 
     def tracks() -> Iterator[Outgoing]:
         rows = ledger.iter_tracks(con, since)
-        return track_messages(rows, settings.excluded_fields, rejects, plan)
+        built = track_messages(rows, settings.excluded_fields, rejects, plan)
+        return as_first_sent(con, run_id, built, settings.excluded_fields, plan, in_flight > 0)
 
+    in_flight = ledger.prune_journal(con)
     # Nothing undelivered (the usual no-change run): skip the second pass over the outbox.
     pending_tracks = tracks if track_total else None
     result = _send(
@@ -252,6 +255,55 @@ def emit(
     if not result.failed:
         accounts.record_user_ids(con, run_id, keep_changed=settings.alias)
     return result
+
+
+JOURNAL_CHUNK = 1000
+"""Tracks written down per statement before the client gets them."""
+
+
+def as_first_sent(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    tracks: Iterator[Outgoing],
+    excluded: tuple[str, ...] = (),
+    plan: PlanValidator | None = None,
+    replay: bool = True,
+) -> Iterator[Outgoing]:
+    """Write each track down (`segment_sync.tracks_in_flight`) before the client gets it, and
+    send one that an earlier run handed out (then stopped before its ledger write) as it went
+    then: a repeat under the same messageId carries the same content, not the object's later
+    state (a subscription's next billing date, a dispute's status). Today's excluded fields
+    still apply to it, and a first copy today's tracking plan refuses gives way to the one built
+    now. Rows go when Segment acknowledges or rejects the track. `replay=False`: nothing was
+    written down before this run (the usual case): no look-up."""
+    while chunk := list(itertools.islice(tracks, JOURNAL_CHUNK)):
+        earlier = ledger.journal_tracks(
+            con, run_id, [(out.key, orjson.dumps(out.call).decode()) for out in chunk], replay
+        )
+        for out in chunk:
+            if out.key in earlier:
+                out.call = _call_from_json(earlier[out.key], out.call, excluded, plan)
+            yield out
+
+
+def _call_from_json(
+    text: str, built: dict[str, Any], excluded: tuple[str, ...], plan: PlanValidator | None
+) -> dict[str, Any]:
+    """A written-down call as the client takes it (timestamp a datetime again); the call built
+    now when it cannot be read back (e.g. `forget` scrubbed it) or breaks today's plan."""
+    try:
+        call = orjson.loads(text)
+        call["timestamp"] = datetime.fromisoformat(call["timestamp"])
+        properties = call["properties"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return built
+    if call.get("message_id") != built.get("message_id") or type(properties) is not dict:
+        return built
+    for key in excluded:
+        properties.pop(key, None)
+    if plan is not None and plan.track(call.get("event"), properties):
+        return built
+    return call
 
 
 def _first_phase(

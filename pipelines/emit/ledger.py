@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -24,6 +25,12 @@ _SCHEMA = (
         sent_at TIMESTAMPTZ NOT NULL,
         run_id VARCHAR NOT NULL,
         outbox_hash VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS segment_sync.tracks_in_flight (
+        event_id VARCHAR PRIMARY KEY,
+        call VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        journaled_at TIMESTAMPTZ NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS segment_sync.rejected_messages (
         message_id VARCHAR,
@@ -247,8 +254,67 @@ def rejected_identify_ids(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in rows if r[0] is not None}
 
 
+def journal_tracks(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    calls: Sequence[tuple[str, str]],
+    look_up: bool = True,
+) -> dict[str, str]:
+    """Write down tracks before the client gets them: (event_id, call as JSON). A track already
+    written down was handed out by an earlier run that stopped before its ledger write (Segment
+    may hold it): that first call is kept and, `look_up`, returned ({event_id: call_json}) to go
+    out again as it went then."""
+    if not calls:
+        return {}
+    batch = pa.table(
+        {
+            "event_id": pa.array([c[0] for c in calls], pa.string()),
+            "call": pa.array([c[1] for c in calls], pa.string()),
+        }
+    )
+    cur = con.cursor()
+    cur.register("journal_batch", batch)
+    try:
+        earlier = []
+        if look_up:
+            earlier = cur.execute(
+                """SELECT j.event_id, j.call FROM segment_sync.tracks_in_flight j
+                   WHERE j.event_id IN (SELECT event_id FROM journal_batch)"""
+            ).fetchall()
+        cur.execute(
+            """INSERT INTO segment_sync.tracks_in_flight
+               SELECT event_id, call, $run_id, current_timestamp FROM journal_batch
+               ON CONFLICT DO NOTHING""",
+            {"run_id": run_id},
+        )
+    finally:
+        cur.unregister("journal_batch")
+    return dict(earlier)
+
+
+def prune_journal(con: duckdb.DuckDBPyConnection) -> int:
+    """Drop written-down tracks that no run will send again: delivered (a run stopped between
+    its two writes), or gone from the outbox. Reads the outbox only when any are there; returns
+    how many are left to send again."""
+    cur = con.cursor()
+    count = "SELECT count(*) FROM segment_sync.tracks_in_flight"
+    left = cur.execute(count).fetchone()
+    if not left or not left[0]:
+        return 0
+    cur.execute(
+        """DELETE FROM segment_sync.tracks_in_flight j
+           WHERE j.event_id IN (SELECT event_id FROM segment_sync.delivered_events
+                                WHERE status = 'delivered')
+              OR j.event_id NOT IN (SELECT event_id FROM analytics.track_outbox
+                                    WHERE event_id IS NOT NULL)"""
+    )
+    left = cur.execute(count).fetchone()
+    return int(left[0]) if left else 0
+
+
 def mark_delivered(con: duckdb.DuckDBPyConnection, run_id: str, event_ids: Sequence[str]) -> None:
-    """Record tracks Segment accepted (one statement; skipped rows become delivered)."""
+    """Record tracks Segment accepted (skipped rows become delivered) and drop them from the
+    tracks in flight, in one transaction."""
     if not event_ids:
         return
     batch = pa.table({"event_id": list(dict.fromkeys(event_ids))})
@@ -261,6 +327,8 @@ def mark_delivered(con: duckdb.DuckDBPyConnection, run_id: str, event_ids: Seque
         """INSERT OR REPLACE INTO segment_sync.delivered_events
            SELECT event_id, $run_id, 'delivered', current_timestamp FROM delivered_batch""",
         {"run_id": run_id},
+        """DELETE FROM segment_sync.tracks_in_flight
+           WHERE event_id IN (SELECT event_id FROM delivered_batch)""",
     )
 
 
@@ -319,17 +387,36 @@ def record_rejected(
            SELECT message_id, kind, user_id, reason, payload::JSON, current_timestamp, $run_id
            FROM rejected_batch""",
         {"run_id": run_id},
+        """DELETE FROM segment_sync.tracks_in_flight
+           WHERE event_id IN (SELECT message_id FROM rejected_batch WHERE kind = 'track')""",
     )
 
 
 def _insert_from(
-    con: duckdb.DuckDBPyConnection, name: str, batch: pa.Table, sql: str, params: dict[str, Any]
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    batch: pa.Table,
+    sql: str,
+    params: dict[str, Any],
+    then: str | None = None,
 ) -> None:
-    """Run one INSERT ... SELECT over an Arrow table registered under `name`."""
+    """Run one INSERT ... SELECT over an Arrow table registered under `name`, and `then` (a
+    statement over the same table) in the same transaction."""
     cur = con.cursor()
     cur.register(name, batch)
     try:
-        cur.execute(sql, params)
+        if then is None:
+            cur.execute(sql, params)
+            return
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            cur.execute(sql, params)
+            cur.execute(then)
+            cur.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):  # a full disk may refuse that too
+                cur.execute("ROLLBACK")
+            raise
     finally:
         cur.unregister(name)
 
