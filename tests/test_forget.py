@@ -152,6 +152,13 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forgotten]:
             assert first.returncode in (0, 3), first.stderr
             person = _pick_person(sandbox.db)
             assert sandbox.db and Path(sandbox.db).read_bytes().count(person.email.encode())
+            # a track a stopped run handed out, written down with the customer's email
+            with duckdb.connect(sandbox.db) as con:
+                con.execute(
+                    "insert into segment_sync.tracks_in_flight values (?, ?, 'run-x', now())",
+                    ["evt_x", json.dumps({"message_id": "evt_x", "properties": {
+                        "customer_email": person.email, "customer_name": person.name}})],
+                )  # fmt: skip
             before_sha = _sha(sandbox.db)
             before = _outboxes(sandbox.db, person.customer_id)
             # what an older release left beside the warehouse: a completed load package
