@@ -217,6 +217,7 @@ REVIEWED_INTERPOLATIONS = {
         "in_touched('owner')",
         "predicate.format(days=days)",
         "changed",  # touched.CHANGED, a temp table's name
+        "kind",  # "view" or "table" (a day scope's)
         "objects.format('payment_id')",  # a fixed clause with a column name
         "objects.format('refund_id')",
         "owners",  # touched.OWNERS_TABLE

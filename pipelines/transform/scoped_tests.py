@@ -40,14 +40,15 @@ def track_outbox_sql(sqls: dict[str, str], inputs: dict[str, str]) -> str:
     return delta.rewrite_references(sqls[TRACK_OUTBOX], relations)
 
 
-def refresh_track_inputs(con: duckdb.DuckDBPyConnection) -> None:
+def refresh_track_inputs(con: duckdb.DuckDBPyConnection, empty: bool = False) -> None:
     """Keep the touched customers' rows of the track outbox's keyed inputs (temp tables the
-    view `delta_test_track_outbox` reads): once those models are built, and again whenever
-    more customers are touched."""
+    view `delta_test_track_outbox` reads) before that view is read, once those models are
+    built or more customers are touched since (`empty`: the tables only, no rows yet)."""
     for name in TRACK_INPUTS:
+        where = "false" if empty else in_touched("customer_id")
         con.execute(
             f"create or replace temp table delta_track_{name} as "
-            f"select * from {SCHEMA}.{name} where {in_touched('customer_id')}"
+            f"select * from {SCHEMA}.{name} where {where}"
         )
 
 
@@ -58,7 +59,7 @@ def scopes_for_tests(
     user), as temp views of the touched keys' rows; the track outbox's by its customer, from
     the touched customers' rows of its inputs (`refresh_track_inputs`)."""
     if {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
-        refresh_track_inputs(con)
+        refresh_track_inputs(con, empty=True)  # filled when first read
         inputs = {name: f"delta_track_{name}" for name in TRACK_INPUTS}
         query = track_outbox_sql(sqls, inputs)
     else:  # a model set without the product's outboxes: the view as it is, filtered

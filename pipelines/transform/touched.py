@@ -102,15 +102,20 @@ _IDS = "delta_ids_"
 (`set_ids`), a constant the scan of the staging view filters by before computing its columns."""
 
 
-def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
-    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
-    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
-    disputes): the owners' lookups read those by constant filters."""
+def set_entity_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`."""
     found = dict(
         con.execute(f"select tbl, list(distinct id) from {relation} group by tbl").fetchall()
     )
     for table in ENTITY_KEYS:
         con.execute(f"set variable {_IDS}{table} = ?::varchar[]", [found.get(table) or []])
+
+
+def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
+    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
+    disputes): the owners' lookups read those by constant filters."""
+    set_entity_ids(con, relation)
     rel = _filtered_relations(True)
     a = SCHEMA
     referenced = (  # in order: the payments' keys read the refunds' and disputes'
