@@ -592,6 +592,13 @@ class _DeltaBuilder:
         self.track_stale = True
         """The touched rows of the track outbox's inputs must be read again before the track
         outbox's scope is (an input was rebuilt, or more customers were touched, since)."""
+        self.builds: dict[str, int] = {}
+        """How many times each model was built in this build (0 or 1; a kept scope's age)."""
+        self.kept_now: dict[str, tuple[int, int, int]] = {}
+        self.kept_before: dict[str, tuple[int, int]] = {}
+        """The keyed models' touched rows kept for the scoped tests, now and before the build:
+        the touched customers and users (counts: both sets only grow) and the model's builds
+        they were read at."""
 
     def _track_scope(self) -> str:
         """The touched customers' track outbox rows (a relation), as the tables are now."""
@@ -600,16 +607,35 @@ class _DeltaBuilder:
         self.track_stale = False
         return self.test_scopes[scoped_tests.TRACK_OUTBOX]
 
+    def _keep_scopes(self, names: set[str]) -> None:
+        """Keep the touched keys' rows of the relations a scoped test reads, unless kept since
+        the model was last built and the touched keys last grew."""
+        if scoped_tests.TRACK_OUTBOX in names:
+            self._track_scope()
+        row = self.con.execute(
+            f"select (select count(*) from {touched.TOUCHED}), "
+            f"(select count(*) from {previous.TOUCHED_USERS})"
+        ).fetchone()
+        keys = (int(row[0]), int(row[1])) if row else (0, 0)
+        for name in sorted(names & self.keyed.keys()):
+            now = (*keys, self.builds.get(name, 0))
+            if self.kept_now.get(name) == now and self.kept_before.get(name) == keys:
+                continue
+            scoped_tests.keep_touched_rows(
+                self.con, self.last_build, name, self.keyed[name],
+                now=self.kept_now.get(name) != now, before=self.kept_before.get(name) != keys,
+            )  # fmt: skip
+            self.kept_now[name], self.kept_before[name] = now, keys
+
     def run_test(self, test: DataTest, run_at: datetime) -> DataTestResult | None:
         """A data test over the touched keys' rows (None: it reads whole tables)."""
         keyed = {n: k for n, k in self.keyed.items() if n not in self.built_whole}
         if scoped_tests.TRACK_OUTBOX in self.full:
             return None
-        if scoped_tests.TRACK_OUTBOX in delta.referenced(test.sql):
-            self._track_scope()
         return scoped_tests.run_scoped(
-            self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls
-        )
+            self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls,
+            prepare=self._keep_scopes,
+        )  # fmt: skip
 
     def _widened(self, before: int) -> None:
         """More customers were touched: their user ids too, and narrow the inputs again."""
@@ -636,6 +662,7 @@ class _DeltaBuilder:
             delta.touch_quarantine_changes(con)
             self._widened(before)
         forced = any(dep in self.full for dep in model.depends_on)
+        self.builds[model.name] = self.builds.get(model.name, 0) + 1
         if model.name in previous.TRACK_INPUTS:
             self.track_stale = True
         if model.materialized == "view":

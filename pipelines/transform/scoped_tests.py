@@ -13,6 +13,7 @@ A test's sample (the rows listed in the result) holds the touched keys' offendin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -66,33 +67,69 @@ def scopes_for_tests(
         query = f"select * from {SCHEMA}.{TRACK_OUTBOX} where {in_touched('customer_id')}"
     con.execute(f"create or replace temp view delta_test_{TRACK_OUTBOX} as {query}")
     scopes = {TRACK_OUTBOX: f"delta_test_{TRACK_OUTBOX}"}
-    for name, grain in keyed.items():
+    for name in keyed:  # filled by `keep_touched_rows` when a test first reads them
         con.execute(
-            f"create or replace temp view delta_test_{name} as select * from {SCHEMA}.{name} "
-            f"where {delta.key_predicate(grain, delta.key_column(grain))}"
+            f"create or replace temp table delta_test_{name} as "
+            f"select * from {SCHEMA}.{name} where false"
         )
         scopes[name] = f"delta_test_{name}"
     return scopes
 
 
-def _previous_scopes(
-    names: set[str], keyed: dict[str, str], sqls: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The same relations over the previous state, by the touched keys passed as parameters
-    (the track outbox from its inputs' rows of the touched customers, given `sqls`)."""
+_IN_TOUCHED = "(customer_id in (select unnest($ids::varchar[])) or (customer_id is null and $null))"
+"""SQL over the previous state: the row's customer is touched (parameters `$ids`, `$null`)."""
+
+
+def keep_touched_rows(
+    con: duckdb.DuckDBPyConnection,
+    previous: PreviousState,
+    name: str,
+    grain: str,
+    now: bool = True,
+    before: bool = True,
+) -> None:
+    """Keep the touched keys' rows of the keyed model `name` (`grain`: customer or user) for
+    the scoped tests that read it, each test then reading a few rows rather than scanning the
+    table: as they are `now` (temp table `delta_test_<name>`) and as the last build left them
+    (`before`: `delta_test_old_<name>`, on the previous state's connection)."""
+    if now:
+        con.execute(
+            f"create or replace temp table delta_test_{name} as select * from {SCHEMA}.{name} "
+            f"where {delta.key_predicate(grain, delta.key_column(grain))}"
+        )
+    if not before:
+        return
+    if grain == "user":
+        users = [r[0] for r in con.execute(f"select user_id from {TOUCHED_USERS}").fetchall()]
+        where, params = "user_id in (select unnest($users::varchar[]))", {"users": users}
+    else:
+        rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
+        where = _IN_TOUCHED
+        params = {
+            "ids": [r[0] for r in rows if r[0] is not None],
+            "null": any(r[0] is None for r in rows),
+        }
+    previous.cursor.execute(
+        f"create or replace temp table delta_test_old_{name} as "
+        f"select * from {SCHEMA}.{name} where {where}",
+        params,
+    )
+
+
+def _previous_scopes(names: set[str], sqls: dict[str, str] | None = None) -> dict[str, str]:
+    """The same relations over the previous state: the keyed models' rows `keep_touched_rows`
+    kept; the track outbox from its inputs' rows of the touched customers (parameter `$ids`),
+    given `sqls`, else by its customer."""
     scopes = {}
     for name in names:
         if name == TRACK_OUTBOX and sqls and {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
             ids = "customer_id in (select unnest($ids::varchar[]))"
             inputs = {n: f"(select * from {SCHEMA}.{n} where {ids})" for n in TRACK_INPUTS}
             scopes[name] = f"(\n{track_outbox_sql(sqls, inputs)}\n)"
-            continue
-        grain = keyed.get(name, "customer")  # the track outbox: by customer
-        if grain == "user":
-            where = "user_id in (select unnest($users::varchar[]))"
+        elif name == TRACK_OUTBOX:
+            scopes[name] = f"(select * from {SCHEMA}.{name} where {_IN_TOUCHED})"
         else:
-            where = "(customer_id in (select unnest($ids::varchar[])) or (customer_id is null and $null))"
-        scopes[name] = f"(select * from {SCHEMA}.{name} where {where})"
+            scopes[name] = f"delta_test_old_{name}"
     return scopes
 
 
@@ -104,9 +141,11 @@ def run_scoped(
     keyed: dict[str, str],
     scopes: dict[str, str],
     sqls: dict[str, str] | None = None,
+    prepare: Callable[[set[str]], None] | None = None,
 ) -> DataTestResult | None:
     """Run `test` over the touched keys' rows and update the last build's outcome; None when
-    it cannot be (an input that is not keyed, or no outcome of it in the last build)."""
+    it cannot be (an input that is not keyed, or no outcome of it in the last build).
+    `prepare(names)` keeps the touched rows of the relations it reads (`keep_touched_rows`)."""
     inputs = delta.referenced(test.sql)
     if not inputs or not inputs <= (set(keyed) | {TRACK_OUTBOX} | CONSTANT_INPUTS):
         return None
@@ -117,8 +156,10 @@ def run_scoped(
         return None
     old_total = totals[0]
     scoped = inputs - CONSTANT_INPUTS
+    if prepare is not None:
+        prepare(scoped)
     new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
-    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, keyed, sqls))
+    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, sqls))
     params: dict[str, Any] = {}
     rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
     if "$ids" in old_sql:
