@@ -268,6 +268,7 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/touched.py": {
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
         "_in_pairs('delta_refresh')",
+        "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",
         "compare",

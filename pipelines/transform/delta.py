@@ -275,6 +275,14 @@ def _fill_every(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"create or replace temp table delta_every_{kind}({column}) as {body}")
 
 
+_SCOPE_KEYS = {
+    "stg_payments": "payment_id",
+    "stg_subscriptions": "subscription_id",
+    "stg_disputes": "dispute_id",
+}
+"""The scoped relations `in_scope` predicates read (by this key), as session variables."""
+
+
 def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
     """(Re)materialize the narrowed staging relations for the current touched customers."""
     _fill_every(con)
@@ -283,12 +291,15 @@ def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
             f"create or replace temp table {_SCOPE}{name} as "
             f"select * from {SCHEMA}.{name} where {predicate}"
         )
+        if name in _SCOPE_KEYS:
+            touched.sync_scope_ids(con, f"{_SCOPE}{name}", _SCOPE_KEYS[name])
         if name == "stg_disputes":  # the objects come before the ledger that reads them
             con.execute(
                 f"create or replace temp table {_SCOPE_OBJECTS} as "
                 f"select payment_id as object_id from {_SCOPE}stg_payments "
                 f"union all select refund_id from {_SCOPE}stg_refunds"
             )
+            touched.sync_scope_ids(con, _SCOPE_OBJECTS, "object_id")
 
 
 def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:

@@ -87,11 +87,27 @@ def sync_touched(con: duckdb.DuckDBPyConnection) -> None:
     sync_key_list(con, TOUCHED, "customer_id", TOUCHED_IDS, TOUCHED_NULL)
 
 
+def scope_ids(scoped: str, column: str) -> str:
+    """The session variable holding the ids of column `column` of the scoped relation."""
+    return f"{scoped}_{column}s"
+
+
+def sync_scope_ids(con: duckdb.DuckDBPyConnection, scoped: str, column: str) -> None:
+    """Copy the ids of a scoped relation into the session variable `in_scope` reads (after
+    each time the relation is filled)."""
+    con.execute(
+        f"set variable {scope_ids(scoped, column)} = (select coalesce(list({column}), "
+        f"[]::varchar[]) from {scoped} where {column} is not null)"
+    )
+
+
 def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
-    """SQL: `expr` is an id of the scoped relation, or (when NULL is touched) an id unknown to
-    the whole relation `every` (an orphan reaches no customer: its owner is NULL)."""
+    """SQL: `expr` is an id of the scoped relation (its ids in a session variable,
+    `sync_scope_ids`: a constant filter the scan applies, where a semi-join on the relation
+    read every column of every row first), or (when NULL is touched) an id unknown to the
+    whole relation `every` (an orphan reaches no customer: its owner is NULL)."""
     return (
-        f"({expr} in (select {column} from {scoped} where {column} is not null)"
+        f"(list_contains(getvariable('{scope_ids(scoped, column)}'), {expr})"
         f" or (getvariable('{TOUCHED_NULL}') and ({expr} is null"
         f" or {expr} not in (select {column} from {every} where {column} is not null))))"
     )
