@@ -114,7 +114,9 @@ def _touch_share(db: Path, share: float) -> None:
         )
 
 
-def bench_size(payments: int, shares: list[float], work: Path, seed: int) -> dict[str, Any]:
+def bench_size(
+    payments: int, shares: list[float], work: Path, seed: int, keep: Path | None = None
+) -> dict[str, Any]:
     """Every figure of one history size."""
     from pipelines.config import load_config
     from pipelines.extract import run_extract
@@ -165,7 +167,12 @@ def bench_size(payments: int, shares: list[float], work: Path, seed: int) -> dic
                 run_job_probe(env(full_run, MODELS__INCREMENTAL="false"), REPO)
             )
             full_run.unlink()
+            kept = keep / f"pre_delta_{payments}.duckdb" if keep else None
+            if kept:
+                shutil.copyfile(db, kept)
             figures["delta_run"] = _run_figures(run_job_probe(env(db), REPO))
+            if kept:  # the delta's raw rows loaded, models not built: for `probe --mode delta`
+                run_job_probe(env(kept), REPO, "--extract-only")
     finally:
         stop(collector)
     figures["crossover"] = []
@@ -233,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="100k,1m")
     parser.add_argument("--shares", default="0.01,0.03,0.05,0.1")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--keep", type=Path, default=None,
+        help="save each size's warehouse with the delta's raw rows loaded, models not built "
+        "(for `probe --mode delta` on a copy)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "delta_results.json")
     args = parser.parse_args(argv)
     if args.what == "probe":
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="dodo-delta-bench-") as work:
         for size in args.sizes.split(","):
-            results.append(bench_size(parse_size(size), shares, Path(work), args.seed))
+            results.append(bench_size(parse_size(size), shares, Path(work), args.seed, args.keep))
             print_table(results[-1:])
             args.out.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)

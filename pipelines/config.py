@@ -19,7 +19,13 @@ DEFAULT_SEGMENT_PUBLIC_API_HOST = "https://api.segmentapis.com"
 DEFAULT_MEMORY_LIMIT = "1GB"
 """DuckDB's memory for the models and the emitter: the 1M-payment build peaks at ~850 MB of RSS
 under it (~1.1 GB without a limit) in the same time; bigger builds spill to disk instead."""
-_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+DEFAULT_DELTA_MEMORY_LIMIT = "256MB"
+"""DuckDB's memory for a delta build of the models (never above `memory_limit`): the 1M-payment
+delta build alone peaks at ~390 MB of RSS under it, ~965 MB under 1GB (its buffer pool fills with
+the blocks its scans read), ~10% slower (docs/models.md); a full build keeps `memory_limit`."""
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 # Contract variables (README "Configuration"): env name -> dlt config/secrets path.
 ENV_TO_DLT: dict[str, str] = {
@@ -213,6 +219,9 @@ class AppConfig:
     memory_limit: str | None = DEFAULT_MEMORY_LIMIT
     """DuckDB's memory_limit while the models build and the emitter reads (None: DuckDB's own
     default, 80% of RAM)."""
+    delta_memory_limit: str | None = DEFAULT_DELTA_MEMORY_LIMIT
+    """DuckDB's memory_limit while a delta build of the models runs (None: `memory_limit`);
+    never above `memory_limit`."""
     skip_unchanged_models: bool = True
     """Keep the last clean build of the models when a rebuild would give the same tables (same
     raw data, SQL and catalog; no month, trial or paid period ended since). False: always
@@ -316,14 +325,31 @@ def _datetime(path: str, flags: Mapping[str, Any] | None, default: str) -> datet
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _memory_limit(flags: Mapping[str, Any] | None) -> str | None:
-    value = str(lookup("warehouse.memory_limit", flags, DEFAULT_MEMORY_LIMIT)).strip()
+def _memory_limit(
+    flags: Mapping[str, Any] | None,
+    path: str = "warehouse.memory_limit",
+    default: str = DEFAULT_MEMORY_LIMIT,
+) -> str | None:
+    value = str(lookup(path, flags, default)).strip()
     if value.lower() in ("", "none", "default"):
         return None
     if not _MEMORY.match(value):
-        raise ConfigError(
-            f"warehouse.memory_limit must be a size such as 1GB or 800MB (or none), got {value!r}"
-        )
+        raise ConfigError(f"{path} must be a size such as 1GB or 800MB (or none), got {value!r}")
+    return value
+
+
+def _size_bytes(size: str) -> float:
+    """Bytes of a size `_MEMORY` matched ("800MB" -> 8e8)."""
+    match = _MEMORY.match(size)
+    assert match is not None
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _delta_memory_limit(flags: Mapping[str, Any] | None, memory_limit: str | None) -> str | None:
+    """`[warehouse] delta_memory_limit`, never above `memory_limit` (None: that one)."""
+    value = _memory_limit(flags, "warehouse.delta_memory_limit", DEFAULT_DELTA_MEMORY_LIMIT)
+    if value is None or (memory_limit and _size_bytes(memory_limit) <= _size_bytes(value)):
+        return memory_limit
     return value
 
 
@@ -420,11 +446,13 @@ def load_config(flags: Mapping[str, Any] | None = None) -> AppConfig:
         tracking_plan_path=_tracking_plan_path(flags),
     )
     warehouse = str(lookup("warehouse.path", flags, DEFAULT_WAREHOUSE))
+    memory_limit = _memory_limit(flags)
     return AppConfig(
         warehouse_path=warehouse,
         extract=extract,
         segment=segment,
-        memory_limit=_memory_limit(flags),
+        memory_limit=memory_limit,
+        delta_memory_limit=_delta_memory_limit(flags, memory_limit),
         skip_unchanged_models=_flag("models.skip_unchanged", flags, True),
         incremental_models=_flag("models.incremental", flags, True),
         models=models_config(flags),

@@ -426,6 +426,7 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             identity=user.identity,
             on_model=lambda name, done, total: progress("build", done, total, note=name),
             incremental=_incremental(config, options),
+            delta_memory_limit=config.delta_memory_limit,
         )
     report.models_seconds = time.monotonic() - t0
     report.models_first_build = result.build == "full" and result.build_reason == "first build"

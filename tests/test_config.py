@@ -20,7 +20,7 @@ print(json.dumps({
     "environment": c.extract.environment, "base_url": c.extract.base_url,
     "warehouse": c.warehouse_path, "host": c.segment.host,
     "write_key_len": len(c.segment.write_key), "lookback": c.extract.lookback_days,
-    "memory_limit": c.memory_limit,
+    "memory_limit": c.memory_limit, "delta_memory_limit": c.delta_memory_limit,
     "repr": repr(c),
 }))
 """
@@ -56,6 +56,7 @@ def test_defaults_without_any_configuration(tmp_path: Path) -> None:
     assert found["host"] == "https://api.segment.io"
     assert found["lookback"] == 3
     assert found["memory_limit"] == "1GB"
+    assert found["delta_memory_limit"] == "256MB"
     assert not found["api_key_set"]
 
 
@@ -70,6 +71,7 @@ def test_dlt_files_are_read(tmp_path: Path) -> None:
     assert found["warehouse"] == "from_file.duckdb"
     assert found["lookback"] == 5
     assert found["memory_limit"] == "800MB"
+    assert found["delta_memory_limit"] == "256MB"
     assert "file_api_key_123" not in found["repr"] and "file_write_key" not in found["repr"]
 
 
@@ -87,4 +89,9 @@ def test_environment_beats_files_and_flags_beat_environment(tmp_path: Path) -> N
     assert found["warehouse"] == "from_env.duckdb"
     assert found["host"] == "http://127.0.0.1:10"
     assert probe(tmp_path, {**env, "WAREHOUSE__MEMORY_LIMIT": "none"})["memory_limit"] is None
+    # a delta build's limit: its own, never above memory_limit; "none": memory_limit's
+    limits = {"WAREHOUSE__MEMORY_LIMIT": "200MB", "WAREHOUSE__DELTA_MEMORY_LIMIT": "300MB"}
+    assert probe(tmp_path, {**env, **limits})["delta_memory_limit"] == "200MB"
+    limits = {"WAREHOUSE__DELTA_MEMORY_LIMIT": "none"}
+    assert probe(tmp_path, {**env, **limits})["delta_memory_limit"] == "800MB"
     assert probe(tmp_path, env, flag_db="from_flag.duckdb")["warehouse"] == "from_flag.duckdb"

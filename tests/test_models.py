@@ -478,6 +478,30 @@ def test_models_build_the_same_tables_under_the_job_memory_limit(fresh, tmp_path
     assert limited == unlimited and len(limited) == EXPECTED["track_outbox_rows"]
 
 
+def test_a_delta_build_runs_under_its_own_memory_limit_and_restores_the_configured_one(
+    fresh,
+) -> None:
+    fresh.execute("set memory_limit = '1GB'")
+    restored = ("953.6 MiB", "953.5 MiB")  # restored as DuckDB renders it, to 0.1 MiB
+    assert run_models(fresh, incremental=True, delta_memory_limit="64MB").build == "full"
+    assert fresh.execute("select current_setting('memory_limit')").fetchone()[0] in restored
+    fresh.execute(
+        "update dodo_raw.payments set total_amount = 999, "
+        "_synced_at = _synced_at + interval 1 hour where payment_id = 'pay_r1'"
+    )
+    seen: set[str] = set()
+    observer = fresh.cursor()  # the limit is the database's, whichever connection reads it
+
+    def limit(*_: object) -> None:
+        seen.add(observer.execute("select current_setting('memory_limit')").fetchone()[0])
+
+    result = run_models(
+        fresh, incremental=True, crossover=1.0, delta_memory_limit="64MB", on_model=limit
+    )
+    assert result.build == "delta" and seen == {"61.0 MiB"}
+    assert fresh.execute("select current_setting('memory_limit')").fetchone()[0] in restored
+
+
 # --- Dodo API 1.123 (issue 13): the second hand-worked warehouse --------------------------------
 
 

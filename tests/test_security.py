@@ -213,6 +213,7 @@ REVIEWED_INTERPOLATIONS = {
         "in_touched('owner')",
         "predicate.format(days=days)",
         "changed",  # touched.CHANGED, a temp table's name
+        "kind",  # "view" or "table" (a day scope's)
         "objects.format('payment_id')",  # a fixed clause with a column name
         "objects.format('refund_id')",
         "owners",  # touched.OWNERS_TABLE
@@ -263,6 +264,7 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/touched.py": {
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
         "_in_pairs('delta_refresh')",
+        "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",
         "compare",

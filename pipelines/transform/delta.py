@@ -275,6 +275,14 @@ def _fill_every(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"create or replace temp table delta_every_{kind}({column}) as {body}")
 
 
+_SCOPE_KEYS = {
+    "stg_payments": "payment_id",
+    "stg_subscriptions": "subscription_id",
+    "stg_disputes": "dispute_id",
+}
+"""The scoped relations `in_scope` predicates read (by this key), as session variables."""
+
+
 def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
     """(Re)materialize the narrowed staging relations for the current touched customers."""
     _fill_every(con)
@@ -283,12 +291,15 @@ def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
             f"create or replace temp table {_SCOPE}{name} as "
             f"select * from {SCHEMA}.{name} where {predicate}"
         )
+        if name in _SCOPE_KEYS:
+            touched.sync_scope_ids(con, f"{_SCOPE}{name}", _SCOPE_KEYS[name])
         if name == "stg_disputes":  # the objects come before the ledger that reads them
             con.execute(
                 f"create or replace temp table {_SCOPE_OBJECTS} as "
                 f"select payment_id as object_id from {_SCOPE}stg_payments "
                 f"union all select refund_id from {_SCOPE}stg_refunds"
             )
+            touched.sync_scope_ids(con, _SCOPE_OBJECTS, "object_id")
 
 
 def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:
@@ -389,16 +400,18 @@ def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
             (select * from delta_old_rates except select * from ({_RATES}))
         )"""
     )
-    touched.add_touched(
-        con,
-        f"""select customer_id from {SCHEMA}.stg_payments
-            where status = 'succeeded'
-              and currency in (select currency from delta_moved_rates)
-              and payment_id not in (
-                  select object_id from {SCHEMA}.int_ledger_by_object
-                  where payment_usd_cents is not null and object_id is not null
-              )""",
-    )
+    moved = con.execute("select count(*) from delta_moved_rates").fetchone()
+    if moved and moved[0]:  # usually none moved: no scan of every payment then
+        touched.add_touched(
+            con,
+            f"""select customer_id from {SCHEMA}.stg_payments
+                where status = 'succeeded'
+                  and currency in (select currency from delta_moved_rates)
+                  and payment_id not in (
+                      select object_id from {SCHEMA}.int_ledger_by_object
+                      where payment_usd_cents is not null and object_id is not null
+                  )""",
+        )
     touched.close_over_subscriptions(con)
 
 
@@ -471,6 +484,12 @@ and payments made on them, the payments those refunds are of (their currency and
 the ledger sums of all of these (in order: a later one reads the earlier ones)."""
 
 
+_DAY_VIEWS = frozenset({"stg_payments"})
+"""Day scopes read through a view, not copied: the day of a payment is known only once its
+row is read, so a copy reads every column of every payment (out of the buffer pool under a
+low `memory_limit`), while the readers need a few columns of them."""
+
+
 def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     """Rebuild a `day` grain model's rows of the days whose sums may have moved: the days the
     changed payments and refunds count on, now and at the last build (the snapshot's owners,
@@ -478,7 +497,7 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     are theirs), and those of the payments and refunds a changed ledger entry references, or
     referenced. Every other day's payments, refunds and ledger sums are as they were."""
     owners, changed = touched.OWNERS_TABLE, touched.CHANGED
-    touched.set_ids(con, changed)
+    touched.set_entity_ids(con, changed)  # (the keys they reference are not read here)
     con.execute(
         f"""create or replace temp table delta_day_objects as
         with changed_payments as (select id from {changed} where tbl = 'payments')
@@ -511,8 +530,9 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     days = in_touched_days(_DAY)
     scopes: dict[str, str] = {}
     for name, predicate in _DAY_SCOPES:
+        kind = "view" if name in _DAY_VIEWS else "table"
         con.execute(
-            f"create or replace temp table {_SCOPE}day_{name} as select * from {SCHEMA}.{name} "
+            f"create or replace temp {kind} {_SCOPE}day_{name} as select * from {SCHEMA}.{name} "
             f"where {predicate.format(days=days)}"
         )
         scopes[name] = f"{_SCOPE}day_{name}"

@@ -284,6 +284,7 @@ def run_models(
     identity: IdentityConfig | None = None,
     incremental: bool = False,
     crossover: float = delta.CROSSOVER,
+    delta_memory_limit: str | None = None,
 ) -> TransformResult:
     """Build macros, models and data tests of `sql_dir` into `analytics`.
 
@@ -307,6 +308,8 @@ def run_models(
     (`pipelines.transform.delta`) when that is possible and cheaper, in one transaction, and
     snapshots the raw data for the next run; without it every build is full and the snapshot is
     dropped. Above `crossover` (the share of customers touched) a full build is chosen.
+    `delta_memory_limit` (e.g. "256MB"): DuckDB's memory_limit while a delta build plans and
+    runs; a full build runs under the connection's own (restored before it starts).
     """
     identity = identity or IdentityConfig()
     if event_catalog not in EVENT_CATALOGS:
@@ -348,9 +351,12 @@ def run_models(
     plan = delta.DeltaPlan(False, "not incremental")
     in_transaction = False
     last_build: previous.PreviousState | None = None
+    configured_limit: str | None = None
     try:
         ensure_raw_tables(con)
         if incremental:
+            if delta_memory_limit:
+                configured_limit = _lower_memory_limit(con, delta_memory_limit)
             delta_fingerprint = delta.config_fingerprint(
                 con,
                 _config_fingerprint(
@@ -382,6 +388,9 @@ def run_models(
                 last_build = None
                 con.execute("rollback")
                 in_transaction = False
+                if configured_limit is not None:  # a full build: the configured memory
+                    con.execute("set memory_limit = ?", [configured_limit])
+                    configured_limit = None
         if not plan.delta:
             delta.forget_state(con)
         # A build that stops half-way must never be mistaken for the last clean one.
@@ -451,10 +460,20 @@ def run_models(
             last_build.close()
         if in_transaction:
             con.execute("rollback")
+        if configured_limit is not None:
+            con.execute("set memory_limit = ?", [configured_limit])
         if previous_tz:
             con.execute("set TimeZone = ?", [previous_tz[0]])
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _lower_memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> str:
+    """Set DuckDB's memory_limit to `limit` for a delta build; return the one to restore (as
+    DuckDB prints it, e.g. "953.6 MiB": restoring it may round it by 0.1 MiB)."""
+    row = con.execute("select current_setting('memory_limit')").fetchone()
+    con.execute("set memory_limit = ?", [limit])
+    return str(row[0]) if row else limit
 
 
 BUILD_STATE_TABLE = f"{SCHEMA}._build_state"
@@ -570,8 +589,43 @@ class _DeltaBuilder:
             if name in self.by_name
         }
         self.test_scopes = scoped_tests.scopes_for_tests(con, self.keyed, self.track_sqls)
-        self.track_ready = False
-        """The track outbox's turn came: its inputs' touched rows are kept from then on."""
+        self.track_stale = True
+        """The touched rows of the track outbox's inputs must be read again before the track
+        outbox's scope is (an input was rebuilt, or more customers were touched, since)."""
+        self.builds: dict[str, int] = {}
+        """How many times each model was built in this build (0 or 1; a kept scope's age)."""
+        self.kept_now: dict[str, tuple[int, int, int]] = {}
+        self.kept_before: dict[str, tuple[int, int]] = {}
+        """The keyed models' touched rows kept for the scoped tests, now and before the build:
+        the touched customers and users (counts: both sets only grow) and the model's builds
+        they were read at."""
+
+    def _track_scope(self) -> str:
+        """The touched customers' track outbox rows (a relation), as the tables are now."""
+        if self.track_stale and len(self.track_sqls) == 2:
+            scoped_tests.refresh_track_inputs(self.con)
+        self.track_stale = False
+        return self.test_scopes[scoped_tests.TRACK_OUTBOX]
+
+    def _keep_scopes(self, names: set[str]) -> None:
+        """Keep the touched keys' rows of the relations a scoped test reads, unless kept since
+        the model was last built and the touched keys last grew."""
+        if scoped_tests.TRACK_OUTBOX in names:
+            self._track_scope()
+        row = self.con.execute(
+            f"select (select count(*) from {touched.TOUCHED}), "
+            f"(select count(*) from {previous.TOUCHED_USERS})"
+        ).fetchone()
+        keys = (int(row[0]), int(row[1])) if row else (0, 0)
+        for name in sorted(names & self.keyed.keys()):
+            now = (*keys, self.builds.get(name, 0))
+            if self.kept_now.get(name) == now and self.kept_before.get(name) == keys:
+                continue
+            scoped_tests.keep_touched_rows(
+                self.con, self.last_build, name, self.keyed[name],
+                now=self.kept_now.get(name) != now, before=self.kept_before.get(name) != keys,
+            )  # fmt: skip
+            self.kept_now[name], self.kept_before[name] = now, keys
 
     def run_test(self, test: DataTest, run_at: datetime) -> DataTestResult | None:
         """A data test over the touched keys' rows (None: it reads whole tables)."""
@@ -579,8 +633,9 @@ class _DeltaBuilder:
         if scoped_tests.TRACK_OUTBOX in self.full:
             return None
         return scoped_tests.run_scoped(
-            self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls
-        )
+            self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls,
+            prepare=self._keep_scopes,
+        )  # fmt: skip
 
     def _widened(self, before: int) -> None:
         """More customers were touched: their user ids too, and narrow the inputs again."""
@@ -588,8 +643,7 @@ class _DeltaBuilder:
             if self.users_resolved:
                 previous.touch_users(self.con, self.last_build)
             delta.refresh_scopes(self.con)
-            if self.track_ready:
-                scoped_tests.refresh_track_inputs(self.con)
+            self.track_stale = True
 
     def _has_keyed_readers(self, name: str) -> bool:
         return any(
@@ -608,9 +662,9 @@ class _DeltaBuilder:
             delta.touch_quarantine_changes(con)
             self._widened(before)
         forced = any(dep in self.full for dep in model.depends_on)
-        if model.name == scoped_tests.TRACK_OUTBOX and len(self.track_sqls) == 2:
-            scoped_tests.refresh_track_inputs(con)
-            self.track_ready = True
+        self.builds[model.name] = self.builds.get(model.name, 0) + 1
+        if model.name in previous.TRACK_INPUTS:
+            self.track_stale = True
         if model.materialized == "view":
             if forced:  # what reads the view reads the full rebuild behind it
                 self.full.add(model.name)
@@ -623,7 +677,7 @@ class _DeltaBuilder:
                 model.name,
                 lambda relations: delta.scoped_sql(model, relations),
                 lambda inputs: scoped_tests.track_outbox_sql(self.track_sqls, inputs),
-                self.test_scopes[scoped_tests.TRACK_OUTBOX],
+                self._track_scope(),
             )
             return
         if grain.kind == "day" and model.layer != USER_LAYER and not forced:

@@ -13,6 +13,7 @@ A test's sample (the rows listed in the result) holds the touched keys' offendin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -40,14 +41,15 @@ def track_outbox_sql(sqls: dict[str, str], inputs: dict[str, str]) -> str:
     return delta.rewrite_references(sqls[TRACK_OUTBOX], relations)
 
 
-def refresh_track_inputs(con: duckdb.DuckDBPyConnection) -> None:
+def refresh_track_inputs(con: duckdb.DuckDBPyConnection, empty: bool = False) -> None:
     """Keep the touched customers' rows of the track outbox's keyed inputs (temp tables the
-    view `delta_test_track_outbox` reads): once those models are built, and again whenever
-    more customers are touched."""
+    view `delta_test_track_outbox` reads) before that view is read, once those models are
+    built or more customers are touched since (`empty`: the tables only, no rows yet)."""
     for name in TRACK_INPUTS:
+        where = "false" if empty else in_touched("customer_id")
         con.execute(
             f"create or replace temp table delta_track_{name} as "
-            f"select * from {SCHEMA}.{name} where {in_touched('customer_id')}"
+            f"select * from {SCHEMA}.{name} where {where}"
         )
 
 
@@ -58,40 +60,76 @@ def scopes_for_tests(
     user), as temp views of the touched keys' rows; the track outbox's by its customer, from
     the touched customers' rows of its inputs (`refresh_track_inputs`)."""
     if {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
-        refresh_track_inputs(con)
+        refresh_track_inputs(con, empty=True)  # filled when first read
         inputs = {name: f"delta_track_{name}" for name in TRACK_INPUTS}
         query = track_outbox_sql(sqls, inputs)
     else:  # a model set without the product's outboxes: the view as it is, filtered
         query = f"select * from {SCHEMA}.{TRACK_OUTBOX} where {in_touched('customer_id')}"
     con.execute(f"create or replace temp view delta_test_{TRACK_OUTBOX} as {query}")
     scopes = {TRACK_OUTBOX: f"delta_test_{TRACK_OUTBOX}"}
-    for name, grain in keyed.items():
+    for name in keyed:  # filled by `keep_touched_rows` when a test first reads them
         con.execute(
-            f"create or replace temp view delta_test_{name} as select * from {SCHEMA}.{name} "
-            f"where {delta.key_predicate(grain, delta.key_column(grain))}"
+            f"create or replace temp table delta_test_{name} as "
+            f"select * from {SCHEMA}.{name} where false"
         )
         scopes[name] = f"delta_test_{name}"
     return scopes
 
 
-def _previous_scopes(
-    names: set[str], keyed: dict[str, str], sqls: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The same relations over the previous state, by the touched keys passed as parameters
-    (the track outbox from its inputs' rows of the touched customers, given `sqls`)."""
+_IN_TOUCHED = "(customer_id in (select unnest($ids::varchar[])) or (customer_id is null and $null))"
+"""SQL over the previous state: the row's customer is touched (parameters `$ids`, `$null`)."""
+
+
+def keep_touched_rows(
+    con: duckdb.DuckDBPyConnection,
+    previous: PreviousState,
+    name: str,
+    grain: str,
+    now: bool = True,
+    before: bool = True,
+) -> None:
+    """Keep the touched keys' rows of the keyed model `name` (`grain`: customer or user) for
+    the scoped tests that read it, each test then reading a few rows rather than scanning the
+    table: as they are `now` (temp table `delta_test_<name>`) and as the last build left them
+    (`before`: `delta_test_old_<name>`, on the previous state's connection)."""
+    if now:
+        con.execute(
+            f"create or replace temp table delta_test_{name} as select * from {SCHEMA}.{name} "
+            f"where {delta.key_predicate(grain, delta.key_column(grain))}"
+        )
+    if not before:
+        return
+    if grain == "user":
+        users = [r[0] for r in con.execute(f"select user_id from {TOUCHED_USERS}").fetchall()]
+        where, params = "user_id in (select unnest($users::varchar[]))", {"users": users}
+    else:
+        rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
+        where = _IN_TOUCHED
+        params = {
+            "ids": [r[0] for r in rows if r[0] is not None],
+            "null": any(r[0] is None for r in rows),
+        }
+    previous.cursor.execute(
+        f"create or replace temp table delta_test_old_{name} as "
+        f"select * from {SCHEMA}.{name} where {where}",
+        params,
+    )
+
+
+def _previous_scopes(names: set[str], sqls: dict[str, str] | None = None) -> dict[str, str]:
+    """The same relations over the previous state: the keyed models' rows `keep_touched_rows`
+    kept; the track outbox from its inputs' rows of the touched customers (parameter `$ids`),
+    given `sqls`, else by its customer."""
     scopes = {}
     for name in names:
         if name == TRACK_OUTBOX and sqls and {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
             ids = "customer_id in (select unnest($ids::varchar[]))"
             inputs = {n: f"(select * from {SCHEMA}.{n} where {ids})" for n in TRACK_INPUTS}
             scopes[name] = f"(\n{track_outbox_sql(sqls, inputs)}\n)"
-            continue
-        grain = keyed.get(name, "customer")  # the track outbox: by customer
-        if grain == "user":
-            where = "user_id in (select unnest($users::varchar[]))"
+        elif name == TRACK_OUTBOX:
+            scopes[name] = f"(select * from {SCHEMA}.{name} where {_IN_TOUCHED})"
         else:
-            where = "(customer_id in (select unnest($ids::varchar[])) or (customer_id is null and $null))"
-        scopes[name] = f"(select * from {SCHEMA}.{name} where {where})"
+            scopes[name] = f"delta_test_old_{name}"
     return scopes
 
 
@@ -103,9 +141,11 @@ def run_scoped(
     keyed: dict[str, str],
     scopes: dict[str, str],
     sqls: dict[str, str] | None = None,
+    prepare: Callable[[set[str]], None] | None = None,
 ) -> DataTestResult | None:
     """Run `test` over the touched keys' rows and update the last build's outcome; None when
-    it cannot be (an input that is not keyed, or no outcome of it in the last build)."""
+    it cannot be (an input that is not keyed, or no outcome of it in the last build).
+    `prepare(names)` keeps the touched rows of the relations it reads (`keep_touched_rows`)."""
     inputs = delta.referenced(test.sql)
     if not inputs or not inputs <= (set(keyed) | {TRACK_OUTBOX} | CONSTANT_INPUTS):
         return None
@@ -116,8 +156,10 @@ def run_scoped(
         return None
     old_total = totals[0]
     scoped = inputs - CONSTANT_INPUTS
+    if prepare is not None:
+        prepare(scoped)
     new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
-    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, keyed, sqls))
+    old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, sqls))
     params: dict[str, Any] = {}
     rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
     if "$ids" in old_sql:

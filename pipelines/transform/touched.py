@@ -87,11 +87,27 @@ def sync_touched(con: duckdb.DuckDBPyConnection) -> None:
     sync_key_list(con, TOUCHED, "customer_id", TOUCHED_IDS, TOUCHED_NULL)
 
 
+def scope_ids(scoped: str, column: str) -> str:
+    """The session variable holding the ids of column `column` of the scoped relation."""
+    return f"{scoped}_{column}s"
+
+
+def sync_scope_ids(con: duckdb.DuckDBPyConnection, scoped: str, column: str) -> None:
+    """Copy the ids of a scoped relation into the session variable `in_scope` reads (after
+    each time the relation is filled)."""
+    con.execute(
+        f"set variable {scope_ids(scoped, column)} = (select coalesce(list({column}), "
+        f"[]::varchar[]) from {scoped} where {column} is not null)"
+    )
+
+
 def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
-    """SQL: `expr` is an id of the scoped relation, or (when NULL is touched) an id unknown to
-    the whole relation `every` (an orphan reaches no customer: its owner is NULL)."""
+    """SQL: `expr` is an id of the scoped relation (its ids in a session variable,
+    `sync_scope_ids`: a constant filter the scan applies, where a semi-join on the relation
+    read every column of every row first), or (when NULL is touched) an id unknown to the
+    whole relation `every` (an orphan reaches no customer: its owner is NULL)."""
     return (
-        f"({expr} in (select {column} from {scoped} where {column} is not null)"
+        f"(list_contains(getvariable('{scope_ids(scoped, column)}'), {expr})"
         f" or (getvariable('{TOUCHED_NULL}') and ({expr} is null"
         f" or {expr} not in (select {column} from {every} where {column} is not null))))"
     )
@@ -102,15 +118,20 @@ _IDS = "delta_ids_"
 (`set_ids`), a constant the scan of the staging view filters by before computing its columns."""
 
 
-def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
-    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
-    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
-    disputes): the owners' lookups read those by constant filters."""
+def set_entity_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`."""
     found = dict(
         con.execute(f"select tbl, list(distinct id) from {relation} group by tbl").fetchall()
     )
     for table in ENTITY_KEYS:
         con.execute(f"set variable {_IDS}{table} = ?::varchar[]", [found.get(table) or []])
+
+
+def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
+    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
+    disputes): the owners' lookups read those by constant filters."""
+    set_entity_ids(con, relation)
     rel = _filtered_relations(True)
     a = SCHEMA
     referenced = (  # in order: the payments' keys read the refunds' and disputes'
