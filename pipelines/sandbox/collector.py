@@ -84,6 +84,11 @@ class SegmentCollector(LoopbackServer):
         with self._lock:
             self._drops += times
 
+    def stop_dropping(self) -> None:
+        """Answer every batch again (cancel the drops `drop_after_receive` left)."""
+        with self._lock:
+            self._drops = 0
+
     def reset(self) -> None:
         """Forget everything received and every pending fault."""
         with self._lock:
