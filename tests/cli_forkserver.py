@@ -151,7 +151,7 @@ def _serve_call(conn: socket.socket) -> None:
     os.close(stdout_fd)
     os.close(stderr_fd)
     code, timed_out = _wait(pid, request["timeout"])
-    conn.sendall(json.dumps({"returncode": code, "timed_out": timed_out, "pid": pid}).encode())
+    conn.sendall(json.dumps({"returncode": code, "timed_out": timed_out}).encode())
 
 
 def serve(path: str) -> None:

@@ -48,7 +48,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     teardown (harmless, but they bury the summary line that CI reads). An xdist worker ends the
     same way once it has reported to the controller.
     """
-    for server in _FORK_SERVER:
+    for server in _FORK_SERVERS:
         if server is not None:
             server.close()
     if _EXIT_STATUS and not os.environ.get("DODO_SEGMENT_FULL_TEARDOWN"):
@@ -196,12 +196,12 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     yield from make_sandbox(tmp_path)
 
 
-_FORK_SERVER: list[ForkServer | None] = []
+_FORK_SERVERS: list[ForkServer | None] = []
 
 
-def _fork_server() -> ForkServer | None:
+def fork_server() -> ForkServer | None:
     """This process's CLI fork server, started at the first call (None: exec every call)."""
-    if not _FORK_SERVER:
+    if not _FORK_SERVERS:
         server = None
         if not os.environ.get("DODO_SEGMENT_TEST_EXEC"):
             import tempfile
@@ -210,8 +210,8 @@ def _fork_server() -> ForkServer | None:
                 server = ForkServer(Path(tempfile.mkdtemp(prefix="dodo-cli-")))
             except (OSError, RuntimeError) as exc:  # e.g. a socket path over 107 bytes
                 warnings.warn(f"CLI fork server unavailable, every call execs: {exc}", stacklevel=2)
-        _FORK_SERVER.append(server)
-    return _FORK_SERVER[0]
+        _FORK_SERVERS.append(server)
+    return _FORK_SERVERS[0]
 
 
 def run_cli(
@@ -222,7 +222,7 @@ def run_cli(
     when the environment changes how Python starts. `umask`: the process's umask before the CLI
     sets its own."""
     exe = str(Path(sys.executable).with_name("dodo-segment"))
-    server = _fork_server()
+    server = fork_server()
     if server is not None and server.accepts(env):
         code, out, err = server.run(exe, list(args), env, timeout, umask)
         return subprocess.CompletedProcess([exe, *args], code, text(out), text(err))

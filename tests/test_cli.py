@@ -27,7 +27,7 @@ import pytest
 
 from pipelines import lock, warehouse
 from pipelines.dodo_contract import ENDPOINTS, PRIMARY_KEYS, RESOURCES, WAREHOUSE_SCHEMA_VERSION
-from tests.conftest import API_KEY, WRITE_KEY, Sandbox, make_sandbox, run_cli
+from tests.conftest import API_KEY, WRITE_KEY, Sandbox, fork_server, make_sandbox, run_cli
 
 # every test here drives a subprocess; one worker builds the module's shared setup
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_cli")]
@@ -209,14 +209,12 @@ def test_usage_and_configuration_errors_exit_2_with_one_line(loaded: Loaded) -> 
 def test_a_warm_cli_child_answers_like_the_installed_script(loaded: Loaded) -> None:
     """`run_cli` forks its processes warm (tests/cli_forkserver.py): byte for byte, exit code
     for exit code, they answer what an exec of the installed script answers."""
-    from tests.conftest import _fork_server
-
     env = loaded.sandbox.env(DODO_SEGMENT_DB="never_created.duckdb")
     calls = (
         ("--version",), ("run", "--no-such-flag"), ("run", "--skip-emit", "--only-emit"),
         ("traits",), ("transform", "--help"), ("status",), (),
     )  # fmt: skip
-    server = _fork_server()
+    server = fork_server()
     assert server is not None and server.accepts(env)
     warm = [run_cli(*args, env=env) for args in calls]
     cold = run_all(*((args, env) for args in calls))
