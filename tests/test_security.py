@@ -225,6 +225,7 @@ REVIEWED_INTERPOLATIONS = {
         "name",
         "predicate",
         "previous",
+        "relation",  # rows_where's: an analytics table's name (a model file name)
         "scoped_sql(model, scopes)",
         "table",
     },  # fmt: skip
@@ -263,7 +264,7 @@ REVIEWED_INTERPOLATIONS = {
     },  # fmt: skip
     "pipelines/transform/touched.py": {
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
-        "_in_pairs('delta_refresh')",
+        "_in_pairs(REACHED)",  # a temp table's name
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",

@@ -82,6 +82,18 @@ def key_predicate(grain: str, column: str) -> str:
     raise ValueError(f"no key predicate for grain {grain!r}")
 
 
+def rows_where(relation: str, predicate: str, table: bool = True) -> str:
+    """SQL: the rows of `relation` where `predicate` holds. From a table (`table`), the rows are
+    found by the columns the predicate reads, then fetched by row id: a filtered `select *`
+    decodes every column of every segment the few matching rows are spread over (at 1M
+    payments, 394 rows of lifecycle_events: 0.33 s that way, 0.12 s by row id)."""
+    if not table:
+        return f"select * from {relation} where {predicate}"
+    return (
+        f"select * from {relation} where rowid in (select rowid from {relation} where {predicate})"
+    )
+
+
 _INPUT_SCOPES: dict[str, tuple[str, str]] = {
     "stg_customers": ("customer", "customer_id"),
     "stg_payments": ("customer", "customer_id"),
@@ -157,26 +169,13 @@ def forget_state(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"drop table if exists {STATE_TABLE}")
 
 
-_SCOPE_IDS = f"""select 'customers' as tbl, customer_id as id from {_SCOPE}stg_customers
-    union all select 'payments', payment_id from {_SCOPE}stg_payments
-    union all select 'subscriptions', subscription_id from {_SCOPE}stg_subscriptions
-    union all select 'refunds', refund_id from {_SCOPE}stg_refunds
-    union all select 'disputes', dispute_id from {_SCOPE}stg_disputes
-    union all select 'dispute_history', dispute_id from {_SCOPE}stg_dispute_history
-    union all select 'subscription_history', subscription_id from {_SCOPE}stg_subscription_history
-    union all select 'balance_ledger', ledger_entry_id from {_SCOPE}stg_balance_ledger
-    union all select 'forgotten_customers', customer_id from {SCHEMA}.source_forgotten_customers()
-        where {in_touched("customer_id")}"""
-"""(tbl, id) of every raw entity in this delta build's scope (the touched customers')."""
-
-
 def remember_state(con: duckdb.DuckDBPyConnection, fingerprint: str, full: bool) -> None:
     """After a clean build: snapshot the raw data (in full after a full build) and keep the
     fingerprint the snapshot belongs to."""
     if full or not touched.has_snapshot(con):
         touched.write_snapshot(con)
     else:
-        touched.update_snapshot(con, _SCOPE_IDS)
+        touched.update_snapshot(con)
     con.execute(f"create or replace table {STATE_TABLE} (fingerprint varchar)")
     con.execute(f"insert into {STATE_TABLE} values (?)", [fingerprint])
 
@@ -308,11 +307,11 @@ def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict
     refresh_scopes(con)
     scopes = {name: f"{_SCOPE}{name}" for name, _ in _RAW_SCOPES}
 
+    tables = {m.name for m in models if m.materialized == "table"}
+
     def scope(name: str, predicate: str) -> None:
-        con.execute(
-            f"create or replace temp view {_SCOPE}{name} as "
-            f"select * from {SCHEMA}.{name} where {predicate}"
-        )
+        rows = rows_where(f"{SCHEMA}.{name}", predicate, table=name in tables)
+        con.execute(f"create or replace temp view {_SCOPE}{name} as {rows}")
         scopes[name] = f"{_SCOPE}{name}"
 
     for name, (grain, column) in _INPUT_SCOPES.items():
@@ -484,6 +483,8 @@ and payments made on them, the payments those refunds are of (their currency and
 the ledger sums of all of these (in order: a later one reads the earlier ones)."""
 
 
+_DAY_TABLES = frozenset({"int_ledger_by_object"})
+"""The day scopes' inputs that are tables (the others are staging views)."""
 _DAY_VIEWS = frozenset({"stg_payments"})
 """Day scopes read through a view, not copied: the day of a payment is known only once its
 row is read, so a copy reads every column of every payment (out of the buffer pool under a
@@ -531,10 +532,10 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     scopes: dict[str, str] = {}
     for name, predicate in _DAY_SCOPES:
         kind = "view" if name in _DAY_VIEWS else "table"
-        con.execute(
-            f"create or replace temp {kind} {_SCOPE}day_{name} as select * from {SCHEMA}.{name} "
-            f"where {predicate.format(days=days)}"
+        rows = rows_where(
+            f"{SCHEMA}.{name}", predicate.format(days=days), table=name in _DAY_TABLES
         )
+        con.execute(f"create or replace temp {kind} {_SCOPE}day_{name} as {rows}")
         scopes[name] = f"{_SCOPE}day_{name}"
         if name == "stg_refunds":  # the payments refunded on those days, as a constant
             con.execute(

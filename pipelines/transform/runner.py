@@ -569,6 +569,8 @@ class _DeltaBuilder:
         self.users_resolved = False
         """customer_identity is rebuilt: touched customers have their user ids touched too."""
         self.by_name = {m.name: m for m in models}
+        self.tables = frozenset(m.name for m in models if m.materialized == "table")
+        """The models materialized as tables (their rows can be fetched by row id)."""
         self.readers: dict[str, set[str]] = {}
         for m in models:
             for dep in m.depends_on:
@@ -603,7 +605,7 @@ class _DeltaBuilder:
     def _track_scope(self) -> str:
         """The touched customers' track outbox rows (a relation), as the tables are now."""
         if self.track_stale and len(self.track_sqls) == 2:
-            scoped_tests.refresh_track_inputs(self.con)
+            scoped_tests.refresh_track_inputs(self.con, self.tables)
         self.track_stale = False
         return self.test_scopes[scoped_tests.TRACK_OUTBOX]
 
@@ -624,6 +626,7 @@ class _DeltaBuilder:
             scoped_tests.keep_touched_rows(
                 self.con, self.last_build, name, self.keyed[name],
                 now=self.kept_now.get(name) != now, before=self.kept_before.get(name) != keys,
+                table=name in self.tables,
             )  # fmt: skip
             self.kept_now[name], self.kept_before[name] = now, keys
 
@@ -702,7 +705,7 @@ class _DeltaBuilder:
         """Lineage steps once `model` is built (before the models that read it)."""
         before = touched.count_touched(self.con)
         if model.name == "stg_payment_subscriptions":
-            touched.close_over_subscriptions(self.con)
+            touched.close_over_subscriptions(self.con, links_moved=True)
         elif model.name == "int_ledger_by_object":
             delta.touch_rate_changes(self.con)
         elif model.name == previous.IDENTITY_MODEL:

@@ -13,7 +13,7 @@ A test's sample (the rows listed in the result) holds the touched keys' offendin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -41,16 +41,17 @@ def track_outbox_sql(sqls: dict[str, str], inputs: dict[str, str]) -> str:
     return delta.rewrite_references(sqls[TRACK_OUTBOX], relations)
 
 
-def refresh_track_inputs(con: duckdb.DuckDBPyConnection, empty: bool = False) -> None:
+def refresh_track_inputs(
+    con: duckdb.DuckDBPyConnection, tables: Collection[str], empty: bool = False
+) -> None:
     """Keep the touched customers' rows of the track outbox's keyed inputs (temp tables the
     view `delta_test_track_outbox` reads) before that view is read, once those models are
-    built or more customers are touched since (`empty`: the tables only, no rows yet)."""
+    built or more customers are touched since (`empty`: the tables only, no rows yet;
+    `tables`: the models materialized as tables)."""
     for name in TRACK_INPUTS:
         where = "false" if empty else in_touched("customer_id")
-        con.execute(
-            f"create or replace temp table delta_track_{name} as "
-            f"select * from {SCHEMA}.{name} where {where}"
-        )
+        rows = delta.rows_where(f"{SCHEMA}.{name}", where, table=not empty and name in tables)
+        con.execute(f"create or replace temp table delta_track_{name} as {rows}")
 
 
 def scopes_for_tests(
@@ -60,7 +61,7 @@ def scopes_for_tests(
     user), as temp views of the touched keys' rows; the track outbox's by its customer, from
     the touched customers' rows of its inputs (`refresh_track_inputs`)."""
     if {TRACK_OUTBOX, "outbound_events"} <= sqls.keys():
-        refresh_track_inputs(con, empty=True)  # filled when first read
+        refresh_track_inputs(con, (), empty=True)  # filled when first read
         inputs = {name: f"delta_track_{name}" for name in TRACK_INPUTS}
         query = track_outbox_sql(sqls, inputs)
     else:  # a model set without the product's outboxes: the view as it is, filtered
@@ -87,16 +88,19 @@ def keep_touched_rows(
     grain: str,
     now: bool = True,
     before: bool = True,
+    table: bool = True,
 ) -> None:
     """Keep the touched keys' rows of the keyed model `name` (`grain`: customer or user) for
     the scoped tests that read it, each test then reading a few rows rather than scanning the
     table: as they are `now` (temp table `delta_test_<name>`) and as the last build left them
-    (`before`: `delta_test_old_<name>`, on the previous state's connection)."""
+    (`before`: `delta_test_old_<name>`, on the previous state's connection; `table`: the
+    model is materialized as a table)."""
+    relation = f"{SCHEMA}.{name}"
     if now:
-        con.execute(
-            f"create or replace temp table delta_test_{name} as select * from {SCHEMA}.{name} "
-            f"where {delta.key_predicate(grain, delta.key_column(grain))}"
+        rows = delta.rows_where(
+            relation, delta.key_predicate(grain, delta.key_column(grain)), table=table
         )
+        con.execute(f"create or replace temp table delta_test_{name} as {rows}")
     if not before:
         return
     if grain == "user":
@@ -111,7 +115,7 @@ def keep_touched_rows(
         }
     previous.cursor.execute(
         f"create or replace temp table delta_test_old_{name} as "
-        f"select * from {SCHEMA}.{name} where {where}",
+        f"{delta.rows_where(relation, where, table=table)}",
         params,
     )
 

@@ -342,12 +342,17 @@ def drop_snapshot(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"drop table if exists {MARKS_TABLE}")
 
 
+def snapshot_sql(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """The snapshot tables' rows as the raw data gives them now (table -> query): what a full
+    build writes, and what a delta build's updates must leave."""
+    return {ROWS_TABLE: _current_rows_sql(raw_columns(con)), OWNERS_TABLE: _owner_branches(None)}
+
+
 def write_snapshot(con: duckdb.DuckDBPyConnection) -> None:
     """Snapshot every raw row (hash) and every entity's owners, after a full build."""
-    columns = raw_columns(con)
-    con.execute(f"create or replace table {ROWS_TABLE} as {_current_rows_sql(columns)}")
-    con.execute(f"create or replace table {OWNERS_TABLE} as {_owner_branches(None)}")
-    _write_marks(con, columns)
+    for table, query in snapshot_sql(con).items():
+        con.execute(f"create or replace table {table} as {query}")
+    _write_marks(con, raw_columns(con))
 
 
 PARENTS = {
@@ -576,38 +581,43 @@ def _in_pairs(relation: str) -> str:
     return f"(id in (select id from {relation}) and (tbl, id) in (select tbl, id from {relation}))"
 
 
+REACHED = "delta_reached"
+"""Temp table (tbl, id): the changed entities and those reached through them, two hops down
+the snapshot's references (a refund or dispute through its payment, a ledger entry through
+its payment or refund, a history row through its subscription or dispute, a payment through
+its subscription). An entity's owners move only with its own row or a parent's, so these are
+the only entities whose owners a build can have moved."""
+NEW_OWNERS = "delta_new_owners"
+"""Temp table: the owners of the reached entities now (`_delta_owners`' columns), read once
+for the touched customers and kept for the snapshot's update."""
+
+
 def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
     """Fill the temp table `delta_touched` with the customers the changed entities concern:
-    their old owners and those of entities reached through them (two hops, from the snapshot),
-    their new owners, and the customers of subscriptions of a changed product."""
-    changed = _in_pairs(CHANGED)
-    set_ids(con, CHANGED)
+    the old owners (from the snapshot) and the new owners of the changed entities and of
+    those reached through them, and the customers of subscriptions of a changed product."""
     con.execute(
-        f"""create or replace temp table {TOUCHED} as
-        with old_direct as (
-            select id, owner from {OWNERS_TABLE} where {changed}
-        ),
-        hop1 as (
-            select id, owner from {OWNERS_TABLE}
-            where ref in (select id from {CHANGED})
+        f"""create or replace temp table {REACHED} as
+        with hop1 as materialized (
+            select tbl, id from {OWNERS_TABLE} where ref in (select id from {CHANGED})
         ),
         hop2 as (
-            select id, owner from {OWNERS_TABLE}
-            where ref in (select id from hop1)
-        ),
-        new_direct as (
-            {_owner_branches(CHANGED)}
-        ),
-        products as (
-            select customer_id as owner from {SCHEMA}.stg_subscriptions
-            where product_id in (select id from {CHANGED} where tbl = 'products')
+            select tbl, id from {OWNERS_TABLE} where ref in (select id from hop1)
         )
-        select owner as customer_id from old_direct
-        union select owner from hop1
-        union select owner from hop2
-        union select owner from new_direct
-        union select owner from products"""
+        select tbl, id from {CHANGED}
+        union select tbl, id from hop1
+        union select tbl, id from hop2"""
     )
+    set_ids(con, REACHED)
+    con.execute(f"create or replace temp table {NEW_OWNERS} as {_owner_branches(REACHED)}")
+    con.execute(
+        f"""create or replace temp table {TOUCHED} as
+        select owner as customer_id from {OWNERS_TABLE} where {_in_pairs(REACHED)}
+        union select owner from {NEW_OWNERS}
+        union select customer_id from {SCHEMA}.stg_subscriptions
+            where product_id in (select id from {CHANGED} where tbl = 'products')"""
+    )
+    con.execute(f"set variable {_CLOSED} = null")
     sync_touched(con)
 
 
@@ -631,10 +641,20 @@ def count_touched(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row else 0
 
 
-def close_over_subscriptions(con: duckdb.DuckDBPyConnection) -> None:
+_CLOSED = "delta_closed_touched"
+"""Session variable: how many customers were touched when `close_over_subscriptions` last
+found none to add (the set only grows within a build, so the same count is the same set)."""
+
+
+def close_over_subscriptions(con: duckdb.DuckDBPyConnection, links_moved: bool = False) -> None:
     """Add every customer who shares a subscription with a touched one (a payment of one
     customer for another's subscription): a subscription's facts read all its payments, and a
-    renewal's number reads all the payments of its subscription."""
+    renewal's number reads all the payments of its subscription. Nothing to do when no
+    customer was touched since the last closure, unless the links between payments and
+    subscriptions were rebuilt since (`links_moved`)."""
+    row = con.execute(f"select getvariable('{_CLOSED}')").fetchone()
+    if not links_moved and row and row[0] == count_touched(con):
+        return
     a = SCHEMA
     while add_touched(
         con,
@@ -653,24 +673,16 @@ def close_over_subscriptions(con: duckdb.DuckDBPyConnection) -> None:
             where subscription_id in (select subscription_id from subscriptions)""",
     ):
         pass
+    con.execute(f"set variable {_CLOSED} = {count_touched(con)}")
 
 
-def update_snapshot(con: duckdb.DuckDBPyConnection, scope_ids: str) -> None:
-    """After a delta build: the changed rows' hashes, and the owners of the changed entities,
-    of those the snapshot gave a touched customer, and of those in the build's scope
-    (`scope_ids`: (tbl, id) of every entity of a touched customer); an entity's owner moves
-    only with it or with a parent, whose old and new owners were touched."""
+def update_snapshot(con: duckdb.DuckDBPyConnection) -> None:
+    """After a delta build: the changed rows' hashes, and the owners of the entities
+    `touch_changed` reached (read by it, before the build)."""
     changed = _in_pairs(CHANGED)
     con.execute(f"delete from {ROWS_TABLE} where {changed}")
     con.execute(f"insert into {ROWS_TABLE} select * from delta_current where {changed}")
-    con.execute(
-        f"""create or replace temp table delta_refresh as
-        select tbl, id from {CHANGED}
-        union select tbl, id from {OWNERS_TABLE} where {in_touched("owner")}
-        union select tbl, id from ({scope_ids})"""
-    )
-    con.execute(f"delete from {OWNERS_TABLE} where {_in_pairs('delta_refresh')}")
-    set_ids(con, "delta_refresh")
-    con.execute(f"insert into {OWNERS_TABLE} {_owner_branches('delta_refresh')}")
+    con.execute(f"delete from {OWNERS_TABLE} where {_in_pairs(REACHED)}")
+    con.execute(f"insert into {OWNERS_TABLE} select * from {NEW_OWNERS}")
     # the snapshot now holds exactly the current raw rows: their totals, taken by find_changes
     con.execute(f"create or replace table {MARKS_TABLE} as select * from delta_new_marks")
