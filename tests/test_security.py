@@ -216,7 +216,8 @@ REVIEWED_INTERPOLATIONS = {
         "kind",  # "view" or "table" (a day scope's)
         "objects.format('payment_id')",  # a fixed clause with a column name
         "objects.format('refund_id')",
-        "owners",  # touched.OWNERS_TABLE
+        "new",  # touched.NEW_OWNERS, a temp table's name
+        "old",  # touched.OLD_OWNERS, a temp table's name
         "as_of_sql",
         "column",
         "current",

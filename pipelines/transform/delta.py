@@ -497,20 +497,19 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     `_delta_owners.day`), those of the refunds of a changed payment (its currency and amount
     are theirs), and those of the payments and refunds a changed ledger entry references, or
     referenced. Every other day's payments, refunds and ledger sums are as they were."""
-    owners, changed = touched.OWNERS_TABLE, touched.CHANGED
-    touched.set_entity_ids(con, changed)  # (the keys they reference are not read here)
+    changed, old, new = touched.CHANGED, touched.OLD_OWNERS, touched.NEW_OWNERS
+    # the payments and refunds a changed ledger entry references, before and now, and the
+    # refunds of a changed payment: all among the entities touch_changed reached
     con.execute(
         f"""create or replace temp table delta_day_objects as
-        with changed_payments as (select id from {changed} where tbl = 'payments')
+        with changed_ledger as (select id from {changed} where tbl = 'balance_ledger'),
+        changed_payments as (select id from {changed} where tbl = 'payments'),
+        reached as (select * from {old} union all select * from {new})
         select id from {changed} where tbl in ('payments', 'refunds')
-        union select ref from {owners} where tbl = 'balance_ledger'
-            and list_contains(getvariable('delta_ids_balance_ledger'), id)
-        union select reference_object_id from {SCHEMA}.stg_balance_ledger
-            where list_contains(getvariable('delta_ids_balance_ledger'), ledger_entry_id)
-        union select id from {owners} where tbl = 'refunds'
-            and ref in (select id from changed_payments)
-        union select refund_id from {SCHEMA}.stg_refunds
-            where list_contains(getvariable('delta_ids_payments'), payment_id)"""
+        union select ref from reached where tbl = 'balance_ledger'
+            and id in (select id from changed_ledger)
+        union select id from reached where tbl = 'refunds'
+            and ref in (select id from changed_payments)"""
     )
     con.execute(
         "set variable delta_day_objects = (select coalesce(list(id), []::varchar[]) "
@@ -520,7 +519,7 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     con.execute(
         f"""set variable {TOUCHED_DAYS} = (
             select coalesce(list(distinct day), []::date[]) from (
-                select day from {owners} where tbl in ('payments', 'refunds')
+                select day from {old} where tbl in ('payments', 'refunds')
                     and id in (select id from delta_day_objects)
                 union all select {_DAY} from {SCHEMA}.stg_payments
                     where {objects.format("payment_id")}

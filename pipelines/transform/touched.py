@@ -587,9 +587,11 @@ the snapshot's references (a refund or dispute through its payment, a ledger ent
 its payment or refund, a history row through its subscription or dispute, a payment through
 its subscription). An entity's owners move only with its own row or a parent's, so these are
 the only entities whose owners a build can have moved."""
+OLD_OWNERS = "delta_old_owners"
+"""Temp table: the snapshot's owner rows of the reached entities (`_delta_owners`' columns)."""
 NEW_OWNERS = "delta_new_owners"
 """Temp table: the owners of the reached entities now (`_delta_owners`' columns), read once
-for the touched customers and kept for the snapshot's update."""
+for the touched customers and kept for the touched days and the snapshot's update."""
 
 
 def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
@@ -611,8 +613,12 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
     set_ids(con, REACHED)
     con.execute(f"create or replace temp table {NEW_OWNERS} as {_owner_branches(REACHED)}")
     con.execute(
+        f"create or replace temp table {OLD_OWNERS} as "
+        f"select * from {OWNERS_TABLE} where {_in_pairs(REACHED)}"
+    )
+    con.execute(
         f"""create or replace temp table {TOUCHED} as
-        select owner as customer_id from {OWNERS_TABLE} where {_in_pairs(REACHED)}
+        select owner as customer_id from {OLD_OWNERS}
         union select owner from {NEW_OWNERS}
         union select customer_id from {SCHEMA}.stg_subscriptions
             where product_id in (select id from {CHANGED} where tbl = 'products')"""
