@@ -265,6 +265,7 @@ REVIEWED_INTERPOLATIONS = {
     },  # fmt: skip
     "pipelines/transform/touched.py": {
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
+        "_in_pairs(CHANGED)",  # a temp table's name
         "_in_pairs(REACHED)",  # a temp table's name
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",

@@ -409,6 +409,7 @@ def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
                   and payment_id not in (
                       select object_id from {SCHEMA}.int_ledger_by_object
                       where payment_usd_cents is not null and object_id is not null
+                        and payment_currency in (select currency from delta_moved_rates)
                   )""",
         )
     touched.close_over_subscriptions(con)

@@ -588,7 +588,8 @@ its payment or refund, a history row through its subscription or dispute, a paym
 its subscription). An entity's owners move only with its own row or a parent's, so these are
 the only entities whose owners a build can have moved."""
 OLD_OWNERS = "delta_old_owners"
-"""Temp table: the snapshot's owner rows of the reached entities (`_delta_owners`' columns)."""
+"""Temp table: the snapshot's rows (`_delta_owners`' columns) of the changed entities and those
+reaching them (by which the reached entities are found); a row may be there twice."""
 NEW_OWNERS = "delta_new_owners"
 """Temp table: the owners of the reached entities now (`_delta_owners`' columns), read once
 for the touched customers and kept for the touched days and the snapshot's update."""
@@ -598,24 +599,22 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
     """Fill the temp table `delta_touched` with the customers the changed entities concern:
     the old owners (from the snapshot) and the new owners of the changed entities and of
     those reached through them, and the customers of subscriptions of a changed product."""
+    # the snapshot's rows of the changed entities and of those one hop down, then two
+    con.execute(
+        f"""create or replace temp table {OLD_OWNERS} as
+        with hop1 as materialized (
+            select * from {OWNERS_TABLE}
+            where ref in (select id from {CHANGED}) or {_in_pairs(CHANGED)}
+        )
+        select * from hop1
+        union all select * from {OWNERS_TABLE} where ref in (select id from hop1)"""
+    )
     con.execute(
         f"""create or replace temp table {REACHED} as
-        with hop1 as materialized (
-            select tbl, id from {OWNERS_TABLE} where ref in (select id from {CHANGED})
-        ),
-        hop2 as (
-            select tbl, id from {OWNERS_TABLE} where ref in (select id from hop1)
-        )
-        select tbl, id from {CHANGED}
-        union select tbl, id from hop1
-        union select tbl, id from hop2"""
+        select tbl, id from {CHANGED} union select tbl, id from {OLD_OWNERS}"""
     )
     set_ids(con, REACHED)
     con.execute(f"create or replace temp table {NEW_OWNERS} as {_owner_branches(REACHED)}")
-    con.execute(
-        f"create or replace temp table {OLD_OWNERS} as "
-        f"select * from {OWNERS_TABLE} where {_in_pairs(REACHED)}"
-    )
     con.execute(
         f"""create or replace temp table {TOUCHED} as
         select owner as customer_id from {OLD_OWNERS}
