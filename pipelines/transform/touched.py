@@ -588,8 +588,9 @@ its payment or refund, a history row through its subscription or dispute, a paym
 its subscription). An entity's owners move only with its own row or a parent's, so these are
 the only entities whose owners a build can have moved."""
 OLD_OWNERS = "delta_old_owners"
-"""Temp table: the snapshot's rows (`_delta_owners`' columns) of the changed entities and those
-reaching them (by which the reached entities are found); a row may be there twice."""
+"""Temp table: the snapshot's rows (`_delta_owners`' columns) of the changed entities and of
+those one and two hops down their references (the reached entities are found by them); a row
+may be there twice."""
 NEW_OWNERS = "delta_new_owners"
 """Temp table: the owners of the reached entities now (`_delta_owners`' columns), read once
 for the touched customers and kept for the touched days and the snapshot's update."""
