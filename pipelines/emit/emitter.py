@@ -283,10 +283,16 @@ def emit(
         con, settings, run_id, identifies, pending_tracks, track_total, rejects, result, progress
     )
     if not result.failed:
-        accounts.record_user_ids(con, run_id, keep_changed=settings.alias)
+        # a user identified now is a changed one, and every customer of it is a changed one
+        only = None if scope is None else scope.customer_ids
+        accounts.record_user_ids(con, run_id, keep_changed=settings.alias, only_customers=only)
     if changed is not None and not result.failed and result.pending == 0:
         result.ledger_state = _state_after(con, before if scope else None, result, newest)
-        settled.record(con, run_id, changed.build_id, settings, result.ledger_state)
+        # what was read: the build the changes describe, or every row of the build there now
+        # (the deep pass may have rebuilt the models after the changes were told)
+        build = changed.build_id if scope is not None else settled.current_build(con)
+        if build is not None:
+            settled.record(con, run_id, build, settings, result.ledger_state)
     return result
 
 
