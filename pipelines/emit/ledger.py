@@ -414,19 +414,23 @@ def save_identify_state(
             "user_id": list(latest),
             "traits_hash": [traits for traits, _ in latest.values()],
             "outbox_hash": pa.array([outbox for _, outbox in latest.values()], pa.string()),
+            "run_id": [run_id] * len(latest),
         }
     )
+    # Replaced rows are deleted and inserted again in one transaction, not updated: DuckDB
+    # writes an updated column's whole segment again at the next checkpoint (~0.2 s for 13
+    # users of 100,000 on the 2-core box; deleted and appended rows: ~0.03 s).
     _insert_from(
         con,
         "identify_batch",
         batch,
+        """DELETE FROM segment_sync.identify_state
+           WHERE user_id IN (SELECT user_id FROM identify_batch)""",
+        {},
         """INSERT INTO segment_sync.identify_state
                (user_id, traits_hash, sent_at, run_id, outbox_hash)
-           SELECT user_id, traits_hash, current_timestamp, $run_id, outbox_hash FROM identify_batch
-           ON CONFLICT (user_id) DO UPDATE SET
-               traits_hash = excluded.traits_hash, sent_at = excluded.sent_at,
-               run_id = excluded.run_id, outbox_hash = excluded.outbox_hash""",
-        {"run_id": run_id},
+           SELECT user_id, traits_hash, current_timestamp, run_id, outbox_hash
+           FROM identify_batch""",
     )
 
 
