@@ -91,6 +91,26 @@ def _has(con: duckdb.DuckDBPyConnection, table: str, temporary: bool) -> bool:
     return bool(row and row[0])
 
 
+_QUARANTINED_EVENTS = f"select key from {SCHEMA}.quarantined_rows where key_kind = 'event_id'"
+
+
+def lifted_event_quarantine(
+    con: duckdb.DuckDBPyConnection, last: previous.PreviousState, track_rows: str
+) -> bool:
+    """Whether an event the last build quarantined is no longer, outside the touched
+    customers' track outbox rows (`track_rows`): a data test that reads whole tables (a
+    user's) may let out an event of a customer the build did not touch."""
+    try:
+        last.copy(con, "outbox_old_quarantined_events", _QUARANTINED_EVENTS)
+    except duckdb.Error:  # (on the previous state's cursor: the build's transaction stands)
+        return True
+    row = con.execute(
+        f"select count(*) from (select key from outbox_old_quarantined_events "
+        f"except {_QUARANTINED_EVENTS} except select event_id from {track_rows})"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def delta_changes(
     con: duckdb.DuckDBPyConnection,
     build_id: str,
@@ -102,7 +122,8 @@ def delta_changes(
     go: the touched customers, with their track outbox rows (`track_rows`, a relation) kept in
     `CHANGED_TRACKS`, and the user ids they resolve to now with those the build rebuilt
     (`delta_touched_users`). `whole`: a model was rebuilt whose changes cannot be told by
-    customer; then, or without those tables, anything may have changed."""
+    customer, or an event's quarantine was lifted; then, or without those tables, anything may
+    have changed."""
     if (
         whole
         or since is None

@@ -456,8 +456,13 @@ def run_models(
         if incremental:
             if builder is not None:
                 result.touched_customers = delta.touched_count(con)
+                assert last_build is not None
+                track_rows = builder.changed_tracks()
+                whole = bool(builder.full) or outbox_changes.lifted_event_quarantine(
+                    con, last_build, track_rows
+                )
                 result.outbox_changes = outbox_changes.delta_changes(
-                    con, build_id, since_build, builder.changed_tracks(), whole=bool(builder.full)
+                    con, build_id, since_build, track_rows, whole=whole
                 )
             delta.remember_state(con, delta_fingerprint, full=builder is None)
         if last_build is not None:
