@@ -103,6 +103,8 @@ class RunReport:
     models_drift: list[str] = field(default_factory=list)
     models_first_build: bool = False
     """The models were built for the first time (a first sync): a full build, nothing to verify."""
+    outbox_changes: Any = None
+    """What this run's models build changed in the outboxes (`OutboxChanges`), for the emit."""
 
     def as_row(self) -> dict[str, Any]:
         """The row written to segment_sync.runs."""
@@ -429,6 +431,7 @@ def _run_models(config: AppConfig, options: RunOptions, report: RunReport) -> bo
             delta_memory_limit=config.delta_memory_limit,
         )
     report.models_seconds = time.monotonic() - t0
+    report.outbox_changes = result.outbox_changes
     report.models_first_build = result.build == "full" and result.build_reason == "first build"
     report.quarantined = sum(result.quarantined.values())
     report.data_test_errors = [str(e) for e in result.errors]
@@ -519,6 +522,26 @@ def emit_settings(config: AppConfig) -> Any:
     )
 
 
+def _changed_since(report: RunReport) -> Any:
+    """What the emit may read only of (`ChangedSince`): the models' changes, except on the
+    deep pass, whose emit reads the whole outboxes as its extract re-reads the whole lookback
+    (a bound on how long anything a build failed to tell could wait)."""
+    from pipelines.emit import ChangedSince
+
+    changes = report.outbox_changes
+    if changes is None:
+        return None
+    if report.extract is not None and report.extract.deep:
+        return ChangedSince(changes.build_id, None)  # everything read, and settled after
+    return ChangedSince(
+        changes.build_id,
+        changes.since_build,
+        changes.customer_ids,
+        changes.user_ids,
+        changes.tracks_table,
+    )
+
+
 def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
     from pipelines.emit import emit, preview
 
@@ -536,10 +559,11 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
                 run_id=report.run_id,
                 events_since=since,
                 progress=progress,
+                changed=_changed_since(report),
             )
         finally:
             progress.close()
-        _keep_checkpoint(config, report, con, previous, restored)
+        _keep_checkpoint(config, report, con, previous, restored, result.ledger_state)
     report.emit_seconds = time.monotonic() - t0
     report.identifies_sent = result.identifies_sent
     report.tracks_sent = result.tracks_sent
@@ -554,6 +578,13 @@ def _emit(config: AppConfig, options: RunOptions, report: RunReport) -> None:
         result.pending,
         result.rejected,
     )
+    if result.scoped:
+        log.info(
+            "emit: read only what the models changed since the last settled emit "
+            "(%d customer(s), %d user(s))",
+            len(report.outbox_changes.customer_ids),
+            len(report.outbox_changes.user_ids),
+        )
     if result.skipped_backlog:
         log.info(
             "emit: first sync: %d historical event(s) recorded as skipped, not sent "
@@ -618,14 +649,20 @@ def _continue_from_checkpoint(
 
 
 def _keep_checkpoint(
-    config: AppConfig, report: RunReport, con: Any, previous: Any, restored: dict[str, Any] | None
+    config: AppConfig,
+    report: RunReport,
+    con: Any,
+    previous: Any,
+    restored: dict[str, Any] | None,
+    state: Any = None,
 ) -> None:
-    """Write the checkpoint after an emit; a failure to write it fails the run (one line)."""
+    """Write the checkpoint after an emit (`state`: the ledger's as the emit worked it out);
+    a failure to write it fails the run (one line)."""
     from pipelines.emit import checkpoint_path, take_checkpoint, write_checkpoint
 
     if config.warehouse_path.startswith("md:"):
         return
-    checkpoint = take_checkpoint(con, report.run_id, previous)
+    checkpoint = take_checkpoint(con, report.run_id, previous, state)
     if restored is not None:
         checkpoint.restored = restored
     try:

@@ -553,3 +553,103 @@ def test_default_settings_are_sane() -> None:
     assert defaults.max_events_per_second is None and defaults.excluded_fields == ()
     with pytest.raises(ValueError):
         EmitSettings(write_key="k", upload_size=3000)
+
+
+# --- a run reads only what the models changed, and nothing pending is left behind -------------
+
+
+def _unsettled(db: str) -> set[str]:
+    """Outbox tracks neither delivered, skipped nor rejected (what the next run must send)."""
+    with duckdb.connect(db, read_only=True) as con:
+        rows = con.execute(
+            """SELECT event_id FROM analytics.track_outbox
+               WHERE event_id NOT IN (SELECT event_id FROM segment_sync.delivered_events)
+                 AND event_id NOT IN (SELECT message_id FROM segment_sync.rejected_messages
+                                      WHERE kind = 'track' AND message_id IS NOT NULL)"""
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _customer_tracks(db: str, customer_id: str) -> set[str]:
+    with duckdb.connect(db, read_only=True) as con:
+        rows = con.execute(
+            "SELECT event_id FROM analytics.track_outbox WHERE customer_id = ?", [customer_id]
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+@pytest.mark.slow  # seven job runs in process (~30 s on the 2-core box)
+def test_events_left_pending_by_a_failed_emit_go_out_whatever_the_next_build_touched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run reads only the changed customers' rows after a clean emit; after an emit that
+    failed, the next run reads everything: by a kept build, or by a delta build that touched
+    other customers, the events left pending are sent, each once, with their identifies."""
+    from pipelines.job import RunOptions, run_job
+    from tests.conftest import make_sandbox
+
+    for sandbox in make_sandbox(tmp_path, customers=40):
+        collector, business = sandbox.collector, sandbox.business
+        buyers = sorted(business.buyers)
+
+        def run(label: str, sandbox: Any = sandbox) -> Any:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="dodo_segment"):
+                report = run_job(sandbox.config(), RunOptions())
+            scoped = "read only what the models changed" in caplog.text
+            return report, scoped
+
+        def pay(customer_id: str, sandbox: Any = sandbox) -> None:
+            sandbox.business.add_payments(1, customer_id=customer_id)
+
+        first = run_job(
+            sandbox.config(), RunOptions(events_since=business.now - timedelta(days=30))
+        )
+        assert (first.outcome, first.pending) == ("success", 0), first.error
+
+        # a clean run after a clean emit reads only the touched customer's rows
+        pay(buyers[0])
+        report, scoped = run("delta after a clean emit")
+        assert (report.outcome, report.pending, scoped) == ("success", 0, True), report.error
+        assert report.tracks_sent >= 1 and _unsettled(sandbox.db) == set()
+
+        # Segment is down: the delta's events (customer 1) stay pending
+        pay(buyers[1])
+        collector.outage(True)
+        report, _ = run("delta during an outage")
+        assert report.outcome == "failed" and report.pending > 0
+        left = _unsettled(sandbox.db)
+        assert left and left <= _customer_tracks(sandbox.db, buyers[1])
+        collector.outage(False)
+
+        # nothing changed at Dodo: a kept build, and the pending events go out
+        report, scoped = run("kept build after the outage")
+        assert report.outcome == "success", report.error
+        sent = {m["messageId"] for m in collector.tracks()}
+        assert left <= sent and _unsettled(sandbox.db) == set()
+        assert (report.pending, scoped) == (0, False)
+
+        # down again, for customer 2's events; the next delta touches customer 3 only
+        pay(buyers[2])
+        collector.outage(True)
+        report, _ = run("second outage")
+        assert report.outcome == "failed"
+        left = _unsettled(sandbox.db)
+        assert left and not left & _customer_tracks(sandbox.db, buyers[3])
+        collector.outage(False)
+        pay(buyers[3])
+        report, scoped = run("delta of another customer")
+        assert report.outcome == "success", report.error
+        sent = {m["messageId"] for m in collector.tracks()}
+        assert left <= sent and _unsettled(sandbox.db) == set()
+        assert (report.pending, scoped) == (0, False)
+        identified = {m["userId"] for m in collector.identifies()[-10:]}
+        assert {buyers[2], buyers[3]} <= identified
+
+        # settled again: the next delta reads only its customer's rows
+        pay(buyers[4])
+        report, scoped = run("delta after recovering")
+        assert (report.outcome, report.pending, scoped) == ("success", 0, True), report.error
+        assert _unsettled(sandbox.db) == set()
+        ids = [m["messageId"] for m in collector.tracks()]
+        assert len(ids) == len(set(ids))  # each event once

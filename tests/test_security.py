@@ -352,7 +352,19 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/verify.py": {"a", "b", "full", "here", "key", "select", "table"},
     "pipelines/commands/forget.py": {"id_column", "match", "table"},  # forget._LOOKUPS
     # fixed clauses: changed_only (its value is a parameter), group_id (a column name or NULL)
-    "pipelines/emit/ledger.py": {"changed_only", "group_id", "group"},
+    # issue 21 (emit): `table` is outbox_changes.CHANGED_TRACKS (a code constant the job hands
+    # over), `match` one of two fixed clauses; the ids themselves are bound parameters
+    "pipelines/emit/ledger.py": {
+        "changed_only",
+        "group_id",
+        "group",
+        "match.format('event_id')",
+        "match.format('message_id')",
+        "table",
+    },
+    "pipelines/emit/accounts.py": {"only"},  # a fixed clause; the ids are a bound parameter
+    # issue 21 (emit): the runner's temp view of the touched customers' track outbox rows
+    "pipelines/transform/outbox_changes.py": {"track_rows"},
     # issue 13: PRIMARY_KEYS/STATUS_FIELDS and the raw contract's names (dodo_contract.RAW_COLUMNS)
     "pipelines/extract/dodo/settled.py": {"key", "status", "resource"},
     "pipelines/warehouse.py": {

@@ -4,6 +4,7 @@
 outbox rows into validated Segment calls; `segment_client` delivers them batch by batch with
 confirmation; `ledger` owns `segment_sync` (delivered events, identify state, rejects);
 `checkpoint` keeps, outside the warehouse, what a rebuilt ledger needs not to skip anything;
+`settled` lets a run read only what the models changed since the last clean emit;
 `pending` counts what the next run would send without writing; `tracking_plan` derives the
 plan every message is checked against; `accounts` keeps group state and past user ids;
 `regulations` asks Segment's Public API to suppress and delete a forgotten customer.
@@ -24,6 +25,7 @@ _HOMES = {
     "take_checkpoint": "checkpoint",
     "warehouse_knows_run": "checkpoint",
     "write_checkpoint": "checkpoint",
+    "ChangedSince": "settled",
     "EmitResult": "emitter",
     "Preview": "emitter",
     "emit": "emitter",

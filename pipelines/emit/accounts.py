@@ -91,23 +91,32 @@ def changed_user_ids(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str
 
 
 def record_user_ids(
-    con: duckdb.DuckDBPyConnection, run_id: str, keep_changed: bool = False
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    keep_changed: bool = False,
+    only_customers: Sequence[str] | None = None,
 ) -> None:
     """Remember the user id each customer is now identified under (customers whose user has an
     acknowledged identify); `keep_changed` leaves customers whose id changed as they are (their
-    alias is still due: `record_aliased` moves them once it is acknowledged)."""
+    alias is still due: `record_aliased` moves them once it is acknowledged). `only_customers`:
+    only these (every other customer's id and identify are as the last run recorded them)."""
     if "user_id" not in outbox_columns(con, "customer_identity"):
         return
+    only = ""
+    params: dict[str, Any] = {"run_id": run_id, "keep": keep_changed}
+    if only_customers is not None:
+        only = "AND c.customer_id IN (SELECT unnest($only::VARCHAR[]))"
+        params["only"] = list(only_customers)
     con.cursor().execute(
-        """INSERT INTO segment_sync.customer_user_ids
+        f"""INSERT INTO segment_sync.customer_user_ids
            SELECT c.customer_id, c.user_id, current_timestamp, $run_id
            FROM analytics.customer_identity c
            INNER JOIN segment_sync.identify_state s ON s.user_id = c.user_id
            LEFT JOIN segment_sync.customer_user_ids m ON m.customer_id = c.customer_id
-           WHERE m.customer_id IS NULL OR (m.user_id <> c.user_id AND NOT $keep)
+           WHERE (m.customer_id IS NULL OR (m.user_id <> c.user_id AND NOT $keep)) {only}
            ON CONFLICT (customer_id) DO UPDATE SET user_id = excluded.user_id,
                recorded_at = excluded.recorded_at, run_id = excluded.run_id""",
-        {"run_id": run_id, "keep": keep_changed},
+        params,
     )
 
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from pipelines.durable import replace_file
 from pipelines.emit import ledger
+from pipelines.emit.settled import LedgerState
 from pipelines.lock import lock_path
 
 SAFETY_MARGIN = timedelta(hours=6)
@@ -149,12 +150,29 @@ _SETTLED_AFTER = """
 """
 
 
+def ledger_state(con: duckdb.DuckDBPyConnection) -> LedgerState:
+    """The ledger over the whole track outbox: counts, the oldest pending and newest times."""
+    row = con.cursor().execute(_STATE).fetchone()
+    assert row is not None
+    delivered, skipped, rejected, pending, oldest_pending, newest = row
+    return LedgerState(
+        int(delivered), int(skipped), int(rejected), int(pending), oldest_pending, newest
+    )
+
+
 def take_checkpoint(
-    con: duckdb.DuckDBPyConnection, run_id: str, previous: Checkpoint | None = None
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    previous: Checkpoint | None = None,
+    state: LedgerState | None = None,
 ) -> Checkpoint:
-    """Read the ledger's state after an emit (the warehouse is not written)."""
+    """Read the ledger's state after an emit (the warehouse is not written); `state`: the one
+    the emit worked out (`EmitResult.ledger_state`), else it is read over the whole outbox."""
     cur = con.cursor()
-    delivered, skipped, rejected, pending, oldest_pending, newest = cur.execute(_STATE).fetchone()
+    if state is None:
+        state = ledger_state(con)
+    delivered, skipped, rejected = state.delivered, state.skipped, state.rejected
+    pending, oldest_pending, newest = state.pending, state.oldest_pending, state.newest
     up_to = _moment(oldest_pending if pending else newest)
     identified = cur.execute("SELECT count(*) FROM segment_sync.identify_state").fetchone()
     cp = Checkpoint(

@@ -17,7 +17,8 @@ from typing import Any
 import duckdb
 import orjson
 
-from pipelines.emit import accounts, ledger
+from pipelines.emit import accounts, ledger, settled
+from pipelines.emit.checkpoint import ledger_state
 from pipelines.emit.ledger import ensure_sync_schema
 from pipelines.emit.messages import (
     EPOCH,
@@ -28,10 +29,12 @@ from pipelines.emit.messages import (
 )
 from pipelines.emit.segment_client import Outgoing, SegmentSender, redact
 from pipelines.emit.settings import EmitSettings
+from pipelines.emit.settled import ChangedSince, LedgerState, Scope
 from pipelines.emit.tracking_plan import PlanValidator, build_plan, load_plan, plan_is_current
 from pipelines.gc_passes import fewer_gc_passes
 
 __all__ = [
+    "ChangedSince",
     "EmitResult",
     "EmitSettings",
     "Preview",
@@ -66,6 +69,12 @@ class EmitResult:
     error: str | None = None
     dry_run: bool = False
     seconds: float = 0.0
+    tracks_rejected: int = 0
+    scoped: bool = False
+    """Only the outbox rows the models changed since the last settled emit were read."""
+    ledger_state: LedgerState | None = None
+    """The ledger over the track outbox after a run that left nothing pending (for the
+    checkpoint); None: not worked out."""
 
 
 @dataclass
@@ -197,6 +206,7 @@ def _send(
         + max(track_total - result.tracks_sent - track_rejects, 0)
     )  # fmt: skip
     result.rejected = len(rows)
+    result.tracks_rejected = len({r[0] for r in rows if r[1] == "track"})
     result.batches, result.bytes = stats.batches, stats.bytes
     # Failed: Segment did not take everything (stopped after an outage, or batches that failed
     # after their retries); what it did not take stays pending for the next run.
@@ -214,12 +224,17 @@ def emit(
     events_since: datetime | date | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    changed: ChangedSince | None = None,
 ) -> EmitResult:
     """Send changed identifies, then undelivered tracks; first sync skips the track backlog.
 
     First sync (nothing in the ledger nor in identify_state): the outbox's tracks are recorded as
     `skipped` (only those before `events_since` when given) and every identify is sent. Later
     runs send every track not in the ledger nor rejected, plus skipped ones from `events_since`.
+
+    `changed` (what the models step says it changed since which build): when the last emit
+    settled that build and nothing else moved (`settled.scope`), only the changed keys' rows are
+    read, and a run that leaves nothing pending records itself as settled for the next one.
     """
     since = _aware(events_since)
     if dry_run:
@@ -232,17 +247,32 @@ def emit(
             dry_run=True,
         )
     ensure_sync_schema(con)
+    accounts.ensure_account_schema(con)
+    before = settled.take(con)  # a run that fails or is killed from here on leaves none
     result = EmitResult()
-    if ledger.is_first_sync(con):
+    first = ledger.is_first_sync(con)
+    scope = None
+    if since is None and not first:  # read before this run writes anything
+        scope = settled.scope(con, before, changed, settings)
+    result.scoped = scope is not None
+    if first:
         # Recorded before anything is sent: a kill later cannot turn the backlog into "new".
         result.skipped_backlog = ledger.record_skipped_backlog(con, run_id, since)
     rejects = Rejects()
     plan = plan_validator(con, settings)
-    identifies = _first_phase(con, settings, rejects, plan)
-    track_total = ledger.count_tracks(con, since)
+    identifies = _first_phase(con, settings, rejects, plan, scope)
+    scoped_cursor, newest = None, None
+    if scope is None:
+        track_total = ledger.count_tracks(con, since)
+    elif scope.customer_ids:
+        scoped_cursor, track_total, newest = ledger.scoped_tracks(
+            con, scope.customer_ids, scope.tracks_table
+        )
+    else:
+        track_total = 0
 
     def tracks() -> Iterator[Outgoing]:
-        rows = ledger.iter_tracks(con, since)
+        rows = ledger.iter_tracks(con, since, scoped=scoped_cursor)
         built = track_messages(rows, settings.excluded_fields, rejects, plan)
         return as_first_sent(con, run_id, built, settings.excluded_fields, plan, in_flight > 0)
 
@@ -253,8 +283,43 @@ def emit(
         con, settings, run_id, identifies, pending_tracks, track_total, rejects, result, progress
     )
     if not result.failed:
-        accounts.record_user_ids(con, run_id, keep_changed=settings.alias)
+        # a user identified now is a changed one, and every customer of it is a changed one
+        only = None if scope is None else scope.customer_ids
+        accounts.record_user_ids(con, run_id, keep_changed=settings.alias, only_customers=only)
+    if changed is not None and not result.failed and result.pending == 0:
+        result.ledger_state = _state_after(con, before if scope else None, result, newest)
+        # what was read: the build the changes describe, or every row of the build there now
+        # (the deep pass may have rebuilt the models after the changes were told)
+        build = changed.build_id if scope is not None else settled.current_build(con)
+        if build is not None:
+            settled.record(con, run_id, build, settings, result.ledger_state)
     return result
+
+
+def _state_after(
+    con: duckdb.DuckDBPyConnection,
+    before: settled.Settled | None,
+    result: EmitResult,
+    newest: datetime | None,
+) -> LedgerState:
+    """The ledger over the track outbox after a run that left nothing pending: read over the
+    whole outbox, or (`before`: a run that read only the changed rows) the settled emit's
+    counts plus this run's deliveries and rejects, and the later of its newest time and the
+    changed rows' (`newest`). Carried counts miss a changed row that left the outbox until the
+    next run that reads everything; the times, which a restore relies on, are exact or later
+    (every event before them is settled)."""
+    if before is None:
+        return ledger_state(con)
+    old = before.state
+    latest = max((t for t in (old.newest, newest) if t is not None), default=None)
+    return LedgerState(
+        old.delivered + result.tracks_sent,
+        old.skipped,
+        old.rejected + result.tracks_rejected,
+        0,
+        None,
+        latest,
+    )
 
 
 JOURNAL_CHUNK = 1000
@@ -311,8 +376,10 @@ def _first_phase(
     settings: EmitSettings,
     rejects: Rejects,
     plan: PlanValidator | None,
+    scope: Scope | None = None,
 ) -> Iterator[Outgoing]:
-    """What goes before the tracks: alias calls (`alias`), changed identifies, changed groups."""
+    """What goes before the tracks: alias calls (`alias`), changed identifies (of the scope's
+    users only, when given), changed groups."""
     accounts.ensure_account_schema(con)
     now = datetime.now(UTC)
     rejected_before = ledger.rejected_identify_ids(con)
@@ -320,7 +387,10 @@ def _first_phase(
         yield from alias_messages(iter(accounts.changed_user_ids(con)), now)
     yield from identify_messages(
         ledger.iter_identify_rows(
-            con, skip_unchanged_for=settings.excluded_fields, with_group=True
+            con,
+            skip_unchanged_for=settings.excluded_fields,
+            with_group=True,
+            only_users=None if scope is None else scope.user_ids,
         ),
         settings.excluded_fields,
         rejects,
@@ -352,6 +422,7 @@ def resend(
     validated again). Identifies are not part of it: use `recompute_traits` for profiles.
     """
     ensure_sync_schema(con)
+    settled.forget(con)
     moment = _aware(since)
     rejects = Rejects()
     total = ledger.count_tracks(con, moment, event, resend=True)
@@ -373,6 +444,7 @@ def recompute_traits(
     """Send identify for every (or the named) customer regardless of the stored hash (a named
     customer is identified under its Segment user id, with the other customers sharing it)."""
     ensure_sync_schema(con)
+    settled.forget(con)
     rejects = Rejects()
     if customer_ids is not None and ledger.outbox_columns(con, "customer_identity"):
         # the customers' Segment user ids ([identity] user_id), besides ids given as user ids

@@ -16,7 +16,7 @@ import duckdb
 
 from pipelines import dodo_contract
 from pipelines.config import IdentityConfig
-from pipelines.transform import delta, previous, scoped_tests, touched
+from pipelines.transform import delta, outbox_changes, previous, scoped_tests, touched
 from pipelines.transform.data_tests import (
     DataTest,
     DataTestResult,
@@ -26,6 +26,7 @@ from pipelines.transform.data_tests import (
     run_data_test,
     save_data_test_results,
 )
+from pipelines.transform.outbox_changes import OutboxChanges
 from pipelines.transform.user_models import (
     CUSTOM_GROUP_TRAITS,
     CUSTOM_TRAITS,
@@ -148,6 +149,9 @@ class TransformResult:
     build_reason: str = ""
     """Why a run with `incremental` built in full (first build, changed SQL, share...)."""
     touched_customers: int = 0
+    outbox_changes: OutboxChanges | None = None
+    """What the build may have changed in the outboxes (the emitter reads only that when it
+    settled the build they changed from); None: not known."""
 
 
 def _headers(sql: str) -> dict[str, str]:
@@ -340,6 +344,7 @@ def run_models(
                 build="kept",
                 quarantined=_quarantined_by_test(con),
                 seconds=time.perf_counter() - started,
+                outbox_changes=outbox_changes.kept(con),
             )
     tests_by_model: dict[str, list[DataTest]] = {}
     for test in _data_tests(sql_dir, user_paths, by_name):
@@ -382,6 +387,7 @@ def run_models(
                     build_reason="no raw row changed and nothing fell due",
                     quarantined=_quarantined_by_test(con),
                     seconds=time.perf_counter() - started,
+                    outbox_changes=outbox_changes.kept(con),
                 )
             if not plan.delta:
                 last_build.close()
@@ -395,6 +401,9 @@ def run_models(
             delta.forget_state(con)
         # A build that stops half-way must never be mistaken for the last clean one.
         con.execute(f"drop table if exists {BUILD_STATE_TABLE}")
+        # before any model changes (a delta's inside its transaction): a build that stops
+        # half-way leaves an id no emit settled
+        build_id, since_build = outbox_changes.start_build(con, delta=plan.delta)
         macros = sql_dir / "macros.sql"
         if macros.exists():
             try:
@@ -443,9 +452,18 @@ def run_models(
                     result.quarantined[test.name] = outcome.quarantined
         result.emission_blocked = bool(result.errors)
         save_data_test_results(con, result.tests, run_at)
+        result.outbox_changes = OutboxChanges(build_id, None)
         if incremental:
             if builder is not None:
                 result.touched_customers = delta.touched_count(con)
+                assert last_build is not None
+                track_rows = builder.changed_tracks()
+                whole = bool(builder.full) or outbox_changes.lifted_event_quarantine(
+                    con, last_build, track_rows
+                )
+                result.outbox_changes = outbox_changes.delta_changes(
+                    con, build_id, since_build, track_rows, whole=whole
+                )
             delta.remember_state(con, delta_fingerprint, full=builder is None)
         if last_build is not None:
             last_build.close()
@@ -608,6 +626,10 @@ class _DeltaBuilder:
             scoped_tests.refresh_track_inputs(self.con, self.tables)
         self.track_stale = False
         return self.test_scopes[scoped_tests.TRACK_OUTBOX]
+
+    def changed_tracks(self) -> str:
+        """The touched customers' track outbox rows as the build leaves them (a relation)."""
+        return self._track_scope()
 
     def _keep_scopes(self, names: set[str]) -> None:
         """Keep the touched keys' rows of the relations a scoped test reads, unless kept since
