@@ -363,6 +363,9 @@ them, so they are not part of the raw data the models' keep-the-last-build check
 
 ANALYTICS_SCHEMA: Final = "analytics"
 SYNC_SCHEMA: Final = "segment_sync"
+OUTBOX_BUILD_TABLE: Final = "_outbox_build"
+"""Table of the analytics schema: the id of the models build the outboxes are now (written by
+the models step, read by the emitter to tell which build an emit settled)."""
 WAREHOUSE_SCHEMA_VERSION: Final = 3
 """3: the raw columns of Dodo API 1.123 typed in place (`warehouse.type_raw_columns`)."""
 

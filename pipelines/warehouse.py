@@ -12,7 +12,14 @@ from typing import Any
 
 import duckdb
 
-from pipelines.dodo_contract import RAW_COLUMNS, RAW_DATASET, SYNC_SCHEMA, WAREHOUSE_SCHEMA_VERSION
+from pipelines.dodo_contract import (
+    ANALYTICS_SCHEMA,
+    OUTBOX_BUILD_TABLE,
+    RAW_COLUMNS,
+    RAW_DATASET,
+    SYNC_SCHEMA,
+    WAREHOUSE_SCHEMA_VERSION,
+)
 
 
 class WarehouseError(RuntimeError):
@@ -246,6 +253,19 @@ def connect(
         raise
     finally:
         con.close()
+
+
+def outbox_build_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The id of the models build the outboxes are now (None: none recorded). Queries nothing
+    that can fail: it runs inside a delta build's transaction too."""
+    exists = con.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+        [ANALYTICS_SCHEMA, OUTBOX_BUILD_TABLE],
+    ).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = con.execute(f"select build_id from {ANALYTICS_SCHEMA}.{OUTBOX_BUILD_TABLE}").fetchone()
+    return str(row[0]) if row else None
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import duckdb
 
+from pipelines import warehouse
 from pipelines.emit.settings import EmitSettings
 
 TABLE = "segment_sync.emit_settled"
-BUILD_TABLE = "analytics._outbox_build"
-"""The id of the build the outboxes are now (written by the models step)."""
 
 
 @dataclass(frozen=True)
@@ -154,15 +153,7 @@ def forget(con: duckdb.DuckDBPyConnection) -> None:
 
 def current_build(con: duckdb.DuckDBPyConnection) -> str | None:
     """The id of the build the outboxes are now (None: none recorded)."""
-    cur = con.cursor()
-    exists = cur.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_schema = 'analytics' AND table_name = '_outbox_build'"
-    ).fetchone()
-    if not exists or not exists[0]:
-        return None
-    row = cur.execute(f"SELECT build_id FROM {BUILD_TABLE}").fetchone()
-    return str(row[0]) if row else None
+    return warehouse.outbox_build_id(con.cursor())
 
 
 def scope(

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import duckdb
 
-from pipelines import dodo_contract
+from pipelines import dodo_contract, warehouse
 from pipelines.transform import previous, touched
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
-BUILD_TABLE = f"{SCHEMA}._outbox_build"
+BUILD_TABLE = f"{SCHEMA}.{dodo_contract.OUTBOX_BUILD_TABLE}"
 """One row: the id of the build the outboxes are now, and the build a delta started from."""
 CHANGED_TRACKS = f"{SCHEMA}._track_outbox_changes"
 """The track outbox's rows of the customers the last delta build touched, as it left them
@@ -42,14 +42,7 @@ class OutboxChanges:
 
 def current_build(con: duckdb.DuckDBPyConnection) -> str | None:
     """The id of the build the outboxes are now (None: built before builds had ids)."""
-    exists = con.execute(
-        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
-        [SCHEMA, BUILD_TABLE.split(".")[-1]],
-    ).fetchone()
-    if not exists or not exists[0]:
-        return None
-    row = con.execute(f"select build_id from {BUILD_TABLE}").fetchone()
-    return str(row[0]) if row else None
+    return warehouse.outbox_build_id(con)
 
 
 def _write(con: duckdb.DuckDBPyConnection, build_id: str, since: str | None) -> None:
