@@ -88,11 +88,13 @@ soak: install
 	DODO_SEGMENT_SOAK_KILLS=200 $(BIN)/python -m pytest -q tests/test_reliability.py -k kill
 
 # A month of 5-minute cron runs compressed in time, with faults, kills and a lost warehouse
-# (hours; not part of `make test`). SOAK_DAYS=1 for a shorter run of the same;
-# SOAK_WALL_MINUTES=60 stops the simulated time after an hour (then the final checks).
+# (hours; not part of `make test`). Its state lives in SOAK_STATE: stopped, killed or paused
+# (SOAK_WALL_MINUTES=60 pauses it after an hour), the same command resumes it; the final run and
+# the checks come when the SOAK_DAYS are simulated. SOAK_DAYS=1 for a shorter soak of the same.
 SOAK_DAYS ?= 30
+SOAK_STATE ?= bench/_work/soak-month-$(SOAK_DAYS)d
 soak-month: install
-	$(BIN)/python -m bench.soak_month --days $(SOAK_DAYS) $(if $(SOAK_WALL_MINUTES),--wall-minutes $(SOAK_WALL_MINUTES))
+	$(BIN)/python -m bench.soak_month --days $(SOAK_DAYS) --state-dir $(SOAK_STATE) $(if $(SOAK_WALL_MINUTES),--wall-minutes $(SOAK_WALL_MINUTES))
 
 notebooks: install
 	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks,lab]"

@@ -11,6 +11,13 @@ collector (or was skipped as history by the very first sync), none twice under a
 messageId, and the repeats under the same messageId (a kill between Segment's acknowledgement
 and the ledger) counted. The warehouse's size and rows per schema after the first day and at the
 end show whether it grows with the business's changes or with the number of runs.
+
+A month is hours of runs. With `--state-dir` the soak keeps its warehouse, webhook store, what
+the collector received (`collector.jsonl`) and its progress (`state.json`, after every tick)
+there; stopped, killed or paused (`--wall-minutes`, `--stop-after-ticks`), the same command
+resumes it: the business is generated again and advanced through the ticks already done (every
+tick's random draws are its own, so they are the same either way) and the soak goes on. A soak
+killed in the middle of a run resumes by redoing that tick, which is a killed run for the job.
 """
 
 from __future__ import annotations
@@ -138,7 +145,25 @@ def check(db: Path, collector: SegmentCollector, skipped_first: set[str]) -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+STATE_VERSION = 1
+SETTINGS = ("days", "every_minutes", "customers", "fault_share", "outage_share", "kill_share",
+            "seed", "keep_runs")  # fmt: skip
+"""The arguments a resumed soak must share with the one it continues."""
+
+
+def tick_rng(seed: int, tick: int, stream: str) -> random.Random:
+    """The tick's own random draws: the same whether the soak runs straight or is resumed."""
+    return random.Random(f"{seed}:{stream}:{tick}")
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    """The soak's progress after a finished tick, replaced atomically."""
+    tmp = folder / "state.json.tmp"
+    tmp.write_bytes(orjson.dumps(state, default=str))
+    os.replace(tmp, folder / "state.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.soak_month")
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--every-minutes", type=float, default=5.0)
@@ -154,46 +179,102 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     parser.add_argument(
         "--wall-minutes", type=float, default=None,
-        help="stop the simulated time after this many real minutes (then the final run and the "
-        "checks, as at the end of --days): the days reached are reported",
+        help="stop the simulated time after this many real minutes: without --state-dir, then the "
+        "final run and the checks (the days reached are reported); with it, the soak pauses and "
+        "the same command resumes it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stop-after-ticks", type=int, default=None,
+        help="as --wall-minutes, after this many simulated intervals of this session",
+    )  # fmt: skip
+    parser.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="keep the warehouse, the webhook store, what the collector received and the soak's "
+        "progress here, so that a stopped or killed soak resumes where it was (the same command "
+        "again); default: a temporary folder, no resume",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_soak.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     if args.keep_runs is not None:  # the bench's compression of time, not the job's setting
         bookkeeping.KEEP_RECENT_RUNS = args.keep_runs
     logging.basicConfig(level=logging.ERROR)  # the runs' own lines: only errors
-    rng = random.Random(args.seed)
-    wall = datetime.now(UTC).replace(microsecond=0)
+    if args.state_dir is None:
+        with tempfile.TemporaryDirectory(prefix="dodo-segment-soak-") as work:
+            return soak(args, Path(work), resumable=False)
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    return soak(args, args.state_dir, resumable=True)
+
+
+def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, Any]:
+    """Run (or resume) the soak in `folder`; the results once the month is done or paused."""
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    saved = orjson.loads((folder / "state.json").read_bytes()) if resumable and (folder / "state.json").exists() else None  # fmt: skip
+    if saved is not None and (saved["version"], saved["settings"]) != (STATE_VERSION, settings):
+        raise SystemExit(
+            f"{folder} holds a soak with other settings ({saved['settings']}); "
+            "give another --state-dir or the same settings"
+        )
+    if saved is None and resumable and any(folder.iterdir()):
+        raise SystemExit(f"{folder} is not empty and holds no soak to resume: give an empty folder")
+    state: dict[str, Any] = saved or {
+        "version": STATE_VERSION, "settings": settings, "ticks_done": 0, "wall_seconds": 0.0,
+        "measured_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        "outcomes": {}, "steps": {}, "figures": {}, "sessions": 0,
+    }  # fmt: skip
+    state["sessions"] += 1
+    outcomes: Counter[str] = Counter(state["outcomes"])
+    steps: Counter[str] = Counter(state["steps"])
+    """Seconds spent per step over the in-process runs (where a soak run's time goes)."""
+    figures: dict[str, Any] = state["figures"]
+    wall = datetime.fromisoformat(state["measured_at"])
     ticks = int(args.days * 24 * 60 / args.every_minutes)
     business = generate_business(
         args.seed, args.customers, now=wall - timedelta(days=args.days + 1)
     )
-    outcomes: Counter[str] = Counter()
-    figures: dict[str, Any] = {}
-    steps: Counter[str] = Counter()
-    """Seconds spent per step over the in-process runs (where a soak run's time goes)."""
+    minutes = args.every_minutes / 1440
+    for tick in range(1, state["ticks_done"] + 1):  # a resumed soak: the business as it was
+        business.advance_time(days=minutes, seed=tick_rng(args.seed, tick, "business").randrange(1 << 30))  # fmt: skip
+    if saved is not None:
+        outcomes["soak_resumed"] += 1
+        print(f"resumed at tick {state['ticks_done']} (session {state['sessions']})", flush=True)
     started = time.monotonic()
     stop_at = started + args.wall_minutes * 60 if args.wall_minutes else None
-    ticks_done = 0
     with (
-        tempfile.TemporaryDirectory(prefix="dodo-segment-soak-") as work,
         DodoSimulator(business, api_key=API_KEY) as simulator,
-        SegmentCollector(write_key=WRITE_KEY) as collector,
-    ):
-        db = Path(work) / "warehouse.duckdb"
+        SegmentCollector(write_key=WRITE_KEY, journal=folder / "collector.jsonl" if resumable else None) as collector,
+    ):  # fmt: skip
+        db = folder / "warehouse.duckdb"
         store = WebhookStore(store_folder(str(db))).ensure()
-        first = run_job(load_config(flags(simulator, collector, db, business.now)), RunOptions())
-        outcomes[f"run:{first.outcome}"] += 1
-        with duckdb.connect(str(db), read_only=True) as con:
-            skipped_first = {r[0] for r in con.execute(
-                "select event_id from segment_sync.delivered_events where status = 'skipped'"
-            ).fetchall()}  # fmt: skip
-        for tick in range(1, ticks + 1):  # bounded: one run per simulated interval
-            if stop_at is not None and time.monotonic() >= stop_at:
+        skipped_path = folder / "skipped_first.json"
+        if saved is None:
+            collector.reset()
+            first = run_job(
+                load_config(flags(simulator, collector, db, business.now)), RunOptions()
+            )
+            outcomes[f"run:{first.outcome}"] += 1
+            with duckdb.connect(str(db), read_only=True) as con:
+                skipped = [r[0] for r in con.execute(
+                    "select event_id from segment_sync.delivered_events where status = 'skipped'"
+                ).fetchall()]  # fmt: skip
+            skipped_path.write_bytes(orjson.dumps(skipped))
+            if resumable:
+                save_state(folder, {**state, "outcomes": outcomes})
+        skipped_first = set(orjson.loads(skipped_path.read_bytes()))
+        paused = False
+        first_tick = state["ticks_done"]
+        for tick in range(state["ticks_done"] + 1, ticks + 1):  # one run per simulated interval
+            if (stop_at is not None and time.monotonic() >= stop_at) or (
+                args.stop_after_ticks is not None and tick > first_tick + args.stop_after_ticks
+            ):
+                paused = resumable
                 break
-            ticks_done = tick
+            rng = tick_rng(args.seed, tick, "tick")
             before = snapshot(business)
-            business.advance_time(days=args.every_minutes / 1440, seed=rng.randrange(1 << 30))
+            business.advance_time(days=minutes, seed=tick_rng(args.seed, tick, "business").randrange(1 << 30))  # fmt: skip
             outcomes["webhook_deliveries"] += deliver(store, changes_since(before, business), rng)
             if tick == ticks // 2:
                 for path in (db, Path(f"{db}.wal")):
@@ -238,36 +319,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "bookkeeping_rows": {k: v for k, v in found.get("rows_by_table", {}).items()
                                          if k in BOOKKEEPING},
                 })  # fmt: skip
+            state.update(ticks_done=tick, outcomes=outcomes, steps=steps, figures=figures)
+            if resumable:
+                save_state(folder, {**state, "wall_seconds": state["wall_seconds"] + time.monotonic() - started})  # fmt: skip
             if tick % 50 == 0:
                 print(f"tick {tick}/{ticks} ({time.monotonic() - started:.0f}s) {dict(outcomes)}",
                       flush=True)  # fmt: skip
-        final = run_job(load_config(flags(simulator, collector, db, business.now)), RunOptions())
-        outcomes[f"final:{final.outcome}"] += 1
-        figures["after_all"] = sizes(db)
-        figures["checks"] = check(db, collector, skipped_first)
-    runs = max(1, steps.pop("runs", 0))
+        if not paused:
+            final = run_job(
+                load_config(flags(simulator, collector, db, business.now)), RunOptions()
+            )
+            outcomes[f"final:{final.outcome}"] += 1
+            figures["after_all"] = sizes(db)
+            figures["checks"] = check(db, collector, skipped_first)
+    runs = max(1, steps.get("runs", 0))
     results = {
         "measured_at": wall.isoformat(),
+        "complete": not paused,
         "days": args.days,
-        "days_simulated": round(ticks_done * args.every_minutes / 1440, 2),
+        "days_simulated": round(state["ticks_done"] * args.every_minutes / 1440, 2),
         "every_minutes": args.every_minutes,
-        "runs": ticks_done + 2,
-        "seconds_per_in_process_run": {k: round(v / runs, 2) for k, v in steps.items()},
+        "runs": state["ticks_done"] + (1 if paused else 2),
+        "seconds_per_in_process_run": {
+            k: round(v / runs, 2) for k, v in steps.items() if k != "runs"
+        },
         "customers": args.customers,
         "keep_runs": bookkeeping.KEEP_RECENT_RUNS,
-        "wall_seconds": round(time.monotonic() - started, 1),
+        "wall_seconds": round(state["wall_seconds"] + time.monotonic() - started, 1),
+        "sessions": state["sessions"],
         "cpus": os.cpu_count(),
         "load_avg_at_end": os.getloadavg(),
         "outcomes": dict(outcomes),
         **figures,
     }
     args.out.write_text(json.dumps(results, indent=2, default=str))
-    summary = {k: v for k, v in results.items() if k not in ("after_day_1", "after_all")}
+    summary = {
+        k: v for k, v in results.items() if k not in ("after_day_1", "after_all", "every_6_hours")
+    }
     summary["file_bytes"] = {
         "after_day_1": figures.get("after_day_1", {}).get("file_bytes"),
-        "after_all": figures["after_all"]["file_bytes"],
+        "now" if paused else "after_all": (figures.get("after_all") or sizes(db))["file_bytes"],
     }
     print(json.dumps(summary, indent=2, default=str))
+    if paused:
+        print(f"paused at tick {state['ticks_done']}/{ticks}: the same command resumes it", flush=True)  # fmt: skip
     return results
 
 

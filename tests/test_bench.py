@@ -125,18 +125,24 @@ def test_flood_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert results["worker_peak_rss_mib"] > 0
 
 
-def test_soak_month_runs_end_to_end(tmp_path: Path) -> None:
+def test_soak_month_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     from bench.soak_month import main as soak_month
 
     out = tmp_path / "results_soak.json"
-    # 12 runs of 5 simulated minutes (a tenth of them SIGKILLed), the warehouse lost at the sixth
-    results = soak_month(
-        ["--days", str(12 * 5 / 1440), "--customers", "40", "--kill-share", "0.1",
-         "--seed", "7", "--out", str(out)]
-    )  # fmt: skip
+    # 12 runs of 5 simulated minutes (a tenth of them SIGKILLed), the warehouse lost at the sixth;
+    # the soak pauses after 4 and the same command resumes it from its state folder
+    argv = ["--days", str(12 * 5 / 1440), "--customers", "40", "--kill-share", "0.1",
+            "--seed", "7", "--out", str(out), "--state-dir", str(tmp_path / "soak")]  # fmt: skip
+    paused = soak_month([*argv, "--stop-after-ticks", "4"])
+    assert not paused["complete"] and paused["runs"] == 1 + 4  # the first sync and 4 ticks
+    assert "checks" not in paused and "warehouse_lost" not in paused["outcomes"]
+    results = soak_month(argv)
+    assert results["complete"] and results["sessions"] == 2
+    assert results["outcomes"]["soak_resumed"] == 1
     assert json.loads(out.read_text())["runs"] == results["runs"] == 14
     assert results["days_simulated"] == pytest.approx(12 * 5 / 1440, abs=0.01)
     assert results["outcomes"]["warehouse_lost"] == 1
     checks = results["checks"]
+    assert checks["events_received"] > 0
     assert checks["events_lost"] == 0 and checks["events_sent_twice_under_other_ids"] == 0
     assert results["seconds_per_in_process_run"]["total"] > 0

@@ -9,6 +9,7 @@ import time
 import zlib
 from collections import deque
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,6 +44,10 @@ class SegmentCollector(LoopbackServer):
     Like Segment, a wrong write key gets 200 and the data is dropped (counted in
     `dropped_wrong_key`). Faults: `inject`, `latency_ms`, `outage`, `drop_after_receive`,
     `reject_message_ids`.
+
+    `journal`: a file every accepted message is appended to (one JSON line each, written before
+    the 200) and read back at start, so what was received outlives this process: a soak that is
+    stopped and resumed checks against everything Segment would have had.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class SegmentCollector(LoopbackServer):
         host: str = "127.0.0.1",
         port: int = 0,
         public_api_token: str = "sandbox_public_api_token",
+        journal: Path | None = None,
     ) -> None:
         self.write_key = write_key
         self.public_api_token = public_api_token
@@ -62,7 +68,13 @@ class SegmentCollector(LoopbackServer):
         self._faults: deque[tuple[int, float | None]] = deque()
         self._outage: tuple[int, float | None] | None = None
         self._drops = 0
+        self.journal: Path | None = None
         self.reset()
+        if journal is not None:
+            self.journal = journal
+            if journal.exists():
+                with journal.open("rb") as lines:
+                    self._messages.extend(orjson.loads(line) for line in lines if line.strip())
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         return type("Handler", (_Handler,), {"collector": self})
@@ -105,6 +117,8 @@ class SegmentCollector(LoopbackServer):
             self._faults.clear()
             self._outage = None
             self._drops = 0
+            if self.journal is not None:
+                self.journal.write_bytes(b"")
 
     # --- what was received ---------------------------------------------------------------------
 
@@ -184,6 +198,9 @@ class SegmentCollector(LoopbackServer):
                 self.dropped_wrong_key += len(batch)
                 return
             self._messages.extend(batch)
+            if self.journal is not None:
+                with self.journal.open("ab") as out:
+                    out.write(b"".join(orjson.dumps(m) + b"\n" for m in batch))
             now = time.time()
             for message in batch:  # latency figures: when Segment would first have had it
                 self.first_received_at.setdefault(message.get("messageId"), now)
