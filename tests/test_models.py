@@ -502,6 +502,31 @@ def test_a_delta_build_runs_under_its_own_memory_limit_and_restores_the_configur
     assert fresh.execute("select current_setting('memory_limit')").fetchone()[0] in restored
 
 
+def test_a_delta_build_out_of_its_memory_is_built_again_under_the_configured_limit(
+    tmp_path: Path,
+) -> None:
+    from pipelines.transform.verify import verify_against_full_build
+
+    path = tmp_path / "warehouse.duckdb"
+    build_hand_worked_warehouse(path)
+    with duckdb.connect(str(path)) as con:
+        assert run_models(con, incremental=True).build == "full"
+        con.execute(
+            "update dodo_raw.payments set total_amount = 999, "
+            "_synced_at = _synced_at + interval 1 hour where payment_id = 'pay_r1'"
+        )
+    with duckdb.connect(str(path)) as con:
+        con.execute("set memory_limit = '1GB'")
+        # 4MB is too little for a delta build: rolled back, then built again under the 1GB
+        result = run_models(con, incremental=True, crossover=1.0, delta_memory_limit="4MB")
+        assert result.build == "delta", result.build_reason
+        assert "out of memory under 4MB" in result.build_reason
+        assert con.execute("select current_setting('memory_limit')").fetchone()[0] in (
+            "953.6 MiB", "953.5 MiB",
+        )  # fmt: skip
+    assert verify_against_full_build(path, lambda con: run_models(con)) == []
+
+
 # --- Dodo API 1.123 (issue 13): the second hand-worked warehouse --------------------------------
 
 

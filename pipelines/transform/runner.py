@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import graphlib
 import hashlib
 import logging
@@ -313,8 +314,58 @@ def run_models(
     snapshots the raw data for the next run; without it every build is full and the snapshot is
     dropped. Above `crossover` (the share of customers touched) a full build is chosen.
     `delta_memory_limit` (e.g. "256MB"): DuckDB's memory_limit while a delta build plans and
-    runs; a full build runs under the connection's own (restored before it starts).
+    runs; a full build runs under the connection's own (restored before it starts). A delta
+    build that runs out of memory under it is rolled back and built again under the
+    connection's own limit (its `build_reason` says so).
     """
+    build = functools.partial(
+        _run_models, con, event_catalog, sql_dir, skip_unchanged, user_paths, skip_events,
+        rename_events, on_model, identity, incremental, crossover,
+    )  # fmt: skip
+    if not (incremental and delta_memory_limit):
+        return build(None)
+    try:
+        return build(delta_memory_limit)
+    except _DeltaOutOfMemory:
+        pass
+    log.warning(
+        "models: the delta build ran out of memory under delta_memory_limit %s: rolled back, "
+        "building again under memory_limit",
+        delta_memory_limit,
+    )
+    result = build(None)
+    result.build_reason = f"{result.build_reason} (again under memory_limit: out of memory under {delta_memory_limit})"  # fmt: skip
+    return result
+
+
+class _DeltaOutOfMemory(Exception):
+    """A delta build ran out of memory under `delta_memory_limit` and was rolled back."""
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether DuckDB running out of memory caused this error (it may come wrapped)."""
+    while exc is not None:
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _run_models(
+    con: duckdb.DuckDBPyConnection,
+    event_catalog: str,
+    sql_dir: Path | None,
+    skip_unchanged: bool,
+    user_paths: Sequence[Path],
+    skip_events: Sequence[str],
+    rename_events: Sequence[tuple[str, str]],
+    on_model: Callable[[str, int, int], None] | None,
+    identity: IdentityConfig | None,
+    incremental: bool,
+    crossover: float,
+    delta_memory_limit: str | None,
+) -> TransformResult:
+    """`run_models` once, its delta build (if any) under `delta_memory_limit`."""
     identity = identity or IdentityConfig()
     if event_catalog not in EVENT_CATALOGS:
         raise ValueError(f"event_catalog must be one of {EVENT_CATALOGS}, got {event_catalog!r}")
@@ -473,6 +524,10 @@ def run_models(
             in_transaction = False
         if skip_unchanged:
             _remember_build(con, fingerprint, clean=not result.errors)
+    except Exception as exc:
+        if in_transaction and configured_limit is not None and _out_of_memory(exc):
+            raise _DeltaOutOfMemory() from exc  # (rolled back below, nothing of it kept)
+        raise
     finally:
         if last_build is not None:
             last_build.close()
@@ -486,11 +541,17 @@ def run_models(
     return result
 
 
-def _lower_memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> str:
+def _lower_memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> str | None:
     """Set DuckDB's memory_limit to `limit` for a delta build; return the one to restore (as
-    DuckDB prints it, e.g. "953.6 MiB": restoring it may round it by 0.1 MiB)."""
+    DuckDB prints it, e.g. "953.6 MiB": restoring it may round it by 0.1 MiB). None: the
+    database holds more than `limit` right now, so the limit stays as configured."""
     row = con.execute("select current_setting('memory_limit')").fetchone()
-    con.execute("set memory_limit = ?", [limit])
+    try:
+        con.execute("set memory_limit = ?", [limit])
+    except duckdb.OutOfMemoryException:
+        log.info("models: the database holds more than delta_memory_limit %s now: kept %s",
+                 limit, row[0] if row else "the configured limit")  # fmt: skip
+        return None
     return str(row[0]) if row else limit
 
 
