@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import delta_bench, webhook_bench
+from bench import webhook_bench
 from bench.harness import REPO, load_average, parse_size
 
 TARGETS = {
@@ -109,6 +110,24 @@ def _cell(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def delta_part(payments: int, shares: str, seed: int) -> dict[str, Any]:
+    """bench/delta_bench.py's figures of one size, in a process of its own: its business and
+    its in-process first sync are gone before the webhook bench generates its own, so the
+    sandbox's RSS is the webhook bench's alone."""
+    with tempfile.TemporaryDirectory(prefix="dodo-incremental-bench-") as work:
+        out = Path(work) / "delta.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.delta_bench", "--sizes", str(payments),
+             "--shares", shares, "--seed", str(seed), "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        print(proc.stdout, end="", flush=True)
+        if proc.returncode != 0 or not out.exists():  # e.g. a build out of memory
+            lines = (proc.stderr or "").strip().splitlines() or ["failed"]
+            return {"error": lines[-1][:300]}
+        return json.loads(out.read_text())[0]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both benches per size and print the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.incremental_bench")
@@ -136,18 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         + (["--memory-limit", args.memory_limit] if args.memory_limit else [])
     )
-    shares = [float(s) for s in args.shares.split(",") if s]
     started = {"at": datetime.now(UTC).replace(microsecond=0).isoformat(), "load": load_average()}
     sizes = []
     for size in args.sizes.split(","):
         payments = parse_size(size)
         t0 = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory(prefix="dodo-incremental-bench-") as work:
-                delta = delta_bench.bench_size(payments, shares, Path(work), args.seed)
-        except (subprocess.CalledProcessError, RuntimeError) as exc:  # e.g. a build out of memory
-            stderr = getattr(exc, "stderr", None) or str(exc)
-            delta = {"error": stderr.strip().splitlines()[-1][:300] if stderr.strip() else "failed"}
+        delta = delta_part(payments, args.shares, args.seed)
+        if "error" in delta:
             print(f"delta bench at {payments:,} payments failed: {delta['error']}", flush=True)
         try:
             hooks = webhook_bench.bench_size(hook_args, payments)

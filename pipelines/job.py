@@ -265,6 +265,8 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
     if reads_api and not first_sync:
         step(step="extract")
         _extract(config, options, report)
+    if reads_api:
+        _release_freed_memory()
     step(step="models")
     blocked = _run_models(config, options, report)
     if report.extract is not None and report.extract.deep and _incremental(config, options):
@@ -281,6 +283,23 @@ def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: 
             flagged = True
         report.outcome = "finished_with_rejections" if flagged else "success"
         report.exit_code = ExitCode.REJECTED_OR_QUARANTINED if flagged else ExitCode.OK
+
+
+def _release_freed_memory() -> None:
+    """Give the OS back what the extract freed before the models' buffers grow on top of it:
+    otherwise glibc's free lists and pyarrow's pool keep it, and a run's peak RSS is the
+    extract's leftovers plus the models' DuckDB memory."""
+    import ctypes
+    import gc
+
+    import pyarrow
+
+    gc.collect()
+    pyarrow.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator keeps it
+        pass
 
 
 def _has_extract_state(config: AppConfig) -> bool:

@@ -527,6 +527,29 @@ def test_a_delta_build_out_of_its_memory_is_built_again_under_the_configured_lim
     assert verify_against_full_build(path, lambda con: run_models(con)) == []
 
 
+def test_a_delta_build_tests_staging_over_the_touched_rows_while_they_found_nothing(
+    fresh,
+) -> None:
+    assert run_models(fresh, incremental=True).build == "full"
+    changed = "_synced_at = _synced_at + interval 1 hour"
+    fresh.execute(f"update dodo_raw.payments set total_amount = -5, {changed} where payment_id = 'pay_r1'")  # fmt: skip
+    first = run_models(fresh, incremental=True, crossover=1.0)
+    assert first.build == "delta"
+    tests = {t.name: t for t in first.tests}
+    negative = tests["stg_payments_amount_non_negative"]
+    assert negative.touched_only and negative.failures == 1
+    assert [row["payment_id"] for row in negative.sample] == ["pay_r1"]
+    assert tests["stg_payments_payment_id_unique"].touched_only
+    # it found a row: the next delta build reads the whole table for it (pay_r1 is untouched)
+    fresh.execute(f"update dodo_raw.payments set total_amount = 1000, {changed} where payment_id = 'pay_r2'")  # fmt: skip
+    second = run_models(fresh, incremental=True, crossover=1.0)
+    assert second.build == "delta"
+    negative = next(t for t in second.tests if t.name == "stg_payments_amount_non_negative")
+    assert not negative.touched_only and negative.failures == 1
+    full = run_models(fresh)
+    assert {t.name: t.failures for t in second.tests} == {t.name: t.failures for t in full.tests}
+
+
 # --- Dodo API 1.123 (issue 13): the second hand-worked warehouse --------------------------------
 
 

@@ -54,6 +54,8 @@ class DataTestResult:
     failures: int
     quarantined: int = 0
     sample: list[dict[str, object]] = field(default_factory=list)
+    touched_only: bool = False
+    """Run over the touched keys' rows of a delta build (`scoped_tests`), not whole tables."""
 
     def __str__(self) -> str:
         return f"{self.name} ({self.model}, {self.severity}): {self.failures} offending row(s)"

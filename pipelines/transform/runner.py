@@ -718,10 +718,18 @@ class _DeltaBuilder:
         keyed = {n: k for n, k in self.keyed.items() if n not in self.built_whole}
         if scoped_tests.TRACK_OUTBOX in self.full:
             return None
-        return scoped_tests.run_scoped(
+        outcome = scoped_tests.run_scoped(
             self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls,
             prepare=self._keep_scopes,
         )  # fmt: skip
+        if outcome is None:
+            staging = {n: self.scopes[n] for n in scoped_tests.STAGING_BY_CUSTOMER
+                       if n in self.scopes and n not in self.full}  # fmt: skip
+            outcome = scoped_tests.run_touched_if_clean(
+                self.con, self.last_build, test, keyed, self.test_scopes, staging,
+                prepare=self._keep_scopes,
+            )  # fmt: skip
+        return outcome
 
     def _widened(self, before: int) -> None:
         """More customers were touched: their user ids too, and narrow the inputs again."""

@@ -5,8 +5,13 @@ rows are a customer's, or the constant event catalog) finds the same offending r
 in the whole table as in the touched keys' rows. A delta build runs it twice over the touched
 keys: over the tables as the last build left them (`PreviousState`) and as they are now. Its
 count is the last build's minus the first plus the second; the keys it quarantines are the
-last build's, minus those the first run found, plus those the second finds. Every other test
-reads whole tables, as in a full build.
+last build's, minus those the first run found, plus those the second finds.
+
+A test that also reads staging relations (views over the raw tables, whose rows as the last
+build saw them are gone) runs once, over the touched customers' rows now, when the last build
+found no offending row and it quarantines nothing: an untouched customer's rows are the ones
+the last build tested, so they still offend nothing. Every other test reads whole tables, as in
+a full build.
 
 A test's sample (the rows listed in the result) holds the touched keys' offending rows only.
 """
@@ -29,6 +34,11 @@ SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 TRACK_OUTBOX = "track_outbox"
 CONSTANT_INPUTS = frozenset({"event_catalog"})
 """Inputs a scoped test reads whole: they do not depend on the raw data."""
+STAGING_BY_CUSTOMER = frozenset(
+    {"stg_customers", "stg_payments", "stg_subscriptions", "stg_refunds", "stg_disputes"}
+)
+"""Staging relations whose delta scope holds every touched customer's rows (a refund or dispute
+by its payment's customer; the orphans when rows without a customer are touched)."""
 
 
 def track_outbox_sql(sqls: dict[str, str], inputs: dict[str, str]) -> str:
@@ -186,7 +196,9 @@ def run_scoped(
     except duckdb.Error as exc:
         raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
     failures = int(old_total[0] or 0) - int(old_row[0]) + int(new_row[0])
-    result = DataTestResult(test.name, test.model, test.severity, failures, sample=sample)
+    result = DataTestResult(
+        test.name, test.model, test.severity, failures, sample=sample, touched_only=True
+    )
     if test.severity == "warn" and test.quarantine:
         key = test.quarantine
         previous.copy(
@@ -207,3 +219,45 @@ def run_scoped(
         ).fetchall()
         result.quarantined = int(quarantined[0][0])
     return result
+
+
+def run_touched_if_clean(
+    con: duckdb.DuckDBPyConnection,
+    previous: PreviousState,
+    test: DataTest,
+    keyed: dict[str, str],
+    scopes: dict[str, str],
+    staging: dict[str, str],
+    prepare: Callable[[set[str]], None] | None = None,
+) -> DataTestResult | None:
+    """Run `test`, which reads staging relations, over the touched customers' rows only, when
+    the last build found no offending row (`staging`: staging name -> its delta scope). None
+    when it cannot be: another input, a quarantine, an offending row last time, or no outcome
+    of it in the last build."""
+    inputs = delta.referenced(test.sql)
+    staged = inputs & STAGING_BY_CUSTOMER & staging.keys()
+    if test.quarantine or not staged or not inputs <= set(keyed) | staged | CONSTANT_INPUTS:
+        return None
+    totals = previous.cursor.execute(
+        f"select failures from {SCHEMA}.data_test_results where test_name = ?", [test.name]
+    ).fetchall()  # fetched whole: an unfinished result would hold the connection
+    if totals != [(0,)]:
+        return None
+    scoped = inputs & set(keyed)
+    if prepare is not None:
+        prepare(scoped)
+    sql = delta.rewrite_references(
+        test.sql, {**{n: scopes[n] for n in scoped}, **{n: staging[n] for n in staged}}
+    )
+    try:
+        row = con.execute(f"select count(*) from ({sql})").fetchall()[0]
+        sample: list[dict[str, object]] = []
+        if row[0]:
+            rel = con.execute(f"select * from ({sql}) limit {SAMPLE_SIZE}")
+            columns = [d[0] for d in rel.description or []]
+            sample = [dict(zip(columns, r, strict=True)) for r in rel.fetchall()]
+    except duckdb.Error as exc:
+        raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
+    return DataTestResult(
+        test.name, test.model, test.severity, int(row[0]), sample=sample, touched_only=True
+    )
