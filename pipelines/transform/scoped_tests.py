@@ -246,14 +246,14 @@ def run_touched_if_clean(
     scoped = inputs & set(keyed)
     if prepare is not None:
         prepare(scoped)
-    sql = delta.rewrite_references(
+    new_sql = delta.rewrite_references(
         test.sql, {**{n: scopes[n] for n in scoped}, **{n: staging[n] for n in staged}}
     )
     try:
-        row = con.execute(f"select count(*) from ({sql})").fetchall()[0]
+        row = con.execute(f"select count(*) from ({new_sql})").fetchall()[0]
         sample: list[dict[str, object]] = []
         if row[0]:
-            rel = con.execute(f"select * from ({sql}) limit {SAMPLE_SIZE}")
+            rel = con.execute(f"select * from ({new_sql}) limit {SAMPLE_SIZE}")
             columns = [d[0] for d in rel.description or []]
             sample = [dict(zip(columns, r, strict=True)) for r in rel.fetchall()]
     except duckdb.Error as exc:
