@@ -218,12 +218,16 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
             f"{folder} holds a soak with other settings ({saved['settings']}); "
             "give another --state-dir or the same settings"
         )
+    if saved is not None and saved.get("complete"):
+        raise SystemExit(
+            f"{folder} holds a finished soak (its figures: {args.out}); give another --state-dir"
+        )
     if saved is None and resumable and any(folder.iterdir()):
         raise SystemExit(f"{folder} is not empty and holds no soak to resume: give an empty folder")
     state: dict[str, Any] = saved or {
         "version": STATE_VERSION, "settings": settings, "ticks_done": 0, "wall_seconds": 0.0,
         "measured_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "outcomes": {}, "steps": {}, "figures": {}, "sessions": 0,
+        "outcomes": {}, "steps": {}, "figures": {}, "sessions": 0, "first_run": False,
     }  # fmt: skip
     state["sessions"] += 1
     outcomes: Counter[str] = Counter(state["outcomes"])
@@ -252,6 +256,9 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
         skipped_path = folder / "skipped_first.json"
         if saved is None:
             collector.reset()
+        if resumable and not state.get("first_run", True):  # (a soak killed in it: again)
+            save_state(folder, {**state, "outcomes": outcomes})
+        if not state.get("first_run", True):
             first = run_job(
                 load_config(flags(simulator, collector, db, business.now)), RunOptions()
             )
@@ -261,6 +268,7 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
                     "select event_id from segment_sync.delivered_events where status = 'skipped'"
                 ).fetchall()]  # fmt: skip
             skipped_path.write_bytes(orjson.dumps(skipped))
+            state["first_run"] = True
             if resumable:
                 save_state(folder, {**state, "outcomes": outcomes})
         skipped_first = set(orjson.loads(skipped_path.read_bytes()))
@@ -332,6 +340,9 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
             outcomes[f"final:{final.outcome}"] += 1
             figures["after_all"] = sizes(db)
             figures["checks"] = check(db, collector, skipped_first)
+            if resumable:  # done: the same command again does not run the checks twice
+                save_state(folder, {**state, "outcomes": outcomes, "figures": figures,
+                                    "complete": True})  # fmt: skip
     runs = max(1, steps.get("runs", 0))
     results = {
         "measured_at": wall.isoformat(),

@@ -136,6 +136,8 @@ def test_soak_month_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     paused = soak_month([*argv, "--stop-after-ticks", "4"])
     assert not paused["complete"] and paused["runs"] == 1 + 4  # the first sync and 4 ticks
     assert "checks" not in paused and "warehouse_lost" not in paused["outcomes"]
+    with (tmp_path / "soak" / "collector.jsonl").open("ab") as journal:
+        journal.write(b'{"type": "track", "messageId": "cut sh')  # killed while writing it
     results = soak_month(argv)
     assert results["complete"] and results["sessions"] == 2
     assert results["outcomes"]["soak_resumed"] == 1
@@ -146,3 +148,5 @@ def test_soak_month_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert checks["events_received"] > 0
     assert checks["events_lost"] == 0 and checks["events_sent_twice_under_other_ids"] == 0
     assert results["seconds_per_in_process_run"]["total"] > 0
+    with pytest.raises(SystemExit, match="finished soak"):  # not its checks a second time
+        soak_month(argv)

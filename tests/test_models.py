@@ -550,6 +550,38 @@ def test_a_delta_build_tests_staging_over_the_touched_rows_while_they_found_noth
     assert {t.name: t.failures for t in second.tests} == {t.name: t.failures for t in full.tests}
 
 
+def test_a_users_staging_test_reads_whole_tables_in_a_delta_build(fresh, tmp_path: Path) -> None:
+    # a user's test may compare customers (one email each): touched rows alone cannot tell
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "stg_customers.tests.sql").write_text(
+        "-- test: customer_email_unique\n-- severity: warn\n"
+        "select email, count(*) as rows from analytics.stg_customers group by email "
+        "having count(*) > 1\n"
+    )
+    assert run_models(fresh, incremental=True, user_paths=[models]).build == "full"
+    fresh.execute(
+        "update dodo_raw.customers set email = 'rita@example.com', "
+        "_synced_at = _synced_at + interval 1 hour where customer_id = 'cus_trial'"
+    )
+    result = run_models(fresh, incremental=True, crossover=1.0, user_paths=[models])
+    assert result.build == "delta"
+    emails = next(t for t in result.tests if t.name == "customer_email_unique")
+    assert emails.failures == 1 and not emails.touched_only  # cus_renew has it too, untouched
+
+
+def test_a_raw_row_without_an_id_is_tested_over_whole_tables_in_a_delta_build(fresh) -> None:
+    assert run_models(fresh, incremental=True).build == "full"
+    fresh.execute(
+        "insert into dodo_raw.customers select * replace (null as customer_id, "
+        "_synced_at + interval 1 hour as _synced_at) from dodo_raw.customers "
+        "where customer_id = 'cus_trial'"
+    )  # nobody owns it: touching its owner touches no one
+    result = run_models(fresh, incremental=True, crossover=1.0)
+    unique = next(t for t in result.tests if t.name == "stg_customers_customer_id_unique")
+    assert (result.build, unique.failures, unique.touched_only) == ("delta", 1, False)
+
+
 # --- Dodo API 1.123 (issue 13): the second hand-worked warehouse --------------------------------
 
 

@@ -73,8 +73,7 @@ class SegmentCollector(LoopbackServer):
         if journal is not None:
             self.journal = journal
             if journal.exists():
-                with journal.open("rb") as lines:
-                    self._messages.extend(orjson.loads(line) for line in lines if line.strip())
+                self._messages.extend(_read_journal(journal))
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         return type("Handler", (_Handler,), {"collector": self})
@@ -206,6 +205,17 @@ class SegmentCollector(LoopbackServer):
                 self.first_received_at.setdefault(message.get("messageId"), now)
             self.batch_sizes.append(len(batch))
             self.accepted_body_bytes.append(body_bytes)
+
+
+def _read_journal(journal: Path) -> list[dict[str, Any]]:
+    """The messages a journal holds. A last line cut short (the process killed while writing
+    it: that batch got no 200, so its sender sends it again) is cut off the file."""
+    data = journal.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) != len(data):
+        with journal.open("r+b") as out:
+            out.truncate(len(whole))
+    return [orjson.loads(line) for line in whole.splitlines() if line.strip()]
 
 
 def _invalid(batch: list[Any]) -> str | None:

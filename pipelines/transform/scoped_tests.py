@@ -28,7 +28,7 @@ from pipelines import dodo_contract
 from pipelines.transform import delta
 from pipelines.transform.data_tests import SAMPLE_SIZE, DataTest, DataTestResult
 from pipelines.transform.previous import TOUCHED_USERS, TRACK_INPUTS, PreviousState
-from pipelines.transform.touched import TOUCHED, in_touched
+from pipelines.transform.touched import CHANGED, TOUCHED, in_touched
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 TRACK_OUTBOX = "track_outbox"
@@ -230,10 +230,11 @@ def run_touched_if_clean(
     staging: dict[str, str],
     prepare: Callable[[set[str]], None] | None = None,
 ) -> DataTestResult | None:
-    """Run `test`, which reads staging relations, over the touched customers' rows only, when
-    the last build found no offending row (`staging`: staging name -> its delta scope). None
-    when it cannot be: another input, a quarantine, an offending row last time, or no outcome
-    of it in the last build."""
+    """Run `test`, a product test reading staging relations (its offending rows are each one
+    customer's or one entity's), over the touched customers' rows only, when the last build
+    found no offending row (`staging`: staging name -> its delta scope). None when it cannot
+    be: another input, a quarantine, an offending row last time, no outcome of it in the last
+    build, or a changed raw row without an entity id (it has no owner to touch)."""
     inputs = delta.referenced(test.sql)
     staged = inputs & STAGING_BY_CUSTOMER & staging.keys()
     if test.quarantine or not staged or not inputs <= set(keyed) | staged | CONSTANT_INPUTS:
@@ -242,6 +243,10 @@ def run_touched_if_clean(
         f"select failures from {SCHEMA}.data_test_results where test_name = ?", [test.name]
     ).fetchall()  # fetched whole: an unfinished result would hold the connection
     if totals != [(0,)]:
+        return None
+    # a changed raw row without an entity id has no owner to touch: its rows are nobody's
+    nameless = con.execute(f"select count(*) from {CHANGED} where id is null").fetchall()
+    if nameless[0][0]:
         return None
     scoped = inputs & set(keyed)
     if prepare is not None:
