@@ -170,7 +170,8 @@ SQL_WORDS = re.compile(
 REVIEWED_INTERPOLATIONS = {
     # Reviewed: each is an identifier or clause built from code (dodo_contract.*, module constants),
     # from the repo's own .sql files, or a printed hint; none carries an API value.
-    "pipelines/transform/data_tests.py": {"test.sql", "test.quarantine"},  # sql/**.tests.sql
+    # sql/**.tests.sql: a test's query, or the same with its references narrowed (scoped_tests)
+    "pipelines/transform/data_tests.py": {"sql", "test.sql", "test.quarantine"},
     "pipelines/commands/demo.py": {"db_path"},  # a printed "next, try" command, never executed
     "pipelines/extract/load.py": {"key", "status", "resource"},  # PRIMARY_KEYS/STATUS_FIELDS
     # issue 14: PRIMARY_KEYS/STATUS_FIELDS/NON_TERMINAL_STATUSES (code constants), RESOURCES, the

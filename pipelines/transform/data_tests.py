@@ -123,21 +123,30 @@ def reset_quarantine(con: duckdb.DuckDBPyConnection) -> datetime:
     return row[0]
 
 
-def run_data_test(
-    con: duckdb.DuckDBPyConnection, test: DataTest, run_at: datetime
-) -> DataTestResult:
-    """Run one test; quarantine its keys when it is a failing `warn` test with `quarantine:`."""
+def offending_rows(
+    con: duckdb.DuckDBPyConnection, test: DataTest, sql: str
+) -> tuple[int, list[dict[str, object]]]:
+    """How many rows `sql` (the test's query, or a narrowed copy of it) returns, and a sample
+    of them (read only when there are some)."""
     try:
-        count_row = con.execute(f"select count(*) from ({test.sql})").fetchone()
+        count_row = con.execute(f"select count(*) from ({sql})").fetchone()
         assert count_row is not None
         sample: list[dict[str, object]] = []
-        if count_row[0]:  # list the offending rows only when there are some
-            rel = con.execute(f"select * from ({test.sql}) limit {SAMPLE_SIZE}")
+        if count_row[0]:
+            rel = con.execute(f"select * from ({sql}) limit {SAMPLE_SIZE}")
             columns = [d[0] for d in rel.description or []]
             sample = [dict(zip(columns, row, strict=True)) for row in rel.fetchall()]
     except duckdb.Error as exc:
         raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
-    result = DataTestResult(test.name, test.model, test.severity, int(count_row[0]), sample=sample)
+    return int(count_row[0]), sample
+
+
+def run_data_test(
+    con: duckdb.DuckDBPyConnection, test: DataTest, run_at: datetime
+) -> DataTestResult:
+    """Run one test; quarantine its keys when it is a failing `warn` test with `quarantine:`."""
+    failures, sample = offending_rows(con, test, test.sql)
+    result = DataTestResult(test.name, test.model, test.severity, failures, sample=sample)
     if result.failures and test.severity == "warn" and test.quarantine:
         con.execute(
             f"insert into {SCHEMA}.quarantined_rows "

@@ -26,7 +26,7 @@ import duckdb
 
 from pipelines import dodo_contract
 from pipelines.transform import delta
-from pipelines.transform.data_tests import SAMPLE_SIZE, DataTest, DataTestResult
+from pipelines.transform.data_tests import DataTest, DataTestResult, offending_rows
 from pipelines.transform.previous import TOUCHED_USERS, TRACK_INPUTS, PreviousState
 from pipelines.transform.touched import CHANGED, TOUCHED, in_touched
 
@@ -186,16 +186,10 @@ def run_scoped(
         ]
     try:
         old_row = previous.cursor.execute(f"select count(*) from ({old_sql})", params).fetchall()[0]
-        new_row = con.execute(f"select count(*) from ({new_sql})").fetchall()[0]
-        assert old_row is not None and new_row is not None
-        sample: list[dict[str, object]] = []
-        if new_row[0]:
-            rel = con.execute(f"select * from ({new_sql}) limit {SAMPLE_SIZE}")
-            columns = [d[0] for d in rel.description or []]
-            sample = [dict(zip(columns, row, strict=True)) for row in rel.fetchall()]
     except duckdb.Error as exc:
         raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
-    failures = int(old_total[0] or 0) - int(old_row[0]) + int(new_row[0])
+    new_count, sample = offending_rows(con, test, new_sql)
+    failures = int(old_total[0] or 0) - int(old_row[0]) + new_count
     result = DataTestResult(
         test.name, test.model, test.severity, failures, sample=sample, touched_only=True
     )
@@ -254,15 +248,7 @@ def run_touched_if_clean(
     new_sql = delta.rewrite_references(
         test.sql, {**{n: scopes[n] for n in scoped}, **{n: staging[n] for n in staged}}
     )
-    try:
-        row = con.execute(f"select count(*) from ({new_sql})").fetchall()[0]
-        sample: list[dict[str, object]] = []
-        if row[0]:
-            rel = con.execute(f"select * from ({new_sql}) limit {SAMPLE_SIZE}")
-            columns = [d[0] for d in rel.description or []]
-            sample = [dict(zip(columns, r, strict=True)) for r in rel.fetchall()]
-    except duckdb.Error as exc:
-        raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
+    failures, sample = offending_rows(con, test, new_sql)
     return DataTestResult(
-        test.name, test.model, test.severity, int(row[0]), sample=sample, touched_only=True
+        test.name, test.model, test.severity, failures, sample=sample, touched_only=True
     )
