@@ -227,7 +227,7 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
     state: dict[str, Any] = saved or {
         "version": STATE_VERSION, "settings": settings, "ticks_done": 0, "wall_seconds": 0.0,
         "measured_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "outcomes": {}, "steps": {}, "figures": {}, "sessions": 0, "first_run": False,
+        "outcomes": {}, "steps": {}, "figures": {}, "sessions": 0, "first_run_done": False,
     }  # fmt: skip
     state["sessions"] += 1
     outcomes: Counter[str] = Counter(state["outcomes"])
@@ -239,9 +239,14 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
     business = generate_business(
         args.seed, args.customers, now=wall - timedelta(days=args.days + 1)
     )
-    minutes = args.every_minutes / 1440
+
+    def advance(business: Any, tick: int) -> None:
+        """The business's time through one tick (its changes drawn from the tick's own seed)."""
+        seed = tick_rng(args.seed, tick, "business").randrange(1 << 30)
+        business.advance_time(days=args.every_minutes / 1440, seed=seed)
+
     for tick in range(1, state["ticks_done"] + 1):  # a resumed soak: the business as it was
-        business.advance_time(days=minutes, seed=tick_rng(args.seed, tick, "business").randrange(1 << 30))  # fmt: skip
+        advance(business, tick)
     if saved is not None:
         outcomes["soak_resumed"] += 1
         print(f"resumed at tick {state['ticks_done']} (session {state['sessions']})", flush=True)
@@ -256,9 +261,9 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
         skipped_path = folder / "skipped_first.json"
         if saved is None:
             collector.reset()
-        if resumable and not state.get("first_run", True):  # (a soak killed in it: again)
-            save_state(folder, {**state, "outcomes": outcomes})
-        if not state.get("first_run", True):
+        if not state.get("first_run_done", True):  # (a soak killed in it does it again)
+            if resumable:
+                save_state(folder, {**state, "outcomes": outcomes})
             first = run_job(
                 load_config(flags(simulator, collector, db, business.now)), RunOptions()
             )
@@ -268,7 +273,7 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
                     "select event_id from segment_sync.delivered_events where status = 'skipped'"
                 ).fetchall()]  # fmt: skip
             skipped_path.write_bytes(orjson.dumps(skipped))
-            state["first_run"] = True
+            state["first_run_done"] = True
             if resumable:
                 save_state(folder, {**state, "outcomes": outcomes})
         skipped_first = set(orjson.loads(skipped_path.read_bytes()))
@@ -282,7 +287,7 @@ def soak(args: argparse.Namespace, folder: Path, resumable: bool) -> dict[str, A
                 break
             rng = tick_rng(args.seed, tick, "tick")
             before = snapshot(business)
-            business.advance_time(days=minutes, seed=tick_rng(args.seed, tick, "business").randrange(1 << 30))  # fmt: skip
+            advance(business, tick)
             outcomes["webhook_deliveries"] += deliver(store, changes_since(before, business), rng)
             if tick == ticks // 2:
                 for path in (db, Path(f"{db}.wal")):
