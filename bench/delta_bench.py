@@ -36,7 +36,7 @@ from typing import Any
 
 import duckdb
 
-from bench.harness import API_KEY, job_env, parse_size, start_collector, stop
+from bench.harness import API_KEY, job_env, parse_history, start_collector, stop
 from bench.harness import run_probe as run_job_probe
 from pipelines.config import DEFAULT_MEMORY_LIMIT
 from pipelines.transform import delta, run_models
@@ -115,18 +115,31 @@ def _touch_share(db: Path, share: float) -> None:
 
 
 def bench_size(
-    payments: int, shares: list[float], work: Path, seed: int, keep: Path | None = None
+    payments: int,
+    shares: list[float],
+    work: Path,
+    seed: int,
+    keep: Path | None = None,
+    business_payments: int | None = None,
 ) -> dict[str, Any]:
-    """Every figure of one history size."""
+    """Every figure of one history size: `payments` in all, of which the generated business
+    makes `business_payments` (default: all) and older closed payments the rest (a deeper past
+    under the same business, `harness.parse_history`)."""
     from pipelines.config import load_config
     from pipelines.extract import run_extract
     from pipelines.sandbox import DodoSimulator, generate_business
 
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
     t0 = time.perf_counter()
-    biz = generate_business(seed, customers=max(payments // 10, 24), now=now,
-                            payments_target=payments)  # fmt: skip
-    figures: dict[str, Any] = {"payments": payments, "generate_s": time.perf_counter() - t0}
+    recent = business_payments or payments
+    biz = generate_business(seed, customers=max(recent // 10, 24), now=now,
+                            payments_target=recent,
+                            older_closed_payments=payments - recent)  # fmt: skip
+    figures: dict[str, Any] = {
+        "payments": payments,
+        "business_payments": recent,
+        "generate_s": time.perf_counter() - t0,
+    }
     db = work / f"w{payments}.duckdb"
     collector, collector_url = start_collector()
     try:
@@ -145,6 +158,9 @@ def bench_size(
                 "sources.dodo.as_of": biz.now.isoformat(),
             }))  # fmt: skip
             figures["first_sync_extract_s"] = time.perf_counter() - t0
+            with duckdb.connect(str(db), read_only=True) as con:
+                row = con.execute("select count(*) from dodo_raw.payments").fetchone()
+            figures["history_payments"] = row[0] if row else 0
             full_copy = work / "full.duckdb"
             shutil.copyfile(db, full_copy)
             try:  # a full build that fails (out of memory) still leaves the delta to measure
@@ -167,7 +183,8 @@ def bench_size(
                 run_job_probe(env(full_run, MODELS__INCREMENTAL="false"), REPO)
             )
             full_run.unlink()
-            kept = keep / f"pre_delta_{payments}.duckdb" if keep else None
+            name = f"{payments}" if recent == payments else f"{payments}_of_{recent}"
+            kept = keep / f"pre_delta_{name}.duckdb" if keep else None
             if kept:
                 shutil.copyfile(db, kept)
             figures["delta_run"] = _run_figures(run_job_probe(env(db), REPO))
@@ -188,6 +205,18 @@ def bench_size(
     return figures
 
 
+def size_label(figures: dict[str, Any]) -> str:
+    """'1m', or '1m@100k' for a business of 100k payments over a deeper past."""
+
+    def short(n: int) -> str:
+        return f"{n / 1e6:g}m" if n >= 1_000_000 else f"{n / 1e3:g}k" if n >= 1_000 else str(n)
+
+    payments, business = figures["payments"], figures.get("business_payments")
+    if business is None or business == payments:
+        return short(payments)
+    return f"{short(payments)}@{short(business)}"
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     """The figures side by side."""
     print(
@@ -197,10 +226,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
         f = r["full"]
         if "error" in f:
-            print(f"{r['payments']:>9} {'models only: full (transform)':<34} failed: {f['error']}")
+            print(f"{size_label(r):>9} {'models only: full (transform)':<34} failed: {f['error']}")
         else:
             print(
-                f"{r['payments']:>9} {'models only: full (transform)':<34} {'':>7} "
+                f"{size_label(r):>9} {'models only: full (transform)':<34} {'':>7} "
                 f"{f['seconds']:>9.2f} {f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}"
             )
         for label, key in (("first run (full + snapshot)", "first_run"),
@@ -209,13 +238,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
             g = r[key]
             rss = f"{g['peak_rss_mb']} / {g['models_peak_rss_mb']}"
             print(
-                f"{r['payments']:>9} {label:<34} {g['run_s']:>7.2f} {g['models_s']:>9.2f} "
+                f"{size_label(r):>9} {label:<34} {g['run_s']:>7.2f} {g['models_s']:>9.2f} "
                 f"{g['tests_s'] or 0:>8.2f} {rss:>27}"
             )
         for f in r["crossover"]:
             label = f"models only: delta, {f['share']:.0%} touched"
             print(
-                f"{r['payments']:>9} {label:<34} {'':>7} {f['seconds']:>9.2f} "
+                f"{size_label(r):>9} {label:<34} {'':>7} {f['seconds']:>9.2f} "
                 f"{f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}  "
                 f"({f['build']}, {f['touched']} customers)"
             )
@@ -224,7 +253,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         for key, label in (("models_s", "models"), ("run_s", "whole run")):
             ratio = big["delta_run"][key] / max(small["delta_run"][key], 1e-9)
             print(
-                f"same delta, {big['payments']:,} vs {small['payments']:,} payments, "
+                f"same delta, {size_label(big)} vs {size_label(small)} payments, "
                 f"{label}: {ratio:.2f}x"
             )
 
@@ -237,7 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--db", required=True)
     pr.add_argument("--mode", choices=("full", "delta"), required=True)
     pr.add_argument("--crossover", type=float, default=None)
-    parser.add_argument("--sizes", default="100k,1m")
+    parser.add_argument(
+        "--sizes", default="100k,1m",
+        help="history sizes; '1m@100k' is the 100k business over a past of 900k older closed "
+        "payments (the same delta at ten times the history)",
+    )  # fmt: skip
     parser.add_argument("--shares", default="0.01,0.03,0.05,0.1")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
@@ -254,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="dodo-delta-bench-") as work:
         for size in args.sizes.split(","):
-            results.append(bench_size(parse_size(size), shares, Path(work), args.seed, args.keep))
+            payments, business = parse_history(size)
+            results.append(bench_size(payments, shares, Path(work), args.seed, args.keep, business))
             print_table(results[-1:])
             args.out.write_text(json.dumps(results, indent=2, default=str))
     print_table(results)

@@ -40,6 +40,20 @@ def parse_size(text: str) -> int:
     return int(float(text.rstrip("km")) * factor)
 
 
+def parse_history(text: str) -> tuple[int, int]:
+    """A history size as (payments in all, payments of the generated business): '1m' ->
+    (1_000_000, 1_000_000); '1m@100k' -> (1_000_000, 100_000), the 100k business with a past of
+    900k older closed payments (`generate_business(older_closed_payments=...)`: the same recent
+    and open objects, so the same lookback window and the same delta, over ten times the
+    history)."""
+    total, _, recent = text.partition("@")
+    payments = parse_size(total)
+    business = parse_size(recent) if recent else payments
+    if business > payments:
+        raise ValueError(f"{text}: the business ({business}) is more than the history ({payments})")
+    return payments, business
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, as `uptime` shows them."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -38,7 +38,7 @@ import duckdb
 import orjson
 import psutil
 
-from bench.harness import parse_size
+from bench.harness import parse_history
 from pipelines.dodo_contract import SYNC_SCHEMA
 from pipelines.lock import lock_path
 from pipelines.sandbox import DodoSimulator, SegmentCollector, generate_business
@@ -310,14 +310,19 @@ def cron_phase(args, business, simulator, collector, db) -> dict[str, Any]:
     }
 
 
-def bench_size(args: argparse.Namespace, payments: int) -> dict[str, Any]:
-    """Generation, first sync, webhook phase and cron phase of one business size."""
+def bench_size(
+    args: argparse.Namespace, payments: int, business_payments: int | None = None
+) -> dict[str, Any]:
+    """Generation, first sync, webhook phase and cron phase of one business size: `payments`
+    in all, of which the generated business makes `business_payments` (default: all) and older
+    closed payments the rest (`harness.parse_history`)."""
     wall = datetime.now(UTC).replace(microsecond=0)
     me = psutil.Process()
     t0 = time.perf_counter()
+    recent = business_payments or payments
     business = generate_business(
-        args.seed, max(300, payments // 10), payments_target=payments,
-        now=wall - timedelta(days=30),
+        args.seed, max(300, recent // 10), payments_target=recent,
+        now=wall - timedelta(days=30), older_closed_payments=payments - recent,
     )  # fmt: skip
     generation = time.perf_counter() - t0
     generated_mb = rss_mb(me)
@@ -337,6 +342,7 @@ def bench_size(args: argparse.Namespace, payments: int) -> dict[str, Any]:
         cron = cron_phase(args, business, simulator, collector, db)
     return {
         "payments": payments,
+        "business_payments": recent,
         "memory_limit": args.memory_limit or "job default",
         "generation_s": round(generation, 1),
         "first_sync_s": round(first_sync, 1),
@@ -350,12 +356,17 @@ def bench_size(args: argparse.Namespace, payments: int) -> dict[str, Any]:
     }
 
 
+def _of_business(r: dict[str, Any]) -> str:
+    business = r.get("business_payments", r["payments"])
+    return "" if business == r["payments"] else f" (a {business:,}-payment business)"
+
+
 def print_size(r: dict[str, Any]) -> None:
     """One size's figures, in a few lines."""
     hooks, cron, b = r["webhooks"], r["cron_1_minute"], r["webhooks"]["breakdown"]
     part = b["per_payment"]
     print(
-        f"{r['payments']:,} payments (generated in {r['generation_s']} s, first sync "
+        f"{r['payments']:,} payments{_of_business(r)} (generated in {r['generation_s']} s, first sync "
         f"{r['first_sync_s']} s, sandbox RSS {r['sandbox_rss_mb']})\n"
         f"  webhook -> Segment, {hooks['measured']} payments over {hooks['deliveries']} "
         f"deliveries: median {hooks['median_s']:.2f} s, p95 {hooks['p95_s']:.2f} s "
@@ -375,7 +386,11 @@ def print_size(r: dict[str, Any]) -> None:
 def parser() -> argparse.ArgumentParser:
     """The bench's command line (also used by bench/incremental_bench.py)."""
     parser = argparse.ArgumentParser(prog="python -m bench.webhook_bench")
-    parser.add_argument("--payments", default="100k", help="sizes, e.g. 100k,1m (each in turn)")
+    parser.add_argument(
+        "--payments", default="100k",
+        help="sizes, e.g. 100k,1m (each in turn); 1m@100k: the 100k business over 900k older "
+        "closed payments",
+    )  # fmt: skip
     parser.add_argument("--deliveries", type=int, default=200, help="payments measured at least")
     parser.add_argument("--days-per-round", type=float, default=1.0)
     parser.add_argument("--mean-gap-seconds", type=float, default=0.25)
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured_at = datetime.now(UTC).replace(microsecond=0).isoformat()
     sizes: list[dict[str, Any]] = []
     for size in args.payments.split(","):
-        sizes.append({"measured_at": measured_at, **bench_size(args, parse_size(size))})
+        sizes.append({"measured_at": measured_at, **bench_size(args, *parse_history(size))})
         sizes[-1]["bench_peak_rss_mb"] = round(resource_peak_mb())
         print_size(sizes[-1])
     # one size: its figures (as before several sizes could be asked); several: a list of them

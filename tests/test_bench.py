@@ -88,11 +88,14 @@ def test_incremental_bench_puts_delta_and_webhook_figures_in_one_table(
     from bench.incremental_bench import main as incremental_bench
 
     out = tmp_path / "results_incremental.json"
+    # a 1,000-payment business over 1,000 older closed payments: the deeper-past size
     results = incremental_bench(
-        ["--sizes", "2000", "--deliveries", "3", "--out", str(out)]
+        ["--sizes", "2000@1000", "--deliveries", "3", "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text())["sizes"][0]["rows"] == results["sizes"][0]["rows"]
     rows = results["sizes"][0]["rows"]
+    assert results["sizes"][0]["business_payments"] == 1000
+    assert rows["history_payments"] >= 1000 + 1000 * 0.9  # the older past was served and read
     assert rows["full_models_s"] > 0 and rows["delta_models_s"] > 0
     assert 0 < rows["webhook_p50_s"] <= rows["webhook_p95_s"]
     assert rows["webhook_runs_models_s"] > 0 and rows["webhook_runs_peak_rss_mb"] > 0
@@ -106,7 +109,17 @@ def test_incremental_bench_puts_delta_and_webhook_figures_in_one_table(
     split = hooks["breakdown"]["per_payment"]
     assert all(split[step]["median_s"] is not None for step in ("models", "emit_to_receipt"))
     table = capsys.readouterr().out
-    assert all(label in table for label in LABELS.values()) and "| 2,000 |" in table
+    assert all(label in table for label in LABELS.values())
+    assert "| 2,000 (1,000 business + 1,000 older closed) |" in table
+
+
+def test_history_sizes_name_the_business_and_its_deeper_past() -> None:
+    from bench.harness import parse_history
+
+    assert parse_history("100k") == (100_000, 100_000)
+    assert parse_history("1m@100k") == (1_000_000, 100_000)
+    with pytest.raises(ValueError, match="more than the history"):
+        parse_history("100k@1m")
 
 
 def test_flood_bench_runs_end_to_end(tmp_path: Path) -> None:

@@ -217,17 +217,25 @@ def _one_time_payments(
         bk.pay(buyer, created, status, convert_usd(product["price"], currency), currency)
 
 
+OLDEST_HISTORY_US = rec.to_us(rec.from_us(0).replace(year=2020))
+"""2020-01-01T00:00:00Z: the job's default `sources.dodo.backfill_start`."""
+
+
 def _older_history(
     rng: random.Random, sink: Sink, n_payments: int, first_index: int, start_us: int,
     now_us: int, products: list[dict[str, Any]],
 ) -> None:  # fmt: skip
     """Closed history before `start_us`: `n_payments` one-time payments (succeeded, failed or
     cancelled; never refunded or disputed) by customers of their own (one per ten payments),
-    spread over nine times the generated span. Nothing in it is recent or open, so a sync's
-    re-reads (the lookback window, the open objects) are those of the business without it: only
-    the depth of history differs. Its own random stream leaves the rest of the business as is."""
+    spread over nine times the generated span, but not before 2020 (`OLDEST_HISTORY`, the job's
+    default `backfill_start`: a first sync reads all of it). Nothing in it is recent or open, so
+    a sync's re-reads (the lookback window, the open objects) are those of the business without
+    it: only the depth of history differs. Its own random stream leaves the rest of the business
+    as is."""
     bk = Bookkeeper(rng, now_us, sink)
     span = 9 * (now_us - start_us)
+    if start_us - OLDEST_HISTORY_US > US_PER_DAY:
+        span = min(span, start_us - OLDEST_HISTORY_US)
     buyers = []
     for i in range(max(1, n_payments // 10)):
         created = start_us - span + int(rng.random() * span * 0.9)
