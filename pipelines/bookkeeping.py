@@ -7,7 +7,10 @@ Without retention the warehouse would grow with the number of runs; with it, it 
 business's changes. Kept whole: the newest KEEP_RECENT_RUNS runs, every run that failed, sent,
 rejected, quarantined or left something pending, every deep lookback pass, the newest dlt state
 versions. A pruned run's figures are folded into `segment_sync.pruned_runs` / `pruned_steps`,
-so the Prometheus counters (`metrics.py`) never go down.
+so the Prometheus counters (`metrics.py`) never go down. Step durations are kept for the newest
+KEEP_RECENT_RUNS runs only: an older run that is kept for what it did (it sent, say) keeps its
+row, and its steps are folded into `pruned_steps` like a pruned run's (in a business that
+changes every five minutes every run sends, and 4-5 step rows a run would grow with the runs).
 """
 
 from __future__ import annotations
@@ -72,10 +75,8 @@ def _add_json(into: dict[str, float], text: str | None) -> None:
         into[key] = into.get(key, 0) + float(value or 0)
 
 
-def _fold_runs(
-    cur: duckdb.DuckDBPyConnection, prunable: list[tuple[Any, ...]], steps: bool
-) -> None:
-    """Add the pruned runs' counts, rows and requests to pruned_runs, their steps to pruned_steps."""
+def _fold_runs(cur: duckdb.DuckDBPyConnection, prunable: list[tuple[Any, ...]]) -> None:
+    """Add the pruned runs' counts, rows and requests to pruned_runs."""
     groups: dict[tuple[str, str], list[Any]] = defaultdict(lambda: [0, {}, {}])
     for _run_id, command, outcome, rows_loaded, api_requests in prunable:
         group = groups[(command, outcome)]
@@ -96,17 +97,31 @@ def _fold_runs(
             "INSERT OR REPLACE INTO segment_sync.pruned_runs VALUES (?, ?, ?, ?, ?)",
             [command, outcome, runs, json.dumps(rows_loaded), json.dumps(api_requests)],
         )
-    if not steps:
-        return
+
+
+_OLD_STEPS = """
+    CREATE TEMP TABLE old_step_runs AS
+    SELECT DISTINCT run_id FROM segment_sync.run_steps
+    WHERE run_id NOT IN (
+        SELECT run_id FROM segment_sync.runs ORDER BY started_at DESC LIMIT $keep)
+"""
+
+
+def _fold_steps(cur: duckdb.DuckDBPyConnection, keep_runs: int) -> int:
+    """Fold the step durations of every run but the newest `keep_runs` into pruned_steps;
+    return how many step rows went."""
+    cur.execute(_OLD_STEPS, {"keep": keep_runs})
     cur.execute(
         """INSERT INTO segment_sync.pruned_steps
            SELECT step, sum(seconds) FROM segment_sync.run_steps
-           WHERE run_id IN (SELECT run_id FROM prunable_runs) GROUP BY step
+           WHERE run_id IN (SELECT run_id FROM old_step_runs) GROUP BY step
            ON CONFLICT (step) DO UPDATE SET seconds = pruned_steps.seconds + excluded.seconds"""
     )
-    cur.execute(
-        "DELETE FROM segment_sync.run_steps WHERE run_id IN (SELECT run_id FROM prunable_runs)"
-    )
+    row = cur.execute(
+        "DELETE FROM segment_sync.run_steps WHERE run_id IN (SELECT run_id FROM old_step_runs)"
+    ).fetchone()
+    cur.execute("DROP TABLE old_step_runs")
+    return int(row[0]) if row else 0
 
 
 def prune(
@@ -135,12 +150,14 @@ def prune(
             if prunable:
                 cur.execute("CREATE TEMP TABLE prunable_runs (run_id VARCHAR)")
                 cur.executemany("INSERT INTO prunable_runs VALUES (?)", [[r[0]] for r in prunable])
-                _fold_runs(cur, prunable, steps="segment_sync.run_steps" in tables)
+                _fold_runs(cur, prunable)
                 row = cur.execute(
                     "DELETE FROM segment_sync.runs WHERE run_id IN (SELECT run_id FROM prunable_runs)"
                 ).fetchone()
                 removed["segment_sync.runs"] = int(row[0]) if row else 0
                 cur.execute("DROP TABLE prunable_runs")
+            if "segment_sync.run_steps" in tables:
+                removed["segment_sync.run_steps"] = _fold_steps(cur, keep_runs)
         for table, sql, keep in (
             ("dodo_raw._dlt_pipeline_state", _DLT_STATE, keep_state_versions),
             ("dodo_raw._dlt_loads", _DLT_LOADS, keep_runs),

@@ -197,20 +197,37 @@ def test_bookkeeping_of_runs_that_changed_nothing_is_folded_away(sandbox: Sandbo
     from pipelines import bookkeeping, metrics
     from pipelines.config import pipeline_dir
 
-    ok(run_cli("run", env=sandbox.env()))
+    ok(run_cli("run", env=sandbox.env()))  # the first sync sends identifies: a run kept
     for _ in range(4):  # runs with nothing new to send
         ok(run_cli("run", env=sandbox.env()))
+    steps_of = "select count(distinct run_id) from segment_sync.run_steps"
     with duckdb.connect(sandbox.db) as con:
+        first = con.execute(
+            "select run_id from segment_sync.runs order by started_at limit 1"
+        ).fetchone()[0]
         before = metrics.figures(con)
         runs_before = con.execute("select count(*) from segment_sync.runs").fetchone()[0]
+        assert con.execute(steps_of).fetchone()[0] == runs_before
         removed = bookkeeping.prune(con, keep_runs=2, keep_state_versions=1)
         after = metrics.figures(con)
         runs_after = con.execute("select count(*) from segment_sync.runs").fetchone()[0]
+        # the run that sent stays; its step durations are folded like a pruned run's
+        assert (
+            con.execute(
+                "select count(*) from segment_sync.runs where run_id = ?", [first]
+            ).fetchone()[0]
+            == 1
+        )
+        assert con.execute(steps_of).fetchone()[0] == 2
     assert removed["segment_sync.runs"] == runs_before - runs_after >= 2
+    assert removed["segment_sync.run_steps"] >= 4 * (runs_before - 2)
     assert removed.get("dodo_raw._dlt_pipeline_state", 0) >= 1
     # The Prometheus counters do not go down: the pruned runs are folded, not forgotten.
     for key in ("runs", "rows_loaded", "api_requests", "tracks_sent"):
         assert after[key] == before[key], key
+    assert [s for s, _ in after["steps_total"]] == [s for s, _ in before["steps_total"]]
+    for (_, was), (_, now) in zip(before["steps_total"], after["steps_total"], strict=True):
+        assert now == pytest.approx(was)
     # dlt restores its state from the pruned warehouse (a lost pipeline folder), and goes on.
     shutil.rmtree(pipeline_dir(sandbox.db))
     sandbox.business.advance_time(days=1)
