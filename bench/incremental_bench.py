@@ -96,7 +96,8 @@ LABELS = {
 
 
 def size_name(size: dict[str, Any]) -> str:
-    """'1,000,000', or '1,000,000 (100,000 business)' for a business over a deeper past."""
+    """'1,000,000', or '1,000,000 (100,000 business + 900,000 older closed)' for a business
+    over a deeper past."""
     payments, business = size["payments"], size.get("business_payments", size["payments"])
     if business == payments:
         return f"{payments:,}"
