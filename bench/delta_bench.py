@@ -36,7 +36,7 @@ from typing import Any
 
 import duckdb
 
-from bench.harness import API_KEY, job_env, parse_history, start_collector, stop
+from bench.harness import API_KEY, job_env, parse_history, size_label, start_collector, stop
 from bench.harness import run_probe as run_job_probe
 from pipelines.config import DEFAULT_MEMORY_LIMIT
 from pipelines.transform import delta, run_models
@@ -205,16 +205,9 @@ def bench_size(
     return figures
 
 
-def size_label(figures: dict[str, Any]) -> str:
+def _label(figures: dict[str, Any]) -> str:
     """'1m', or '1m@100k' for a business of 100k payments over a deeper past."""
-
-    def short(n: int) -> str:
-        return f"{n / 1e6:g}m" if n >= 1_000_000 else f"{n / 1e3:g}k" if n >= 1_000 else str(n)
-
-    payments, business = figures["payments"], figures.get("business_payments")
-    if business is None or business == payments:
-        return short(payments)
-    return f"{short(payments)}@{short(business)}"
+    return size_label(figures["payments"], figures.get("business_payments"))
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -226,10 +219,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
         f = r["full"]
         if "error" in f:
-            print(f"{size_label(r):>9} {'models only: full (transform)':<34} failed: {f['error']}")
+            print(f"{_label(r):>9} {'models only: full (transform)':<34} failed: {f['error']}")
         else:
             print(
-                f"{size_label(r):>9} {'models only: full (transform)':<34} {'':>7} "
+                f"{_label(r):>9} {'models only: full (transform)':<34} {'':>7} "
                 f"{f['seconds']:>9.2f} {f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}"
             )
         for label, key in (("first run (full + snapshot)", "first_run"),
@@ -238,13 +231,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
             g = r[key]
             rss = f"{g['peak_rss_mb']} / {g['models_peak_rss_mb']}"
             print(
-                f"{size_label(r):>9} {label:<34} {g['run_s']:>7.2f} {g['models_s']:>9.2f} "
+                f"{_label(r):>9} {label:<34} {g['run_s']:>7.2f} {g['models_s']:>9.2f} "
                 f"{g['tests_s'] or 0:>8.2f} {rss:>27}"
             )
         for f in r["crossover"]:
             label = f"models only: delta, {f['share']:.0%} touched"
             print(
-                f"{size_label(r):>9} {label:<34} {'':>7} {f['seconds']:>9.2f} "
+                f"{_label(r):>9} {label:<34} {'':>7} {f['seconds']:>9.2f} "
                 f"{f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}  "
                 f"({f['build']}, {f['touched']} customers)"
             )
@@ -252,10 +245,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         small, big = results[0], results[-1]
         for key, label in (("models_s", "models"), ("run_s", "whole run")):
             ratio = big["delta_run"][key] / max(small["delta_run"][key], 1e-9)
-            print(
-                f"same delta, {size_label(big)} vs {size_label(small)} payments, "
-                f"{label}: {ratio:.2f}x"
-            )
+            print(f"same delta, {_label(big)} vs {_label(small)} payments, {label}: {ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

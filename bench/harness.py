@@ -54,6 +54,17 @@ def parse_history(text: str) -> tuple[int, int]:
     return payments, business
 
 
+def size_label(payments: int, business: int | None = None) -> str:
+    """'1m', or '1m@100k' for a 100k business over a deeper past (`parse_history`'s form)."""
+
+    def short(n: int) -> str:
+        return f"{n / 1e6:g}m" if n >= 1_000_000 else f"{n / 1e3:g}k" if n >= 1_000 else str(n)
+
+    if business is None or business == payments:
+        return short(payments)
+    return f"{short(payments)}@{short(business)}"
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, as `uptime` shows them."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -6,8 +6,8 @@ Per size, in turn: bench/delta_bench.py's figures (a full build as `transform` m
 job's delta build after 10 new payments and 5 status changes, each in its own process, and the
 crossover shares if asked), then bench/webhook_bench.py's (webhook -> Segment latency through
 `dodo-segment listen`, the models seconds and peak RSS of the webhook-triggered runs, the
-sandbox's RSS). One business at a time is held in this process (a Business no longer
-referenced is freed at once); the figures go to
+sandbox's RSS), each part in a process of its own, so a size's RSS is its business's alone; the
+figures go to
 `bench/results_incremental.json` and one table, each size side by side with its ratio to the
 first.
 
@@ -30,8 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import webhook_bench
-from bench.harness import REPO, load_average, parse_history
+from bench.harness import REPO, load_average, parse_history, size_label
 
 TARGETS = {
     "delta_models_s": "<= 1.0 s at 1M",
@@ -91,7 +90,7 @@ LABELS = {
     "webhook_runs_models_s": "webhook-triggered runs, models s (median)",
     "webhook_runs_models_max_s": "webhook-triggered runs, models s (max)",
     "webhook_runs_peak_rss_mb": "webhook-triggered runs, worker peak RSS MB",
-    "sandbox_peak_rss_mb": "sandbox (this process) peak RSS MB",
+    "sandbox_peak_rss_mb": "sandbox (the webhook bench's process) peak RSS MB",
 }
 
 
@@ -108,7 +107,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
     """A Markdown table: one row per figure, one column per size, each later size's ratio to
     the first, the target."""
     names = [size_name(s) for s in sizes]
-    ratios = [f"{size_name(s).split(' ')[0]} / {names[0]}" for s in sizes[1:]] or ["ratio"]
+    labels = [size_label(s["payments"], s.get("business_payments")) for s in sizes]
+    ratios = [f"{label} / {labels[0]}" for label in labels[1:]] or ["ratio"]
     head = f"| | {' | '.join(names)} | {' | '.join(ratios)} | target |"
     lines = [head, "|---" * (len(names) + len(ratios) + 2) + "|"]
     for key, label in LABELS.items():
@@ -153,6 +153,22 @@ def delta_part(size: str, shares: str, seed: int) -> dict[str, Any]:
         return json.loads(out.read_text())[0]
 
 
+def webhook_part(size: str, hook_args: list[str]) -> dict[str, Any]:
+    """bench/webhook_bench.py's figures of one size, in a process of its own (as `delta_part`):
+    the sandbox's peak RSS is that size's business alone, not what an earlier size's left."""
+    with tempfile.TemporaryDirectory(prefix="dodo-incremental-bench-") as work:
+        out = Path(work) / "webhooks.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.webhook_bench", "--payments", size, *hook_args,
+             "--out", str(out)],
+            cwd=REPO, stderr=subprocess.PIPE, text=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0 or not out.exists():  # the job failed: its last line says why
+            lines = (proc.stderr or "").strip().splitlines() or ["failed"]
+            return {"error": lines[-1][:300]}
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both benches per size and print the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.incremental_bench")
@@ -169,17 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_incremental.json")
     args = parser.parse_args(argv)
-    hook_args = webhook_bench.parser().parse_args(
-        [
-            "--deliveries",
-            str(args.deliveries),
-            "--seed",
-            str(args.seed),
-            "--days-per-round",
-            str(args.days_per_round),
-        ]
-        + (["--memory-limit", args.memory_limit] if args.memory_limit else [])
-    )
+    hook_args = [
+        "--deliveries",
+        str(args.deliveries),
+        "--seed",
+        str(args.seed),
+        "--days-per-round",
+        str(args.days_per_round),
+    ] + (["--memory-limit", args.memory_limit] if args.memory_limit else [])
     started = {"at": datetime.now(UTC).replace(microsecond=0).isoformat(), "load": load_average()}
     sizes = []
     for size in args.sizes.split(","):
@@ -188,10 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         delta = delta_part(size, args.shares, args.seed)
         if "error" in delta:
             print(f"delta bench at {size} payments failed: {delta['error']}", flush=True)
-        try:
-            hooks = webhook_bench.bench_size(hook_args, payments, business)
-        except RuntimeError as exc:  # the job failed (its stderr's last line says why)
-            hooks = {"error": str(exc).strip().splitlines()[-1][:300]}
+        hooks = webhook_part(size, hook_args)
+        if "error" in hooks:
             print(f"webhook bench at {size} payments failed: {hooks['error']}", flush=True)
         sizes.append({"payments": payments, "business_payments": business, "delta": delta,
                       "webhooks": hooks, "rows": rows_of(delta, hooks),

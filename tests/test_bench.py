@@ -114,8 +114,10 @@ def test_incremental_bench_puts_delta_and_webhook_figures_in_one_table(
 
 
 def test_history_sizes_name_the_business_and_its_deeper_past() -> None:
-    from bench.harness import parse_history
+    from bench.harness import parse_history, size_label
 
+    assert size_label(*parse_history("1m@100k")) == "1m@100k"
+    assert size_label(*parse_history("100k")) == "100k"
     assert parse_history("100k") == (100_000, 100_000)
     assert parse_history("1m@100k") == (1_000_000, 100_000)
     with pytest.raises(ValueError, match="more than the history"):
