@@ -241,8 +241,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"{f['tests_seconds']:>8.2f} {f['peak_rss_mb']:>27.0f}  "
                 f"({f['build']}, {f['touched']} customers)"
             )
-    if len(results) >= 2:
-        small, big = results[0], results[-1]
+    small = results[0]
+    for big in results[1:]:  # each later size against the first
         for key, label in (("models_s", "models"), ("run_s", "whole run")):
             ratio = big["delta_run"][key] / max(small["delta_run"][key], 1e-9)
             print(f"same delta, {_label(big)} vs {_label(small)} payments, {label}: {ratio:.2f}x")

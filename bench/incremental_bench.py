@@ -164,8 +164,8 @@ def webhook_part(size: str, hook_args: list[str]) -> dict[str, Any]:
             cwd=REPO, stderr=subprocess.PIPE, text=True, check=False,
         )  # fmt: skip
         if proc.returncode != 0 or not out.exists():  # the job failed: its last line says why
-            lines = (proc.stderr or "").strip().splitlines() or ["failed"]
-            return {"error": lines[-1][:300]}
+            lines = (proc.stderr or "").strip().splitlines() or ["no output"]
+            return {"error": f"exit {proc.returncode}: {lines[-1][:300]}"}
         return json.loads(out.read_text())
 
 

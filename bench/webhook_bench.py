@@ -384,7 +384,7 @@ def print_size(r: dict[str, Any]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The bench's command line (also used by bench/incremental_bench.py)."""
+    """The bench's command line (bench/incremental_bench.py runs it in a subprocess)."""
     parser = argparse.ArgumentParser(prog="python -m bench.webhook_bench")
     parser.add_argument(
         "--payments", default="100k",

@@ -101,9 +101,10 @@ def _fold_runs(cur: duckdb.DuckDBPyConnection, prunable: list[tuple[Any, ...]]) 
 
 _OLD_STEPS = """
     CREATE TEMP TABLE old_step_runs AS
-    SELECT DISTINCT run_id FROM segment_sync.run_steps
-    WHERE run_id NOT IN (
+    WITH newest AS (
         SELECT run_id FROM segment_sync.runs ORDER BY started_at DESC LIMIT $keep)
+    SELECT DISTINCT run_id FROM segment_sync.run_steps AS steps
+    WHERE NOT EXISTS (SELECT 1 FROM newest WHERE newest.run_id = steps.run_id)
 """
 
 

@@ -114,7 +114,7 @@ def figures(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         by_outcome = sorted(
             ((c, o, n) for (c, o), n in counts.items()), key=lambda r: (r[0] or "", r[1] or "")
         )
-    if _has_table(con, "pruned_steps") and steps_total:
+    if _has_table(con, "pruned_steps"):  # the steps of runs older than the kept ones
         totals = dict(steps_total)
         for step, seconds in con.execute(
             f"select step, seconds from {SYNC_SCHEMA}.pruned_steps"

@@ -212,7 +212,7 @@ def draw_run_steps(ax: Any, steps: pd.DataFrame) -> None:
     labels = [f"{started:%m-%d %H:%M:%S}" for started, _ in table.index]
     step = max(1, len(labels) // 20)
     ax.set_xticks(list(x)[::step], labels[::step], rotation=45, ha="right")
-    ax.set_title("Duration of each run, by step")
+    ax.set_title("Duration of each recent run (the newest 288), by step")
     ax.set_xlabel("run start (UTC)")
     ax.set_ylabel("seconds")
     ax.legend(fontsize=9)

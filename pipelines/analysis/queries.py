@@ -253,7 +253,8 @@ def delivery_delay_by_path(wh: Warehouse) -> pd.DataFrame:
 
 
 def run_steps(wh: Warehouse) -> pd.DataFrame:
-    """Seconds per step (extract, models, emit, total) of each run, oldest first."""
+    """Seconds per step (extract, models, emit, total) of each run whose steps are kept (the
+    newest 288: `bookkeeping.py` folds older ones into `pruned_steps`), oldest first."""
     if not wh.has_table("segment_sync", "run_steps"):
         return pd.DataFrame(columns=["run_id", "started_at", "path", "step", "seconds"])
     return wh.query(RUN_STEPS)

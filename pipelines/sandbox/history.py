@@ -227,8 +227,9 @@ def _older_history(
 ) -> None:  # fmt: skip
     """Closed history before `start_us`: `n_payments` one-time payments (succeeded, failed or
     cancelled; never refunded or disputed) by customers of their own (one per ten payments),
-    spread over nine times the generated span, but not before 2020 (`OLDEST_HISTORY`, the job's
-    default `backfill_start`: a first sync reads all of it). Nothing in it is recent or open, so
+    spread over nine times the generated span, but, for a business that starts after 2020, not
+    before 2020 (`OLDEST_HISTORY_US`, the job's default `backfill_start`: a first sync reads all
+    of it). Nothing in it is recent or open, so
     a sync's re-reads (the lookback window, the open objects) are those of the business without
     it: only the depth of history differs. Its own random stream leaves the rest of the business
     as is."""
