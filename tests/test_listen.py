@@ -322,3 +322,29 @@ def test_a_forgotten_customer_leaves_the_webhook_store_and_never_comes_back(
         ).fetchone()
     assert row == (sub["quantity"] + 1, None)
     assert all(m.get("userId") != customer_id for m in sandbox.collector.messages)
+
+
+def test_deliveries_that_came_during_a_run_start_the_next_one_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    """The debounce waits for a quiet moment after deliveries that find the listener idle; those
+    that came while a run was going have waited out that run, and start the next one at once."""
+    from pipelines.commands.listen import Listener
+    from pipelines.config import ListenConfig
+
+    settings = ListenConfig(
+        webhook_key=SECRET, warehouse_path=str(tmp_path / "w.duckdb"), port=0,
+        debounce_seconds=60, max_delay_seconds=600,
+    )  # fmt: skip
+    listener = Listener(settings)
+    try:
+        now = time.monotonic()
+        listener._last_run_ended = now - 10  # a run ended ten seconds ago
+        listener._first_unrun = listener._last_delivery = now - 1  # idle since, then a delivery
+        assert not listener._due(now)  # the debounce holds it
+        listener._first_unrun = now - 11  # this one came during that run
+        assert listener._due(now)
+        listener._not_before = now + 30  # after a failed run the retry wait still holds
+        assert not listener._due(now)
+    finally:
+        listener.server.server_close()

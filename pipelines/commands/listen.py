@@ -4,7 +4,8 @@ Each delivery is verified with the Standard Webhooks scheme Dodo signs with (`st
 HMAC-SHA256 over `webhook-id.webhook-timestamp.body`, 5-minute tolerance), stored fsync'd in
 the warehouse's webhook store, and only then answered 2xx. The listener never opens the
 warehouse: it starts `dodo-segment run --webhook-only --wait` (the run lock keeps it from
-overlapping a scheduled run), debounced so a burst of deliveries makes one run.
+overlapping a scheduled run), debounced so a burst of deliveries makes one run; deliveries that
+came during a run start the next one as soon as it ends (the run was their debounce).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class Listener:
         self._first_unrun: float | None = None
         self._last_delivery = 0.0
         self._not_before = 0.0
+        self._last_run_ended = float("-inf")
         self._stop = threading.Event()
         self.server = _BoundedServer((settings.host, settings.port), _handler(self))
         self._trigger = threading.Thread(target=self._trigger_loop, name="run-trigger", daemon=True)
@@ -187,6 +189,8 @@ class Listener:
     def _due(self, now: float) -> bool:
         if self._first_unrun is None or now < self._not_before:
             return False
+        if self._first_unrun <= self._last_run_ended:
+            return True  # they came during the last run: its length was their debounce
         quiet = now - self._last_delivery >= self.settings.debounce_seconds
         return quiet or now - self._first_unrun >= self.settings.max_delay_seconds
 
@@ -202,6 +206,7 @@ class Listener:
                 self._first_unrun = None
             self._write_counters()
             code = self._run_once()
+            self._last_run_ended = time.monotonic()
             if code not in (0, 3) and self.store.pending_count():
                 with self._wake:  # a failed run: the deliveries stay pending; try again later
                     self._not_before = time.monotonic() + self.settings.retry_seconds
