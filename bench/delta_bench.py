@@ -1,8 +1,10 @@
 """Delta build vs full build of the models, and of the whole run, by history size.
 
-    python -m bench.delta_bench [--sizes 100k,1m] [--shares 0.01,0.03,0.05,0.1]
+    python -m bench.delta_bench [--sizes 100k,1m@100k,1m] [--shares 0.01,0.03,0.05,0.1]
 
-Per size, a generated business of that many payments (customers = payments / 10) is served by
+Per size (`1m@100k`: the 100k business over 900k older closed payments, the same delta at ten
+times the history; `harness.parse_history`), a generated business of that many payments
+(customers = payments / 10) is served by
 the sandbox simulator in this process, with the sandbox Segment collector in another, and
 synced once. Each build or run then goes in its own process, so its wall time and peak RSS are
 its own:
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--mode", choices=("full", "delta"), required=True)
     pr.add_argument("--crossover", type=float, default=None)
     parser.add_argument(
-        "--sizes", default="100k,1m",
+        "--sizes", default="100k,1m@100k,1m",
         help="history sizes; '1m@100k' is the 100k business over a past of 900k older closed "
         "payments (the same delta at ten times the history)",
     )  # fmt: skip
