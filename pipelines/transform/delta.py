@@ -156,11 +156,14 @@ class DeltaPlan:
 
 
 def config_fingerprint(con: duckdb.DuckDBPyConnection, base: str) -> str:
-    """The build fingerprint without the raw rows: `base` (SQL, catalog, rules) and the raw
-    tables' columns (a schema migration changes them)."""
+    """The build fingerprint without the raw rows: `base` (SQL, catalog, rules), the raw
+    tables' columns (a schema migration changes them) and what the snapshot's format depends
+    on."""
     digest = hashlib.sha256(base.encode())
     digest.update(repr(sorted(touched.raw_columns(con).items())).encode())
     digest.update(f"{dodo_contract.WAREHOUSE_SCHEMA_VERSION}:{touched.SNAPSHOT_FORMAT}".encode())
+    # the snapshot's hashes are DuckDB's `hash`, which another DuckDB may compute otherwise
+    digest.update(duckdb.__version__.encode())
     return digest.hexdigest()
 
 
