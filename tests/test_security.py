@@ -278,6 +278,8 @@ REVIEWED_INTERPOLATIONS = {
         "exact",  # a comparison with a temp table
         "hop2",  # _rows_by_key over a CTE's name
         "lookup_key('i')",  # a hash of a subquery's column
+        "name",  # _RELATIONS: a code constant's key
+        "source",  # _RELATIONS: a staging relation's name from code
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",

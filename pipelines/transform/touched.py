@@ -174,15 +174,23 @@ def set_entity_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
 
 
 def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
-    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, then the
-    keys their rows reference in `delta_ref_<table>` (payments, refunds, subscriptions,
-    disputes): the owners' lookups read those by constant filters."""
+    """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, the rows
+    of those ids that the owners read (temp tables `delta_owner_rows_<name>`), and the keys
+    they reference in `delta_ref_<table>` (payments, refunds, subscriptions, disputes): the
+    owners' lookups read those by constant filters. Each staging relation is scanned once:
+    the payments for their ids and the referenced ones together."""
     set_entity_ids(con, relation)
-    rel = _filtered_relations(True)
     a = SCHEMA
+    for name, (source, table, key, columns) in _RELATIONS.items():
+        where = f"list_contains(getvariable('{_IDS}{table}'), {key})"
+        if name == "payments":  # after the keys the other rows reference (below)
+            continue
+        con.execute(
+            f"create or replace temp table {_ROWS}{name} as "
+            f"select {columns} from {a}.{source} where {where}"
+        )
+    rel = _filtered_relations(True)
     referenced = (  # in order: the payments' keys read the refunds' and disputes'
-        ("subscriptions", f"select sid from {rel['paid']} "
-                          f"union all select subscription_id from {rel['history']}"),
         ("refunds", f"select reference_object_id from {rel['ledger']}"),
         ("disputes", f"select dispute_id from {rel['dispute_history']}"),
         ("payments", f"select payment_id from {rel['refunds']} "
@@ -192,8 +200,23 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
                      f"where list_contains(getvariable('{_REFS}disputes'), dispute_id) "
                      f"union all select payment_id from {a}.stg_refunds "
                      f"where list_contains(getvariable('{_REFS}refunds'), refund_id)"),
+        ("payment rows", ""),
+        ("subscriptions", f"select sid from {rel['paid']} "
+                          f"union all select subscription_id from {rel['history']}"),
     )  # fmt: skip
     for table, query in referenced:
+        if table == "payment rows":  # the changed payments' rows and the referenced ones'
+            source, raw, key, columns = _RELATIONS["payments"]
+            con.execute(  # one list: a filter the scan applies (two lists OR-ed are not)
+                f"set variable {_ROWS}payment_ids = list_distinct("
+                f"getvariable('{_IDS}{raw}') || getvariable('{_REFS}payments'))"
+            )
+            con.execute(
+                f"create or replace temp table {_ROWS}payments as "
+                f"select {columns} from {a}.{source} "
+                f"where list_contains(getvariable('{_ROWS}payment_ids'), {key})"
+            )
+            continue
         con.execute(
             f"set variable {_REFS}{table} = (select coalesce(list(distinct key), []::varchar[]) "
             f"from ({query}) as keys(key) where key is not null)"
@@ -201,35 +224,67 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
 
 
 _REFS = "delta_ref_"
+_ROWS = "delta_owner_rows_"
+
+_RELATIONS: dict[str, tuple[str, str, str, str]] = {
+    "customers": ("stg_customers", "customers", "customer_id", "customer_id"),
+    "forgotten": (
+        "source_forgotten_customers()",
+        "forgotten_customers",
+        "customer_id",
+        "customer_id",
+    ),
+    "payments": (
+        "stg_payments",
+        "payments",
+        "payment_id",
+        "payment_id, customer_id, created_at, subscription_id, subscription_ids",
+    ),
+    "subscriptions": (
+        "stg_subscriptions",
+        "subscriptions",
+        "subscription_id",
+        "subscription_id, customer_id",
+    ),
+    "refunds": ("stg_refunds", "refunds", "refund_id", "refund_id, payment_id, created_at"),
+    "disputes": ("stg_disputes", "disputes", "dispute_id", "dispute_id, payment_id"),
+    "dispute_history": ("stg_dispute_history", "dispute_history", "dispute_id", "dispute_id"),
+    "history": (
+        "stg_subscription_history",
+        "subscription_history",
+        "subscription_id",
+        "subscription_id",
+    ),
+    "ledger": (
+        "stg_balance_ledger",
+        "balance_ledger",
+        "ledger_entry_id",
+        "ledger_entry_id, reference_object_id",
+    ),
+}
+"""The staging relations an owners query starts from: name -> (relation, the raw table whose
+ids select its rows, its id column, the columns the owners read)."""
 
 
 def _filtered_relations(by_ids: bool) -> dict[str, str]:
     """The staging relations an owners query starts from: whole, or (`by_ids`) only the rows
-    of the ids in `delta_ids_<table>`."""
+    of the ids in `delta_ids_<table>`, as `set_ids` kept them."""
     a = SCHEMA
-
-    def only(tbl: str, column: str) -> str:
-        return f" where list_contains(getvariable('{_IDS}{tbl}'), {column})" if by_ids else ""
-
-    return {
-        "customers": f"(select * from {a}.stg_customers{only('customers', 'customer_id')})",
-        "forgotten": f"(select * from {a}.source_forgotten_customers()"
-        f"{only('forgotten_customers', 'customer_id')})",
-        "payments": f"(select * from {a}.stg_payments{only('payments', 'payment_id')})",
-        "subscriptions": f"(select * from {a}.stg_subscriptions"
-        f"{only('subscriptions', 'subscription_id')})",
-        "refunds": f"(select * from {a}.stg_refunds{only('refunds', 'refund_id')})",
-        "disputes": f"(select * from {a}.stg_disputes{only('disputes', 'dispute_id')})",
-        "dispute_history": f"(select * from {a}.stg_dispute_history"
-        f"{only('dispute_history', 'dispute_id')})",
-        "history": f"(select * from {a}.stg_subscription_history"
-        f"{only('subscription_history', 'subscription_id')})",
-        "ledger": f"(select * from {a}.stg_balance_ledger"
-        f"{only('balance_ledger', 'ledger_entry_id')})",
-        "paid": f"(select payment_id, unnest(list_distinct(list_filter("
-        f"coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
-        f" from {a}.stg_payments{only('payments', 'payment_id')})",
+    rel = {
+        name: f"{_ROWS}{name}" if by_ids else f"(select * from {a}.{source})"
+        for name, (source, _, _, _) in _RELATIONS.items()
     }
+    if by_ids:  # their rows hold the referenced payments' too
+        rel["payments"] = (
+            f"(select * from {_ROWS}payments "
+            f"where list_contains(getvariable('{_IDS}payments'), payment_id))"
+        )
+    rel["paid"] = (
+        "(select payment_id, unnest(list_distinct(list_filter("
+        "coalesce(subscription_ids, []) || [subscription_id], lambda x: x is not null))) as sid"
+        f" from {rel['payments']})"
+    )
+    return rel
 
 
 def _owner_branches(ids: str | None) -> str:
@@ -250,7 +305,12 @@ def _owner_branches(ids: str | None) -> str:
             f"where list_contains(getvariable('{_REFS}{table}'), {key}))"
         )
 
-    payments = lookup("stg_payments", "payment_id", "customer_id", "payments")
+    payments = (  # set_ids kept the referenced payments' rows
+        f"(select payment_id, customer_id from {_ROWS}payments "
+        f"where list_contains(getvariable('{_REFS}payments'), payment_id))"
+        if ids is not None
+        else lookup("stg_payments", "payment_id", "customer_id", "payments")
+    )
     subscriptions = lookup("stg_subscriptions", "subscription_id", "customer_id", "subscriptions")
     history_disputes = lookup("stg_disputes", "dispute_id", "payment_id", "disputes")
     ledger_refunds = lookup("stg_refunds", "refund_id", "payment_id", "refunds")
