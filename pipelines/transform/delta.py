@@ -41,10 +41,11 @@ customers against the full build: 60k payments 2.16 / 2.26 / 2.54 / 3.29 s vs 2.
 full build grows with it, a delta with the touched rows); below it at small sizes both take ~2
 s, so the threshold favours the large warehouses the delta is for."""
 
-_UNSCOPED = frozenset({"int_ledger_by_object"})
-KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_until"})
-"""Global models whose effect on keyed models is known: the catalog is constant, and `as_of`
-moves results only through the time facts `plan_delta` touches."""
+RATES_MODEL = "int_currency_rates"
+KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_until", RATES_MODEL})
+"""Global models whose effect on keyed models is known: the catalog is constant, `as_of`
+moves results only through the time facts `plan_delta` touches, and a moved fallback USD rate
+touches the customers whose payments it converts (`touch_rate_changes`)."""
 _GRAIN = re.compile(r"^(\w+)(?:\s+by\s+(\w+))?$")
 _SCOPE = "delta_scope_"
 _SCOPE_OBJECTS = "delta_scope_objects"
@@ -322,8 +323,7 @@ def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict
             scope(name, key_predicate(grain, column))
     for model in models:
         grain = model_grain(model)
-        # int_payments_usd's fallback rates aggregate the whole ledger: never narrowed
-        if model.name in _UNSCOPED or model.name in scopes:
+        if model.name in scopes:
             continue
         if grain.kind != "global" and grain.column:
             scope(model.name, key_predicate(grain.kind, grain.column))
@@ -376,19 +376,13 @@ def rebuild_keys(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str,
     )
 
 
-_RATES = f"""select payment_currency as currency, arg_max(
-        (payment_usd_cents / 100.0)
-        / {SCHEMA}.to_major(payment_amount_minor, payment_currency), payment_entry_at
-    ) as usd_rate
-    from {SCHEMA}.int_ledger_by_object
-    where payment_amount_minor > 0 and payment_usd_cents is not null
-    group by payment_currency"""
-"""int_payments_usd's fallback rate per currency (the latest ledger payment's), a global fact."""
-
-
 def snapshot_rates(con: duckdb.DuckDBPyConnection) -> None:
-    """Keep the fallback USD rates before int_ledger_by_object changes."""
-    con.execute(f"create or replace temp table delta_old_rates as {_RATES}")
+    """Keep the fallback USD rates (`int_currency_rates`, one row per currency) before they are
+    rebuilt."""
+    con.execute(
+        f"create or replace temp table delta_old_rates as "
+        f"select currency, usd_rate from {SCHEMA}.{RATES_MODEL}"
+    )
 
 
 def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
@@ -397,9 +391,11 @@ def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         f"""create or replace temp table delta_moved_rates as
         select currency from (
-            (select * from ({_RATES}) except select * from delta_old_rates)
+            (select currency, usd_rate from {SCHEMA}.{RATES_MODEL}
+             except select * from delta_old_rates)
             union all
-            (select * from delta_old_rates except select * from ({_RATES}))
+            (select * from delta_old_rates
+             except select currency, usd_rate from {SCHEMA}.{RATES_MODEL})
         )"""
     )
     moved = con.execute("select count(*) from delta_moved_rates").fetchone()

@@ -762,7 +762,7 @@ class _DeltaBuilder:
     def build(self, model: Model) -> None:
         """Build one model of the delta build."""
         con = self.con
-        if model.name == "int_ledger_by_object":
+        if model.name == delta.RATES_MODEL:
             delta.snapshot_rates(con)
         if f"{SCHEMA}.quarantined_rows" in model.sql:
             before = touched.count_touched(con)
@@ -810,7 +810,7 @@ class _DeltaBuilder:
         before = touched.count_touched(self.con)
         if model.name == "stg_payment_subscriptions":
             touched.close_over_subscriptions(self.con, links_moved=True)
-        elif model.name == "int_ledger_by_object":
+        elif model.name == delta.RATES_MODEL:
             delta.touch_rate_changes(self.con)
         elif model.name == previous.IDENTITY_MODEL:
             previous.touch_users(self.con, self.last_build)

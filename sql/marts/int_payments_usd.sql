@@ -1,8 +1,9 @@
 -- grain: customer
 -- Succeeded payments with their amount in USD, the one place this rule lives:
 -- the ledger's usd_equivalent_amount of the payment; else the amount itself for USD; else the
--- amount at the rate implied by the latest ledger payment in that currency (NULL when the ledger
--- has no payment in that currency). Read by mrr_monthly and the cohort notebook.
+-- amount at the currency's fallback rate (int_currency_rates: the rate implied by the latest
+-- ledger payment in that currency; NULL when the ledger has no payment in that currency). Read
+-- by mrr_monthly and the cohort notebook.
 with payments as (
     select * from analytics.stg_payments
 ),
@@ -12,16 +13,7 @@ ledger as (
 ),
 
 currency_rates as (
-    select
-        payment_currency as currency,
-        arg_max(
-            (payment_usd_cents / 100.0)
-            / analytics.to_major(payment_amount_minor, payment_currency),
-            payment_entry_at
-        ) as usd_rate
-    from ledger
-    where payment_amount_minor > 0 and payment_usd_cents is not null
-    group by payment_currency
+    select * from analytics.int_currency_rates
 ),
 
 final as (
