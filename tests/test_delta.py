@@ -171,17 +171,29 @@ MORE_SEEDS = [int(s) for s in os.environ.get("DODO_SEGMENT_DELTA_SEEDS", "").spl
 ids and accounts, even ones with the default identity."""
 
 
+COLLIDING_LOOKUP_KEY = "case when {0} is not null then cast(length({0}) as uinteger) end"
+"""A lookup key that every id of the same length shares: the snapshot's look-ups then find
+many rows of other ids, which only the ids' own comparison sets apart."""
+
+
 @pytest.mark.parametrize(
-    ("seed", "identity"),
-    [(1, IdentityConfig()), (2, IdentityConfig()), (3, APP_USER_IDS)]
-    + [(s, APP_USER_IDS if s % 2 else IdentityConfig()) for s in MORE_SEEDS],
-    ids=["seed1", "seed2", "seed3-app-user-ids-and-accounts"] + [f"seed{s}" for s in MORE_SEEDS],
+    ("seed", "identity", "colliding_keys"),
+    [(1, IdentityConfig(), False), (2, IdentityConfig(), True), (3, APP_USER_IDS, False)]
+    + [(s, APP_USER_IDS if s % 2 else IdentityConfig(), False) for s in MORE_SEEDS],
+    ids=["seed1", "seed2-colliding-lookup-keys", "seed3-app-user-ids-and-accounts"]
+    + [f"seed{s}" for s in MORE_SEEDS],
 )
 @pytest.mark.slow  # heavy: several job runs in process (over 2.5 s on the 2-core box)
 def test_a_delta_build_equals_a_full_build_after_every_run(
-    business: tuple[Sandbox, Path], seed: int, identity: IdentityConfig
+    business: tuple[Sandbox, Path],
+    seed: int,
+    identity: IdentityConfig,
+    colliding_keys: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sandbox, models = business
+    if colliding_keys:
+        monkeypatch.setattr(touched, "lookup_key", COLLIDING_LOOKUP_KEY.format)
     rng = random.Random(seed)
     changes = _changes(sandbox, rng)
     builds: list[str] = []

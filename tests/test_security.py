@@ -278,8 +278,10 @@ REVIEWED_INTERPOLATIONS = {
         "exact",  # a comparison with a temp table
         "hop2",  # _rows_by_key over a CTE's name
         "lookup_key('i')",  # a hash of a subquery's column
-        "name",  # _RELATIONS: a code constant's key
-        "source",  # _RELATIONS: a staging relation's name from code
+        "owner_relation",  # a key of OWNER_RELATIONS (code)
+        "spec.columns",  # OWNER_RELATIONS: column names from code
+        "spec.id_column",
+        "spec.staging",  # OWNER_RELATIONS: a staging relation's name from code
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",

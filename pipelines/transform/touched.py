@@ -5,12 +5,12 @@ The last build leaves a snapshot of the raw data in two bookkeeping tables:
 - `analytics._delta_rows` (tbl, id, k, id_key): one row per raw row, a hash of its table, entity
   id and every column but `_synced_at` and dlt's own (a re-read finding the same content is no
   change);
-- `analytics._delta_owners` (tbl, id, ref, owner, day, id_key, ref_key): the customer(s) each raw
-  entity
-  concerns, and the entity it reaches them through (refund and dispute -> payment -> customer;
-  ledger entry -> its `reference_object_id`; subscription history -> subscription -> customer; a
-  payment also concerns the customers of the subscriptions it pays); for a payment or a refund,
-  the UTC day it counts on in `revenue_daily` (the days a delta build rebuilds are read there).
+- `analytics._delta_owners` (tbl, id, ref, owner, day, id_key, ref_key): the customer(s) each
+  raw entity concerns, and the entity it reaches them through (refund and dispute -> payment ->
+  customer; ledger entry -> its `reference_object_id`; subscription history -> subscription ->
+  customer; a payment also concerns the customers of the subscriptions it pays); for a payment
+  or a refund, the UTC day it counts on in `revenue_daily` (the days a delta build rebuilds are
+  read there).
 
 A run compares the raw tables with `_delta_rows` (whatever loaded them: API pages, webhook merges,
 history rows, forgets, settled-ledger re-reads, deletions); the touched customers are the old and
@@ -18,7 +18,8 @@ new owners of every changed entity and of the entities that reach a customer thr
 that disappear are covered because the old owners come from the snapshot, never from the new
 output. The owner NULL stands for "no known customer" and is matched NULL-safely.
 
-Both tables hold one row per raw row, so a lookup of a few ids in them must not read every id:
+Both tables grow with the raw data (a row per raw row; per entity and owner), so a look-up of a
+few ids in them must not read every id:
 `id_key` and `ref_key` are 32-bit hashes of `id` and `ref` (`lookup_key`), which a lookup scans
 to find the row ids of the candidate rows before it reads those rows and compares the ids
 themselves (at 1M payments, 3.6M rows: the hashes' scan costs 6-8 ms, the ids' 45 ms, reading
@@ -26,6 +27,8 @@ every column of every row 100 ms).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import duckdb
 
@@ -177,93 +180,112 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
     """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, the rows
     of those ids that the owners read (temp tables `delta_owner_rows_<name>`), and the keys
     they reference in `delta_ref_<table>` (payments, refunds, subscriptions, disputes): the
-    owners' lookups read those by constant filters. Each staging relation is scanned once:
-    the payments for their ids and the referenced ones together."""
+    owners' lookups read those by constant filters. The payments are read in one scan for
+    their own ids and the referenced ones, the ledger in one for its ids."""
     set_entity_ids(con, relation)
-    a = SCHEMA
-    for name, (source, table, key, columns) in _RELATIONS.items():
-        where = f"list_contains(getvariable('{_IDS}{table}'), {key})"
-        if name == "payments":  # after the keys the other rows reference (below)
-            continue
-        con.execute(
-            f"create or replace temp table {_ROWS}{name} as "
-            f"select {columns} from {a}.{source} where {where}"
-        )
+    for name, spec in OWNER_RELATIONS.items():
+        if name != "payments":  # read once the keys the other rows reference are known
+            _keep_owner_rows(con, name, f"getvariable('{_IDS}{spec.raw_table}')")
     rel = _filtered_relations(True)
-    referenced = (  # in order: the payments' keys read the refunds' and disputes'
-        ("refunds", f"select reference_object_id from {rel['ledger']}"),
-        ("disputes", f"select dispute_id from {rel['dispute_history']}"),
-        ("payments", f"select payment_id from {rel['refunds']} "
-                     f"union all select payment_id from {rel['disputes']} "
-                     f"union all select reference_object_id from {rel['ledger']} "
-                     f"union all select payment_id from {a}.stg_disputes "
-                     f"where list_contains(getvariable('{_REFS}disputes'), dispute_id) "
-                     f"union all select payment_id from {a}.stg_refunds "
-                     f"where list_contains(getvariable('{_REFS}refunds'), refund_id)"),
-        ("payment rows", ""),
-        ("subscriptions", f"select sid from {rel['paid']} "
-                          f"union all select subscription_id from {rel['history']}"),
-    )  # fmt: skip
-    for table, query in referenced:
-        if table == "payment rows":  # the changed payments' rows and the referenced ones'
-            source, raw, key, columns = _RELATIONS["payments"]
-            con.execute(  # one list: a filter the scan applies (two lists OR-ed are not)
-                f"set variable {_ROWS}payment_ids = list_distinct("
-                f"getvariable('{_IDS}{raw}') || getvariable('{_REFS}payments'))"
-            )
-            con.execute(
-                f"create or replace temp table {_ROWS}payments as "
-                f"select {columns} from {a}.{source} "
-                f"where list_contains(getvariable('{_ROWS}payment_ids'), {key})"
-            )
-            continue
-        con.execute(
-            f"set variable {_REFS}{table} = (select coalesce(list(distinct key), []::varchar[]) "
-            f"from ({query}) as keys(key) where key is not null)"
-        )
+    a = SCHEMA
+    _set_refs(con, "refunds", f"select reference_object_id from {rel['ledger']}")
+    _set_refs(con, "disputes", f"select dispute_id from {rel['dispute_history']}")
+    _set_refs(
+        con,
+        "payments",
+        f"select payment_id from {rel['refunds']} "
+        f"union all select payment_id from {rel['disputes']} "
+        f"union all select reference_object_id from {rel['ledger']} "
+        f"union all select payment_id from {a}.stg_disputes "
+        f"where list_contains(getvariable('{_REFS}disputes'), dispute_id) "
+        f"union all select payment_id from {a}.stg_refunds "
+        f"where list_contains(getvariable('{_REFS}refunds'), refund_id)",
+    )
+    # one list: a filter the scan applies (two lists OR-ed are evaluated row by row)
+    con.execute(
+        f"set variable {_OWNER_PAYMENT_IDS} = list_distinct("
+        f"getvariable('{_IDS}payments') || getvariable('{_REFS}payments'))"
+    )
+    _keep_owner_rows(con, "payments", f"getvariable('{_OWNER_PAYMENT_IDS}')")
+    rel = _filtered_relations(True)
+    _set_refs(
+        con,
+        "subscriptions",
+        f"select sid from {rel['paid']} union all select subscription_id from {rel['history']}",
+    )
+
+
+def _keep_owner_rows(con: duckdb.DuckDBPyConnection, owner_relation: str, ids: str) -> None:
+    """Keep the rows of the owners' relation `owner_relation` whose id is in the list `ids`
+    (SQL), with the columns the owners read, in the temp table
+    `delta_owner_rows_<owner_relation>`."""
+    spec = OWNER_RELATIONS[owner_relation]
+    con.execute(
+        f"create or replace temp table {_OWNER_ROWS}{owner_relation} as "
+        f"select {spec.columns} from {SCHEMA}.{spec.staging} "
+        f"where list_contains({ids}, {spec.id_column})"
+    )
+
+
+def _set_refs(con: duckdb.DuckDBPyConnection, table: str, keys: str) -> None:
+    """Keep the keys of `table` that the query `keys` (one column) returns in
+    `delta_ref_<table>`."""
+    con.execute(
+        f"set variable {_REFS}{table} = (select coalesce(list(distinct key), []::varchar[]) "
+        f"from ({keys}) as keys(key) where key is not null)"
+    )
 
 
 _REFS = "delta_ref_"
-_ROWS = "delta_owner_rows_"
+_OWNER_ROWS = "delta_owner_rows_"
+_OWNER_PAYMENT_IDS = "delta_owner_payment_ids"
+"""Session variable: the changed payments' ids and the referenced payments', one list."""
 
-_RELATIONS: dict[str, tuple[str, str, str, str]] = {
-    "customers": ("stg_customers", "customers", "customer_id", "customer_id"),
-    "forgotten": (
-        "source_forgotten_customers()",
-        "forgotten_customers",
-        "customer_id",
-        "customer_id",
+
+class OwnerRelation(NamedTuple):
+    """A staging relation an owners query starts from."""
+
+    staging: str
+    """The relation in `analytics`."""
+    raw_table: str
+    """The raw table whose ids select its rows (`delta_ids_<raw_table>`)."""
+    id_column: str
+    columns: str
+    """The columns the owners read."""
+
+
+OWNER_RELATIONS: dict[str, OwnerRelation] = {
+    "customers": OwnerRelation("stg_customers", "customers", "customer_id", "customer_id"),
+    "forgotten": OwnerRelation(
+        "source_forgotten_customers()", "forgotten_customers", "customer_id", "customer_id"
     ),
-    "payments": (
+    "payments": OwnerRelation(
         "stg_payments",
         "payments",
         "payment_id",
         "payment_id, customer_id, created_at, subscription_id, subscription_ids",
     ),
-    "subscriptions": (
-        "stg_subscriptions",
-        "subscriptions",
-        "subscription_id",
-        "subscription_id, customer_id",
+    "subscriptions": OwnerRelation(
+        "stg_subscriptions", "subscriptions", "subscription_id", "subscription_id, customer_id"
     ),
-    "refunds": ("stg_refunds", "refunds", "refund_id", "refund_id, payment_id, created_at"),
-    "disputes": ("stg_disputes", "disputes", "dispute_id", "dispute_id, payment_id"),
-    "dispute_history": ("stg_dispute_history", "dispute_history", "dispute_id", "dispute_id"),
-    "history": (
-        "stg_subscription_history",
-        "subscription_history",
-        "subscription_id",
-        "subscription_id",
+    "refunds": OwnerRelation(
+        "stg_refunds", "refunds", "refund_id", "refund_id, payment_id, created_at"
     ),
-    "ledger": (
+    "disputes": OwnerRelation("stg_disputes", "disputes", "dispute_id", "dispute_id, payment_id"),
+    "dispute_history": OwnerRelation(
+        "stg_dispute_history", "dispute_history", "dispute_id", "dispute_id"
+    ),
+    "history": OwnerRelation(
+        "stg_subscription_history", "subscription_history", "subscription_id", "subscription_id"
+    ),
+    "ledger": OwnerRelation(
         "stg_balance_ledger",
         "balance_ledger",
         "ledger_entry_id",
         "ledger_entry_id, reference_object_id",
     ),
 }
-"""The staging relations an owners query starts from: name -> (relation, the raw table whose
-ids select its rows, its id column, the columns the owners read)."""
+"""The staging relations an owners query starts from, by the name the owners' SQL uses."""
 
 
 def _filtered_relations(by_ids: bool) -> dict[str, str]:
@@ -271,12 +293,12 @@ def _filtered_relations(by_ids: bool) -> dict[str, str]:
     of the ids in `delta_ids_<table>`, as `set_ids` kept them."""
     a = SCHEMA
     rel = {
-        name: f"{_ROWS}{name}" if by_ids else f"(select * from {a}.{source})"
-        for name, (source, _, _, _) in _RELATIONS.items()
+        name: f"{_OWNER_ROWS}{name}" if by_ids else f"(select * from {a}.{spec.staging})"
+        for name, spec in OWNER_RELATIONS.items()
     }
     if by_ids:  # their rows hold the referenced payments' too
         rel["payments"] = (
-            f"(select * from {_ROWS}payments "
+            f"(select * from {_OWNER_ROWS}payments "
             f"where list_contains(getvariable('{_IDS}payments'), payment_id))"
         )
     rel["paid"] = (
@@ -306,7 +328,7 @@ def _owner_branches(ids: str | None) -> str:
         )
 
     payments = (  # set_ids kept the referenced payments' rows
-        f"(select payment_id, customer_id from {_ROWS}payments "
+        f"(select payment_id, customer_id from {_OWNER_ROWS}payments "
         f"where list_contains(getvariable('{_REFS}payments'), payment_id))"
         if ids is not None
         else lookup("stg_payments", "payment_id", "customer_id", "payments")
