@@ -213,6 +213,9 @@ REVIEWED_INTERPOLATIONS = {
         # issue 21 (cost): the touched days' clauses (code-built), days are a session variable
         "in_touched('owner')",
         "predicate.format(days=days)",
+        "on_touched_days",  # in_touched_days over a code constant
+        "stg_payments",  # the staging relation's name
+        "touched_day",  # an element of the touched days' session variable, by a code index
         "changed",  # touched.CHANGED, a temp table's name
         "kind",  # "view" or "table" (a day scope's)
         "objects.format('payment_id')",  # a fixed clause with a column name

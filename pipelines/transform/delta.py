@@ -491,6 +491,45 @@ row is read, so a copy reads every column of every payment (out of the buffer po
 low `memory_limit`), while the readers need a few columns of them."""
 
 
+_DAY_RANGES_MAX = 31
+"""Up to this many touched days, the day scope of the payments reads each day as a range of
+`created_at`; beyond it, by the day of every payment."""
+
+
+def _day_payments(con: duckdb.DuckDBPyConnection) -> str:
+    """SQL: the payments the day scope holds (`_DAY_SCOPES`' stg_payments predicate), each
+    touched day read as a range of `created_at`, a filter the scan applies and whose row groups
+    of other times it skips by their min and max (at 1M payments over the 100k business, one
+    day's 741 payments: 11 ms against 199 ms for the day of every payment); then those without
+    a time and those the refunds made on those days are of, each once."""
+    row = con.execute(
+        f"select len(getvariable('{TOUCHED_DAYS}')), len(getvariable('delta_day_refunded'))"
+    ).fetchone()
+    days, refunded = (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+    stg_payments = f"{SCHEMA}.stg_payments"
+    on_touched_days = in_touched_days(_DAY)
+    if days > _DAY_RANGES_MAX:
+        return (
+            f"select * from {stg_payments} where {on_touched_days} "
+            "or list_contains(getvariable('delta_day_refunded'), payment_id)"
+        )
+    parts = []
+    for index in range(1, days + 1):
+        touched_day = f"getvariable('{TOUCHED_DAYS}')[{index}]"
+        parts.append(
+            f"select * from {stg_payments} "
+            f"where created_at >= timezone('UTC', {touched_day}::timestamp) "
+            f"and created_at < timezone('UTC', ({touched_day} + 1)::timestamp)"
+        )
+    parts.append(f"select * from {stg_payments} where created_at is null")
+    if refunded:
+        parts.append(
+            f"select * from {stg_payments} where list_contains(getvariable('delta_day_refunded'), "
+            f"payment_id) and not coalesce({on_touched_days}, false)"
+        )
+    return "\nunion all\n".join(parts)
+
+
 def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     """Rebuild a `day` grain model's rows of the days whose sums may have moved: the days the
     changed payments and refunds count on, now and at the last build (the snapshot's owners,
@@ -531,8 +570,12 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     scopes: dict[str, str] = {}
     for name, predicate in _DAY_SCOPES:
         kind = "view" if name in _DAY_VIEWS else "table"
-        rows = rows_where(
-            f"{SCHEMA}.{name}", predicate.format(days=days), table=name in _DAY_TABLES
+        rows = (
+            _day_payments(con)
+            if name == "stg_payments"
+            else rows_where(
+                f"{SCHEMA}.{name}", predicate.format(days=days), table=name in _DAY_TABLES
+            )
         )
         con.execute(f"create or replace temp {kind} {_SCOPE}day_{name} as {rows}")
         scopes[name] = f"{_SCOPE}day_{name}"
