@@ -207,7 +207,6 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
         f"getvariable('{_IDS}payments') || getvariable('{_REFS}payments'))"
     )
     _keep_owner_rows(con, "payments", f"getvariable('{_OWNER_PAYMENT_IDS}')")
-    rel = _filtered_relations(True)
     _set_refs(
         con,
         "subscriptions",
