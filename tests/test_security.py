@@ -271,11 +271,10 @@ REVIEWED_INTERPOLATIONS = {
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
         "_in_pairs(CHANGED)",  # a temp table's name
         # the snapshot's lookups by hashed keys (issue 21): code-built predicates and column lists
-        "', '.join(keys)",  # lookup-key expressions of the constant columns id and ref
         "_by_key(table, 'id_key', ids, exact)",  # snapshot table, temp tables' names
         "_by_key(table, key, ids, exact)",
-        "_with_keys(OWNERS_COLUMNS, f'select * from {NEW_OWNERS}')",  # a temp table's name
-        "_with_keys(ROWS_COLUMNS, rows)",  # a temp table's name and _in_pairs
+        "_with_keys(OWNERS_TABLE, f'select * from {NEW_OWNERS}')",  # a temp table's name
+        "_with_keys(ROWS_TABLE, rows)",  # a temp table's name and _in_pairs
         "by_ref",  # _rows_by_key over temp tables' names
         "entities",  # a temp table's name
         "exact",  # a comparison with a temp table

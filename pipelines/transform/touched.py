@@ -63,14 +63,19 @@ ROWS_COLUMNS = "tbl, id, k"
 OWNERS_COLUMNS = "tbl, id, ref, owner, day"
 """The snapshot tables' columns before their lookup keys (those of the temp tables that feed
 them and of the rows read from them)."""
+_SNAPSHOT_COLUMNS = {
+    ROWS_TABLE: (ROWS_COLUMNS, ("id",)),
+    OWNERS_TABLE: (OWNERS_COLUMNS, ("id", "ref")),
+}
+"""Per snapshot table: its columns before the lookup keys, and the columns those hash
+(`<column>_key`)."""
 
 
-def _with_keys(columns: str, query: str) -> str:
-    """SQL: `query`'s rows (`columns`) and the lookup keys of their `id` (and `ref`)."""
-    keys = [f"{lookup_key('id')} as id_key"]
-    if "ref" in columns.split(", "):
-        keys.append(f"{lookup_key('ref')} as ref_key")
-    return f"select {columns}, {', '.join(keys)} from ({query})"
+def _with_keys(table: str, query: str) -> str:
+    """SQL: `query`'s rows as the snapshot `table` holds them, with their lookup keys."""
+    columns, hashed = _SNAPSHOT_COLUMNS[table]
+    keys = ", ".join(f"{lookup_key(column)} as {column}_key" for column in hashed)
+    return f"select {columns}, {keys} from ({query})"
 
 
 def _by_key(table: str, key: str, ids: str, exact: str) -> str:
@@ -85,7 +90,7 @@ def _by_key(table: str, key: str, ids: str, exact: str) -> str:
 
 def _rows_by_key(table: str, key: str, ids: str, exact: str) -> str:
     """SQL: the rows (without their lookup keys) of the snapshot `table` that `_by_key` finds."""
-    columns = ROWS_COLUMNS if table == ROWS_TABLE else OWNERS_COLUMNS
+    columns = _SNAPSHOT_COLUMNS[table][0]
     return f"select {columns} from {table} where {_by_key(table, key, ids, exact)}"
 
 
@@ -473,8 +478,8 @@ def snapshot_sql(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     """The snapshot tables' rows as the raw data gives them now (table -> query): what a full
     build writes, and what a delta build's updates must leave."""
     return {
-        ROWS_TABLE: _with_keys(ROWS_COLUMNS, _current_rows_sql(raw_columns(con))),
-        OWNERS_TABLE: _with_keys(OWNERS_COLUMNS, _owner_branches(None)),
+        ROWS_TABLE: _with_keys(ROWS_TABLE, _current_rows_sql(raw_columns(con))),
+        OWNERS_TABLE: _with_keys(OWNERS_TABLE, _owner_branches(None)),
     }
 
 
@@ -824,9 +829,9 @@ def update_snapshot(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"delete from {table} where {_by_key(table, 'id_key', ids, exact)}")
     changed = _in_pairs(CHANGED)
     rows = f"select * from delta_current where {changed}"
-    con.execute(f"insert into {ROWS_TABLE} {_with_keys(ROWS_COLUMNS, rows)}")
+    con.execute(f"insert into {ROWS_TABLE} {_with_keys(ROWS_TABLE, rows)}")
     con.execute(
-        f"insert into {OWNERS_TABLE} {_with_keys(OWNERS_COLUMNS, f'select * from {NEW_OWNERS}')}"
+        f"insert into {OWNERS_TABLE} {_with_keys(OWNERS_TABLE, f'select * from {NEW_OWNERS}')}"
     )
     # the snapshot now holds exactly the current raw rows: their totals, taken by find_changes
     con.execute(f"create or replace table {MARKS_TABLE} as select * from delta_new_marks")
