@@ -702,9 +702,10 @@ class _DeltaBuilder:
         """The touched customers' track outbox rows as the build leaves them (a relation)."""
         return self._track_scope()
 
-    def _keep_scopes(self, names: set[str]) -> None:
+    def _keep_scopes(self, names: set[str], before: bool = True) -> None:
         """Keep the touched keys' rows of the relations a scoped test reads, unless kept since
-        the model was last built and the touched keys last grew."""
+        the model was last built and the touched keys last grew; as the last build left them
+        too when the test reads the previous state (`before`)."""
         if scoped_tests.TRACK_OUTBOX in names:
             self._track_scope()
         row = self.con.execute(
@@ -714,14 +715,17 @@ class _DeltaBuilder:
         keys = (int(row[0]), int(row[1])) if row else (0, 0)
         for name in sorted(names & self.keyed.keys()):
             now = (*keys, self.builds.get(name, 0))
-            if self.kept_now.get(name) == now and self.kept_before.get(name) == keys:
+            keep_now = self.kept_now.get(name) != now
+            keep_before = before and self.kept_before.get(name) != keys
+            if not keep_now and not keep_before:
                 continue
             scoped_tests.keep_touched_rows(
                 self.con, self.last_build, name, self.keyed[name],
-                now=self.kept_now.get(name) != now, before=self.kept_before.get(name) != keys,
-                table=name in self.tables,
+                now=keep_now, before=keep_before, table=name in self.tables,
             )  # fmt: skip
-            self.kept_now[name], self.kept_before[name] = now, keys
+            self.kept_now[name] = now
+            if keep_before:
+                self.kept_before[name] = keys
 
     def run_test(
         self, test: DataTest, run_at: datetime, product: bool = False

@@ -5,7 +5,9 @@ rows are a customer's, or the constant event catalog) finds the same offending r
 in the whole table as in the touched keys' rows. A delta build runs it twice over the touched
 keys: over the tables as the last build left them (`PreviousState`) and as they are now. Its
 count is the last build's minus the first plus the second; the keys it quarantines are the
-last build's, minus those the first run found, plus those the second finds.
+last build's, minus those the first run found, plus those the second finds. When the last build
+found no offending row and quarantined none (the usual case), the first run would find none
+either: it runs once, over the tables as they are now.
 
 A test that also reads staging relations (views over the raw tables, whose rows as the last
 build saw them are gone) runs once, over the touched customers' rows now, when the last build
@@ -155,7 +157,7 @@ def run_scoped(
     keyed: dict[str, str],
     scopes: dict[str, str],
     sqls: dict[str, str] | None = None,
-    prepare: Callable[[set[str]], None] | None = None,
+    prepare: Callable[[set[str], bool], None] | None = None,
 ) -> DataTestResult | None:
     """Run `test` over the touched keys' rows and update the last build's outcome; None when
     it cannot be (an input that is not keyed, or no outcome of it in the last build).
@@ -168,11 +170,17 @@ def run_scoped(
     ).fetchall()  # fetched whole: an unfinished result would hold the connection
     if len(totals) != 1:
         return None
-    old_total = totals[0]
+    old_total = int(totals[0][0] or 0)
+    quarantines = test.severity == "warn" and bool(test.quarantine)
+    # the last build found no offending row (and quarantined none): the touched keys' rows as
+    # it left them offend nothing either, so the previous state is not read
+    clean = old_total == 0 and not (quarantines and _quarantined(previous, test.name))
     scoped = inputs - CONSTANT_INPUTS
     if prepare is not None:
-        prepare(scoped)
+        prepare(scoped, not clean)
     new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
+    if clean:
+        return _result(con, test, run_at, new_sql, 0)
     old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, sqls))
     params: dict[str, Any] = {}
     rows = con.execute(f"select customer_id from {TOUCHED}").fetchall()
@@ -188,24 +196,48 @@ def run_scoped(
         old_row = previous.cursor.execute(f"select count(*) from ({old_sql})", params).fetchall()[0]
     except duckdb.Error as exc:
         raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
-    new_count, sample = offending_rows(con, test, new_sql)
-    failures = int(old_total[0] or 0) - int(old_row[0]) + new_count
-    result = DataTestResult(
-        test.name, test.model, test.severity, failures, sample=sample, touched_only=True
-    )
-    if test.severity == "warn" and test.quarantine:
-        key = test.quarantine
+    if quarantines:
         previous.copy(
             con,
             "delta_test_kept_keys",
             f"select key from {SCHEMA}.quarantined_rows where test_name = $name "
-            f"except select cast({key} as varchar) from ({old_sql})",
+            f"except select cast({test.quarantine} as varchar) from ({old_sql})",
             {**params, "name": test.name},
         )
+    return _result(con, test, run_at, new_sql, old_total - int(old_row[0]), kept=quarantines)
+
+
+def _quarantined(previous: PreviousState, test_name: str) -> bool:
+    """Whether the last build left keys quarantined by the test."""
+    rows = previous.cursor.execute(
+        f"select count(*) from {SCHEMA}.quarantined_rows where test_name = ?", [test_name]
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+def _result(
+    con: duckdb.DuckDBPyConnection,
+    test: DataTest,
+    run_at: datetime,
+    new_sql: str,
+    untouched: int,
+    kept: bool = False,
+) -> DataTestResult:
+    """The test's outcome: the offending rows of the touched keys now (`new_sql`) plus the
+    `untouched` keys' count the last build found; a quarantine test quarantines the touched
+    keys' offending rows and, when `kept`, the untouched keys' (`delta_test_kept_keys`)."""
+    new_count, sample = offending_rows(con, test, new_sql)
+    result = DataTestResult(
+        test.name, test.model, test.severity, untouched + new_count, sample=sample,
+        touched_only=True,
+    )  # fmt: skip
+    if test.severity == "warn" and test.quarantine:
+        key = test.quarantine
+        kept_keys = "select key from delta_test_kept_keys union " if kept else ""
         con.execute(
             f"insert into {SCHEMA}.quarantined_rows select ?, ?, key, ? from ("
-            f"select key from delta_test_kept_keys union "
-            f"select cast({key} as varchar) from ({new_sql}) where {key} is not null)",
+            f"{kept_keys}select cast({key} as varchar) as key from ({new_sql}) "
+            f"where {key} is not null)",
             [test.name, key, run_at],
         )
         quarantined = con.execute(
@@ -222,7 +254,7 @@ def run_touched_if_clean(
     keyed: dict[str, str],
     scopes: dict[str, str],
     staging: dict[str, str],
-    prepare: Callable[[set[str]], None] | None = None,
+    prepare: Callable[[set[str], bool], None] | None = None,
 ) -> DataTestResult | None:
     """Run `test`, a product test reading staging relations (its offending rows are each one
     customer's or one entity's), over the touched customers' rows only, when the last build
@@ -244,7 +276,7 @@ def run_touched_if_clean(
         return None
     scoped = inputs & set(keyed)
     if prepare is not None:
-        prepare(scoped)
+        prepare(scoped, False)
     new_sql = delta.rewrite_references(
         test.sql, {**{n: scopes[n] for n in scoped}, **{n: staging[n] for n in staged}}
     )
