@@ -277,6 +277,25 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
             [moved[1], moved[0]],
         )
     run("a refunded payment moves to another customer, its refund and ledger not re-read")
+    # The payment a fallback USD rate comes from (its currency's latest ledger payment) leaves
+    # the ledger: the rate is the one before it, which no rebuilt ledger object holds.
+    with duckdb.connect(sandbox.db) as con:
+        source = con.execute(
+            """select rates.rate_object_id
+            from analytics.int_currency_rates as rates
+            join (select payment_currency, count(*) as payments
+                  from analytics.int_ledger_by_object where payment_usd_cents is not null
+                  group by payment_currency) as ledger on ledger.payment_currency = rates.currency
+            where ledger.payments > 1
+            order by ledger.payments desc, rates.currency limit 1"""
+        ).fetchone()
+        assert source, "no currency with two ledger payments"
+        con.execute(
+            "delete from dodo_raw.balance_ledger "
+            "where reference_object_id = ? and lower(event_type) = 'payment'",
+            [source[0]],
+        )
+    run("the payment a fallback rate comes from leaves the ledger")
     assert builds[0] == "full" and builds[-1] == "delta", str(
         list(zip(builds, reasons, strict=True))
     )

@@ -42,6 +42,7 @@ full build grows with it, a delta with the touched rows); below it at small size
 s, so the threshold favours the large warehouses the delta is for."""
 
 RATES_MODEL = "int_currency_rates"
+PAYMENTS_USD_MODEL = "int_payments_usd"
 KNOWN_GLOBALS = frozenset({"event_catalog", "int_as_of", "int_results_valid_until", RATES_MODEL})
 """Global models whose effect on keyed models is known: the catalog is constant, `as_of`
 moves results only through the time facts `plan_delta` touches, and a moved fallback USD rate
@@ -380,26 +381,63 @@ def snapshot_rates(con: duckdb.DuckDBPyConnection) -> None:
     """Keep the fallback USD rates (`int_currency_rates`, one row per currency) before they are
     rebuilt."""
     con.execute(
-        f"create or replace temp table delta_old_rates as "
-        f"select currency, usd_rate from {SCHEMA}.{RATES_MODEL}"
+        f"create or replace temp table delta_old_rates as select * from {SCHEMA}.{RATES_MODEL}"
     )
 
 
-def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
+def rebuild_rates(con: duckdb.DuckDBPyConnection, model: Model) -> bool:
+    """Rebuild the fallback USD rates (each currency's latest ledger payment) from the ledger
+    objects this build rebuilt plus the payments the rates came from (`rate_object_id`): the
+    same rates as from every object, since an object not rebuilt is as the last build saw it.
+    False when it cannot be: a rate came from a rebuilt object (the latest may now be one of
+    the others), or the last build's rates do not say where they came from."""
+    columns = {r[0] for r in con.execute("describe delta_old_rates").fetchall()}
+    if "rate_object_id" not in columns:
+        return False
+    predicate = key_predicate("ledger_object", "rate_object_id")
+    rebuilt_source = con.execute(
+        f"select count(*) from delta_old_rates where {predicate}"
+    ).fetchone()
+    if not rebuilt_source or rebuilt_source[0]:
+        return False
+    predicate = key_predicate("ledger_object", "object_id")
+    rows = rows_where(
+        f"{SCHEMA}.int_ledger_by_object",
+        f"({predicate} or object_id in (select rate_object_id from delta_old_rates))",
+    )
+    scopes = {"int_ledger_by_object": f"(\n{rows}\n)"}
+    con.execute(
+        f"create or replace table {SCHEMA}.{RATES_MODEL} as "
+        f"select * from (\n{scoped_sql(model, scopes)}\n)"
+    )
+    return True
+
+
+def touch_rate_changes(con: duckdb.DuckDBPyConnection, product_payments_usd: bool) -> None:
     """A currency's fallback rate moved: touch the customers with a succeeded payment in it
-    that the ledger does not convert itself."""
+    that the ledger does not convert itself. `product_payments_usd`: the product's own
+    `int_payments_usd` is built, whose `usd_source` says which payments those are (its rows of
+    an untouched customer are as the last build left them, and still right); else they are
+    found from the payments and the ledger."""
     con.execute(
         f"""create or replace temp table delta_moved_rates as
         select currency from (
             (select currency, usd_rate from {SCHEMA}.{RATES_MODEL}
-             except select * from delta_old_rates)
+             except select currency, usd_rate from delta_old_rates)
             union all
-            (select * from delta_old_rates
+            (select currency, usd_rate from delta_old_rates
              except select currency, usd_rate from {SCHEMA}.{RATES_MODEL})
         )"""
     )
     moved = con.execute("select count(*) from delta_moved_rates").fetchone()
-    if moved and moved[0]:  # usually none moved: no scan of every payment then
+    if moved and moved[0] and product_payments_usd:
+        touched.add_touched(
+            con,
+            f"""select customer_id from {SCHEMA}.{PAYMENTS_USD_MODEL}
+                where coalesce(usd_source, 'fallback_rate') = 'fallback_rate'
+                  and currency in (select currency from delta_moved_rates)""",
+        )
+    elif moved and moved[0]:
         touched.add_touched(
             con,
             f"""select customer_id from {SCHEMA}.stg_payments

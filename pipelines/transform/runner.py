@@ -766,13 +766,18 @@ class _DeltaBuilder:
     def build(self, model: Model) -> None:
         """Build one model of the delta build."""
         con = self.con
+        forced = any(dep in self.full for dep in model.depends_on)
         if model.name == delta.RATES_MODEL:
             delta.snapshot_rates(con)
+            narrowable = not (forced or model.replaces or set(model.depends_on) & self.built_whole)
+            if narrowable and delta.rebuild_rates(con, model):
+                self.builds[model.name] = self.builds.get(model.name, 0) + 1
+                self.built_whole.add(model.name)
+                return
         if f"{SCHEMA}.quarantined_rows" in model.sql:
             before = touched.count_touched(con)
             delta.touch_quarantine_changes(con)
             self._widened(before)
-        forced = any(dep in self.full for dep in model.depends_on)
         self.builds[model.name] = self.builds.get(model.name, 0) + 1
         if model.name in previous.TRACK_INPUTS:
             self.track_stale = True
@@ -815,7 +820,10 @@ class _DeltaBuilder:
         if model.name == "stg_payment_subscriptions":
             touched.close_over_subscriptions(self.con, links_moved=True)
         elif model.name == delta.RATES_MODEL:
-            delta.touch_rate_changes(self.con)
+            payments_usd = self.by_name.get(delta.PAYMENTS_USD_MODEL)
+            delta.touch_rate_changes(
+                self.con, product_payments_usd=bool(payments_usd and not payments_usd.replaces)
+            )
         elif model.name == previous.IDENTITY_MODEL:
             previous.touch_users(self.con, self.last_build)
             self.users_resolved = True

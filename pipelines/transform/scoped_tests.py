@@ -180,6 +180,8 @@ def run_scoped(
         prepare(scoped, not clean)
     new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
     if clean:
+        if quarantines:  # nothing to keep: the last build quarantined nothing
+            con.execute("create or replace temp table delta_test_kept_keys (key varchar)")
         return _result(con, test, run_at, new_sql, 0)
     old_sql = delta.rewrite_references(test.sql, _previous_scopes(scoped, sqls))
     params: dict[str, Any] = {}
@@ -197,14 +199,15 @@ def run_scoped(
     except duckdb.Error as exc:
         raise ValueError(f"{test.path}: data test {test.name} failed to run: {exc}") from exc
     if quarantines:
+        key = test.quarantine
         previous.copy(
             con,
             "delta_test_kept_keys",
             f"select key from {SCHEMA}.quarantined_rows where test_name = $name "
-            f"except select cast({test.quarantine} as varchar) from ({old_sql})",
+            f"except select cast({key} as varchar) from ({old_sql})",
             {**params, "name": test.name},
         )
-    return _result(con, test, run_at, new_sql, old_total - int(old_row[0]), kept=quarantines)
+    return _result(con, test, run_at, new_sql, old_total - int(old_row[0]))
 
 
 def _quarantined(previous: PreviousState, test_name: str) -> bool:
@@ -221,11 +224,10 @@ def _result(
     run_at: datetime,
     new_sql: str,
     untouched: int,
-    kept: bool = False,
 ) -> DataTestResult:
     """The test's outcome: the offending rows of the touched keys now (`new_sql`) plus the
     `untouched` keys' count the last build found; a quarantine test quarantines the touched
-    keys' offending rows and, when `kept`, the untouched keys' (`delta_test_kept_keys`)."""
+    keys' offending rows and the untouched keys' (`delta_test_kept_keys`)."""
     new_count, sample = offending_rows(con, test, new_sql)
     result = DataTestResult(
         test.name, test.model, test.severity, untouched + new_count, sample=sample,
@@ -233,11 +235,10 @@ def _result(
     )  # fmt: skip
     if test.severity == "warn" and test.quarantine:
         key = test.quarantine
-        kept_keys = "select key from delta_test_kept_keys union " if kept else ""
         con.execute(
             f"insert into {SCHEMA}.quarantined_rows select ?, ?, key, ? from ("
-            f"{kept_keys}select cast({key} as varchar) as key from ({new_sql}) "
-            f"where {key} is not null)",
+            f"select key from delta_test_kept_keys union "
+            f"select cast({key} as varchar) from ({new_sql}) where {key} is not null)",
             [test.name, key, run_at],
         )
         quarantined = con.execute(
