@@ -5,6 +5,7 @@ before sending and listed by status, and a written plan can be enforced."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from pipelines.commands.status import collect
 from pipelines.commands.tracking_plan import write_tracking_plan
+from pipelines.emit.tracking_plan import plan_is_current
 from pipelines.job import RunOptions, run_job
 from tests.conftest import make_sandbox, run_cli
 
@@ -120,6 +122,22 @@ def test_the_plan_holds_the_active_catalog_renamed_and_skipped(planned, tmp_path
     renamed = json.loads(out.read_text())["events"]
     assert "Order Paid" in renamed and "Payment Completed" not in renamed
     assert "Trial Ended" not in renamed
+
+
+def test_the_plan_is_used_only_with_the_outboxes_it_was_built_from(planned, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.duckdb"
+    shutil.copyfile(planned["sandbox"].db, copy)
+    first = "(select min(user_id) from analytics.identify_outbox)"
+    with duckdb.connect(str(copy)) as con:
+        assert plan_is_current(con)
+        # another set of models gave one user other traits, then left one user out
+        con.execute(
+            f"update analytics.identify_outbox set traits_hash = md5(traits_hash) "
+            f"where user_id = {first}"
+        )
+        assert not plan_is_current(con)
+        con.execute(f"delete from analytics.identify_outbox where user_id = {first}")
+        assert not plan_is_current(con)
 
 
 def test_a_written_plan_is_enforced(planned, tmp_path: Path) -> None:

@@ -39,8 +39,9 @@ def plan_is_current(con: duckdb.DuckDBPyConnection) -> bool:
     row = con.execute(
         """select
                (select key from analytics.tracking_plan where call = ?),
-               (select coalesce(md5(string_agg(traits_hash, ',' order by user_id)), '')
-                from analytics.identify_outbox)""",
+               (select cast(count(*) as varchar) || ':' || cast(coalesce(
+                    sum(cast(cast('0x' || left(traits_hash, 16) as ubigint) as hugeint)), 0
+                ) as varchar) from analytics.identify_outbox)""",
         [BUILT_FROM],
     ).fetchone()
     return bool(row and row[0] is not None and row[0] == row[1])
