@@ -816,6 +816,8 @@ class _DeltaBuilder:
 
     def after(self, model: Model) -> None:
         """Lineage steps once `model` is built (before the models that read it)."""
+        if model.name not in _LINEAGE_STEPS:
+            return
         before = touched.count_touched(self.con)
         if model.name == "stg_payment_subscriptions":
             touched.close_over_subscriptions(self.con, links_moved=True)
@@ -828,6 +830,12 @@ class _DeltaBuilder:
             previous.touch_users(self.con, self.last_build)
             self.users_resolved = True
         self._widened(before)
+
+
+_LINEAGE_STEPS = frozenset(
+    {"stg_payment_subscriptions", delta.RATES_MODEL, previous.IDENTITY_MODEL}
+)
+"""The models after which a delta build may touch more customers (`_DeltaBuilder.after`)."""
 
 
 def _config_fingerprint(sql_dir: Path, event_catalog: str, extra: str) -> str:

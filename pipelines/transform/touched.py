@@ -768,12 +768,11 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
 def add_touched(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> int:
     """Add the customers `query` returns (one column) to `delta_touched`; return how many were
     new."""
-    before = count_touched(con)
-    con.execute(
+    inserted = con.execute(
         f"insert into {TOUCHED} select * from ({query}) except select customer_id from {TOUCHED}",
         params or [],
-    )
-    added = count_touched(con) - before
+    ).fetchone()
+    added = int(inserted[0]) if inserted else 0
     if added:
         sync_touched(con)
     return added
