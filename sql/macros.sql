@@ -48,3 +48,11 @@ create or replace macro analytics.billing_interval(interval_name, interval_count
         when 'month' then to_months(cast(interval_count as integer))
         when 'year' then to_years(cast(interval_count as integer))
     end;
+
+-- The identify outbox's fingerprint (over its traits_hash column): its rows and the sum of a
+-- hash of each traits hash, order independent, so no sort of every row. tracking_plan's
+-- built_from row holds it; the emitter compares it with the outbox's now, and a plan left by
+-- another set of models is not used.
+create or replace macro analytics.traits_fingerprint(traits_hash) as
+    cast(count(*) as varchar) || ':'
+    || cast(coalesce(sum(cast(hash(traits_hash) as hugeint)), 0) as varchar);

@@ -36,14 +36,16 @@ BUILT_FROM = "built_from"
 def plan_is_current(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether `analytics.tracking_plan` was built with the identify_outbox there now (False:
     another set of models rebuilt the outboxes since, e.g. a replaced model folder)."""
-    row = con.execute(
-        """select
-               (select key from analytics.tracking_plan where call = ?),
-               (select cast(count(*) as varchar) || ':' || cast(coalesce(
-                    sum(cast(cast('0x' || left(traits_hash, 16) as ubigint) as hugeint)), 0
-                ) as varchar) from analytics.identify_outbox)""",
-        [BUILT_FROM],
-    ).fetchone()
+    try:
+        row = con.execute(
+            """select
+                   (select key from analytics.tracking_plan where call = ?),
+                   (select analytics.traits_fingerprint(traits_hash)
+                    from analytics.identify_outbox)""",
+            [BUILT_FROM],
+        ).fetchone()
+    except duckdb.CatalogException:  # built by a release without the macro: another plan
+        return False
     return bool(row and row[0] is not None and row[0] == row[1])
 
 

@@ -390,13 +390,10 @@ def rebuild_rates(con: duckdb.DuckDBPyConnection, model: Model) -> bool:
     objects this build rebuilt plus the payments the rates came from (`rate_object_id`): the
     same rates as from every object, since an object not rebuilt is as the last build saw it.
     False when it cannot be: a rate came from a rebuilt object (the latest may now be one of
-    the others), or the last build's rates do not say where they came from."""
-    columns = {r[0] for r in con.execute("describe delta_old_rates").fetchall()}
-    if "rate_object_id" not in columns:
-        return False
+    the others)."""
     predicate = key_predicate("ledger_object", "rate_object_id")
     rebuilt_source = con.execute(
-        f"select count(*) from delta_old_rates where {predicate}"
+        f"select count(*) from delta_old_rates where rate_object_id is null or {predicate}"
     ).fetchone()
     if not rebuilt_source or rebuilt_source[0]:
         return False
@@ -413,12 +410,11 @@ def rebuild_rates(con: duckdb.DuckDBPyConnection, model: Model) -> bool:
     return True
 
 
-def touch_rate_changes(con: duckdb.DuckDBPyConnection, product_payments_usd: bool) -> None:
+def touch_rate_changes(con: duckdb.DuckDBPyConnection) -> None:
     """A currency's fallback rate moved: touch the customers with a succeeded payment in it
-    that the ledger does not convert itself. `product_payments_usd`: the product's own
-    `int_payments_usd` is built, whose `usd_source` says which payments those are (its rows of
-    an untouched customer are as the last build left them, and still right); else they are
-    found from the payments and the ledger."""
+    that the ledger does not convert itself, as `int_payments_usd.usd_source` says (its rows of
+    an untouched customer are as the last build left them, and still right; it is the
+    product's, since a replaced product model makes the build full)."""
     con.execute(
         f"""create or replace temp table delta_moved_rates as
         select currency from (
@@ -430,24 +426,12 @@ def touch_rate_changes(con: duckdb.DuckDBPyConnection, product_payments_usd: boo
         )"""
     )
     moved = con.execute("select count(*) from delta_moved_rates").fetchone()
-    if moved and moved[0] and product_payments_usd:
+    if moved and moved[0]:
         touched.add_touched(
             con,
             f"""select customer_id from {SCHEMA}.{PAYMENTS_USD_MODEL}
                 where coalesce(usd_source, 'fallback_rate') = 'fallback_rate'
                   and currency in (select currency from delta_moved_rates)""",
-        )
-    elif moved and moved[0]:
-        touched.add_touched(
-            con,
-            f"""select customer_id from {SCHEMA}.stg_payments
-                where status = 'succeeded'
-                  and currency in (select currency from delta_moved_rates)
-                  and payment_id not in (
-                      select object_id from {SCHEMA}.int_ledger_by_object
-                      where payment_usd_cents is not null and object_id is not null
-                        and payment_currency in (select currency from delta_moved_rates)
-                  )""",
         )
     touched.close_over_subscriptions(con)
 

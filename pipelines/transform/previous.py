@@ -187,7 +187,7 @@ def rebuild_counts(
         "identify_outbox": "delta_new_identify",
         "group_outbox": "(select * exclude (sign) from delta_changed_group where sign = 1)",
     })  # fmt: skip
-    # the fingerprint reads every identify row's user_id and hash, none of its traits
+    # the fingerprint reads every identify row's traits hash, none of its traits
     fingerprint = counted_sql({
         "track_outbox": f"(select * from {track} where false)",
         "identify_outbox": f"(select * replace ('{{}}'::json as traits) from {identify})",

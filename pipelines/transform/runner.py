@@ -769,7 +769,7 @@ class _DeltaBuilder:
         forced = any(dep in self.full for dep in model.depends_on)
         if model.name == delta.RATES_MODEL:
             delta.snapshot_rates(con)
-            narrowable = not (forced or model.replaces or set(model.depends_on) & self.built_whole)
+            narrowable = not (forced or set(model.depends_on) & self.built_whole)
             if narrowable and delta.rebuild_rates(con, model):
                 self.builds[model.name] = self.builds.get(model.name, 0) + 1
                 self.built_whole.add(model.name)
@@ -822,10 +822,7 @@ class _DeltaBuilder:
         if model.name == "stg_payment_subscriptions":
             touched.close_over_subscriptions(self.con, links_moved=True)
         elif model.name == delta.RATES_MODEL:
-            payments_usd = self.by_name.get(delta.PAYMENTS_USD_MODEL)
-            delta.touch_rate_changes(
-                self.con, product_payments_usd=bool(payments_usd and not payments_usd.replaces)
-            )
+            delta.touch_rate_changes(self.con)
         elif model.name == previous.IDENTITY_MODEL:
             previous.touch_users(self.con, self.last_build)
             self.users_resolved = True

@@ -161,7 +161,8 @@ def run_scoped(
 ) -> DataTestResult | None:
     """Run `test` over the touched keys' rows and update the last build's outcome; None when
     it cannot be (an input that is not keyed, or no outcome of it in the last build).
-    `prepare(names)` keeps the touched rows of the relations it reads (`keep_touched_rows`)."""
+    `prepare(names, before)` keeps the touched rows of the relations it reads
+    (`keep_touched_rows`), and as the last build left them when `before`."""
     inputs = delta.referenced(test.sql)
     if not inputs or not inputs <= (set(keyed) | {TRACK_OUTBOX} | CONSTANT_INPUTS):
         return None

@@ -11,15 +11,19 @@ with ledger as (
 final as (
     select
         payment_currency as currency,
+        -- one arg_max, so the rate and its payment are the same row's
         arg_max(
-            (payment_usd_cents / 100.0)
-            / analytics.to_major(payment_amount_minor, payment_currency),
+            {
+                'usd_rate': (payment_usd_cents / 100.0)
+                / analytics.to_major(payment_amount_minor, payment_currency),
+                'object_id': object_id
+            },
             row(payment_entry_at, object_id)
-        ) as usd_rate,
-        arg_max(object_id, row(payment_entry_at, object_id)) as rate_object_id
+        ) as latest
     from ledger
     where payment_amount_minor > 0 and payment_usd_cents is not null
     group by payment_currency
 )
 
-select * from final
+select currency, latest.usd_rate as usd_rate, latest.object_id as rate_object_id
+from final

@@ -57,10 +57,7 @@ built_from as (
     select
         'built_from' as call,
         'identify_outbox' as event,
-        -- the rows and the sum of their traits hashes' first 64 bits: no sort of every row
-        cast(count(*) as varchar) || ':' || cast(coalesce(
-            sum(cast(cast('0x' || left(traits_hash, 16) as ubigint) as hugeint)), 0
-        ) as varchar) as key,
+        analytics.traits_fingerprint(traits_hash) as key,
         '' as json_type,
         count(*) as rows
     from analytics.identify_outbox
