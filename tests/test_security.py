@@ -268,6 +268,8 @@ REVIEWED_INTERPOLATIONS = {
         "where",
     },  # fmt: skip
     "pipelines/transform/touched.py": {
+        # rows_where's: a code-built predicate over an analytics table (issue 21)
+        "predicate",
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
         "_in_pairs(CHANGED)",  # a temp table's name
         # the snapshot's lookups by hashed keys (issue 21): code-built predicates and column lists

@@ -164,12 +164,12 @@ def rebuild_counts(
         {name: f"(select * from {SCHEMA}.{name} where {in_ids})" for name in TRACK_INPUTS}
     )
     previous.copy(con, "delta_old_track", old_track, {"ids": ids})
-    previous.copy(con, "delta_old_identify", f"select * from {identify} where {in_users}", [users])
+    previous.copy(con, "delta_old_identify", touched.rows_where(identify, in_users), [users])
     previous.copy(con, "delta_old_group", f"select * from {group}")
     con.execute(f"create or replace temp table delta_new_track as select * from {new_track}")
     con.execute(
-        f"create or replace temp table delta_new_identify as select * from {identify} "
-        f"where {in_touched_users('user_id')}"
+        "create or replace temp table delta_new_identify as "
+        f"{touched.rows_where(identify, in_touched_users('user_id'))}"
     )
     # an account's row changes with any member: the rows that differ, both ways
     con.execute(

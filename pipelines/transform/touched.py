@@ -155,6 +155,18 @@ def sync_scope_ids(con: duckdb.DuckDBPyConnection, scoped: str, column: str) -> 
     )
 
 
+def rows_where(relation: str, predicate: str, table: bool = True) -> str:
+    """SQL: the rows of `relation` where `predicate` holds. From a table (`table`), the rows are
+    found by the columns the predicate reads, then fetched by row id: a filtered `select *`
+    decodes every column of every segment the few matching rows are spread over (at 1M
+    payments, 394 rows of lifecycle_events: 0.33 s that way, 0.12 s by row id)."""
+    if not table:
+        return f"select * from {relation} where {predicate}"
+    return (
+        f"select * from {relation} where rowid in (select rowid from {relation} where {predicate})"
+    )
+
+
 def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
     """SQL: `expr` is an id of the scoped relation (its ids in a session variable,
     `sync_scope_ids`: a constant filter the scan applies, where a semi-join on the relation
