@@ -164,7 +164,8 @@ def test_excluded_fields_from_config_toml_never_reach_segment(
 
 SQL_WORDS = re.compile(
     r"\b(select\s|insert\s+into|update\s+\S+\s+set|delete\s+from|create\s+(or\s+replace\s+)?"
-    r"(table|view|macro|schema)|drop\s+(table|view|schema)|alter\s+table|on\s+conflict)",
+    r"((temp|temporary)\s+)?(table|view|macro|schema)|drop\s+(table|view|schema)|alter\s+table|"
+    r"on\s+conflict)",
     re.I,
 )
 REVIEWED_INTERPOLATIONS = {
@@ -230,7 +231,9 @@ REVIEWED_INTERPOLATIONS = {
         "name",
         "predicate",
         "previous",
-        "relation",  # rows_where's: an analytics table's name (a model file name)
+        # temp tables' bodies built in code: rows_where's SQL, an empty or a fixed query
+        "rows",
+        "body",
         "scoped_sql(model, scopes)",
         "table",
     },  # fmt: skip
@@ -245,7 +248,8 @@ REVIEWED_INTERPOLATIONS = {
         "identify",
         "in_touched('customer_id')",
         "in_touched_users('user_id')",
-        "in_users",
+        # rows_where over identify_outbox with a fixed clause
+        "touched.rows_where(identify, in_touched_users('user_id'))",
         "keys",
         "new",
         "old",
@@ -257,6 +261,9 @@ REVIEWED_INTERPOLATIONS = {
     # old_sql: the test's own SQL with its inputs renamed
     "pipelines/transform/scoped_tests.py": {
         # issue 21 (cost): a fixed clause; the track outbox's input model names
+        "rows",  # rows_where's SQL over a model table
+        "delta.rows_where(relation, where, table=table)",
+        "query",  # the track outbox's SQL from the repo's .sql files, inputs renamed
         "ids",
         "n",
         "delta.key_predicate(grain, delta.key_column(grain))",
@@ -270,6 +277,8 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/touched.py": {
         # rows_where's: a code-built predicate over an analytics table (issue 21)
         "predicate",
+        "found",  # _rows_by_key's SQL over the snapshot table
+        "_owner_branches(REACHED)",  # code-built owners query over a temp table
         # issue 21 (cost): code-built subqueries of the owners' branches (model and column names), `>`/`>=`, temp table names
         "_in_pairs(CHANGED)",  # a temp table's name
         # the snapshot's lookups by hashed keys (issue 21): code-built predicates and column lists
@@ -374,6 +383,7 @@ REVIEWED_INTERPOLATIONS = {
     # issue 21 (emit): `table` is outbox_changes.CHANGED_TRACKS (a code constant the job hands
     # over), `match` one of two fixed clauses; the ids themselves are bound parameters
     "pipelines/emit/ledger.py": {
+        "rows",  # a fixed query of the outbox, or of a temp table the models step named
         "changed_only",
         "group_id",
         "group",

@@ -5,8 +5,8 @@
 -- (summed over members in one currency, else USD from total_spent_usd; mrr omitted when the
 -- members bill in several currencies), currency, mrr_currency, active_subscriptions, members
 -- (distinct user ids); then the user's custom_group_traits.
--- The inputs are read through (not materialized), so without members (no `[group] id`) the
--- joins read nothing of them: 32 -> 7 ms at 100k users.
+-- The inputs are read through (not materialized), so without members (no `[group] id`)
+-- nothing of user_traits is read: 32 -> 7 ms at 100k users (236 against 238 ms with groups).
 with customer_identity as not materialized (
     select * from analytics.customer_identity
 ),
