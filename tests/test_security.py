@@ -295,6 +295,14 @@ REVIEWED_INTERPOLATIONS = {
         "spec.columns",  # OWNER_RELATIONS: column names from code
         "spec.id_column",
         "spec.staging",  # OWNER_RELATIONS: a staging relation's name from code
+        # staging_rows: a staging model's own SQL, its source macro's call replaced by code-built
+        # SQL (raw table and column names from _RAW_KEYS, a code-built predicate)
+        "body",
+        "name",
+        "predicate_of(column)",
+        "predicate_of(raw_column)",
+        "rows",
+        "source",
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",

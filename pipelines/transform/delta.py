@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -203,7 +204,7 @@ def plan_delta(
     if not same_month or not same_month[0]:
         return DeltaPlan(False, "a month began")
     changed = touched.find_changes(con)
-    touched.touch_changed(con)
+    touched.touch_changed(con, staging_sqls(models))
     # time alone: a trial ended or a paid period began or ended since the last build's as_of
     low, high = min(old[0], new[0]), max(old[0], new[0])
     touched.add_touched(
@@ -236,25 +237,28 @@ _EVERY = {
 }
 """Every id of each kind (temp tables `delta_every_<kind>`): an id outside them is an orphan."""
 
-_RAW_SCOPES: tuple[tuple[str, str], ...] = (
-    ("stg_customers", in_touched("customer_id")),
-    ("stg_payments", in_touched("customer_id")),
-    ("stg_subscriptions", in_touched("customer_id")),
-    (
-        "stg_refunds",
-        in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
-    ),
-    (
-        "stg_disputes",
-        in_scope("payment_id", f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments"),
-    ),
-    ("stg_subscription_history", key_predicate("subscription", "subscription_id")),
-    ("stg_dispute_history", key_predicate("dispute", "dispute_id")),
-    ("stg_balance_ledger", key_predicate("ledger_object", "reference_object_id")),
+def _in_scoped_payments(expr: str) -> str:
+    return in_scope(expr, f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments")
+
+
+_RAW_SCOPES: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("stg_customers", "customer_id", in_touched),
+    ("stg_payments", "customer_id", in_touched),
+    ("stg_subscriptions", "customer_id", in_touched),
+    ("stg_refunds", "payment_id", _in_scoped_payments),
+    ("stg_disputes", "payment_id", _in_scoped_payments),
+    ("stg_subscription_history", "subscription_id", partial(key_predicate, "subscription")),
+    ("stg_dispute_history", "dispute_id", partial(key_predicate, "dispute")),
+    ("stg_balance_ledger", "reference_object_id", partial(key_predicate, "ledger_object")),
 )
-"""The staging relations read from raw, narrowed to the touched customers' rows (in order: a
-later one reads the earlier ones); materialized as temp tables, refreshed when more customers
-are touched (`refresh_scopes`)."""
+"""The staging relations read from raw, narrowed to the touched customers' rows: (view, key
+column, the predicate on a key) in order (a later one reads the earlier ones); materialized as
+temp tables, refreshed when more customers are touched (`refresh_scopes`)."""
+
+
+def staging_sqls(models: Sequence[Model]) -> dict[str, str]:
+    """Staging view -> its model's SQL (`touched.staging_rows` reads their raw rows narrowed)."""
+    return {m.name: m.sql for m in models if m.name.startswith("stg_")}
 
 
 def _fill_every(con: duckdb.DuckDBPyConnection) -> None:
@@ -275,14 +279,13 @@ _SCOPE_KEYS = {
 """The scoped relations `in_scope` predicates read (by this key), as session variables."""
 
 
-def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
-    """(Re)materialize the narrowed staging relations for the current touched customers."""
+def refresh_scopes(con: duckdb.DuckDBPyConnection, staging: dict[str, str]) -> None:
+    """(Re)materialize the narrowed staging relations for the current touched customers
+    (`staging`: view -> its model's SQL, `staging_sqls`)."""
     _fill_every(con)
-    for name, predicate in _RAW_SCOPES:
-        con.execute(
-            f"create or replace temp table {_SCOPE}{name} as "
-            f"select * from {SCHEMA}.{name} where {predicate}"
-        )
+    for name, column, predicate_of in _RAW_SCOPES:
+        rows = touched.staging_rows(staging, name, column, predicate_of)
+        con.execute(f"create or replace temp table {_SCOPE}{name} as {rows}")
         if name in _SCOPE_KEYS:
             touched.sync_scope_ids(con, f"{_SCOPE}{name}", _SCOPE_KEYS[name])
         if name == "stg_disputes":  # the objects come before the ledger that reads them
@@ -297,8 +300,8 @@ def refresh_scopes(con: duckdb.DuckDBPyConnection) -> None:
 def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:
     """Create the relations that narrow each input to the touched customers' rows; return
     model name -> relation name for the references to rewrite."""
-    refresh_scopes(con)
-    scopes = {name: f"{_SCOPE}{name}" for name, _ in _RAW_SCOPES}
+    refresh_scopes(con, staging_sqls(models))
+    scopes = {name: f"{_SCOPE}{name}" for name, _, _ in _RAW_SCOPES}
 
     tables = {m.name for m in models if m.materialized == "table"}
 

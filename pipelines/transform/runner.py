@@ -753,7 +753,7 @@ class _DeltaBuilder:
         if touched.count_touched(self.con) != before:
             if self.users_resolved:
                 previous.touch_users(self.con, self.last_build)
-            delta.refresh_scopes(self.con)
+            delta.refresh_scopes(self.con, delta.staging_sqls(list(self.by_name.values())))
             self.track_stale = True
 
     def _has_keyed_readers(self, name: str) -> bool:

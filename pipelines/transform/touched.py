@@ -28,6 +28,7 @@ every column of every row 100 ms).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import duckdb
@@ -167,6 +168,48 @@ def rows_where(relation: str, predicate: str, table: bool = True) -> str:
     )
 
 
+_RAW_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("stg_payments", "customer_id"): ("payments", "customer__customer_id"),
+    ("stg_payments", "payment_id"): ("payments", "payment_id"),
+    ("stg_balance_ledger", "reference_object_id"): ("balance_ledger", "reference_object_id"),
+    ("stg_balance_ledger", "ledger_entry_id"): ("balance_ledger", "id"),
+}
+"""Key columns of the large staging views (one row per raw row) that are a raw column renamed
+(or cast to the type it has): (view, column) -> (raw table, column)."""
+
+
+def staging_rows(
+    staging: Mapping[str, str],
+    name: str,
+    column: str,
+    predicate_of: Callable[[str], str],
+    columns: str = "*",
+) -> str:
+    """SQL: `columns` of the rows of the staging view `name` whose key `column` satisfies the
+    predicate `predicate_of(column)`. For a key in `_RAW_KEYS`, the view's SQL (`staging`:
+    view -> its model's SQL) reads only the raw rows whose raw key satisfies the same predicate,
+    found by that column and fetched by row id: filtered through the view, the scan decodes
+    every column of every raw row before the filter (at 1M payments, 14 customers' rows: 93 ms
+    that way, 60 ms by row id)."""
+    plain = f"select {columns} from {SCHEMA}.{name} where {predicate_of(column)}"
+    key = _RAW_KEYS.get((name, column))
+    sql = staging.get(name)
+    if key is None or sql is None:
+        return plain
+    table, raw_column = key
+    source = f"{SCHEMA}.source_{table}()"
+    if sql.count(source) != 1:
+        return plain
+    raw = f'"{RAW}"."{table}"'
+    # the source macro's columns and types (no rows), then the matching raw rows
+    rows = (
+        f"(select * from {source} where false union all by name select * from {raw} "
+        f"where rowid in (select rowid from {raw} where {predicate_of(raw_column)}))"
+    )
+    body = sql.strip().rstrip(";").replace(source, rows)
+    return f"select {columns} from (\n{body}\n) as {name} where {predicate_of(column)}"
+
+
 def in_scope(expr: str, scoped: str, column: str, every: str) -> str:
     """SQL: `expr` is an id of the scoped relation (its ids in a session variable,
     `sync_scope_ids`: a constant filter the scan applies, where a semi-join on the relation
@@ -193,7 +236,7 @@ def set_entity_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
         con.execute(f"set variable {_IDS}{table} = ?::varchar[]", [found.get(table) or []])
 
 
-def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
+def set_ids(con: duckdb.DuckDBPyConnection, relation: str, staging: Mapping[str, str]) -> None:
     """Keep the ids of each raw table in `relation` (tbl, id) in `delta_ids_<table>`, the rows
     of those ids that the owners read (temp tables `delta_owner_rows_<name>`), and the keys
     they reference in `delta_ref_<table>` (payments, refunds, subscriptions, disputes): the
@@ -202,7 +245,7 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
     set_entity_ids(con, relation)
     for name, spec in OWNER_RELATIONS.items():
         if name != "payments":  # read once the keys the other rows reference are known
-            _keep_owner_rows(con, name, f"getvariable('{_IDS}{spec.raw_table}')")
+            _keep_owner_rows(con, name, f"getvariable('{_IDS}{spec.raw_table}')", staging)
     rel = _filtered_relations(True)
     a = SCHEMA
     _set_refs(con, "refunds", f"select reference_object_id from {rel['ledger']}")
@@ -223,7 +266,7 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
         f"set variable {_OWNER_PAYMENT_IDS} = list_distinct("
         f"getvariable('{_IDS}payments') || getvariable('{_REFS}payments'))"
     )
-    _keep_owner_rows(con, "payments", f"getvariable('{_OWNER_PAYMENT_IDS}')")
+    _keep_owner_rows(con, "payments", f"getvariable('{_OWNER_PAYMENT_IDS}')", staging)
     _set_refs(
         con,
         "subscriptions",
@@ -231,16 +274,18 @@ def set_ids(con: duckdb.DuckDBPyConnection, relation: str) -> None:
     )
 
 
-def _keep_owner_rows(con: duckdb.DuckDBPyConnection, owner_relation: str, ids: str) -> None:
+def _keep_owner_rows(
+    con: duckdb.DuckDBPyConnection, owner_relation: str, ids: str, staging: Mapping[str, str]
+) -> None:
     """Keep the rows of the owners' relation `owner_relation` whose id is in the list `ids`
     (SQL), with the columns the owners read, in the temp table
-    `delta_owner_rows_<owner_relation>`."""
+    `delta_owner_rows_<owner_relation>` (`staging`: view -> its model's SQL)."""
     spec = OWNER_RELATIONS[owner_relation]
-    con.execute(
-        f"create or replace temp table {_OWNER_ROWS}{owner_relation} as "
-        f"select {spec.columns} from {SCHEMA}.{spec.staging} "
-        f"where list_contains({ids}, {spec.id_column})"
-    )
+    rows = staging_rows(
+        staging, spec.staging, spec.id_column, lambda key: f"list_contains({ids}, {key})",
+        spec.columns,
+    )  # fmt: skip
+    con.execute(f"create or replace temp table {_OWNER_ROWS}{owner_relation} as {rows}")
 
 
 def _set_refs(con: duckdb.DuckDBPyConnection, table: str, keys: str) -> None:
@@ -741,7 +786,7 @@ NEW_OWNERS = "delta_new_owners"
 for the touched customers and kept for the touched days and the snapshot's update."""
 
 
-def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
+def touch_changed(con: duckdb.DuckDBPyConnection, staging: Mapping[str, str]) -> None:
     """Fill the temp table `delta_touched` with the customers the changed entities concern:
     the old owners (from the snapshot) and the new owners of the changed entities and of
     those reached through them, and the customers of subscriptions of a changed product."""
@@ -764,7 +809,7 @@ def touch_changed(con: duckdb.DuckDBPyConnection) -> None:
         f"""create or replace temp table {REACHED} as
         select tbl, id from {CHANGED} union select tbl, id from {OLD_OWNERS}"""
     )
-    set_ids(con, REACHED)
+    set_ids(con, REACHED, staging)
     con.execute(f"create or replace temp table {NEW_OWNERS} as {_owner_branches(REACHED)}")
     con.execute(
         f"""create or replace temp table {TOUCHED} as
