@@ -237,6 +237,7 @@ _EVERY = {
 }
 """Every id of each kind (temp tables `delta_every_<kind>`): an id outside them is an orphan."""
 
+
 def _in_scoped_payments(expr: str) -> str:
     return in_scope(expr, f"{_SCOPE}stg_payments", "payment_id", "delta_every_payments")
 
