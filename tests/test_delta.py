@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from pipelines.commands.forget import forget_customers
 from pipelines.config import IdentityConfig
 from pipelines.extract import merge_webhooks, run_extract
-from pipelines.transform import delta, run_models, touched
+from pipelines.transform import delta, run_models, runner, touched
 from pipelines.transform.verify import verify_against_full_build
 from pipelines.webhook_store import WebhookStore, store_folder
 from tests.conftest import Sandbox, make_sandbox, run_cli
@@ -390,3 +391,38 @@ def test_the_deep_pass_finds_drift_alerts_once_repairs_and_recovers(sandbox: San
         assert "dodo_segment_models_drifted_tables 0.0" in metrics.stdout
     finally:
         hook.close()
+
+
+def test_staging_rows_narrow_only_the_product_views_whose_raw_keys_exist(tmp_path: Path) -> None:
+    """The payments' and the ledger's scopes read their raw rows by row id: the same rows and
+    columns as through the view. A view from another SQL folder, or over a raw table without
+    its key column (the source macro stands in NULL for it), is read through the view."""
+    con = duckdb.connect()
+    run_models(con)  # the raw tables, the macros and the views, on an empty warehouse
+    con.execute(
+        "insert into dodo_raw.payments (payment_id, customer__customer_id, total_amount, "
+        "currency) values ('pay_1', 'cus_1', 1000, 'JPY'), ('pay_2', 'cus_2', 250, 'USD'), "
+        "('pay_3', null, 99, 'KWD'), ('pay_4', 'cus_1', 5, 'USD')"
+    )
+    con.execute("set variable wanted = ['cus_1', 'cus_9']")
+    models = runner.list_models(runner.SQL_DIR)
+    staging = delta.staging_sqls(con, models, runner.SQL_DIR)
+    assert set(staging) == {"stg_payments", "stg_balance_ledger"}
+
+    def wanted(key: str) -> str:
+        return f"list_contains(getvariable('wanted'), {key})"
+
+    narrowed = touched.staging_rows(staging, "stg_payments", "customer_id", wanted)
+    plain = touched.staging_rows({}, "stg_payments", "customer_id", wanted)
+    assert "rowid" in narrowed and "rowid" not in plain
+    columns = [d[:2] for d in con.execute(narrowed).description]
+    found = sorted(con.fetchall(), key=str)
+    assert columns == [d[:2] for d in con.execute(plain).description]
+    assert found == sorted(con.fetchall(), key=str)
+    assert [(r[0], r[4]) for r in found] == [("pay_1", 1000), ("pay_4", 0.05)]
+
+    copy = tmp_path / "sql"
+    shutil.copytree(runner.SQL_DIR, copy)
+    assert delta.staging_sqls(con, runner.list_models(copy), runner.SQL_DIR) == {}
+    con.execute("alter table dodo_raw.payments drop column customer__customer_id")
+    assert set(delta.staging_sqls(con, models, runner.SQL_DIR)) == {"stg_balance_ledger"}

@@ -297,12 +297,13 @@ REVIEWED_INTERPOLATIONS = {
         "spec.staging",  # OWNER_RELATIONS: a staging relation's name from code
         # staging_rows: a staging model's own SQL, its source macro's call replaced by code-built
         # SQL (raw table and column names from _RAW_KEYS, a code-built predicate)
-        "body",
-        "name",
+        "view",
+        "view_sql",
+        "narrowed",
+        "source_call",
         "predicate_of(column)",
         "predicate_of(raw_column)",
-        "rows",
-        "source",
+        "owner_rows",  # staging_rows over OWNER_RELATIONS (code)
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",

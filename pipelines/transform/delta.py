@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -179,9 +179,11 @@ def plan_delta(
     fingerprint: str,
     models: Sequence[Model],
     as_of_sql: str,
+    staging: Mapping[str, str],
     crossover: float = CROSSOVER,
 ) -> DeltaPlan:
-    """Decide between a delta and a full build; for a delta, fill `delta_touched`."""
+    """Decide between a delta and a full build; for a delta, fill `delta_touched`
+    (`staging`: `staging_sqls`)."""
     try:
         row = con.execute(f"select fingerprint from {STATE_TABLE}").fetchone()
     except duckdb.Error:
@@ -204,7 +206,7 @@ def plan_delta(
     if not same_month or not same_month[0]:
         return DeltaPlan(False, "a month began")
     changed = touched.find_changes(con)
-    touched.touch_changed(con, staging_sqls(models))
+    touched.touch_changed(con, staging)
     # time alone: a trial ended or a paid period began or ended since the last build's as_of
     low, high = min(old[0], new[0]), max(old[0], new[0])
     touched.add_touched(
@@ -257,9 +259,18 @@ column, the predicate on a key) in order (a later one reads the earlier ones); m
 temp tables, refreshed when more customers are touched (`refresh_scopes`)."""
 
 
-def staging_sqls(models: Sequence[Model]) -> dict[str, str]:
-    """Staging view -> its model's SQL (`touched.staging_rows` reads their raw rows narrowed)."""
-    return {m.name: m.sql for m in models if m.name.startswith("stg_")}
+def staging_sqls(
+    con: duckdb.DuckDBPyConnection, models: Sequence[Model], product_dir: Path
+) -> dict[str, str]:
+    """The product's own staging views (files under `product_dir`) whose raw rows
+    `touched.staging_rows` reads narrowed: view -> its model's SQL."""
+    product = product_dir.resolve()
+    own = {
+        m.name: m.sql
+        for m in models
+        if m.materialized == "view" and m.path.resolve().is_relative_to(product)
+    }
+    return touched.narrowable_staging(con, own)
 
 
 def _fill_every(con: duckdb.DuckDBPyConnection) -> None:
@@ -280,7 +291,7 @@ _SCOPE_KEYS = {
 """The scoped relations `in_scope` predicates read (by this key), as session variables."""
 
 
-def refresh_scopes(con: duckdb.DuckDBPyConnection, staging: dict[str, str]) -> None:
+def refresh_scopes(con: duckdb.DuckDBPyConnection, staging: Mapping[str, str]) -> None:
     """(Re)materialize the narrowed staging relations for the current touched customers
     (`staging`: view -> its model's SQL, `staging_sqls`)."""
     _fill_every(con)
@@ -298,10 +309,12 @@ def refresh_scopes(con: duckdb.DuckDBPyConnection, staging: dict[str, str]) -> N
             touched.sync_scope_ids(con, _SCOPE_OBJECTS, "object_id")
 
 
-def open_scopes(con: duckdb.DuckDBPyConnection, models: Sequence[Model]) -> dict[str, str]:
-    """Create the relations that narrow each input to the touched customers' rows; return
-    model name -> relation name for the references to rewrite."""
-    refresh_scopes(con, staging_sqls(models))
+def open_scopes(
+    con: duckdb.DuckDBPyConnection, models: Sequence[Model], staging: Mapping[str, str]
+) -> dict[str, str]:
+    """Create the relations that narrow each input to the touched customers' rows (`staging`:
+    `staging_sqls`); return model name -> relation name for the references to rewrite."""
+    refresh_scopes(con, staging)
     scopes = {name: f"{_SCOPE}{name}" for name, _, _ in _RAW_SCOPES}
 
     tables = {m.name for m in models if m.materialized == "table"}

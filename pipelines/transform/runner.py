@@ -407,6 +407,7 @@ def _run_models(
     plan = delta.DeltaPlan(False, "not incremental")
     in_transaction = False
     last_build: previous.PreviousState | None = None
+    staging: dict[str, str] = {}
     configured_limit: str | None = None
     try:
         ensure_raw_tables(con)
@@ -425,7 +426,8 @@ def _run_models(
             in_transaction = True
             last_build = previous.PreviousState(con)  # the tables as the last build left them
             as_of_sql = by_name[AS_OF_MODEL].sql if AS_OF_MODEL in by_name else "select null"
-            plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql, crossover)
+            staging = delta.staging_sqls(con, models, SQL_DIR)
+            plan = delta.plan_delta(con, delta_fingerprint, models, as_of_sql, staging, crossover)
             fingerprint = delta_fingerprint
             if skip_unchanged and _nothing_changed(con, plan, fingerprint, by_name):
                 last_build.close()
@@ -467,7 +469,9 @@ def _run_models(
 
         result = TransformResult(build="delta" if plan.delta else "full")
         result.build_reason = plan.reason
-        builder = _DeltaBuilder(con, models, last_build) if last_build is not None else None
+        builder = (
+            _DeltaBuilder(con, models, last_build, staging) if last_build is not None else None
+        )
         for index, model in enumerate(models):
             t0 = time.perf_counter()
             if model.name == EVENT_RULES_MODEL and _knows_event_names(by_name):
@@ -644,13 +648,16 @@ class _DeltaBuilder:
         con: duckdb.DuckDBPyConnection,
         models: list[Model],
         last_build: previous.PreviousState,
+        staging: dict[str, str],
     ) -> None:
         self.con = con
         self.models = models
         self.last_build = last_build
+        self.staging = staging
+        """The staging views whose raw rows the scopes read narrowed (`delta.staging_sqls`)."""
         touched.close_over_subscriptions(con)
         previous.create_touched_users(con)
-        self.scopes = delta.open_scopes(con, models)
+        self.scopes = delta.open_scopes(con, models, staging)
         self.full: set[str] = set()
         """Models rebuilt in full whose changes cannot be told by customer."""
         self.built_whole: set[str] = set()
@@ -753,7 +760,7 @@ class _DeltaBuilder:
         if touched.count_touched(self.con) != before:
             if self.users_resolved:
                 previous.touch_users(self.con, self.last_build)
-            delta.refresh_scopes(self.con, delta.staging_sqls(list(self.by_name.values())))
+            delta.refresh_scopes(self.con, self.staging)
             self.track_stale = True
 
     def _has_keyed_readers(self, name: str) -> bool:
