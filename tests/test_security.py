@@ -213,13 +213,14 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/delta.py": {
         # issue 21 (cost): the touched days' clauses (code-built), days are a session variable
         "in_touched('owner')",
-        "predicate.format(days=days)",
+        # the touched days' payments by row id (touched.staging_rows: code-built SQL)
+        "payments",
+        "refunded_payments",
         "on_touched_days",  # in_touched_days over a code constant
         "stg_payments",  # the staging relation's name
         "touched_day",  # an element of the touched days' session variable, by a code index
         "changed",  # touched.CHANGED, a temp table's name
         "kind",  # "view" or "table" (a day scope's)
-        "objects.format('payment_id')",  # a fixed clause with a column name
         "objects.format('refund_id')",
         "new",  # touched.NEW_OWNERS, a temp table's name
         "old",  # touched.OLD_OWNERS, a temp table's name

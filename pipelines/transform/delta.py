@@ -501,7 +501,7 @@ _DAY_SCOPES = (
     ("stg_payments", "{days} or list_contains(getvariable('delta_day_refunded'), payment_id)"),
     (
         "int_ledger_by_object",
-        f"object_id in (select payment_id from {_SCOPE}day_stg_payments "
+        f"object_id in (select payment_id from {{payments}} "
         f"union all select refund_id from {_SCOPE}day_stg_refunds)",
     ),
 )
@@ -512,10 +512,6 @@ the ledger sums of all of these (in order: a later one reads the earlier ones)."
 
 _DAY_TABLES = frozenset({"int_ledger_by_object"})
 """The day scopes' inputs that are tables (the others are staging views)."""
-_DAY_VIEWS = frozenset({"stg_payments"})
-"""Day scopes read through a view, not copied: the day of a payment is known only once its
-row is read, so a copy reads every column of every payment (out of the buffer pool under a
-low `memory_limit`), while the readers need a few columns of them."""
 
 
 _DAY_RANGES_MAX = 31
@@ -523,12 +519,15 @@ _DAY_RANGES_MAX = 31
 `created_at`; beyond it, by the day of every payment."""
 
 
-def _day_payments(con: duckdb.DuckDBPyConnection, predicate: str) -> str:
+def _day_payments(
+    con: duckdb.DuckDBPyConnection, predicate: str, staging: Mapping[str, str]
+) -> tuple[str, bool]:
     """SQL: the payments the day scope holds (`predicate`, `_DAY_SCOPES`' stg_payments one),
     each touched day read as a range of `created_at`, a filter the scan applies and whose row
     groups of other times it skips by their min and max (at 1M payments over the 100k business,
     one day's 741 payments: 11 ms against 199 ms for the day of every payment); then those
-    without a time and those the refunds made on those days are of, each once."""
+    without a time and those the refunds made on those days are of, each once (by row id,
+    `touched.staging_rows`). And whether it reads by ranges (then a copy is cheap)."""
     row = con.execute(
         f"select len(getvariable('{TOUCHED_DAYS}')), len(getvariable('delta_day_refunded'))"
     ).fetchone()
@@ -536,7 +535,7 @@ def _day_payments(con: duckdb.DuckDBPyConnection, predicate: str) -> str:
     stg_payments = f"{SCHEMA}.stg_payments"
     on_touched_days = in_touched_days(_DAY)
     if days > _DAY_RANGES_MAX:
-        return f"select * from {stg_payments} where {predicate}"
+        return f"select * from {stg_payments} where {predicate}", False
     parts = []
     for index in range(1, days + 1):
         touched_day = f"getvariable('{TOUCHED_DAYS}')[{index}]"
@@ -547,14 +546,18 @@ def _day_payments(con: duckdb.DuckDBPyConnection, predicate: str) -> str:
         )
     parts.append(f"select * from {stg_payments} where created_at is null")
     if refunded:
+        refunded_payments = touched.staging_rows(
+            staging, "stg_payments", "payment_id",
+            lambda key: f"list_contains(getvariable('delta_day_refunded'), {key})",
+        )  # fmt: skip
         parts.append(
-            f"select * from {stg_payments} where list_contains(getvariable('delta_day_refunded'), "
-            f"payment_id) and not coalesce({on_touched_days}, false)"
+            f"select * from ({refunded_payments}) as refunded "
+            f"where not coalesce({on_touched_days}, false)"
         )
-    return "\nunion all\n".join(parts)
+    return "\nunion all\n".join(parts), True
 
 
-def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
+def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model, staging: Mapping[str, str]) -> None:
     """Rebuild a `day` grain model's rows of the days whose sums may have moved: the days the
     changed payments and refunds count on, now and at the last build (the snapshot's owners,
     `_delta_owners.day`), those of the refunds of a changed payment (its currency and amount
@@ -579,13 +582,15 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
         "from delta_day_objects where id is not null)"
     )
     objects = "list_contains(getvariable('delta_day_objects'), {})"
+    payments = touched.staging_rows(
+        staging, "stg_payments", "payment_id", objects.format, f"{_DAY} as day"
+    )
     con.execute(
         f"""set variable {TOUCHED_DAYS} = (
             select coalesce(list(distinct day), []::date[]) from (
                 select day from {old} where tbl in ('payments', 'refunds')
                     and id in (select id from delta_day_objects)
-                union all select {_DAY} from {SCHEMA}.stg_payments
-                    where {objects.format("payment_id")}
+                union all {payments}
                 union all select {_DAY} from {SCHEMA}.stg_refunds
                     where {objects.format("refund_id")}
             ) where day is not null)"""
@@ -593,16 +598,18 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     days = in_touched_days(_DAY)
     scopes: dict[str, str] = {}
     for name, predicate in _DAY_SCOPES:
-        kind = "view" if name in _DAY_VIEWS else "table"
-        rows = (
-            _day_payments(con, predicate.format(days=days))
-            if name == "stg_payments"
-            else rows_where(
-                f"{SCHEMA}.{name}", predicate.format(days=days), table=name in _DAY_TABLES
-            )
-        )
-        con.execute(f"create or replace temp {kind} {_SCOPE}day_{name} as {rows}")
-        scopes[name] = f"{_SCOPE}day_{name}"
+        predicate = predicate.format(days=days, payments=scopes.get("stg_payments"))
+        kind, relation = "table", f"{_SCOPE}day_{name}"
+        if name == "stg_payments":
+            rows, ranged = _day_payments(con, predicate, staging)
+            if not ranged:  # read through a view, not copied: the day of a payment is known
+                # only once its row is read, so a copy would read every column of every payment
+                # (out of the buffer pool under a low `memory_limit`), the readers a few
+                kind, relation = "view", f"{_SCOPE}day_{name}_by_day"
+        else:
+            rows = rows_where(f"{SCHEMA}.{name}", predicate, table=name in _DAY_TABLES)
+        con.execute(f"create or replace temp {kind} {relation} as {rows}")
+        scopes[name] = relation
         if name == "stg_refunds":  # the payments refunded on those days, as a constant
             con.execute(
                 "set variable delta_day_refunded = (select coalesce(list(distinct payment_id), "

@@ -804,7 +804,7 @@ class _DeltaBuilder:
             )
             return
         if grain.kind == "day" and model.layer != USER_LAYER and not forced:
-            delta.rebuild_days(con, model)
+            delta.rebuild_days(con, model, self.staging)
             return
         if grain.kind not in ("global", "counts", "day") and not forced:
             delta.rebuild_keys(con, model, self.scopes)
