@@ -297,6 +297,29 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
             [source[0]],
         )
     run("the payment a fallback rate comes from leaves the ledger")
+    # A payment of a customer the warehouse does not have yet (a webhook ahead of the customers'
+    # sync): a quarantine test over staging that the last build found clean finds its events.
+    unknown_customer = "lifecycle_events_unknown_customer"
+    with duckdb.connect(sandbox.db) as con:
+        last = con.execute(
+            "select failures from analytics.data_test_results where test_name = ?",
+            [unknown_customer],
+        ).fetchall()
+        assert last == [(0,)], last
+        con.execute(
+            "insert into dodo_raw.payments by name select * replace ("
+            "'pay_ahead_of_its_customer' as payment_id, "
+            "'cus_not_synced_yet' as customer__customer_id, "
+            "(select max(as_of) from dodo_raw.lookback_passes) + interval 2 second as _synced_at"
+            ") from dodo_raw.payments where status = 'succeeded' order by payment_id limit 1"
+        )
+    run("a payment of a customer not synced yet")
+    with duckdb.connect(sandbox.db, read_only=True) as con:
+        quarantined = con.execute(
+            "select count(*) from analytics.quarantined_rows where test_name = ?",
+            [unknown_customer],
+        ).fetchone()
+    assert quarantined and quarantined[0] > 0
     assert builds[0] == "full" and builds[-1] == "delta", str(
         list(zip(builds, reasons, strict=True))
     )

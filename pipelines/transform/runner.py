@@ -750,7 +750,7 @@ class _DeltaBuilder:
             staging = {n: self.scopes[n] for n in scoped_tests.STAGING_BY_CUSTOMER
                        if n in self.scopes and n not in self.full}  # fmt: skip
             outcome = scoped_tests.run_touched_if_clean(
-                self.con, self.last_build, test, keyed, self.test_scopes, staging,
+                self.con, self.last_build, test, run_at, keyed, self.test_scopes, staging,
                 prepare=self._keep_scopes,
             )  # fmt: skip
         return outcome

@@ -11,9 +11,9 @@ either: it runs once, over the tables as they are now.
 
 A test that also reads staging relations (views over the raw tables, whose rows as the last
 build saw them are gone) runs once, over the touched customers' rows now, when the last build
-found no offending row and it quarantines nothing: an untouched customer's rows are the ones
-the last build tested, so they still offend nothing. Every other test reads whole tables, as in
-a full build.
+found no offending row and quarantined none: an untouched customer's rows are the ones the
+last build tested, so they still offend nothing, and the touched ones it finds are all there
+is to quarantine. Every other test reads whole tables, as in a full build.
 
 A test's sample (the rows listed in the result) holds the touched keys' offending rows only.
 """
@@ -253,6 +253,7 @@ def run_touched_if_clean(
     con: duckdb.DuckDBPyConnection,
     previous: PreviousState,
     test: DataTest,
+    run_at: datetime,
     keyed: dict[str, str],
     scopes: dict[str, str],
     staging: dict[str, str],
@@ -260,17 +261,21 @@ def run_touched_if_clean(
 ) -> DataTestResult | None:
     """Run `test`, a product test reading staging relations (its offending rows are each one
     customer's or one entity's), over the touched customers' rows only, when the last build
-    found no offending row (`staging`: staging name -> its delta scope). None when it cannot
-    be: another input, a quarantine, an offending row last time, no outcome of it in the last
+    found no offending row and quarantined none (`staging`: staging name -> its delta scope);
+    a quarantine test quarantines the offending rows it finds. None when it cannot be: another
+    input, an offending row or a quarantined key last time, no outcome of it in the last
     build, or a changed raw row without an entity id (it has no owner to touch)."""
     inputs = delta.referenced(test.sql)
     staged = inputs & STAGING_BY_CUSTOMER & staging.keys()
-    if test.quarantine or not staged or not inputs <= set(keyed) | staged | CONSTANT_INPUTS:
+    if not staged or not inputs <= set(keyed) | staged | CONSTANT_INPUTS:
         return None
     totals = previous.cursor.execute(
         f"select failures from {SCHEMA}.data_test_results where test_name = ?", [test.name]
     ).fetchall()  # fetched whole: an unfinished result would hold the connection
     if totals != [(0,)]:
+        return None
+    quarantines = test.severity == "warn" and bool(test.quarantine)
+    if quarantines and _quarantined(previous, test.name):
         return None
     # a changed raw row without an entity id has no owner to touch: its rows are nobody's
     nameless = con.execute(f"select count(*) from {CHANGED} where id is null").fetchall()
@@ -282,7 +287,6 @@ def run_touched_if_clean(
     new_sql = delta.rewrite_references(
         test.sql, {**{n: scopes[n] for n in scoped}, **{n: staging[n] for n in staged}}
     )
-    failures, sample = offending_rows(con, test, new_sql)
-    return DataTestResult(
-        test.name, test.model, test.severity, failures, sample=sample, touched_only=True
-    )
+    if quarantines:  # nothing to keep: the last build quarantined nothing
+        con.execute("create or replace temp table delta_test_kept_keys (key varchar)")
+    return _result(con, test, run_at, new_sql, 0)
