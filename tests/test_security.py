@@ -213,6 +213,11 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/delta.py": {
         # issue 21 (cost): the touched days' clauses (code-built), days are a session variable
         "in_touched('owner')",
+        # rebuild_keys keeping the rows it inserted: a temp table's name from a model's name,
+        # the model's scoped SQL (code-built), its scope's temp view name
+        "kept",
+        "rebuilt",
+        "scopes[model.name]",
         # the touched days' payments by row id (touched.staging_rows: code-built SQL)
         "payments",
         "refunded_payments",

@@ -332,8 +332,17 @@ def open_scopes(
         if model.name in scopes:
             continue
         if grain.kind != "global" and grain.column:
-            scope(model.name, key_predicate(grain.kind, grain.column))
+            scope(model.name, scope_predicate(model))
     return scopes
+
+
+def scope_predicate(model: Model) -> str:
+    """SQL: a row of the model is in its scope (`open_scopes`)."""
+    if model.name in _INPUT_SCOPES:
+        return key_predicate(*_INPUT_SCOPES[model.name])
+    grain = model_grain(model)
+    assert grain.column is not None
+    return key_predicate(grain.kind, grain.column)
 
 
 _NOT_ALIASES = frozenset(
@@ -369,17 +378,37 @@ def rewrite_references(sql: str, scopes: dict[str, str]) -> str:
     return _TABLE_REFERENCE.sub(swap, body)
 
 
-def rebuild_keys(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str, str]) -> None:
-    """Delete the model's rows of the touched keys and insert them recomputed."""
+def rebuild_keys(
+    con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str, str], keep: bool = False
+) -> None:
+    """Delete the model's rows of the touched keys and insert them recomputed. With `keep`,
+    those rows are kept in a temp table and the model's scope reads them there: they are
+    exactly the touched keys' rows of the table, which its readers would otherwise look up in
+    it (a key-column scan each; `reopen_scope` once the touched keys grow)."""
     grain = model_grain(model)
     assert grain.column is not None
     predicate = key_predicate(grain.kind, f'"{grain.column}"')
     table = f"{SCHEMA}.{model.name}"
+    rebuilt = f"select * from (\n{scoped_sql(model, scopes)}\n) where {predicate}"
     con.execute(f"delete from {table} where {predicate}")
-    con.execute(
-        f"insert into {table} by name select * from (\n{scoped_sql(model, scopes)}\n) "
-        f"where {predicate}"
-    )
+    if not keep:
+        con.execute(f"insert into {table} by name {rebuilt}")
+        return
+    kept = f"{_REBUILT}{model.name}"
+    con.execute(f"create or replace temp table {kept} as {rebuilt}")
+    con.execute(f"insert into {table} by name select * from {kept}")
+    con.execute(f"create or replace temp view {scopes[model.name]} as select * from {kept}")
+
+
+_REBUILT = "delta_rebuilt_"
+"""Temp tables `delta_rebuilt_<model>`: the rows a delta build inserted for the touched keys."""
+
+
+def reopen_scope(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str, str]) -> None:
+    """Point a model's scope that `rebuild_keys` kept back at the touched keys' rows of its
+    table (the touched keys grew since: the kept rows lack the new keys' rows)."""
+    rows = rows_where(f"{SCHEMA}.{model.name}", scope_predicate(model))
+    con.execute(f"create or replace temp view {scopes[model.name]} as {rows}")
 
 
 def snapshot_rates(con: duckdb.DuckDBPyConnection) -> None:

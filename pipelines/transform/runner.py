@@ -658,6 +658,9 @@ class _DeltaBuilder:
         touched.close_over_subscriptions(con)
         previous.create_touched_users(con)
         self.scopes = delta.open_scopes(con, models, staging)
+        self.kept_scopes: set[str] = set()
+        """Models whose scope reads the rows `delta.rebuild_keys` kept (until more keys are
+        touched)."""
         self.full: set[str] = set()
         """Models rebuilt in full whose changes cannot be told by customer."""
         self.built_whole: set[str] = set()
@@ -761,6 +764,9 @@ class _DeltaBuilder:
             if self.users_resolved:
                 previous.touch_users(self.con, self.last_build)
             delta.refresh_scopes(self.con, self.staging)
+            for name in sorted(self.kept_scopes):  # they lack the new keys' rows
+                delta.reopen_scope(self.con, self.by_name[name], self.scopes)
+            self.kept_scopes.clear()
             self.track_stale = True
 
     def _has_keyed_readers(self, name: str) -> bool:
@@ -807,7 +813,10 @@ class _DeltaBuilder:
             delta.rebuild_days(con, model, self.staging)
             return
         if grain.kind not in ("global", "counts", "day") and not forced:
-            delta.rebuild_keys(con, model, self.scopes)
+            keep = model.name in self.scopes and self._has_keyed_readers(model.name)
+            delta.rebuild_keys(con, model, self.scopes, keep=keep)
+            if keep:
+                self.kept_scopes.add(model.name)
             return
         watch = model.name not in delta.KNOWN_GLOBALS and self._has_keyed_readers(model.name)
         if watch:
