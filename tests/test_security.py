@@ -268,6 +268,8 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/transform/scoped_tests.py": {
         # issue 21 (cost): a fixed clause; the track outbox's input model names
         "rows",  # rows_where's SQL over a model table
+        "scope",  # a model's scope: a temp view's name (code)
+        "scopes[name]",
         "delta.rows_where(relation, where, table=table)",
         "query",  # the track outbox's SQL from the repo's .sql files, inputs renamed
         "ids",

@@ -704,9 +704,24 @@ class _DeltaBuilder:
     def _track_scope(self) -> str:
         """The touched customers' track outbox rows (a relation), as the tables are now."""
         if self.track_stale and len(self.track_sqls) == 2:
-            scoped_tests.refresh_track_inputs(self.con, self.tables)
+            predicate = touched.in_touched("customer_id")
+            scoped_tests.refresh_track_inputs(
+                self.con, self.tables, scopes=self._scopes_holding(predicate)
+            )
         self.track_stale = False
         return self.test_scopes[scoped_tests.TRACK_OUTBOX]
+
+    def _scopes_holding(self, predicate: str) -> dict[str, str]:
+        """The models' scopes that hold exactly their rows where `predicate` holds (their
+        scope's predicate): model -> scope relation."""
+        return {
+            name: scope
+            for name, scope in self.scopes.items()
+            if name in self.by_name
+            and self.by_name[name].materialized == "table"
+            and delta.model_grain(self.by_name[name]).kind not in ("global", "counts")
+            and delta.scope_predicate(self.by_name[name]) == predicate
+        }
 
     def changed_tracks(self) -> str:
         """The touched customers' track outbox rows as the build leaves them (a relation)."""
@@ -729,9 +744,12 @@ class _DeltaBuilder:
             keep_before = before and self.kept_before.get(name) != keys
             if not keep_now and not keep_before:
                 continue
+            grain = self.keyed[name]
+            predicate = delta.key_predicate(grain, delta.key_column(grain))
             scoped_tests.keep_touched_rows(
-                self.con, self.last_build, name, self.keyed[name],
+                self.con, self.last_build, name, grain,
                 now=keep_now, before=keep_before, table=name in self.tables,
+                scope=self._scopes_holding(predicate).get(name),
             )  # fmt: skip
             self.kept_now[name] = now
             if keep_before:

@@ -20,7 +20,7 @@ A test's sample (the rows listed in the result) holds the touched keys' offendin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -54,15 +54,21 @@ def track_outbox_sql(sqls: dict[str, str], inputs: dict[str, str]) -> str:
 
 
 def refresh_track_inputs(
-    con: duckdb.DuckDBPyConnection, tables: Collection[str], empty: bool = False
+    con: duckdb.DuckDBPyConnection,
+    tables: Collection[str],
+    empty: bool = False,
+    scopes: Mapping[str, str] | None = None,
 ) -> None:
     """Keep the touched customers' rows of the track outbox's keyed inputs (temp tables the
     view `delta_test_track_outbox` reads) before that view is read, once those models are
     built or more customers are touched since (`empty`: the tables only, no rows yet;
-    `tables`: the models materialized as tables)."""
+    `tables`: the models materialized as tables; `scopes`: model -> a relation holding exactly
+    those rows, read instead of the table)."""
     for name in TRACK_INPUTS:
         where = "false" if empty else in_touched("customer_id")
         rows = delta.rows_where(f"{SCHEMA}.{name}", where, table=not empty and name in tables)
+        if not empty and scopes and name in scopes:  # the same rows, maybe kept by the build
+            rows = f"select * from {scopes[name]}"
         con.execute(f"create or replace temp table delta_track_{name} as {rows}")
 
 
@@ -101,17 +107,21 @@ def keep_touched_rows(
     now: bool = True,
     before: bool = True,
     table: bool = True,
+    scope: str | None = None,
 ) -> None:
     """Keep the touched keys' rows of the keyed model `name` (`grain`: customer or user) for
     the scoped tests that read it, each test then reading a few rows rather than scanning the
     table: as they are `now` (temp table `delta_test_<name>`) and as the last build left them
     (`before`: `delta_test_old_<name>`, on the previous state's connection; `table`: the
-    model is materialized as a table)."""
+    model is materialized as a table; `scope`: a relation holding exactly its touched keys'
+    rows now, read instead of the table)."""
     relation = f"{SCHEMA}.{name}"
     if now:
         rows = delta.rows_where(
             relation, delta.key_predicate(grain, delta.key_column(grain)), table=table
         )
+        if scope is not None:  # the same rows, maybe kept by the build
+            rows = f"select * from {scope}"
         con.execute(f"create or replace temp table delta_test_{name} as {rows}")
     if not before:
         return
