@@ -218,6 +218,7 @@ REVIEWED_INTERPOLATIONS = {
         "kept",
         "rebuilt",
         "scopes[model.name]",
+        "model.name",  # reopen_scope drops the kept rows' temp table (_REBUILT + a model's name)
         # the touched days' payments by row id (touched.staging_rows: code-built SQL)
         "payments",
         "refunded_payments",

@@ -257,6 +257,7 @@ _RAW_SCOPES: tuple[tuple[str, str, Callable[[str], str]], ...] = (
 """The staging relations read from raw, narrowed to the touched customers' rows: (view, key
 column, the predicate on a key) in order (a later one reads the earlier ones); materialized as
 temp tables, refreshed when more customers are touched (`refresh_scopes`)."""
+_RAW_SCOPE_NAMES = frozenset(name for name, _, _ in _RAW_SCOPES)
 
 
 def staging_sqls(
@@ -336,6 +337,18 @@ def open_scopes(
     return scopes
 
 
+def keeps_scope(model: Model, scopes: dict[str, str]) -> bool:
+    """Whether `rebuild_keys` may keep the model's rows for its scope: the scope is a view of
+    its table's rows under the very predicate the rebuild deletes and inserts by."""
+    grain = model_grain(model)
+    return (
+        model.name in scopes
+        and model.name not in _RAW_SCOPE_NAMES
+        and grain.column is not None
+        and scope_predicate(model) == key_predicate(grain.kind, grain.column)
+    )
+
+
 def scope_predicate(model: Model) -> str:
     """SQL: a row of the model is in its scope (`open_scopes`)."""
     if model.name in _INPUT_SCOPES:
@@ -409,6 +422,7 @@ def reopen_scope(con: duckdb.DuckDBPyConnection, model: Model, scopes: dict[str,
     table (the touched keys grew since: the kept rows lack the new keys' rows)."""
     rows = rows_where(f"{SCHEMA}.{model.name}", scope_predicate(model))
     con.execute(f"create or replace temp view {scopes[model.name]} as {rows}")
+    con.execute(f"drop table if exists {_REBUILT}{model.name}")
 
 
 def snapshot_rates(con: duckdb.DuckDBPyConnection) -> None:

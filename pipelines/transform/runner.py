@@ -831,7 +831,7 @@ class _DeltaBuilder:
             delta.rebuild_days(con, model, self.staging)
             return
         if grain.kind not in ("global", "counts", "day") and not forced:
-            keep = model.name in self.scopes and self._has_keyed_readers(model.name)
+            keep = delta.keeps_scope(model, self.scopes) and self._has_keyed_readers(model.name)
             delta.rebuild_keys(con, model, self.scopes, keep=keep)
             if keep:
                 self.kept_scopes.add(model.name)

@@ -21,7 +21,9 @@ select event_id from analytics.custom_events where event is null or event = ''
 select event_id, event, customer_id
 from analytics.custom_events
 where customer_id is null
-   or customer_id not in (select customer_id from analytics.stg_customers)
+   or customer_id not in (
+       select customer_id from analytics.stg_customers where customer_id is not null
+   )
 
 -- test: custom_events_occurred_at_not_null
 -- severity: warn

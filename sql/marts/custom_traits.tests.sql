@@ -13,4 +13,6 @@ having count(*) > 1 or customer_id is null
 -- customer_traits): listed here so it is not dropped silently
 select customer_id
 from analytics.custom_traits
-where customer_id not in (select customer_id from analytics.stg_customers)
+where customer_id not in (
+    select customer_id from analytics.stg_customers where customer_id is not null
+)

@@ -29,7 +29,9 @@ where event is null or event not in (select event from analytics.event_catalog)
 select event_id, event, customer_id, object_id
 from analytics.lifecycle_events
 where customer_id is null
-   or customer_id not in (select customer_id from analytics.stg_customers)
+   or customer_id not in (
+       select customer_id from analytics.stg_customers where customer_id is not null
+   )
 
 -- test: lifecycle_events_occurred_at_not_null
 -- severity: warn
