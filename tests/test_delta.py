@@ -163,6 +163,18 @@ def _webhook(sandbox: Sandbox, rng: random.Random) -> None:
     merge_webhooks(sandbox.config())
 
 
+def _copy_raw_row(
+    con: duckdb.DuckDBPyConnection, table: str, where: str, replace: str, seconds: int
+) -> None:
+    """Write a copy of the first raw row of `table` matching `where`, with the columns
+    `replace` gives, as written `seconds` after the last sync (a write the next run reads)."""
+    con.execute(
+        f"insert into dodo_raw.{table} by name select * replace ({replace}, "
+        f"(select max(as_of) from dodo_raw.lookback_passes) + interval {seconds} second "
+        f"as _synced_at) from dodo_raw.{table} where {where} order by all limit 1"
+    )
+
+
 APP_USER_IDS = IdentityConfig(
     user_id_sources=(
         "customer.metadata.app_user_id",
@@ -307,25 +319,18 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
             [unknown_customer],
         ).fetchall()
         assert last == [(0,)], last
-        con.execute(
-            "insert into dodo_raw.payments by name select * replace ("
+        _copy_raw_row(
+            con, "payments", "status = 'succeeded'",
             "'pay_ahead_of_its_customer' as payment_id, "
-            "'cus_not_synced_yet' as customer__customer_id, "
-            "(select max(as_of) from dodo_raw.lookback_passes) + interval 2 second as _synced_at"
-            ") from dodo_raw.payments where status = 'succeeded' order by payment_id limit 1"
-        )
+            "'cus_not_synced_yet' as customer__customer_id", seconds=2,
+        )  # fmt: skip
     result = run("a payment of a customer not synced yet")
     outcome = next(t for t in result.tests if t.name == unknown_customer)
     assert outcome.touched_only and outcome.quarantined > 0, outcome  # over the touched rows
     # the customer arrives: its events leave the quarantine (the test reads whole tables: the
     # last build found rows)
     with duckdb.connect(sandbox.db) as con:
-        con.execute(
-            "insert into dodo_raw.customers by name select * replace ("
-            "'cus_not_synced_yet' as customer_id, "
-            "(select max(as_of) from dodo_raw.lookback_passes) + interval 3 second as _synced_at"
-            ") from dodo_raw.customers order by customer_id limit 1"
-        )
+        _copy_raw_row(con, "customers", "true", "'cus_not_synced_yet' as customer_id", seconds=3)
     result = run("the customer not synced yet arrives")
     outcome = next(t for t in result.tests if t.name == unknown_customer)
     assert not outcome.touched_only and outcome.quarantined == 0, outcome

@@ -65,10 +65,11 @@ def refresh_track_inputs(
     `tables`: the models materialized as tables; `scopes`: model -> a relation holding exactly
     those rows, read instead of the table)."""
     for name in TRACK_INPUTS:
-        where = "false" if empty else in_touched("customer_id")
-        rows = delta.rows_where(f"{SCHEMA}.{name}", where, table=not empty and name in tables)
         if not empty and scopes and name in scopes:  # the same rows, maybe kept by the build
             rows = f"select * from {scopes[name]}"
+        else:
+            where = "false" if empty else in_touched("customer_id")
+            rows = delta.rows_where(f"{SCHEMA}.{name}", where, table=not empty and name in tables)
         con.execute(f"create or replace temp table delta_track_{name} as {rows}")
 
 
@@ -117,11 +118,12 @@ def keep_touched_rows(
     rows now, read instead of the table)."""
     relation = f"{SCHEMA}.{name}"
     if now:
-        rows = delta.rows_where(
-            relation, delta.key_predicate(grain, delta.key_column(grain)), table=table
-        )
         if scope is not None:  # the same rows, maybe kept by the build
             rows = f"select * from {scope}"
+        else:
+            rows = delta.rows_where(
+                relation, delta.key_predicate(grain, delta.key_column(grain)), table=table
+            )
         con.execute(f"create or replace temp table delta_test_{name} as {rows}")
     if not before:
         return
