@@ -343,6 +343,27 @@ RAW_COLUMNS: Final[dict[str, dict[str, ColumnType]]] = {
 SYNCED_AT_COLUMN: Final = "_synced_at"
 """Every raw row carries the start time of the sync that last wrote it (TIMESTAMPTZ)."""
 
+HASHED_RAW_KEYS: Final[tuple[tuple[str, str], ...]] = (
+    ("balance_ledger", "id"),
+    ("balance_ledger", "reference_object_id"),
+    ("payments", "customer__customer_id"),
+    ("payments", "payment_id"),
+)
+"""(raw table, key column) the models step keeps hashed beside the key, in `key_hash_column`
+(UBIGINT, `transform.touched.hash_raw_keys`): look-up keys, not content. The writers leave
+them empty; whatever reads or compares a raw row's content leaves them out."""
+
+
+def key_hash_column(column: str) -> str:
+    """The raw column holding the hash of the raw key column `column`."""
+    return f"_{column}_hash"
+
+
+def key_hash_columns(table: str) -> list[str]:
+    """The key hash columns of a raw table (`HASHED_RAW_KEYS`)."""
+    return [key_hash_column(column) for t, column in HASHED_RAW_KEYS if t == table]
+
+
 REJECTED_RECORDS_TABLE: Final = "rejected_records"
 """dodo_raw.rejected_records: items the extract set aside (resource, reason, raw JSON, time)."""
 

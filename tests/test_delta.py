@@ -18,9 +18,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from pipelines.commands import erasure
 from pipelines.commands.forget import forget_customers
 from pipelines.config import IdentityConfig
-from pipelines.extract import merge_webhooks, run_extract
+from pipelines.extract import lookback, merge_webhooks, run_extract
 from pipelines.transform import TransformResult, delta, run_models, runner, touched
 from pipelines.transform.verify import verify_against_full_build
 from pipelines.webhook_store import WebhookStore, store_folder
@@ -163,6 +164,22 @@ def _webhook(sandbox: Sandbox, rng: random.Random) -> None:
     merge_webhooks(sandbox.config())
 
 
+def _stale_key_hashes(db: str) -> dict[tuple[str, str], int]:
+    """Per hashed raw key: the rows whose hash (`touched.hash_raw_keys`) is not their key's
+    (a row without one is a look-up candidate, never hidden)."""
+    wrong = {}
+    with duckdb.connect(db, read_only=True) as con:
+        for table, column in touched.HASHED_KEYS:
+            hashed = touched.key_hash_column(column)
+            count = con.execute(
+                f'select count(*) from dodo_raw."{table}" where "{hashed}" is not null '
+                f'and "{hashed}" is distinct from hash(cast("{column}" as varchar))'
+            ).fetchone()[0]
+            if count:
+                wrong[(table, column)] = count
+    return wrong
+
+
 def _copy_raw_row(
     con: duckdb.DuckDBPyConnection, table: str, where: str, replace: str, seconds: int
 ) -> None:
@@ -252,6 +269,8 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
         assert not drifts, f"after {label} ({result.build}): {[str(d) for d in drifts]}"
         stale = {t: d for t, d in _snapshot_drift(sandbox.db).items() if d != (0, 0)}
         assert not stale, f"after {label} ({result.build}), snapshot rows (extra, missing): {stale}"
+        wrong = _stale_key_hashes(sandbox.db)
+        assert not wrong, f"after {label} ({result.build}), rows whose key hash is stale: {wrong}"
         return result
 
     run_extract(sandbox.config())
@@ -468,3 +487,70 @@ def test_staging_rows_narrow_only_the_product_views_whose_raw_keys_exist(tmp_pat
     assert delta.staging_sqls(con, runner.list_models(copy), runner.SQL_DIR) == {}
     con.execute("alter table dodo_raw.payments drop column customer__customer_id")
     assert set(delta.staging_sqls(con, models, runner.SQL_DIR)) == {"stg_balance_ledger"}
+
+
+def test_raw_key_hashes_find_the_same_rows_and_hide_none() -> None:
+    """The payments' scope finds its raw rows by the keys' hashes (`touched.hash_raw_keys`): the
+    same rows as by the ids. A row not hashed yet (as dlt and the webhook merge write it) is
+    found; a row copied under another key carries the old key's hash until it is hashed again
+    as written since the snapshot. The hashes are no content: the source macros, the snapshot's
+    columns, the build fingerprint, the deep pass's comparison and `forget` leave them out."""
+    con = duckdb.connect()
+    run_models(con)  # the raw tables, their key hash columns, the macros and the views
+    con.execute(
+        "insert into dodo_raw.payments (payment_id, customer__customer_id, total_amount, "
+        "currency, _synced_at) values ('pay_1', 'cus_1', 1000, 'JPY', '2026-01-01'), "
+        "('pay_2', 'cus_2', 250, 'USD', '2026-01-01'), ('pay_3', null, 99, 'KWD', '2026-01-01')"
+    )
+    touched.hash_raw_keys(con, {})
+    assert con.execute(
+        "select count(*) from dodo_raw.payments where _payment_id_hash = hash(payment_id) "
+        "and _customer__customer_id_hash = hash(customer__customer_id)"
+    ).fetchone() == (3,)
+    macro = [d[0] for d in con.execute("select * from analytics.source_payments()").description]
+    assert "payment_id" in macro and not [c for c in macro if c.endswith("_hash")]
+    assert not [c for c in touched.raw_columns(con)["payments"] if c.endswith("_hash")]
+    assert not [c for c in lookback._content_columns(con, "payments") if c.endswith("_hash")]
+    hashes = touched.hash_columns("payments")
+    assert len(hashes) == 2 and not erasure._personal_columns("dodo_raw", "payments", hashes)
+    fingerprint = runner.raw_table_hashes(con, ())
+    con.execute(
+        "update dodo_raw.payments set _payment_id_hash = null, _customer__customer_id_hash = 7"
+    )
+    assert runner.raw_table_hashes(con, ()) == fingerprint
+    touched.hash_raw_keys(con, {})  # every row checked
+    assert con.execute(
+        "select count(*) from dodo_raw.payments where _payment_id_hash = hash(payment_id) "
+        "and _customer__customer_id_hash = hash(customer__customer_id)"
+    ).fetchone() == (3,)
+
+    con.execute("set variable wanted = ['cus_1', 'cus_9']")
+    con.execute("set variable null_too = false")
+    staging = delta.staging_sqls(con, runner.list_models(runner.SQL_DIR), runner.SQL_DIR)
+
+    def found() -> list[str]:
+        sql = touched.staging_rows(
+            staging, "stg_payments", "customer_id",
+            lambda key: f"(list_contains(getvariable('wanted'), {key}) "
+            f"or ({key} is null and getvariable('null_too')))",
+            keys=touched.KeyList("getvariable('wanted')", "getvariable('null_too')"),
+        )  # fmt: skip
+        assert '"_customer__customer_id_hash" in (select hash(' in sql
+        return sorted(r[0] for r in con.execute(sql).fetchall())
+
+    assert found() == ["pay_1"]
+    con.execute(  # as dlt writes it: no hash
+        "insert into dodo_raw.payments (payment_id, customer__customer_id, total_amount, "
+        "currency, _synced_at) values ('pay_4', 'cus_1', 5, 'USD', '2026-01-02')"
+    )
+    assert found() == ["pay_1", "pay_4"]
+    con.execute(  # a copy under another key, with the old key's hash
+        "insert into dodo_raw.payments by name select * replace ('pay_5' as payment_id, "
+        "'cus_9' as customer__customer_id, timestamp '2026-01-03' as _synced_at) "
+        "from dodo_raw.payments where payment_id = 'pay_2'"
+    )
+    assert found() == ["pay_1", "pay_4"]  # what a stale hash would hide
+    touched.hash_raw_keys(con, {"payments": ("_synced_at", "2026-01-01", ">")})
+    assert found() == ["pay_1", "pay_4", "pay_5"]
+    con.execute("set variable null_too = true")  # NULL touched: the orphan is found too
+    assert found() == ["pay_1", "pay_3", "pay_4", "pay_5"]

@@ -183,6 +183,7 @@ REVIEWED_INTERPOLATIONS = {
     "pipelines/extract/webhooks.py": {"key", "resource", "name", "kind", "names"},
     "pipelines/transform/runner.py": {
         "raw",
+        "exclude",  # the source macros leave out the key hash columns (dodo_contract names)
         "table",
         "typed",
         "empty",
@@ -313,6 +314,14 @@ REVIEWED_INTERPOLATIONS = {
         "predicate_of(column)",
         "predicate_of(raw_column)",
         "owner_rows",  # staging_rows over OWNER_RELATIONS (code)
+        # staging_rows by the key hashes (issue 21): hash column names (dodo_contract), the
+        # KeyList's session variables (code), the code-built row filter
+        "hashed",
+        "excluded",
+        "keys.ids",
+        "keys.more",
+        "_key_hash('k')",
+        "matching",
         "scope_ids(scoped, column)",  # a session variable's name from temp table and column names
         "by_id",
         "columns",

@@ -18,6 +18,7 @@ from pipelines.dodo_contract import (
     RAW_COLUMNS,
     RAW_DATASET,
     SYNCED_AT_COLUMN,
+    key_hash_columns,
 )
 from pipelines.extract import scrub_json
 
@@ -83,6 +84,7 @@ def _personal_columns(schema: str, table: str, columns: Iterable[str]) -> list[s
     """The columns emptied in a forgotten customer's rows: personal ones, and in raw tables
     the API fields the contract does not know (they may be personal too)."""
     known = RAW_COLUMNS.get(table) if schema in _RAW_SCHEMAS else None
+    hashes = key_hash_columns(table)  # the models step's look-up keys, not API fields
     return [
         c
         for c in columns
@@ -92,6 +94,7 @@ def _personal_columns(schema: str, table: str, columns: Iterable[str]) -> list[s
             and c not in known
             and c != SYNCED_AT_COLUMN
             and not c.startswith("_dlt")
+            and c not in hashes
         )
     ]
 

@@ -27,6 +27,7 @@ from pipelines.dodo_contract import (
     PRIMARY_KEYS,
     RAW_DATASET,
     STATUS_FIELDS,
+    key_hash_columns,
 )
 from pipelines.extract.dodo import ExtractPlan
 
@@ -131,7 +132,8 @@ def _content_columns(con: duckdb.DuckDBPyConnection, resource: str) -> list[str]
         "and table_name = ? order by ordinal_position",
         [RAW_DATASET, resource],
     ).fetchall()
-    return [name for (name,) in rows if name not in LOAD_COLUMNS]
+    hashes = key_hash_columns(resource)  # the models step's look-up keys, not content
+    return [name for (name,) in rows if name not in LOAD_COLUMNS and name not in hashes]
 
 
 def _hashed(con: duckdb.DuckDBPyConnection, resource: str, columns: list[str]) -> str:

@@ -258,6 +258,12 @@ _RAW_SCOPES: tuple[tuple[str, str, Callable[[str], str]], ...] = (
 column, the predicate on a key) in order (a later one reads the earlier ones); materialized as
 temp tables, refreshed when more customers are touched (`refresh_scopes`)."""
 _RAW_SCOPE_NAMES = frozenset(name for name, _, _ in _RAW_SCOPES)
+_RAW_SCOPE_KEYS: dict[tuple[str, str], touched.KeyList] = {
+    ("stg_payments", "customer_id"): touched.touched_keys(),
+    ("stg_balance_ledger", "reference_object_id"): touched.scope_keys(_SCOPE_OBJECTS, "object_id"),
+}
+"""The keys the predicates of `_RAW_SCOPES` over a hashed raw key accept, by (view, key
+column): `in_touched` and `key_predicate('ledger_object')` (`staging_rows`)."""
 
 
 def staging_sqls(
@@ -297,7 +303,8 @@ def refresh_scopes(con: duckdb.DuckDBPyConnection, staging: Mapping[str, str]) -
     (`staging`: view -> its model's SQL, `staging_sqls`)."""
     _fill_every(con)
     for name, column, predicate_of in _RAW_SCOPES:
-        rows = touched.staging_rows(staging, name, column, predicate_of)
+        keys = _RAW_SCOPE_KEYS.get((name, column))
+        rows = touched.staging_rows(staging, name, column, predicate_of, keys=keys)
         con.execute(f"create or replace temp table {_SCOPE}{name} as {rows}")
         if name in _SCOPE_KEYS:
             touched.sync_scope_ids(con, f"{_SCOPE}{name}", _SCOPE_KEYS[name])
@@ -592,6 +599,7 @@ def _day_payments(
         refunded_payments = touched.staging_rows(
             staging, "stg_payments", "payment_id",
             lambda key: f"list_contains(getvariable('delta_day_refunded'), {key})",
+            keys=touched.KeyList("getvariable('delta_day_refunded')"),
         )  # fmt: skip
         parts.append(
             f"select * from ({refunded_payments}) as refunded "
@@ -626,8 +634,9 @@ def rebuild_days(con: duckdb.DuckDBPyConnection, model: Model, staging: Mapping[
     )
     objects = "list_contains(getvariable('delta_day_objects'), {})"
     payments = touched.staging_rows(
-        staging, "stg_payments", "payment_id", objects.format, f"{_DAY} as day"
-    )
+        staging, "stg_payments", "payment_id", objects.format, f"{_DAY} as day",
+        touched.KeyList("getvariable('delta_day_objects')"),
+    )  # fmt: skip
     con.execute(
         f"""set variable {TOUCHED_DAYS} = (
             select coalesce(list(distinct day), []::date[]) from (

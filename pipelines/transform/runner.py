@@ -235,8 +235,10 @@ def list_models(sql_dir: Path | None = None, user_paths: Sequence[Path] = ()) ->
 
 
 def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Create absent raw tables (empty, contract columns) and the `analytics.source_<table>()`
-    table macros that staging reads: the raw table plus any contract column it lacks (as NULL)."""
+    """Create absent raw tables (empty, contract columns), the key hash columns a delta build
+    looks rows up by (`touched.hash_raw_keys`), and the `analytics.source_<table>()` table
+    macros that staging reads: the raw table without those hashes, plus any contract column
+    it lacks (as NULL)."""
     raw = dodo_contract.RAW_DATASET
     con.execute(f"create schema if not exists {raw}")
     con.execute(f"create schema if not exists {SCHEMA}")
@@ -251,14 +253,18 @@ def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
     for table, columns in contracts.items():
         typed = ", ".join(f'"{col}" {_DUCKDB_TYPES[kind]}' for col, kind in columns.items())
         con.execute(f"create table if not exists {raw}.{table} ({typed})")
+    present = touched.add_key_hash_columns(con)
+    for table, columns in contracts.items():
         every = {**columns, **OPTIONAL_SOURCE_COLUMNS.get(table, {})}
         empty = ", ".join(
             f'cast(null as {_DUCKDB_TYPES[kind]}) as "{col}"' for col, kind in every.items()
         )
+        hashes = [c for c in touched.hash_columns(table) if (table, c) in present]
+        exclude = " exclude (" + ", ".join(f'"{c}"' for c in hashes) + ")" if hashes else ""
         con.execute(
             f"create or replace macro {SCHEMA}.source_{table}() as table "
             f"select {empty} where false "
-            f"union all by name select * from {raw}.{table}"
+            f"union all by name select *{exclude} from {raw}.{table}"
         )
 
 
@@ -452,6 +458,8 @@ def _run_models(
                     configured_limit = None
         if not plan.delta:
             delta.forget_state(con)
+            if incremental:  # the snapshot this build leaves: every key hash checked first
+                touched.hash_raw_keys(con, {})
         # A build that stops half-way must never be mistaken for the last clean one.
         con.execute(f"drop table if exists {BUILD_STATE_TABLE}")
         # before any model changes (a delta's inside its transaction): a build that stops
@@ -898,8 +906,9 @@ def raw_table_hashes(
     con: duckdb.DuckDBPyConnection, skip_columns: tuple[str, ...]
 ) -> dict[str, tuple[int, str | None]]:
     """Per raw table: its row count and the sum of its row hashes over every column but
-    `skip_columns`, taken in name order (so two warehouses loaded by different paths compare);
-    the extract's bookkeeping tables (`dodo_contract.RAW_BOOKKEEPING_TABLES`) are left out."""
+    `skip_columns` and the key hashes (`touched.hash_raw_keys`), taken in name order (so two
+    warehouses loaded by different paths compare); the extract's bookkeeping tables
+    (`dodo_contract.RAW_BOOKKEEPING_TABLES`) are left out."""
     columns: dict[str, list[str]] = {}
     for table, column in con.execute(
         "select table_name, column_name from information_schema.columns "
@@ -907,7 +916,9 @@ def raw_table_hashes(
         "order by table_name, column_name",
         [dodo_contract.RAW_DATASET],
     ).fetchall():
-        if column not in skip_columns and table not in dodo_contract.RAW_BOOKKEEPING_TABLES:
+        if column in skip_columns or column in touched.hash_columns(table):
+            continue
+        if table not in dodo_contract.RAW_BOOKKEEPING_TABLES:
             columns.setdefault(table, []).append(column)
     hashes: dict[str, tuple[int, str | None]] = {}
     for table, names in columns.items():
