@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from pipelines import dodo_contract
 from pipelines.commands import erasure
 from pipelines.commands.forget import forget_customers
 from pipelines.config import IdentityConfig
@@ -169,8 +170,8 @@ def _stale_key_hashes(db: str) -> dict[tuple[str, str], int]:
     (a row without one is a look-up candidate, never hidden)."""
     wrong = {}
     with duckdb.connect(db, read_only=True) as con:
-        for table, column in touched.HASHED_KEYS:
-            hashed = touched.key_hash_column(column)
+        for table, column in dodo_contract.HASHED_RAW_KEYS:
+            hashed = dodo_contract.key_hash_column(column)
             count = con.execute(
                 f'select count(*) from dodo_raw."{table}" where "{hashed}" is not null '
                 f'and "{hashed}" is distinct from hash(cast("{column}" as varchar))'
@@ -511,7 +512,7 @@ def test_raw_key_hashes_find_the_same_rows_and_hide_none() -> None:
     assert "payment_id" in macro and not [c for c in macro if c.endswith("_hash")]
     assert not [c for c in touched.raw_columns(con)["payments"] if c.endswith("_hash")]
     assert not [c for c in lookback._content_columns(con, "payments") if c.endswith("_hash")]
-    hashes = touched.hash_columns("payments")
+    hashes = dodo_contract.key_hash_columns("payments")
     assert len(hashes) == 2 and not erasure._personal_columns("dodo_raw", "payments", hashes)
     fingerprint = runner.raw_table_hashes(con, ())
     con.execute(

@@ -259,7 +259,7 @@ def ensure_raw_tables(con: duckdb.DuckDBPyConnection) -> None:
         empty = ", ".join(
             f'cast(null as {_DUCKDB_TYPES[kind]}) as "{col}"' for col, kind in every.items()
         )
-        hashes = [c for c in touched.hash_columns(table) if (table, c) in present]
+        hashes = [c for c in dodo_contract.key_hash_columns(table) if (table, c) in present]
         exclude = " exclude (" + ", ".join(f'"{c}"' for c in hashes) + ")" if hashes else ""
         con.execute(
             f"create or replace macro {SCHEMA}.source_{table}() as table "
@@ -916,7 +916,7 @@ def raw_table_hashes(
         "order by table_name, column_name",
         [dodo_contract.RAW_DATASET],
     ).fetchall():
-        if column in skip_columns or column in touched.hash_columns(table):
+        if column in skip_columns or column in dodo_contract.key_hash_columns(table):
             continue
         if table not in dodo_contract.RAW_BOOKKEEPING_TABLES:
             columns.setdefault(table, []).append(column)

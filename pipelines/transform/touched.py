@@ -35,6 +35,7 @@ from typing import NamedTuple
 import duckdb
 
 from pipelines import dodo_contract
+from pipelines.dodo_contract import HASHED_RAW_KEYS, key_hash_column, key_hash_columns
 
 SCHEMA = dodo_contract.ANALYTICS_SCHEMA
 RAW = dodo_contract.RAW_DATASET
@@ -191,9 +192,6 @@ _RAW_KEYS: dict[tuple[str, str], tuple[str, str]] = {
 }
 """Key columns of the product's large staging views (one row per raw row) that are a raw
 column renamed (or cast to the type it has): (view, column) -> (raw table, column)."""
-HASHED_KEYS = dodo_contract.HASHED_RAW_KEYS
-key_hash_column = dodo_contract.key_hash_column
-hash_columns = dodo_contract.key_hash_columns
 
 
 def _key_hash(expr: str) -> str:
@@ -202,10 +200,10 @@ def _key_hash(expr: str) -> str:
 
 
 def add_key_hash_columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
-    """Add the (empty) hash column of each key of `HASHED_KEYS` its raw table has; every raw
-    table's columns then, as (table, column)."""
+    """Add the (empty) hash column of each key of `HASHED_RAW_KEYS` its raw table has; every
+    raw table's columns then, as (table, column)."""
     present = _raw_columns_present(con)
-    for table, column in HASHED_KEYS:
+    for table, column in HASHED_RAW_KEYS:
         hashed = key_hash_column(column)
         if (table, column) in present and (table, hashed) not in present:
             con.execute(f'alter table "{RAW}"."{table}" add column "{hashed}" ubigint')
@@ -216,9 +214,10 @@ def add_key_hash_columns(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]
 def hash_raw_keys(
     con: duckdb.DuckDBPyConnection, written_since: Mapping[str, tuple[str, object, str]]
 ) -> None:
-    """Keep DuckDB's hash of each raw key of `HASHED_KEYS` in its column `_<key>_hash`: a look-up
-    of a few keys in a large raw table then scans 8-byte hashes, not text ids, and compares the
-    ids of the rows found (at 1M payments, 2.5M ledger rows: 6-12 ms, against 45 for the ids).
+    """Keep DuckDB's hash of each raw key of `HASHED_RAW_KEYS` in its column `_<key>_hash`: a
+    look-up of a few keys in a large raw table then scans 8-byte hashes, not text ids, and
+    compares the ids of the rows found (at 1M payments, 2.5M ledger rows: 6-12 ms, against 45
+    for the ids).
 
     `written_since`: per raw table, the rows written since the snapshot as `find_changes` finds
     them (load-time column, mark, comparison). Those are hashed again whatever they hold (a row
@@ -228,10 +227,10 @@ def hash_raw_keys(
     or mark, or one `find_changes` compared whole. A look-up takes a row without a hash as a
     candidate: a hash not yet written costs time, never a row."""
     present = _raw_columns_present(con)
-    for table in sorted({t for t, _ in HASHED_KEYS}):
+    for table in sorted({t for t, _ in HASHED_RAW_KEYS}):
         hashed = {
             key_hash_column(column): _key_hash(f'"{column}"')
-            for t, column in HASHED_KEYS
+            for t, column in HASHED_RAW_KEYS
             if t == table and (t, key_hash_column(column)) in present
         }
         if not hashed:
@@ -313,7 +312,7 @@ def staging_rows(
         matching = (
             f"rowid in (select rowid from {raw} where {candidates}) and {predicate_of(raw_column)}"
         )
-    excluded = ", ".join(f'"{c}"' for c in hash_columns(table))
+    excluded = ", ".join(f'"{c}"' for c in key_hash_columns(table))
     # the source macro's columns and types (no rows), then the matching raw rows
     narrowed = (
         f"(select * from {source_call} where false union all by name "
@@ -564,7 +563,7 @@ def raw_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
         [RAW],
     ).fetchall():
         if table in ENTITY_KEYS and column != dodo_contract.SYNCED_AT_COLUMN:
-            if not column.startswith("_dlt") and column not in hash_columns(table):
+            if not column.startswith("_dlt") and column not in key_hash_columns(table):
                 columns.setdefault(table, []).append(column)
     return columns
 
