@@ -471,11 +471,12 @@ def test_staging_rows_narrow_only_the_product_views_whose_raw_keys_exist(tmp_pat
 
     # a statement end before trailing comments is no end inside the subquery
     ended = {**staging, "stg_payments": staging["stg_payments"] + ";\n-- the end\n"}
-    ended_rows = touched.staging_rows(ended, "stg_payments", "customer_id", wanted)
+    keys = touched.KeyList("getvariable('wanted')")
+    ended_rows = touched.staging_rows(ended, "stg_payments", "customer_id", wanted, keys=keys)
     assert "rowid" in ended_rows
     assert len(con.execute(ended_rows).fetchall()) == 2
-    narrowed = touched.staging_rows(staging, "stg_payments", "customer_id", wanted)
-    plain = touched.staging_rows({}, "stg_payments", "customer_id", wanted)
+    narrowed = touched.staging_rows(staging, "stg_payments", "customer_id", wanted, keys=keys)
+    plain = touched.staging_rows({}, "stg_payments", "customer_id", wanted, keys=keys)
     assert "rowid" in narrowed and "rowid" not in plain
     columns = [d[:2] for d in con.execute(narrowed).description]
     found = sorted(con.fetchall(), key=str)
