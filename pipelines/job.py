@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -187,46 +187,61 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         notify(**facts)
 
     recordable = False  # a warehouse that cannot be opened or is too new takes no record
-    try:
-        warehouse.prepare(config.warehouse_path, package_version())
-        recordable = True
-        with warehouse.held(config.warehouse_path):  # one open database for every step
+    # One open database for every step and, when the run went well, for its record too.
+    with ExitStack() as holding:
+        try:
+            warehouse.prepare(config.warehouse_path, package_version(), hold=holding)
+            recordable = True
             _run_steps(config, options, report, step)
-    except ConfigError as exc:
-        report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
-    except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
-        report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
-        if warehouse.disk_full(exc):
-            report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)}: {exc})"
-        if isinstance(exc, DodoUnavailable):
-            report.stopped_by = "dodo"
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
-        report.outcome, report.exit_code = "interrupted", ExitCode.FAILED
-        report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
-    except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
-        root = _root_cause(exc)
-        report.outcome, report.exit_code = "failed", ExitCode.FAILED
-        if warehouse.disk_full(exc):
-            report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)})"
-        elif isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
-            report.outcome = "interrupted"
+        except ConfigError as exc:
+            report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
+        except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
+            report.outcome, report.exit_code, report.error = "failed", ExitCode.FAILED, str(exc)
+            if warehouse.disk_full(exc):
+                report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)}: {exc})"
+            if isinstance(exc, DodoUnavailable):
+                report.stopped_by = "dodo"
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
+            report.outcome, report.exit_code = "interrupted", ExitCode.FAILED
             report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
-        else:
-            log.error("run failed", exc_info=exc)
-            text = str(root).strip().splitlines()
-            report.error = f"{type(root).__name__}: {text[0] if text else ''}"
-    if report.webhooks is not None:
-        _wait_marked(report)
-    if report.error:
-        report.error = scrub(report.error)
-    if recordable:
-        step(step="recording")
-        _save(config, report)
-        _record_metrics(config, report)
-        _prune_bookkeeping(config)
+        except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
+            root = _root_cause(exc)
+            report.outcome, report.exit_code = "failed", ExitCode.FAILED
+            if warehouse.disk_full(exc):
+                report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)})"
+            elif isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
+                report.outcome = "interrupted"
+                report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
+            else:
+                log.error("run failed", exc_info=exc)
+                text = str(root).strip().splitlines()
+                report.error = f"{type(root).__name__}: {text[0] if text else ''}"
+        if report.error:  # a failed step may have left the held database unusable: the record is
+            holding.close()  # written by opening the file again
+        if report.webhooks is not None:
+            _wait_marked(report)
+        if report.error:
+            report.error = scrub(report.error)
+        if recordable:
+            step(step="recording")
+            _save(config, report)
+            _record_metrics(config, report)
+            _prune_bookkeeping(config)
+        _close_held(holding)
     if options.command == "run" and not options.dry_run:
         _alert(config, report)
     return report
+
+
+def _close_held(holding: ExitStack) -> None:
+    """Close the held warehouse after the run's record; never fails the run. Its last
+    checkpoint can fail (a full disk): what the run committed is in DuckDB's write-ahead log,
+    which the next open applies."""
+    try:
+        holding.close()
+    except Exception as exc:
+        log.warning("could not checkpoint the warehouse at the end of the run: %s",
+                    scrub(str(exc).splitlines()[0] if str(exc) else repr(exc)))  # fmt: skip
 
 
 def _run_steps(config: AppConfig, options: RunOptions, report: RunReport, step: StepHook) -> None:

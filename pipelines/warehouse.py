@@ -6,7 +6,7 @@ import errno
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -302,17 +302,20 @@ def _is_local(path: str) -> bool:
     return not path.startswith("md:")
 
 
-def prepare(path: str, version: str) -> int:
+def prepare(path: str, version: str, hold: ExitStack | None = None) -> int:
     """Check the warehouse's schema version and migrate an older one in place.
 
     A warehouse written by a newer release is refused untouched: it is only ever opened
     read-only to find out. Runs left `running` by a killed process are marked `interrupted`
     (the caller holds the run lock, so no other run can be in progress). Returns the version
-    found.
+    found. With `hold`, the warehouse is `held` in it once the version check has passed, and
+    the migration is the held database's first use.
     """
     if _is_local(path) and os.path.exists(path):
         with connect(path, read_only=True) as con:
             _refuse_newer(path, schema_version(con), version)
+    if hold is not None:
+        hold.enter_context(held(path))
     with connect(path) as con:
         found = schema_version(con)
         _refuse_newer(path, found, version)

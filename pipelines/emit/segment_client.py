@@ -307,10 +307,10 @@ class SegmentSender:
     # --- end -----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the consumer threads (nothing is left queued by then) and the log filter."""
+        """Stop the consumer threads and the log filter. Nothing is left queued or in flight by
+        then: each consumer waits on the empty queue and ends when that wait times out (within
+        `upload_interval`), so it is not joined (joining cost every run that long)."""
         self._drain()
         for consumer in self._consumers:
             consumer.pause()
-        for consumer in self._consumers:
-            consumer.join(timeout=self.settings.upload_interval + 1)
         logging.getLogger("segment").removeFilter(self._secret_filter)

@@ -4,6 +4,7 @@ and checked against every message before it is sent."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -204,6 +205,13 @@ def load_plan(path: str) -> dict[str, Any]:
     return plan
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(schema: str) -> Callable[[Any], Any]:
+    """fastjsonschema's validator of a schema (JSON text), kept for the process's later runs:
+    compiling the plan's schemas cost each run ~15 ms, and `listen`'s worker runs many."""
+    return fastjsonschema.compile(json.loads(schema))
+
+
 class PlanValidator:
     """Checks messages against a plan with compiled validators (fastjsonschema); excluded fields
     are never required (they are removed before sending)."""
@@ -218,7 +226,7 @@ class PlanValidator:
         if found is None:
             schema = {**schema, "$schema": SCHEMA_DIALECT}
             schema["required"] = [k for k in schema.get("required", []) if k not in self._excluded]
-            found = self._compiled[name] = fastjsonschema.compile(schema)
+            found = self._compiled[name] = _compiled(json.dumps(schema))
         return found
 
     def _check(self, name: str, schema: dict[str, Any], document: dict[str, Any]) -> str | None:
