@@ -578,6 +578,33 @@ def _customer_tracks(db: str, customer_id: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+def test_the_ledger_key_moves_with_every_write_that_changes_what_is_pending(tmp_path: Path) -> None:
+    """The key a clean emit leaves (`settled.ledger_key`) moves when any ledger table gains,
+    loses or rewrites a row, so the next emit reads every row again instead of only the changed
+    customers'; reading it moves nothing."""
+    from pipelines.emit import accounts, ledger, settled
+
+    with duckdb.connect(str(tmp_path / "ledger.duckdb")) as con:
+        ledger.ensure_sync_schema(con)
+        accounts.ensure_account_schema(con)
+        writes = [
+            "insert into segment_sync.delivered_events values ('e1', 'r', 'delivered', now())",
+            "update segment_sync.delivered_events set delivered_at = delivered_at + interval 1 second",
+            "insert into segment_sync.identify_state values ('u1', 'h', now(), 'r', null)",
+            "insert into segment_sync.rejected_messages values ('m', 'track', 'u1', 'why', '{}', now(), 'r')",
+            "insert into segment_sync.tracks_in_flight values ('e2', '{}', 'r', now())",
+            "insert into segment_sync.group_state values ('g1', 'h', now(), 'r')",
+            "insert into segment_sync.customer_user_ids values ('c1', 'u1', now(), 'r')",
+            "delete from segment_sync.identify_state",
+        ]  # fmt: skip
+        keys = [settled.ledger_key(con)]
+        for sql in writes:
+            con.execute(sql)
+            keys.append(settled.ledger_key(con))
+        assert len(set(keys)) == len(keys), "a write left the ledger key as it was"
+        assert settled.ledger_key(con) == keys[-1]
+
+
 @pytest.mark.slow  # seven job runs in process (~30 s on the 2-core box)
 def test_events_left_pending_by_a_failed_emit_go_out_whatever_the_next_build_touched(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

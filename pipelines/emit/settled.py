@@ -89,24 +89,21 @@ _SCHEMA = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
 
 # Every table whose rows decide what is pending: a write by anything (a run, resend,
 # recompute-traits, forget, a restore, a hand edit) moves a count or a latest time.
-_LEDGER_KEY = """SELECT
-    (SELECT count(*) FROM segment_sync.delivered_events),
-    (SELECT max(delivered_at) FROM segment_sync.delivered_events),
-    (SELECT count(*) FROM segment_sync.identify_state),
-    (SELECT max(sent_at) FROM segment_sync.identify_state),
-    (SELECT count(*) FROM segment_sync.rejected_messages),
-    (SELECT max(rejected_at) FROM segment_sync.rejected_messages),
-    (SELECT count(*) FROM segment_sync.tracks_in_flight),
-    (SELECT count(*) FROM segment_sync.group_state),
-    (SELECT max(sent_at) FROM segment_sync.group_state),
-    (SELECT count(*) FROM segment_sync.customer_user_ids),
-    (SELECT max(recorded_at) FROM segment_sync.customer_user_ids)"""
+_LEDGER_KEY = """SELECT 1 AS part, count(*), max(delivered_at) FROM segment_sync.delivered_events
+UNION ALL SELECT 2, count(*), max(sent_at) FROM segment_sync.identify_state
+UNION ALL SELECT 3, count(*), max(rejected_at) FROM segment_sync.rejected_messages
+UNION ALL SELECT 4, count(*), NULL FROM segment_sync.tracks_in_flight
+UNION ALL SELECT 5, count(*), max(sent_at) FROM segment_sync.group_state
+UNION ALL SELECT 6, count(*), max(recorded_at) FROM segment_sync.customer_user_ids
+ORDER BY part"""
+"""One row per table, not one row of scalar subqueries: DuckDB took ~24 ms to plan eleven of
+those (twice a run), and ~1 ms for this."""
 
 
 def ledger_key(con: duckdb.DuckDBPyConnection) -> str:
     """A key of the ledger tables' row counts and latest writes (the tables must exist)."""
-    row = con.cursor().execute(_LEDGER_KEY).fetchone()
-    return hashlib.sha256(repr(row).encode()).hexdigest()
+    rows = con.cursor().execute(_LEDGER_KEY).fetchall()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
 def settings_key(settings: EmitSettings) -> str:
