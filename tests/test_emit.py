@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -576,6 +577,23 @@ def _customer_tracks(db: str, customer_id: str) -> set[str]:
             "SELECT event_id FROM analytics.track_outbox WHERE customer_id = ?", [customer_id]
         ).fetchall()
     return {r[0] for r in rows}
+
+
+def test_a_closed_sender_and_its_client_are_freed(collector, settings) -> None:
+    """`listen`'s worker makes a sender every run, for weeks: once closed (and its consumer
+    threads ended), nothing keeps it alive, not the exit hook its client registered."""
+    from pipelines.emit.segment_client import SegmentSender
+
+    sender = SegmentSender(settings)
+    sender.send([], on_acked=lambda acked: None)
+    freed = weakref.ref(sender)
+    sender.close()
+    del sender
+    deadline = time.monotonic() + 5  # the consumers end within upload_interval
+    while freed() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert freed() is None, "a closed sender is still referenced"
 
 
 def test_the_ledger_key_moves_with_every_write_that_changes_what_is_pending(tmp_path: Path) -> None:

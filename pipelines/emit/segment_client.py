@@ -11,6 +11,7 @@ a sender is made: a run with nothing to send never loads it.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import logging
 import queue
@@ -309,8 +310,13 @@ class SegmentSender:
     def close(self) -> None:
         """Stop the consumer threads and the log filter. Nothing is left queued or in flight by
         then: each consumer waits on the empty queue and ends when that wait times out (within
-        `upload_interval`), so it is not joined (joining cost every run that long)."""
+        `upload_interval`), so it is not joined (joining cost every run that long).
+
+        The client registered its `join` to run at exit; that registration is removed, or it
+        would keep this sender and its client alive for the life of the process (~30 KB a run
+        in `listen`'s worker)."""
         self._drain()
         for consumer in self._consumers:
             consumer.pause()
+        atexit.unregister(self.client.join)
         logging.getLogger("segment").removeFilter(self._secret_filter)
