@@ -187,12 +187,18 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
         notify(**facts)
 
     recordable = False  # a warehouse that cannot be opened or is too new takes no record
-    # One open database for every step and, when the run went well, for its record too.
+    # One open database for every step and, unless a step raised, for the run's record too.
     with ExitStack() as holding:
         try:
-            warehouse.prepare(config.warehouse_path, package_version(), hold=holding)
-            recordable = True
-            _run_steps(config, options, report, step)
+            try:
+                warehouse.prepare(config.warehouse_path, package_version(), hold=holding)
+                recordable = True
+                _run_steps(config, options, report, step)
+            except BaseException:
+                # The held database may be unusable now: close it here, where a failure or a
+                # signal while closing is handled as the step's; the record opens the file again.
+                holding.close()
+                raise
         except ConfigError as exc:
             report.outcome, report.exit_code, report.error = "usage_error", ExitCode.USAGE, str(exc)
         except (DodoApiError, warehouse.WarehouseError, ModelError) as exc:
@@ -216,8 +222,6 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
                 log.error("run failed", exc_info=exc)
                 text = str(root).strip().splitlines()
                 report.error = f"{type(root).__name__}: {text[0] if text else ''}"
-        if report.error:  # a failed step may have left the held database unusable: the record is
-            holding.close()  # written by opening the file again
         if report.webhooks is not None:
             _wait_marked(report)
         if report.error:
@@ -234,9 +238,10 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
 
 
 def _close_held(holding: ExitStack) -> None:
-    """Close the held warehouse after the run's record; never fails the run. Its last
-    checkpoint can fail (a full disk): what the run committed is in DuckDB's write-ahead log,
-    which the next open applies."""
+    """Close the held warehouse after the run's record; an error there is logged, the run's
+    outcome stands (what it committed is in the file or in DuckDB's write-ahead log, which
+    the next open applies). A signal while closing stops the process, as one during the
+    record always has."""
     try:
         holding.close()
     except Exception as exc:

@@ -201,7 +201,9 @@ def held(path: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _HELD.pop(path, None)
+        current = _HELD.pop(path, None)  # `let_go` may have opened it again in the block
+        if current is not None and current is not con:
+            current.close()
         con.close()
 
 

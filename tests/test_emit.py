@@ -597,9 +597,9 @@ def test_a_closed_sender_and_its_client_are_freed(collector, settings) -> None:
 
 
 def test_the_ledger_key_moves_with_every_write_that_changes_what_is_pending(tmp_path: Path) -> None:
-    """The key a clean emit leaves (`settled.ledger_key`) moves when any ledger table gains,
-    loses or rewrites a row, so the next emit reads every row again instead of only the changed
-    customers'; reading it moves nothing."""
+    """The key a clean emit leaves (`settled.ledger_key`) moves when any ledger table gains or
+    loses a row or gets a later write time, so the next emit reads every row again instead of
+    only the changed customers'; reading it moves nothing."""
     from pipelines.emit import accounts, ledger, settled
 
     with duckdb.connect(str(tmp_path / "ledger.duckdb")) as con:

@@ -308,9 +308,12 @@ class SegmentSender:
     # --- end -----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the consumer threads and the log filter. Nothing is left queued or in flight by
-        then: each consumer waits on the empty queue and ends when that wait times out (within
-        `upload_interval`), so it is not joined (joining cost every run that long).
+        """Stop the consumer threads and the log filter. After a `send` that returned, nothing
+        is queued or in flight: each consumer waits on the empty queue and ends when that wait
+        times out (within `upload_interval`), so it is not joined (joining cost every run that
+        long). After a `send` cut short (a ledger write failed, a signal), a consumer may still
+        be posting a batch: its acknowledgement is no longer recorded, so those messages stay
+        pending and go again next run with the same messageId (the timed join did no better).
 
         The client registered its `join` to run at exit; that registration is removed, or it
         would keep this sender and its client alive for the life of the process (~30 KB a run

@@ -19,8 +19,8 @@ class EmitSettings:
     upload_interval: float = 0.05
     """Seconds a consumer waits to fill a batch before sending a partial one. The job enqueues
     a whole send at once (~20,000 messages a second), so 50 ms still fills 2,000-message
-    batches; it is also what every send waits after its last message, and each stop of the
-    consumers (0.25 s cost a run ~0.4 s idle)."""
+    batches; it is also what every send waits after its last message (0.25 s cost a run ~0.4 s
+    idle, with the stop of the consumers, which is no longer waited for)."""
     max_queue_size: int = 20_000
     max_retries: int = 6
     """Retries per batch without Retry-After (backoff 0, 0.5, 1, 2, 4, 8 s)."""
