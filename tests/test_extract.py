@@ -394,6 +394,25 @@ def test_state_is_restored_from_the_warehouse_when_the_local_folder_is_gone(
     assert_matches_truth(sandbox)
 
 
+def test_a_pipeline_folder_a_kill_left_incomplete_is_discarded(sandbox: Sandbox) -> None:
+    """A run killed while dlt made or removed its pipeline folder leaves part of it (the month
+    soak met one without `load/normalized`; dlt makes the other missing folders again): the next
+    run discards the folder and reads on from the warehouse's own state, instead of every run
+    after it failing on the missing folder."""
+    import shutil
+
+    from pipelines.extract.load import PIPELINE_NAME
+
+    config = sandbox.config()
+    first = run_extract(config)
+    shutil.rmtree(pipeline_dir(config.warehouse_path) / PIPELINE_NAME / "load" / "normalized")
+    second = run_extract(config)
+    assert second.recovered and "incomplete" in second.recovered
+    assert sum(second.api_requests.values()) < sum(first.api_requests.values()) / 2
+    assert_matches_truth(sandbox)
+    assert not run_extract(config).recovered
+
+
 @pytest.mark.slow
 def test_bad_key_gives_one_line_error_and_nonzero_exit(sandbox: Sandbox) -> None:
     env = sandbox.env(DODO_PAYMENTS_API_KEY="sk_wrong_key_123456")

@@ -162,11 +162,18 @@ def recover_pending(warehouse_path: str, pipeline: dlt.Pipeline | None = None) -
     if not folder.exists():
         return None
     pipeline = pipeline or make_pipeline(warehouse_path)
-    if not pipeline.has_pending_data:
-        return None
-    packages = len(pipeline.list_extracted_load_packages()) + len(
-        pipeline.list_normalized_load_packages()
-    )
+    try:
+        if not pipeline.has_pending_data:
+            return None
+        packages = len(pipeline.list_extracted_load_packages()) + len(
+            pipeline.list_normalized_load_packages()
+        )
+    except FileNotFoundError:  # a run killed while dlt made or removed the folder left part of it
+        shutil.rmtree(folder / PIPELINE_NAME, ignore_errors=True)
+        return (
+            "discarded the pipeline folder an earlier run left incomplete (killed while it was "
+            "made or removed) and rewound the incremental state to the warehouse"
+        )
     shutil.rmtree(folder / PIPELINE_NAME, ignore_errors=True)
     return (
         f"discarded {packages} unfinished load package(s) from an earlier run and rewound the "
