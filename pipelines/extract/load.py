@@ -168,16 +168,12 @@ def recover_pending(warehouse_path: str, pipeline: dlt.Pipeline | None = None) -
         packages = len(pipeline.list_extracted_load_packages()) + len(
             pipeline.list_normalized_load_packages()
         )
+        what = f"discarded {packages} unfinished load package(s) from an earlier run"
     except FileNotFoundError:  # a run killed while dlt made or removed the folder left part of it
-        shutil.rmtree(folder / PIPELINE_NAME, ignore_errors=True)
-        return (
-            "discarded the pipeline folder an earlier run left incomplete (killed while it was "
-            "made or removed) and rewound the incremental state to the warehouse"
-        )
+        what = "discarded the pipeline folder an earlier run left incomplete (killed mid-setup)"
     shutil.rmtree(folder / PIPELINE_NAME, ignore_errors=True)
     return (
-        f"discarded {packages} unfinished load package(s) from an earlier run and rewound the "
-        "incremental state to the warehouse; their rows are read again"
+        f"{what} and rewound the incremental state to the warehouse; rows not loaded are read again"
     )
 
 
