@@ -48,14 +48,24 @@ from analytics.stg_payments
 where status = 'succeeded' and amount_minor > 5000
 """
 
+TRACK_OUTBOX_TESTS = """\
+-- test: big_payments_on_their_way
+-- severity: warn
+-- It finds rows in every build, so a delta build counts the touched customers' offending rows
+-- as the last build left them: the track outbox over the previous state.
+select event_id from analytics.track_outbox where event = 'Big Payment'
+"""
+
 
 @pytest.fixture()
 def business(tmp_path: Path) -> Iterator[tuple[Sandbox, Path]]:
-    """A small sandbox business with two user models (one global, one per customer)."""
+    """A small sandbox business with two user models (one global, one per customer) and a
+    user's data test of the track outbox that always finds rows."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "custom_traits.sql").write_text(CUSTOM_TRAITS)
     (models / "custom_events.sql").write_text(CUSTOM_EVENTS)
+    (models / "track_outbox.tests.sql").write_text(TRACK_OUTBOX_TESTS)
     for sandbox in make_sandbox(tmp_path, customers=40):
         yield sandbox, models
 

@@ -773,7 +773,7 @@ class _DeltaBuilder:
             return None
         outcome = scoped_tests.run_scoped(
             self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls,
-            prepare=self._keep_scopes,
+            prepare=self._keep_scopes, tables=self.tables,
         )  # fmt: skip
         if outcome is None and product:
             staging = {n: self.scopes[n] for n in scoped_tests.STAGING_BY_CUSTOMER
@@ -833,6 +833,7 @@ class _DeltaBuilder:
                 lambda relations: delta.scoped_sql(model, relations),
                 lambda inputs: scoped_tests.track_outbox_sql(self.track_sqls, inputs),
                 self._track_scope(),
+                self.tables,
             )
             return
         if grain.kind == "day" and model.layer != USER_LAYER and not forced:
