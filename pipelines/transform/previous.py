@@ -13,7 +13,7 @@ connection whose transaction began before that one, so it still reads the tables
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import duckdb
@@ -146,7 +146,6 @@ def rebuild_counts(
     counted_sql: Callable[[dict[str, str]], str],
     track_sql: Callable[[dict[str, str]], str],
     new_track: str,
-    tables: Collection[str],
 ) -> None:
     """Update a model of row counts over the outboxes (the tracking plan): subtract the counts
     of the changed outbox rows as they were, add those of the rows now, and recompute its
@@ -155,17 +154,17 @@ def rebuild_counts(
     `counted_sql(relations)` is the model's SQL reading the given relations in place of the
     outboxes (outbox name -> relation); `track_sql(inputs)` the track outbox's reading the
     given relations in place of its customer-keyed inputs; `new_track` the relation of the
-    touched customers' track outbox rows now; `tables` the models materialized as tables."""
+    touched customers' track outbox rows now. The track outbox's inputs must be tables: a view
+    keeps no rows as the last build left them."""
     ids, _ = _touched_customers(con)  # a track's customer is never NULL
     users = [r[0] for r in con.execute(f"select user_id from {TOUCHED_USERS}").fetchall()]
     track, identify, group = (f"{SCHEMA}.{n}" for n in COUNTED_INPUTS)
     in_users = "user_id in (select unnest(?::varchar[]))"
     in_ids = "customer_id in (select unnest($ids::varchar[]))"
     # by row id: a filtered `select *` would decode every segment's event properties
-    old_track = track_sql({
-        name: f"({touched.rows_where(f'{SCHEMA}.{name}', in_ids, table=name in tables)})"
-        for name in TRACK_INPUTS
-    })  # fmt: skip
+    old_track = track_sql(
+        {name: f"({touched.rows_where(f'{SCHEMA}.{name}', in_ids)})" for name in TRACK_INPUTS}
+    )
     previous.copy(con, "delta_old_track", old_track, {"ids": ids})
     previous.copy(con, "delta_old_identify", touched.rows_where(identify, in_users), [users])
     previous.copy(con, "delta_old_group", f"select * from {group}")
