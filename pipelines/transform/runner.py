@@ -777,7 +777,7 @@ class _DeltaBuilder:
             return None
         outcome = scoped_tests.run_scoped(
             self.con, self.last_build, test, run_at, keyed, self.test_scopes, self.track_sqls,
-            prepare=self._keep_scopes, tables=self.tables,
+            prepare=self._keep_scopes, track_inputs_stored=self.track_inputs_stored,
         )  # fmt: skip
         if outcome is None and product:
             staging = {n: self.scopes[n] for n in scoped_tests.STAGING_BY_CUSTOMER

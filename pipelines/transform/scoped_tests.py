@@ -170,13 +170,12 @@ def run_scoped(
     scopes: dict[str, str],
     sqls: dict[str, str] | None = None,
     prepare: Callable[[set[str], bool], None] | None = None,
-    tables: Collection[str] = (),
+    track_inputs_stored: bool = False,
 ) -> DataTestResult | None:
     """Run `test` over the touched keys' rows and update the last build's outcome; None when
-    it cannot be (an input that is not keyed, or no outcome of it in the last build).
-    `tables`: the models materialized as tables. A test of the track outbox that found rows
-    last time needs its inputs as the last build left them: with a view among them (a user's
-    custom_events), None.
+    it cannot be (an input that is not keyed, or no outcome of it in the last build). A test
+    of the track outbox that found rows last time needs its inputs as the last build left
+    them: None unless they are all tables (`track_inputs_stored`; a view keeps no rows).
     `prepare(names, before)` keeps the touched rows of the relations it reads
     (`keep_touched_rows`), and as the last build left them when `before`."""
     inputs = delta.referenced(test.sql)
@@ -193,8 +192,8 @@ def run_scoped(
     # it left them offend nothing either, so the previous state is not read
     clean = old_total == 0 and not (quarantines and _quarantined(previous, test.name))
     scoped = inputs - CONSTANT_INPUTS
-    if not clean and TRACK_OUTBOX in scoped and not set(TRACK_INPUTS) <= set(tables):
-        return None  # a view among its inputs keeps no rows as the last build left them
+    if not clean and TRACK_OUTBOX in scoped and not track_inputs_stored:
+        return None
     if prepare is not None:
         prepare(scoped, not clean)
     new_sql = delta.rewrite_references(test.sql, {n: scopes[n] for n in scoped})
