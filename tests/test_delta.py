@@ -36,6 +36,15 @@ where customer_id is not null
 group by customer_id
 """
 
+CUSTOM_TRAITS_VIEW = """\
+-- materialized: view
+select customer_id, count(*) as custom_payment_count,
+    (select count(*) from analytics.stg_payments) as all_payments
+from analytics.stg_payments
+where customer_id is not null
+group by customer_id
+"""
+
 CUSTOM_EVENTS = """\
 -- grain: customer
 select
@@ -247,8 +256,12 @@ def test_a_delta_build_equals_a_full_build_after_every_run(
         monkeypatch.setattr(touched, "lookup_key", COLLIDING_LOOKUP_KEY.format)
         monkeypatch.setattr(delta, "_DAY_RANGES_MAX", 0)
     if events_view:  # a view keeps no rows as the last build left them
-        view = CUSTOM_EVENTS.replace("-- grain: customer\n", "-- materialized: view\n")
+        view = CUSTOM_EVENTS.replace(
+            "-- grain: customer\n", "-- grain: customer\n-- materialized: view\n"
+        )
         (models / "custom_events.sql").write_text(view)
+        # and one without a grain, whose rows change for every customer at each new payment
+        (models / "custom_traits.sql").write_text(CUSTOM_TRAITS_VIEW)
     rng = random.Random(seed)
     changes = _changes(sandbox, rng)
     builds: list[str] = []

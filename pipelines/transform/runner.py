@@ -825,7 +825,10 @@ class _DeltaBuilder:
         if model.name in previous.TRACK_INPUTS:
             self.track_stale = True
         if model.materialized == "view":
-            if forced:  # what reads the view reads the full rebuild behind it
+            # what reads the view reads the full rebuild behind it; a user's view without a
+            # grain may change any customer's rows, and keeps none to compare
+            unkeyed = model.layer == USER_LAYER and delta.model_grain(model).kind == "global"
+            if forced or unkeyed:
                 self.full.add(model.name)
             return
         grain = delta.model_grain(model)
