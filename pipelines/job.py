@@ -173,6 +173,13 @@ def _note_typical_duration(config: AppConfig, report: RunReport, on_step: StepHo
     on_step(step="starting", run_id=report.run_id, typical_seconds=typical)
 
 
+_STOPPED_BY_SIGNAL = (
+    "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, "
+    "the rest is pending"
+)
+"""A run stopped by SIGTERM or Ctrl-C: its error."""
+
+
 def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = None) -> RunReport:
     """Run every step; never raises for an expected failure, the report says what happened."""
     from pipelines.extract import DodoApiError, DodoUnavailable
@@ -209,7 +216,7 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
                 report.stopped_by = "dodo"
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from systemd/cron (the CLI maps it)
             report.outcome, report.exit_code = "interrupted", ExitCode.FAILED
-            report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
+            report.error = _STOPPED_BY_SIGNAL
         except Exception as exc:  # an unexpected failure still ends as a recorded, failed run
             root = _root_cause(exc)
             report.outcome, report.exit_code = "failed", ExitCode.FAILED
@@ -217,7 +224,7 @@ def run_job(config: AppConfig, options: RunOptions, on_step: StepHook | None = N
                 report.error = f"{warehouse.DISK_FULL_ADVICE} (step {_step_of(exc, report)})"
             elif isinstance(root, KeyboardInterrupt):  # dlt wraps a signal in its own exception
                 report.outcome = "interrupted"
-                report.error = "stopped by a signal (SIGTERM or Ctrl-C); what was delivered stays delivered, the rest is pending"
+                report.error = _STOPPED_BY_SIGNAL
             else:
                 log.error("run failed", exc_info=exc)
                 text = str(root).strip().splitlines()
